@@ -1,0 +1,1 @@
+"""card-dispatch: a card-code dispatch and inventory engine on Redis."""

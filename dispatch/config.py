@@ -1,0 +1,128 @@
+"""Configuration: one frozen Struct, read from defaults, a TOML file and the environment.
+
+Precedence: defaults < ``--config`` TOML file < ``DISPATCH_*`` environment variables.
+Every field may be set in the file under its own name, or in the environment as
+``DISPATCH_<NAME>`` (upper case).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = ["Config"]
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Everything an engine or daemon needs to know; the defaults need no file."""
+
+    #: ``redis://``, ``rediss://`` or ``unix://`` URL; unset starts the embedded redis-server.
+    redis_url: str | None = None
+    #: Where the embedded Redis keeps its AOF, socket and lock, and the generated master key.
+    data_dir: str = "data"
+    #: Explicit path to a ``redis-server`` binary for the embedded store.
+    redis_server: str | None = None
+    #: fsync policy of the embedded Redis; ``always`` makes every reply durable.
+    appendfsync: Literal["always", "everysec", "no"] = "always"
+    #: Connections in the pool to Redis.
+    redis_pool_size: Positive = 64
+    #: Seconds to wait for Redis on connect and per command before failing.
+    redis_timeout_s: Seconds = 5.0
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    workers: Positive = 1
+    admin_token: str | None = None
+    #: Base64 of 32 bytes. Unset: generated once into ``data_dir`` (mode 0600).
+    master_key: str | None = None
+    #: Earlier master keys, still accepted for decryption after a rotation.
+    old_master_keys: tuple[str, ...] = ()
+
+    #: Longest accepted code (and pin/serial) in characters; longer lines are malformed.
+    max_code_length: Annotated[int, msgspec.Meta(ge=4, le=1024)] = 128
+    #: Codes pushed to Redis per import step (one pipelined round).
+    import_chunk: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
+    #: Reservation lease when the order does not name one, and the longest allowed.
+    reserve_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 300
+    max_reserve_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
+    #: How often the background sweep expires leases and recovers half-done orders.
+    sweep_interval_s: Seconds = 1.0
+    #: An order still mid-saga after this long is finished (or rolled back) by the sweep.
+    recovery_grace_s: Seconds = 10.0
+    #: How long prices and tiers are cached in-process before being re-read.
+    catalog_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    #: Most orders coalesced into one script call per shard.
+    coalesce_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    #: Largest qty in one order.
+    max_order_qty: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+
+    def __post_init__(self) -> None:
+        if self.max_reserve_ttl_s < self.reserve_ttl_s:
+            raise ConfigError(
+                f"max_reserve_ttl_s ({self.max_reserve_ttl_s}) is below reserve_ttl_s ({self.reserve_ttl_s})"
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
+             **overrides: Any) -> Config:
+        """Defaults, then the TOML file at *path*, then ``DISPATCH_*`` variables, then *overrides*."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            data.update(_read_toml(path))
+        data.update(_from_environ(os.environ if environ is None else environ))
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return _convert(data, source=str(path) if path else "environment")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Defaults overridden by ``DISPATCH_*`` environment variables."""
+        return cls.load(None, environ)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        """Defaults overridden by a TOML file (the environment is not read)."""
+        return _convert(_read_toml(path), source=str(path))
+
+
+_FIELDS = frozenset(Config.__struct_fields__)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith("DISPATCH_"):
+            continue
+        field = name[len("DISPATCH_"):].lower()
+        if field not in _FIELDS:
+            continue  # other tools share the prefix; the file is where typos are caught
+        if field == "old_master_keys":
+            out[field] = [v for v in value.replace(",", " ").split() if v]
+        else:
+            out[field] = value
+    return out
+
+
+def _convert(data: dict[str, Any], *, source: str) -> Config:
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid configuration ({source}): {e}") from None

@@ -1,0 +1,842 @@
+"""The engine: the async API that platforms embed and the daemon serves.
+
+An order is a short saga of idempotent steps, each one Lua script on one shard:
+
+1. ``begin``  (account shard)  claim the external_ref, check the distributor, hold the money
+2. ``take``   (SKU shard)      pop the codes, recording the decision under the order id
+3. ``commit`` (account shard)  capture (deliver) or keep (reserve) the money, store the codes
+
+Ending a reservation is ``settle`` (account, which fences) then ``sku_settle`` (SKU).
+Until its last step is done an order sits in its account's ``pending`` set; the sweep
+drives any order left there by a crash to its end, by replaying the same steps.
+Concurrent calls for one shard are coalesced into one script call (see coalescer.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from . import imports
+from .coalescer import Coalescer
+from .config import Config
+from .errors import (
+    ConflictError,
+    DispatchError,
+    DistributorSuspendedError,
+    IdempotencyConflictError,
+    InsufficientBalanceError,
+    NotFoundError,
+    OutOfStockError,
+    PriceChangedError,
+    ReservationExpiredError,
+    SkuNotAllowedError,
+    SkuPausedError,
+    UnauthorizedError,
+    UnknownSkuError,
+    ValidationError,
+)
+from .models import (
+    Amount,
+    Balance,
+    BatchReport,
+    Code,
+    Distributor,
+    Id,
+    LedgerEntry,
+    MalformedLine,
+    NewDistributor,
+    Order,
+    OrderPage,
+    Sku,
+    Stock,
+    Supplier,
+    Tier,
+)
+from .store import Store, keys
+from .vault import Vault, load_master_keys
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("dispatch.engine")
+
+T = TypeVar("T")
+_UNSET: Any = msgspec.UNSET
+_MAX_REF = 128
+_MALFORMED_SHOWN = 1000
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _order_id() -> str:
+    """A ULID: 48 bits of milliseconds then 80 random bits, so ids sort by creation time."""
+    n = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(n >> s) & 31] for s in range(125, -1, -5))
+
+
+def _ms_id_floor(ms: int) -> str:
+    n = ms << 80
+    return "".join(_CROCKFORD[(n >> s) & 31] for s in range(125, -1, -5))
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def _check(value: Any, typ: type[T], what: str) -> T:
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as e:
+        raise ValidationError(f"invalid {what}: {e}") from None
+
+
+def _check_ref(ref: Any) -> str:
+    if not isinstance(ref, str) or not 1 <= len(ref) <= _MAX_REF or not ref.isprintable():
+        raise ValidationError(f"external_ref must be 1-{_MAX_REF} printable characters")
+    return ref
+
+
+class _OrderRec(msgspec.Struct):
+    """An order as the account scripts store it (cmsgpack map)."""
+
+    id: str
+    ref: str
+    digest: str
+    sku: str
+    qty: int
+    unit_price: int
+    currency: str
+    mode: Literal["deliver", "reserve"]
+    ttl: int
+    partial: bool
+    status: str
+    hold: int
+    total: int
+    delivered: int
+    deadline: int
+    created: int
+    updated: int
+
+
+class _BatchRec(msgspec.Struct, omit_defaults=True):
+    batch_id: str
+    sku: str
+    supplier: str
+    unit_cost: int
+    seq: int
+    created: int
+    status: Literal["importing", "imported", "voided"] = "importing"
+    accepted: int = 0
+    duplicate: int = 0
+    malformed: int = 0
+    voided: int = 0
+
+
+_decode_order = msgspec.msgpack.Decoder(_OrderRec).decode
+_decode_codes = msgspec.msgpack.Decoder(list[bytes]).decode
+_encode = msgspec.msgpack.encode
+
+# Refusals of the scripts, as errors. Messages never carry a code.
+_REFUSALS: dict[str, type[DispatchError]] = {
+    "out_of_stock": OutOfStockError,
+    "paused": SkuPausedError,
+    "unknown_sku": UnknownSkuError,
+    "suspended": DistributorSuspendedError,
+    "not_allowed": SkuNotAllowedError,
+    "insufficient_balance": InsufficientBalanceError,
+}
+
+
+def _refusal(status: bytes | str, **details: Any) -> DispatchError:
+    name = status.decode() if isinstance(status, bytes) else status
+    if name == "unknown_distributor":
+        return NotFoundError("unknown distributor", **details)
+    cls = _REFUSALS.get(name)
+    if cls is None:
+        return DispatchError(f"unexpected store reply {name!r}")
+    return cls(**details)
+
+
+class Engine:
+    """A card-code dispatch engine on one Redis (embedded or external).
+
+    Use ``async with Engine(config) as engine:`` or ``await engine.start()`` /
+    ``await engine.close()``. With ``sweep=True`` (the default) a background task
+    expires lapsed reservations and finishes orders a crash left half done.
+    """
+
+    def __init__(self, config: Config | None = None, *, sweep: bool = True) -> None:
+        self.config = config if config is not None else Config.load()
+        self._sweep_enabled = sweep
+        self._store: Store | None = None
+        self._vault: Vault | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        cap = self.config.coalesce_max
+        self._begin = Coalescer(lambda d, items: self.store.begin(d, items), cap)
+        self._commit = Coalescer(lambda d, items: self.store.commit(d, items), cap)
+        self._settle = Coalescer(lambda d, items: self.store.settle(d, items), cap)
+        self._take = Coalescer(lambda s, items: self.store.take(s, items), cap)
+        self._sku_settle = Coalescer(lambda s, items: self.store.sku_settle(s, items), cap)
+
+    # ---- life cycle ------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise DispatchError("the engine is not started")
+        return self._store
+
+    async def start(self) -> Engine:
+        """Connect (or start the embedded Redis), load keys, start the sweep."""
+        if self._store is not None:
+            return self
+        master_keys = load_master_keys(self.config)
+        store = await Store.connect(self.config)
+        try:
+            vault = Vault(master_keys)
+            wrapped = await store.fingerprint_key(vault.wrap_fingerprint_key(secrets.token_bytes(32)))
+            vault.set_fingerprint_key(wrapped)
+        except BaseException:
+            await store.close()
+            raise
+        self._store, self._vault = store, vault
+        if self._sweep_enabled:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="dispatch-sweep")
+        return self
+
+    async def close(self) -> None:
+        """Stop the sweep, let queued calls finish, close Redis (stopping the embedded one)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for c in (self._begin, self._take, self._commit, self._settle, self._sku_settle):
+            await c.drain()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def vault(self) -> Vault:
+        if self._vault is None:
+            raise DispatchError("the engine is not started")
+        return self._vault
+
+    # ---- catalog -----------------------------------------------------------------------
+    async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
+                         low_stock_threshold: int = 0) -> Sku:
+        s = _check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
+                        low_stock_threshold=low_stock_threshold), Sku, "SKU")
+        fields = msgspec.structs.asdict(s)
+        del fields["sku"]
+        if await self.store.put_sku(s.sku, "create", fields) == "exists":
+            raise ConflictError(f"SKU {s.sku} exists already")
+        return s
+
+    async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
+                         low_stock_threshold: int = _UNSET, status: str = _UNSET) -> Sku:
+        """Change a SKU; ``status="paused"`` stops its sales at once."""
+        current = await self.get_sku(sku)
+        changes = {k: v for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
+                                         status=status).items() if v is not _UNSET}
+        s = _check(msgspec.structs.asdict(current) | changes, Sku, "SKU")
+        if await self.store.put_sku(sku, "update", {k: getattr(s, k) for k in changes}) == "not_found":
+            raise UnknownSkuError(f"unknown SKU {sku}")
+        self._cache.pop(("sku", sku), None)
+        return s
+
+    async def get_sku(self, sku: str) -> Sku:
+        meta, _ = await self.store.sku(sku)
+        if not meta:
+            raise UnknownSkuError(f"unknown SKU {sku}")
+        return msgspec.convert({"sku": sku, **meta}, Sku, strict=False)
+
+    async def list_skus(self) -> list[Sku]:
+        out = []
+        for sku in await self.store.members(keys.SKUS):
+            with contextlib.suppress(UnknownSkuError):
+                out.append(await self.get_sku(sku))
+        return out
+
+    async def create_supplier(self, supplier: str, name: str, deposit: int = 0) -> Supplier:
+        s = _check(dict(supplier=supplier, name=name, deposit=deposit), Supplier, "supplier")
+        if not await self.store.put_record(keys.SUPPLIERS, s.supplier, _encode(s), create=True):
+            raise ConflictError(f"supplier {s.supplier} exists already")
+        return s
+
+    async def get_supplier(self, supplier: str) -> Supplier:
+        raw = await self.store.record(keys.SUPPLIERS, supplier)
+        if raw is None:
+            raise NotFoundError(f"unknown supplier {supplier}")
+        return msgspec.msgpack.decode(raw, type=Supplier)
+
+    async def create_tier(self, tier: str, discount_bps: int = 0, prices: dict[str, int] | None = None) -> Tier:
+        t = _check(dict(tier=tier, discount_bps=discount_bps, prices=prices or {}), Tier, "tier")
+        if not await self.store.put_record(keys.TIERS, t.tier, _encode(t), create=True):
+            raise ConflictError(f"tier {t.tier} exists already")
+        return t
+
+    async def get_tier(self, tier: str) -> Tier:
+        raw = await self.store.record(keys.TIERS, tier)
+        if raw is None:
+            raise NotFoundError(f"unknown tier {tier}")
+        return msgspec.msgpack.decode(raw, type=Tier)
+
+    # ---- distributors ------------------------------------------------------------------
+    @staticmethod
+    def _key_hash(api_key: str) -> str:
+        # API keys are 256 random bits: a plain hash is as strong as a slow one here.
+        return hashlib.sha256(api_key.encode()).hexdigest()
+
+    async def create_distributor(self, distributor: str, name: str, tier: str | None = None,
+                                 credit_limit: int = 0, allowed_skus: list[str] | None = None) -> NewDistributor:
+        """Open an account; the returned API key is shown this once (only its hash is kept)."""
+        d = _check(dict(distributor=distributor, name=name, tier=tier, credit_limit=credit_limit,
+                        allowed_skus=allowed_skus), Distributor, "distributor")
+        if d.tier is not None:
+            await self.get_tier(d.tier)
+        fields = {"name": d.name, "tier": d.tier or "", "credit_limit": d.credit_limit,
+                  "allowed": self._allowed(d.allowed_skus), "status": "active", "balance": 0,
+                  "held": 0, "created": time.time_ns() // 1_000_000}
+        await self.store.add_member(keys.DISTS, d.distributor)
+        if await self.store.put_account(d.distributor, "create", fields) == "exists":
+            raise ConflictError(f"distributor {d.distributor} exists already")
+        return NewDistributor(distributor=d, api_key=await self.rotate_api_key(d.distributor))
+
+    @staticmethod
+    def _allowed(skus: list[str] | None) -> str:
+        if skus is None:
+            return "*"
+        for s in skus:
+            _check(s, Id, "allowed_skus entry")
+        return ",".join(skus)
+
+    async def update_distributor(self, distributor: str, *, name: str = _UNSET, tier: str | None = _UNSET,
+                                 credit_limit: int = _UNSET, allowed_skus: list[str] | None = _UNSET,
+                                 status: str = _UNSET) -> Distributor:
+        """Change an account; ``status="suspended"`` stops its orders at once."""
+        current = await self.get_distributor(distributor)
+        changes = {k: v for k, v in dict(name=name, tier=tier, credit_limit=credit_limit,
+                                         allowed_skus=allowed_skus, status=status).items() if v is not _UNSET}
+        d = _check(msgspec.structs.asdict(current) | changes, Distributor, "distributor")
+        if "tier" in changes and d.tier is not None:
+            await self.get_tier(d.tier)
+        fields: dict[str, Any] = {}
+        for k in changes:
+            if k == "allowed_skus":
+                fields["allowed"] = self._allowed(d.allowed_skus)
+            elif k == "tier":
+                fields["tier"] = d.tier or ""
+            else:
+                fields[k] = getattr(d, k)
+        if await self.store.put_account(distributor, "update", fields) == "not_found":
+            raise NotFoundError(f"unknown distributor {distributor}")
+        self._cache.pop(("dist", distributor), None)
+        return d
+
+    async def get_distributor(self, distributor: str) -> Distributor:
+        a = await self.store.account(distributor)
+        if not a:
+            raise NotFoundError(f"unknown distributor {distributor}")
+        return Distributor(distributor=distributor, name=a["name"], tier=a["tier"] or None,
+                           credit_limit=int(a["credit_limit"]),
+                           allowed_skus=None if a["allowed"] == "*" else [s for s in a["allowed"].split(",") if s],
+                           status=a["status"], balance=int(a["balance"]), held=int(a["held"]))  # type: ignore[arg-type]
+
+    async def list_distributors(self) -> list[Distributor]:
+        return [await self.get_distributor(d) for d in await self.store.members(keys.DISTS)]
+
+    async def rotate_api_key(self, distributor: str) -> str:
+        """A new API key for the distributor; the previous one stops working at once."""
+        api_key = "dk_" + secrets.token_urlsafe(32)
+        await self.store.set_api_key(distributor, self._key_hash(api_key))
+        return api_key
+
+    async def authenticate(self, api_key: str) -> str:
+        """The distributor id an API key belongs to, or UnauthorizedError."""
+        dist = await self.store.dist_by_key_hash(self._key_hash(api_key)) if api_key else None
+        if dist is None:
+            raise UnauthorizedError("invalid API key")
+        return dist
+
+    async def topup(self, distributor: str, amount: int, reference: str) -> Balance:
+        """Credit a balance; idempotent by *reference* (the same reference credits once)."""
+        amount = _check(amount, int, "amount")
+        if amount <= 0:
+            raise ValidationError("amount must be a positive integer (minor units)")
+        reply = await self.store.topup(distributor, _check_ref(reference), amount)
+        status = reply[0].decode()
+        if status == "unknown_distributor":
+            raise NotFoundError(f"unknown distributor {distributor}")
+        if status == "conflict":
+            raise IdempotencyConflictError(f"top-up {reference} was made earlier with another amount")
+        return await self.balance(distributor)
+
+    async def balance(self, distributor: str) -> Balance:
+        d = await self.get_distributor(distributor)
+        return Balance(balance=d.balance, held=d.held, credit_limit=d.credit_limit,
+                       available=d.balance - d.held + d.credit_limit)
+
+    async def ledger(self, distributor: str) -> list[LedgerEntry]:
+        out = []
+        for entry_id, f in await self.store.ledger(distributor):
+            eid = entry_id.decode()
+            out.append(LedgerEntry(entry_id=eid, kind=f[b"k"].decode(), ref=f[b"r"].decode(),  # type: ignore[arg-type]
+                                   amount=int(f[b"b"]), held_delta=int(f[b"h"]), balance=int(f[b"bal"]),
+                                   held=int(f[b"held"]), at=_dt(int(eid.split("-")[0]))))
+        return out
+
+    # ---- prices (cached for catalog_ttl_s; pausing and suspending act at once) ----
+    async def _cached(self, kind: str, key: str, load: Any) -> Any:
+        hit = self._cache.get((kind, key))
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = await load(key)
+        self._cache[(kind, key)] = (now + self.config.catalog_ttl_s, value)
+        return value
+
+    async def unit_price(self, distributor: str, sku: str) -> tuple[int, str]:
+        """(unit price, currency) of *sku* for *distributor*, by its tier."""
+        s: Sku = await self._cached("sku", sku, self.get_sku)
+        d: Distributor = await self._cached("dist", distributor, self.get_distributor)
+        if d.tier is None:
+            return s.price, s.currency
+        t: Tier = await self._cached("tier", d.tier, self.get_tier)
+        return t.price_of(s), s.currency
+
+    # ---- orders ------------------------------------------------------------------------
+    async def purchase(self, distributor: str, sku: str, qty: int, external_ref: str, *,
+                       mode: Literal["deliver", "reserve"] = "deliver", reserve_ttl_s: int | None = None,
+                       max_unit_price: int | None = None, allow_partial: bool = False) -> Order:
+        """Buy *qty* codes of *sku*: delivered now (``mode="deliver"``) or held until
+        :meth:`confirm` / :meth:`cancel` / the lease ends (``mode="reserve"``).
+
+        Idempotent by ``(distributor, external_ref)``: a repeat with the same
+        arguments returns the same order and codes (``replayed=True``); with other
+        arguments it raises IdempotencyConflictError.
+        """
+        cfg = self.config
+        if not isinstance(qty, int) or isinstance(qty, bool) or not 1 <= qty <= cfg.max_order_qty:
+            raise ValidationError(f"qty must be an integer from 1 to {cfg.max_order_qty}")
+        _check_ref(external_ref)
+        if mode not in ("deliver", "reserve"):
+            raise ValidationError('mode must be "deliver" or "reserve"')
+        ttl = 0
+        if mode == "reserve":
+            ttl = cfg.reserve_ttl_s if reserve_ttl_s is None else reserve_ttl_s
+            if not isinstance(ttl, int) or not 1 <= ttl <= cfg.max_reserve_ttl_s:
+                raise ValidationError(f"reserve_ttl_s must be an integer from 1 to {cfg.max_reserve_ttl_s}")
+        elif reserve_ttl_s is not None:
+            raise ValidationError("reserve_ttl_s applies to mode reserve only")
+        if max_unit_price is not None and (not isinstance(max_unit_price, int) or max_unit_price < 0):
+            raise ValidationError("max_unit_price must be a non-negative integer")
+        digest = hashlib.sha256(_encode((sku, qty, mode, ttl, max_unit_price, bool(allow_partial)))).hexdigest()[:32]
+
+        price, currency = await self.unit_price(distributor, sku)
+        if max_unit_price is not None and price > max_unit_price:
+            earlier = await self._replay(distributor, external_ref, digest)
+            if earlier is not None:
+                return earlier
+            raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
+                                    unit_price=price)
+        order_id = _order_id()
+        item = (order_id, external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
+        # Shielded: a caller that goes away must not leave its order half done.
+        return await asyncio.shield(self._purchase(distributor, item))
+
+    async def _purchase(self, distributor: str, item: tuple[Any, ...]) -> Order:
+        reply = await self._begin.submit(distributor, item)
+        status = reply[0].decode()
+        if status == "ok" or (status == "exists" and reply[1].decode() == item[0]):
+            return await self._drive(distributor, _decode_order(reply[2]) if status == "exists" else None,
+                                     item[0], item[3], item[4], bool(item[9]), item[7])
+        if status == "exists":
+            rec = _decode_order(reply[2])
+            if rec.status == "pending":  # the first attempt is still on its way, or crashed
+                order = await self._drive(distributor, rec, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
+            else:
+                order = await self.get_order(distributor, rec.id)
+            order.replayed = True
+            return order
+        if status == "conflict":
+            raise IdempotencyConflictError(
+                f"external_ref {item[1]!r} was used for another request (order {reply[1].decode()})")
+        if status == "insufficient_balance":
+            raise InsufficientBalanceError(f"the order costs {item[4] * item[5]}, {int(reply[1])} is available")
+        raise _refusal(status)
+
+    async def _drive(self, distributor: str, rec: _OrderRec | None, order_id: str, sku: str, qty: int,
+                     partial: bool, mode: str) -> Order:
+        """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
+        taken = await self._take.submit(sku, (order_id, qty, int(partial), mode))
+        outcome, codes = taken[0].decode(), taken[1:]
+        blob = _encode(codes) if outcome == "ok" else b""
+        reply = await self._commit.submit(distributor, (order_id, outcome, len(codes), blob))
+        status = reply[0].decode()
+        if status == "ok":
+            return self._present(_decode_order(reply[1]), codes)
+        if outcome == "ok":  # cannot happen: a take's decision is final and commit keeps taken orders
+            raise DispatchError(f"order {order_id} vanished after its codes were taken")
+        raise _refusal(outcome)
+
+    def _present(self, rec: _OrderRec, ciphertexts: Iterable[bytes]) -> Order:
+        # Codes are shown once paid for: not while reserved (a buyer could use one and
+        # cancel), never after a cancel or expiry (they are back on sale).
+        aad = rec.sku.encode()
+        codes = ([Code(*imports.decode_secret(self.vault.decrypt(c, aad))) for c in ciphertexts]
+                 if rec.status == "delivered" else [])
+        return Order(order_id=rec.id, external_ref=rec.ref, sku=rec.sku, qty=rec.qty, unit_price=rec.unit_price,
+                     total=rec.total, currency=rec.currency, status=rec.status,  # type: ignore[arg-type]
+                     codes=codes, created_at=_dt(rec.created), updated_at=_dt(rec.updated), mode=rec.mode,
+                     reserve_expires_at=_dt(rec.deadline) if rec.status == "reserved" else None)
+
+    async def _replay(self, distributor: str, ref: str, digest: str) -> Order | None:
+        oid = await self.store.order_id_by_ref(distributor, ref)
+        if oid is None:
+            return None
+        rec, codes = await self.store.order(distributor, oid)
+        if rec is None:
+            return None
+        r = _decode_order(rec)
+        if r.digest != digest:
+            raise IdempotencyConflictError(f"external_ref {ref!r} was used for another request (order {oid})")
+        order = self._present(r, _decode_codes(codes) if codes else [])
+        order.replayed = True
+        return order
+
+    async def confirm(self, distributor: str, order_id: str) -> Order:
+        """Confirm a reservation: its codes are sold and the money is taken."""
+        return await asyncio.shield(self._end_reservation(distributor, order_id, "confirm"))
+
+    async def cancel(self, distributor: str, order_id: str) -> Order:
+        """Cancel a reservation: its codes go back to stock and the hold is released."""
+        return await asyncio.shield(self._end_reservation(distributor, order_id, "cancel"))
+
+    async def _end_reservation(self, distributor: str, order_id: str, action: str) -> Order:
+        reply = await self._settle.submit(distributor, (order_id, action))
+        result = reply[0].decode()
+        if result == "not_found":
+            raise NotFoundError(f"no order {order_id}")
+        rec = _decode_order(reply[1])
+        if result in ("ok", "expired"):
+            await self._finish_sku_side(distributor, rec)
+        if result == "expired":
+            raise ReservationExpiredError(f"order {order_id} expired before it was confirmed")
+        if result == "invalid_state":
+            raise ConflictError(f"order {order_id} is {rec.status}; it cannot be {action}ed")
+        return await self.get_order(distributor, order_id)
+
+    async def _finish_sku_side(self, distributor: str, rec: _OrderRec) -> None:
+        action = "sell" if rec.status == "delivered" else "return"
+        await self._sku_settle.submit(rec.sku, (rec.id, action))
+        await self.store.clear_pending(distributor, [rec.id])
+
+    async def get_order(self, distributor: str, order_id: str) -> Order:
+        """One of the distributor's orders, with its codes (only its own: others are not found)."""
+        rec, codes = await self.store.order(distributor, order_id)
+        if rec is None:
+            raise NotFoundError(f"no order {order_id}")
+        return self._present(_decode_order(rec), _decode_codes(codes) if codes else [])
+
+    async def get_order_by_ref(self, distributor: str, external_ref: str) -> Order:
+        oid = await self.store.order_id_by_ref(distributor, external_ref)
+        if oid is None:
+            raise NotFoundError(f"no order with external_ref {external_ref!r}")
+        return await self.get_order(distributor, oid)
+
+    async def list_orders(self, distributor: str, *, status: str | None = None, since: datetime | None = None,
+                          cursor: str | None = None, limit: int = 50) -> OrderPage:
+        """The distributor's orders, oldest first, a page at a time (pass ``next_cursor`` back)."""
+        if not isinstance(limit, int) or not 1 <= limit <= 500:
+            raise ValidationError("limit must be an integer from 1 to 500")
+        if cursor is not None and (len(cursor) != 26 or any(c not in _CROCKFORD for c in cursor)):
+            raise ValidationError("cursor is not one this API returned")
+        after = cursor
+        if since is not None:
+            floor = _ms_id_floor(int(since.timestamp() * 1000))
+            after = max(after or "", floor[:-1] + "/")  # "/" sorts just below "0"
+        orders: list[Order] = []
+        while len(orders) < limit:
+            rows = await self.store.orders_after(distributor, after, limit)
+            if not rows:
+                after = None
+                break
+            for rec, codes in rows:
+                r = _decode_order(rec)
+                after = r.id
+                if status is None or r.status == status:
+                    orders.append(self._present(r, _decode_codes(codes) if codes else []))
+                    if len(orders) == limit:
+                        break
+            if len(rows) < limit and len(orders) < limit:
+                after = None
+                break
+        return OrderPage(orders=orders, next_cursor=after)
+
+    # ---- stock -------------------------------------------------------------------------
+    async def stock(self, sku: str) -> Stock:
+        meta, stats = await self.store.sku(sku)
+        if not meta:
+            raise UnknownSkuError(f"unknown SKU {sku}")
+        available = stats.get("available", 0)
+        threshold = int(meta.get("low_stock_threshold", 0))
+        state = "out_of_stock" if available <= 0 else "low_stock" if available <= threshold else "in_stock"
+        return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
+                     reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
+                     invalidated=stats.get("invalidated", 0), stock_status=state)
+
+    # ---- import ------------------------------------------------------------------------
+    async def import_codes(self, source: Any, *, sku: str, supplier: str, unit_cost: int,
+                           batch_id: str | None = None, format: str = "auto") -> BatchReport:
+        """Load a batch of codes into a SKU's stock.
+
+        *source* is a path, bytes, or a (sync or async) iterable of byte blocks, in
+        the text or CSV format. Each code is encrypted; codes seen before in this
+        file or in any earlier batch (any SKU) are counted as duplicates and
+        skipped. Sending the same *batch_id* again resumes it: nothing is added twice.
+        """
+        await self.get_sku(sku)
+        await self.get_supplier(supplier)
+        unit_cost = _check(unit_cost, Amount, "unit_cost")
+        batch_id = _check(batch_id or "b" + _order_id().lower(), Id, "batch_id")
+        batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
+
+        vault, store, aad = self.vault, self.store, sku.encode()
+        seen: set[bytes] = set()
+        accepted = duplicate = malformed = 0
+        bad: list[MalformedLine] = []
+        chunk_no = 0
+        async for chunk in imports.parse_codes(source, format=format, max_length=self.config.max_code_length,
+                                              chunk_lines=self.config.import_chunk):
+            malformed += len(chunk.malformed)
+            for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
+                bad.append(MalformedLine(line=line, reason=reason))
+            fresh: list[int] = []
+            fps: list[bytes] = []
+            for i, code in enumerate(chunk.codes):
+                fp = vault.fingerprint(code)
+                if fp in seen:
+                    duplicate += 1
+                else:
+                    seen.add(fp)
+                    fresh.append(i)
+                    fps.append(fp)
+            owned = await self._claim(batch.seq, fps)
+            keep = [i for i, ok in zip(fresh, owned) if ok]
+            duplicate += len(fresh) - len(keep)
+            digest = hashlib.sha256(b"".join(fp for fp, ok in zip(fps, owned) if ok)).digest()
+            ciphertexts = [vault.encrypt(chunk.secrets[i], aad) for i in keep]
+            reply = await store.import_push(sku, batch.seq, chunk_no, digest, ciphertexts)
+            outcome = reply[0].decode()
+            if outcome == "mismatch":
+                raise ConflictError(f"batch {batch_id} was sent before with other content "
+                                    f"(chunk {chunk_no} differs); use a new batch id")
+            if outcome == "voided":
+                raise ConflictError(f"batch {batch_id} is voided")
+            if outcome not in ("ok", "again"):
+                raise _refusal(outcome)
+            accepted += len(keep)
+            chunk_no += 1
+        batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
+        await store.put_record(keys.BATCHES, batch_id, _encode(batch), create=False)
+        return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
+                           malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad))
+
+    async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> _BatchRec:
+        fresh = _BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,
+                          seq=await self.store.next_seq("batch"), created=time.time_ns() // 1_000_000)
+        if await self.store.put_record(keys.BATCHES, batch_id, _encode(fresh), create=True):
+            return fresh
+        earlier = await self._batch(batch_id)
+        if (earlier.sku, earlier.supplier, earlier.unit_cost) != (sku, supplier, unit_cost):
+            raise ConflictError(f"batch {batch_id} exists for SKU {earlier.sku}, supplier {earlier.supplier}, "
+                                f"unit cost {earlier.unit_cost}")
+        if earlier.status == "voided":
+            raise ConflictError(f"batch {batch_id} is voided")
+        return earlier
+
+    async def _batch(self, batch_id: str) -> _BatchRec:
+        raw = await self.store.record(keys.BATCHES, batch_id)
+        if raw is None:
+            raise NotFoundError(f"unknown batch {batch_id}")
+        return msgspec.msgpack.decode(raw, type=_BatchRec)
+
+    async def _claim(self, seq: int, fps: list[bytes]) -> list[bool]:
+        """Claim fingerprints for batch *seq*: True where the code is this batch's."""
+        by_tag: dict[str, tuple[list[str], list[bytes]]] = {}
+        where: dict[str, list[int]] = {}
+        for i, fp in enumerate(fps):
+            tag, bucket, field = keys.fingerprint_slot(fp)
+            group = by_tag.get(tag)
+            if group is None:
+                by_tag[tag] = group = ([], [])
+                where[tag] = []
+            group[0].append(bucket)
+            group[1].append(field)
+            where[tag].append(i)
+        owned = [False] * len(fps)
+        for tag, statuses in (await self.store.fp_claim(seq, by_tag)).items():
+            for i, st in zip(where[tag], statuses):
+                owned[i] = st != 2
+        return owned
+
+    async def void_batch(self, batch_id: str) -> int:
+        """Withdraw a batch's unsold codes from sale; returns how many left the pool."""
+        batch = await self._batch(batch_id)
+        reply = await self.store.batch_void(batch.sku, batch.seq)
+        n = int(reply[1])
+        if reply[0] == b"ok" or batch.status != "voided":
+            batch.status, batch.voided = "voided", batch.voided + n
+            await self.store.put_record(keys.BATCHES, batch_id, _encode(batch), create=False)
+        return n
+
+    # ---- sweep: leases and recovery ------------------------------------------------------
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep failed; trying again in %ss", self.config.sweep_interval_s)
+
+    async def sweep(self, grace_s: float | None = None) -> tuple[int, int]:
+        """Expire lapsed reservations and finish orders left mid-saga for longer than
+        *grace_s* (default ``recovery_grace_s``). Returns (expired, recovered)."""
+        grace = self.config.recovery_grace_s if grace_s is None else grace_s
+        dists = await self.store.members(keys.DISTS)
+        now = time.time_ns() // 1_000_000
+        due = await self.store.due(dists, now, now - int(grace * 1000))
+        jobs = []
+        for dist, (leases, pending) in zip(dists, due):
+            jobs += [self._expire(dist, oid.decode()) for oid in leases]
+            jobs += [self._recover(dist, oid.decode()) for oid in pending]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, DispatchError):
+                log.error("sweep step failed: %r", r)
+        expired = sum(1 for r in results[: sum(len(x[0]) for x in due)] if r is True)
+        recovered = sum(1 for r in results[sum(len(x[0]) for x in due):] if r is True)
+        return expired, recovered
+
+    async def _expire(self, dist: str, order_id: str) -> bool:
+        reply = await self._settle.submit(dist, (order_id, "expire"))
+        if reply[0] not in (b"ok", b"expired"):
+            return False
+        await self._finish_sku_side(dist, _decode_order(reply[1]))
+        return reply[0] == b"ok"
+
+    async def _recover(self, dist: str, order_id: str) -> bool:
+        raw, _ = await self.store.order(dist, order_id)
+        if raw is None:
+            await self.store.clear_pending(dist, [order_id])
+            return False
+        rec = _decode_order(raw)
+        if rec.status == "pending":
+            with contextlib.suppress(DispatchError):  # a refusal (out of stock...) also ends it
+                await self._drive(dist, rec, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
+        elif rec.mode == "reserve" and rec.status in ("delivered", "cancelled", "expired"):
+            await self._finish_sku_side(dist, rec)
+        else:
+            await self.store.clear_pending(dist, [order_id])
+        return True
+
+    # ---- audit ---------------------------------------------------------------------------
+    async def audit(self) -> list[str]:
+        """Check the invariants of DESIGN.md over the whole store; returns what is wrong.
+
+        Reads everything: meant for tests, load-test verification and operators,
+        not for the hot path.
+        """
+        problems: list[str] = []
+        store = self.store
+        owner: dict[bytes, str] = {}  # ciphertext -> where it is
+
+        def place(c: bytes, where: str) -> None:
+            if c in owner:
+                problems.append(f"a code is in two places: {owner[c]} and {where}")
+            owner[c] = where
+
+        sku_records: dict[str, dict[str, Any]] = {}
+        for sku in await store.members(keys.SKUS):
+            meta, st = await store.sku(sku)
+            if not meta:
+                continue
+            k = keys.SkuKeys(sku)
+            pools = await store.pool_lengths(sku)
+            pooled = 0
+            for seq in pools:
+                for c in await store.client.lrange(k.pool(seq), 0, -1):
+                    place(c, f"pool {sku}/{seq}")
+                    pooled += 1
+            reserved = sold = 0
+            recs = await store.deliveries(sku)
+            sku_records[sku] = recs
+            for oid, (r, codes) in recs.items():
+                if r["st"] in ("reserved", "sold"):
+                    for c in codes:
+                        place(c, f"order {oid}")
+                    if r["st"] == "reserved":
+                        reserved += len(codes)
+                    else:
+                        sold += len(codes)
+            g = {f: st.get(f, 0) for f in ("accepted", "available", "reserved", "sold", "voided", "invalidated")}
+            if g["available"] != pooled:
+                problems.append(f"{sku}: available counter {g['available']} != {pooled} codes in pools")
+            if (g["reserved"], g["sold"]) != (reserved, sold):
+                problems.append(f"{sku}: counters reserved/sold {g['reserved']}/{g['sold']} != "
+                                f"delivery records {reserved}/{sold}")
+            total = g["available"] + g["reserved"] + g["sold"] + g["voided"] + g["invalidated"]
+            if g["accepted"] != total:
+                problems.append(f"{sku}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated {total}")
+
+        for dist in await store.members(keys.DISTS):
+            a = await store.account(dist)
+            if not a:
+                continue
+            entries = await store.ledger(dist)
+            bal = sum(int(f[b"b"]) for _, f in entries)
+            held = sum(int(f[b"h"]) for _, f in entries)
+            if (bal, held) != (int(a["balance"]), int(a["held"])):
+                problems.append(f"{dist}: balance/held {a['balance']}/{a['held']} != ledger sums {bal}/{held}")
+            if int(a["balance"]) - int(a["held"]) < -int(a["credit_limit"]):
+                problems.append(f"{dist}: balance {a['balance']} - held {a['held']} is below -credit_limit")
+            holds = 0
+            after = None
+            while rows := await store.orders_after(dist, after, 1000):
+                for raw, codes in rows:
+                    r = _decode_order(raw)
+                    after = r.id
+                    holds += r.hold
+                    if r.status in ("reserved", "delivered"):
+                        got = _decode_codes(codes) if codes else []
+                        if r.status == "delivered" and len(got) != r.delivered:
+                            problems.append(f"{dist}/{r.id}: {len(got)} codes for {r.delivered} delivered")
+                        if not r.partial and len(got) != r.qty:
+                            problems.append(f"{dist}/{r.id}: {len(got)} codes for qty {r.qty}")
+                        if r.total != r.unit_price * len(got):
+                            problems.append(f"{dist}/{r.id}: total {r.total} != {len(got)} x {r.unit_price}")
+                        rec = sku_records.get(r.sku, {}).get(r.id)
+                        if rec is None or rec[1] != got:
+                            problems.append(f"{dist}/{r.id}: codes differ from the SKU's delivery record")
+            if holds != int(a["held"]):
+                problems.append(f"{dist}: held {a['held']} != holds of open orders {holds}")
+        return problems

@@ -1,0 +1,150 @@
+"""Every exception the package raises, under one root.
+
+Each error carries a stable ``code`` (the HTTP contract's snake_case name), the
+HTTP ``status`` the server maps it to, and whether a client may ``retryable``
+try again. Messages never contain a plaintext card code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DispatchError",
+    "ValidationError",
+    "ConfigError",
+    "NotFoundError",
+    "UnknownSkuError",
+    "OutOfStockError",
+    "InsufficientBalanceError",
+    "IdempotencyConflictError",
+    "PriceChangedError",
+    "SkuNotAllowedError",
+    "DistributorSuspendedError",
+    "SkuPausedError",
+    "UnauthorizedError",
+    "ConflictError",
+    "ReservationExpiredError",
+    "StoreUnavailableError",
+    "EmbeddedRedisError",
+]
+
+
+class DispatchError(Exception):
+    """Root of every error raised by card-dispatch."""
+
+    code = "internal_error"
+    status = 500
+    retryable = False
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message or self.__class__.__doc__ or self.code)
+        self.message = message or (self.__class__.__doc__ or self.code).strip()
+        self.details = details
+
+
+class ValidationError(DispatchError, ValueError):
+    """The request or input is malformed."""
+
+    code = "validation_error"
+    status = 422
+
+
+class ConfigError(DispatchError, ValueError):
+    """A configuration value is invalid."""
+
+    code = "config_error"
+
+
+class NotFoundError(DispatchError, LookupError):
+    """No such object."""
+
+    code = "not_found"
+    status = 404
+
+
+class UnknownSkuError(NotFoundError):
+    """No such SKU."""
+
+    code = "unknown_sku"
+
+
+class OutOfStockError(DispatchError):
+    """Not enough codes in stock for this order."""
+
+    code = "out_of_stock"
+    status = 409
+
+
+class InsufficientBalanceError(DispatchError):
+    """The balance (plus credit limit) does not cover this order."""
+
+    code = "insufficient_balance"
+    status = 402
+
+
+class IdempotencyConflictError(DispatchError):
+    """This external_ref was already used with a different request."""
+
+    code = "idempotency_conflict"
+    status = 409
+
+
+class PriceChangedError(DispatchError):
+    """The unit price is above the order's max_unit_price."""
+
+    code = "price_changed"
+    status = 409
+
+
+class SkuNotAllowedError(DispatchError, PermissionError):
+    """This distributor may not buy this SKU."""
+
+    code = "sku_not_allowed"
+    status = 403
+
+
+class SkuPausedError(SkuNotAllowedError):
+    """This SKU is paused and cannot be sold."""
+
+    code = "sku_paused"
+    status = 409
+
+
+class DistributorSuspendedError(DispatchError, PermissionError):
+    """This distributor is suspended."""
+
+    code = "distributor_suspended"
+    status = 403
+
+
+class UnauthorizedError(DispatchError, PermissionError):
+    """Missing or invalid credentials."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class ConflictError(DispatchError):
+    """The object exists already, or is in a state that forbids this change."""
+
+    code = "conflict"
+    status = 409
+
+
+class StoreUnavailableError(DispatchError, ConnectionError):
+    """Redis is unreachable or failed; the request may be retried."""
+
+    code = "store_unavailable"
+    status = 503
+    retryable = True
+
+
+class EmbeddedRedisError(DispatchError, RuntimeError):
+    """The embedded redis-server could not be started."""
+
+    code = "embedded_redis_error"
+
+
+class ReservationExpiredError(ConflictError):
+    """The reservation's lease ended before it was confirmed."""
+
+    code = "reservation_expired"

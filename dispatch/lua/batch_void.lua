@@ -1,0 +1,12 @@
+-- batch_void(keys=SKU keys, args=[pool_prefix, seq])
+-- Withdraws a batch's unsold codes: its pool is dropped and counted as voided; codes
+-- of the batch that are reserved now are voided when their reservation ends.
+-- returns {"ok", codes voided} | {"again", 0}
+local seq = ARGV[2]
+if redis.call('SADD', KEYS[6], seq) == 0 then return {'again', 0} end
+local n = redis.call('LLEN', POOL .. seq)
+redis.call('DEL', POOL .. seq)
+redis.call('ZREM', KEYS[3], seq)
+redis.call('HINCRBY', KEYS[2], 'available', -n)
+redis.call('HINCRBY', KEYS[2], 'voided', n)
+return {'ok', n}

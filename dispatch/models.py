@@ -1,0 +1,165 @@
+"""The public data types: what the engine returns and the HTTP API encodes.
+
+Amounts are integers in minor units (cents); times are UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
+    "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
+    "OrderStatus", "StockStatus",
+]
+
+#: Ids chosen by the admin: SKUs, suppliers, tiers, distributors, batches.
+Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Amount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
+
+OrderStatus = Literal["pending", "reserved", "delivered", "cancelled", "expired", "refunded",
+                      "partially_refunded"]
+StockStatus = Literal["in_stock", "low_stock", "out_of_stock"]
+
+
+class _Model(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    pass
+
+
+class Code(_Model, frozen=True):
+    """One delivered card code, decrypted for its buyer."""
+
+    code: str
+    pin: str | None = None
+    serial: str | None = None
+    expires_at: str | None = None
+
+    def __repr__(self) -> str:  # never print a secret by accident
+        return "Code(<redacted>)"
+
+
+class Order(_Model):
+    order_id: str
+    external_ref: str
+    sku: str
+    qty: int
+    unit_price: int
+    total: int
+    currency: str
+    status: OrderStatus
+    codes: list[Code]
+    created_at: datetime
+    updated_at: datetime
+    mode: Literal["deliver", "reserve"] = "deliver"
+    #: When a reservation lapses (reserve mode only).
+    reserve_expires_at: datetime | None = None
+    #: True when this answer replays an order made earlier with the same external_ref.
+    replayed: bool = False
+
+
+class OrderPage(_Model):
+    orders: list[Order]
+    next_cursor: str | None = None
+
+
+class Sku(_Model):
+    sku: Id
+    name: str
+    face_value: Amount
+    currency: str
+    price: Amount
+    low_stock_threshold: Amount = 0
+    status: Literal["active", "paused"] = "active"
+
+
+class Supplier(_Model):
+    supplier: Id
+    name: str
+    deposit: Amount = 0
+    status: Literal["active", "blacklisted"] = "active"
+
+
+class Tier(_Model):
+    tier: Id
+    discount_bps: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
+    prices: dict[str, Amount] = {}
+
+    def price_of(self, sku: Sku) -> int:
+        explicit = self.prices.get(sku.sku)
+        if explicit is not None:
+            return explicit
+        # round half up, in integer arithmetic
+        return (sku.price * (10_000 - self.discount_bps) + 5_000) // 10_000
+
+
+class Distributor(_Model):
+    distributor: Id
+    name: str
+    tier: str | None = None
+    credit_limit: Amount = 0
+    #: None: every SKU.
+    allowed_skus: list[str] | None = None
+    status: Literal["active", "suspended"] = "active"
+    balance: int = 0
+    held: int = 0
+
+
+class NewDistributor(_Model):
+    distributor: Distributor
+    #: Shown once: only its hash is stored.
+    api_key: str
+
+    def __repr__(self) -> str:
+        return f"NewDistributor({self.distributor.distributor!r}, api_key=<redacted>)"
+
+
+class Balance(_Model):
+    balance: int
+    held: int
+    credit_limit: int
+    #: What can still be spent: balance - held + credit_limit.
+    available: int
+
+
+class Stock(_Model):
+    sku: str
+    accepted: int
+    available: int
+    reserved: int
+    sold: int
+    voided: int
+    invalidated: int
+    stock_status: StockStatus
+
+
+class MalformedLine(_Model, frozen=True):
+    line: int
+    reason: str
+
+
+class BatchReport(_Model):
+    batch_id: str
+    sku: str
+    supplier: str
+    accepted: int
+    duplicate: int
+    malformed: int
+    malformed_lines: list[MalformedLine]
+    #: True when malformed_lines was cut to its first entries.
+    malformed_truncated: bool = False
+
+
+class LedgerEntry(_Model):
+    entry_id: str
+    kind: Literal["topup", "hold", "release", "purchase", "expire", "refund"]
+    ref: str
+    #: Change of the balance (negative for a purchase).
+    amount: int
+    #: Change of the held amount.
+    held_delta: int
+    balance: int
+    held: int
+    at: datetime

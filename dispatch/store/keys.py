@@ -1,0 +1,88 @@
+"""Every Redis key the engine uses, in one place.
+
+Keys are grouped by *hash tag* so that each Lua script touches one tag only and
+runs unchanged on Redis Cluster:
+
+``{g}``        global catalog: SKU/distributor registries, suppliers, tiers, API keys, batches
+``{s:SKU}``    one SKU's shard: metadata, counters, per-batch pools, delivery records
+``{a:DIST}``   one distributor's account: balance, ledger, orders, leases, pending sagas
+``{f:XX}``     one of 256 fingerprint shards for global dedupe of imported codes
+
+Pools are one LIST per batch (``p:SEQ``), named by the scripts from ``pool_prefix``;
+that keeps voiding a batch O(1) and lets the sale order between batches be chosen.
+"""
+
+from __future__ import annotations
+
+PREFIX = "d:"
+
+# ---- global {g} --------------------------------------------------------------
+SKUS = PREFIX + "{g}:skus"              # SET of SKU ids
+DISTS = PREFIX + "{g}:dists"            # SET of distributor ids
+SUPPLIERS = PREFIX + "{g}:suppliers"    # HASH id -> msgpack Supplier
+TIERS = PREFIX + "{g}:tiers"            # HASH id -> msgpack Tier
+APIKEYS = PREFIX + "{g}:apikeys"        # HASH sha256(api key) -> distributor id
+KEYOF = PREFIX + "{g}:keyof"            # HASH distributor id -> sha256(api key)
+BATCHES = PREFIX + "{g}:batches"        # HASH batch id -> msgpack {sku, seq, ...}
+SEQ = PREFIX + "{g}:seq"                # HASH counter name -> int
+FPKEY = PREFIX + "{g}:fpkey"            # the wrapped fingerprint key
+
+
+def sku_tag(sku: str) -> str:
+    return PREFIX + "{s:" + sku + "}:"
+
+
+def acct_tag(dist: str) -> str:
+    return PREFIX + "{a:" + dist + "}:"
+
+
+class SkuKeys:
+    """Keys of one SKU shard, in the order the SKU scripts take them."""
+
+    __slots__ = ("meta", "stats", "queue", "dlv", "dlv_codes", "chunks", "void", "pool_prefix", "all")
+
+    def __init__(self, sku: str) -> None:
+        t = sku_tag(sku)
+        self.meta = t + "meta"          # HASH name, face_value, currency, price, status, ...
+        self.stats = t + "stats"        # HASH accepted, available, reserved, sold, voided, invalidated
+        self.queue = t + "bq"           # ZSET batch seq -> sale priority (lowest sold first)
+        self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}}
+        self.dlv_codes = t + "dlvc"     # HASH order id -> its codes, each with a 2-byte length prefix
+        self.chunks = t + "chunks"      # HASH "seq:chunk" -> digest (import idempotency)
+        self.void = t + "void"          # SET of voided batch seqs
+        self.pool_prefix = t + "p:"     # LIST per batch: pool_prefix .. seq
+        self.all = [self.meta, self.stats, self.queue, self.dlv, self.chunks, self.void, self.dlv_codes]
+
+    def pool(self, seq: int) -> str:
+        return self.pool_prefix + str(seq)
+
+
+class AcctKeys:
+    """Keys of one distributor account, in the order the account scripts take them."""
+
+    __slots__ = ("acct", "ledger", "refs", "orders", "codes", "index", "leases", "pending", "topups", "all")
+
+    def __init__(self, dist: str) -> None:
+        t = acct_tag(dist)
+        self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...
+        self.ledger = t + "ledger"      # STREAM of entries {k, ref, b (balance delta), h (held delta)}
+        self.refs = t + "refs"          # HASH external_ref -> order id
+        self.orders = t + "orders"      # HASH order id -> cmsgpack order
+        self.codes = t + "codes"        # HASH order id -> msgpack list of code ciphertexts
+        self.index = t + "oidx"         # ZSET (score 0) of order ids: ULIDs sort by time
+        self.leases = t + "leases"      # ZSET order id -> reservation deadline (ms)
+        self.pending = t + "pending"    # ZSET order id -> ms of its last saga step
+        self.topups = t + "topups"      # HASH top-up reference -> amount
+        self.all = [self.acct, self.ledger, self.refs, self.orders, self.codes,
+                    self.index, self.leases, self.pending, self.topups]
+
+
+def fingerprint_slot(fp: bytes) -> tuple[str, str, bytes]:
+    """(shard tag, bucket key, field) of a 16-byte fingerprint.
+
+    256 tags x 256 buckets keep each bucket a small listpack-encoded HASH
+    (about 15 codes per bucket at a million codes), which is what keeps the
+    dedupe index to a few bytes per code.
+    """
+    tag = "%02x" % fp[0]
+    return tag, PREFIX + "{f:" + tag + "}:" + "%02x" % fp[1], fp[2:]

@@ -1,0 +1,292 @@
+"""The only module that talks to Redis: script calls, reads, and error translation.
+
+Methods speak the engine's language (a distributor, a SKU, a list of order items)
+and build keys and arguments here; every rule that must be atomic is a Lua script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from msgspec.msgpack import decode as msgpack_decode
+from redis import exceptions as rex
+
+from ..config import Config
+from ..errors import ConfigError, StoreUnavailableError
+from . import keys, scripts
+from .embedded import EmbeddedRedis
+
+__all__ = ["Store"]
+
+MIN_VERSION = (6, 2)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Redis failures become StoreUnavailableError (retryable); nothing else leaks out."""
+    try:
+        yield
+    except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, OSError) as e:
+        raise StoreUnavailableError(f"redis is unavailable: {type(e).__name__}: {e}") from None
+    except rex.RedisError as e:
+        raise StoreUnavailableError(f"redis refused a command: {e}") from None
+
+
+def _flat(items: Iterable[Sequence[Any]]) -> list[Any]:
+    return [x for item in items for x in item]
+
+
+class Store:
+    """A connection to the Redis that holds everything (embedded or external)."""
+
+    def __init__(self, client: aioredis.Redis, embedded: EmbeddedRedis | None = None) -> None:
+        self.client = client
+        self.embedded = embedded
+        self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
+
+    @classmethod
+    async def connect(cls, config: Config) -> Store:
+        """Connect to ``config.redis_url``, or start the embedded redis-server when it is unset."""
+        embedded = None
+        url = config.redis_url
+        if url is None:
+            embedded = EmbeddedRedis(config.data_dir, binary=config.redis_server,
+                                     appendfsync=config.appendfsync)
+            await asyncio.to_thread(embedded.start)
+            url = embedded.url
+        try:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=config.redis_pool_size, timeout=config.redis_timeout_s,
+                socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
+        except ValueError as e:
+            if embedded:
+                embedded.stop()
+            raise ConfigError(f"redis_url is not a valid Redis URL: {e}") from None
+        store = cls(aioredis.Redis(connection_pool=pool), embedded)
+        try:
+            await store._check_server()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _check_server(self) -> None:
+        with translated():
+            info = await self.client.info("server")
+        version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
+        if version < MIN_VERSION:
+            raise ConfigError(f"Redis {info['redis_version']} is too old: card-dispatch needs >= 6.2")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    async def ping(self) -> bool:
+        with translated():
+            return bool(await self.client.ping())
+
+    async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        with translated():
+            return await self._scripts[name](keys=keys_, args=args)
+
+    # ---- account shard ---------------------------------------------------------
+    async def begin(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
+        return await self._run("begin", keys.AcctKeys(dist).all, [0, len(items), *_flat(items)])
+
+    async def commit(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
+        return await self._run("commit", keys.AcctKeys(dist).all, [len(items), *_flat(items)])
+
+    async def settle(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
+        return await self._run("settle", keys.AcctKeys(dist).all, [len(items), *_flat(items)])
+
+    async def topup(self, dist: str, reference: str, amount: int) -> list[Any]:
+        return await self._run("topup", keys.AcctKeys(dist).all, [reference, amount])
+
+    async def put_account(self, dist: str, mode: str, fields: dict[str, Any]) -> str:
+        return await self._put(keys.AcctKeys(dist).acct, mode, fields)
+
+    async def account(self, dist: str) -> dict[str, str]:
+        with translated():
+            raw = await self.client.hgetall(keys.AcctKeys(dist).acct)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def order(self, dist: str, order_id: str) -> tuple[bytes | None, bytes | None]:
+        """(order record, codes blob) of one order; Nones when unknown."""
+        k = keys.AcctKeys(dist)
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                p.hget(k.orders, order_id)
+                p.hget(k.codes, order_id)
+                rec, codes = await p.execute()
+        return rec, codes
+
+    async def order_id_by_ref(self, dist: str, ref: str) -> str | None:
+        with translated():
+            oid = await self.client.hget(keys.AcctKeys(dist).refs, ref)
+        return oid.decode() if oid else None
+
+    async def orders_after(self, dist: str, after: str | None, count: int) -> list[tuple[bytes, bytes | None]]:
+        """Order records (with codes) of *dist* with ids after *after*, oldest first."""
+        k = keys.AcctKeys(dist)
+        with translated():
+            ids = await self.client.zrangebylex(k.index, f"({after}" if after else "-", "+", 0, count)
+            if not ids:
+                return []
+            async with self.client.pipeline(transaction=False) as p:
+                p.hmget(k.orders, ids)
+                p.hmget(k.codes, ids)
+                recs, codes = await p.execute()
+        return [(r, c) for r, c in zip(recs, codes) if r is not None]
+
+    async def due(self, dists: Sequence[str], now_ms: int, pending_before_ms: int) -> list[tuple[list[bytes], list[bytes]]]:
+        """Per distributor: (leases due by now_ms, orders pending since before pending_before_ms)."""
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                for d in dists:
+                    k = keys.AcctKeys(d)
+                    p.zrangebyscore(k.leases, "-inf", now_ms, 0, 1000)
+                    p.zrangebyscore(k.pending, "-inf", pending_before_ms, 0, 1000)
+                flat = await p.execute()
+        return list(zip(flat[0::2], flat[1::2]))
+
+    async def clear_pending(self, dist: str, order_ids: Sequence[str]) -> None:
+        with translated():
+            await self.client.zrem(keys.AcctKeys(dist).pending, *order_ids)
+
+    async def ledger(self, dist: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        with translated():
+            return await self.client.xrange(keys.AcctKeys(dist).ledger)
+
+    # ---- SKU shard -----------------------------------------------------------------
+    async def take(self, sku: str, items: Sequence[Sequence[Any]]) -> list[Any]:
+        k = keys.SkuKeys(sku)
+        return await self._run("take", k.all, [k.pool_prefix, len(items), *_flat(items)])
+
+    async def sku_settle(self, sku: str, items: Sequence[Sequence[Any]]) -> list[Any]:
+        k = keys.SkuKeys(sku)
+        return await self._run("sku_settle", k.all, [k.pool_prefix, len(items), *_flat(items)])
+
+    async def import_push(self, sku: str, seq: int, chunk: int, digest: bytes, codes: list[bytes]) -> list[Any]:
+        k = keys.SkuKeys(sku)
+        return await self._run("import_push", k.all, [k.pool_prefix, seq, chunk, digest, *codes])
+
+    async def batch_void(self, sku: str, seq: int) -> list[Any]:
+        k = keys.SkuKeys(sku)
+        return await self._run("batch_void", k.all, [k.pool_prefix, seq])
+
+    async def put_sku(self, sku: str, mode: str, fields: dict[str, Any]) -> str:
+        if mode == "create":
+            with translated():
+                await self.client.sadd(keys.SKUS, sku)  # first: a listed id without meta is skipped
+        return await self._put(keys.SkuKeys(sku).meta, mode, fields)
+
+    async def sku(self, sku: str) -> tuple[dict[str, str], dict[str, int]]:
+        """(metadata, counters) of one SKU; empty metadata when unknown."""
+        k = keys.SkuKeys(sku)
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                p.hgetall(k.meta)
+                p.hgetall(k.stats)
+                meta, stats = await p.execute()
+        return ({a.decode(): b.decode() for a, b in meta.items()},
+                {a.decode(): int(b) for a, b in stats.items()})
+
+    async def pool_lengths(self, sku: str) -> dict[int, int]:
+        """Length of every batch pool that holds codes (for conservation checks)."""
+        k = keys.SkuKeys(sku)
+        with translated():
+            names = [n async for n in self.client.scan_iter(match=k.pool_prefix + "*", count=1000)]
+            lengths = [await self.client.llen(n) for n in names]
+        return {int(n.decode().rsplit(":", 1)[1]): ln for n, ln in zip(names, lengths)}
+
+    async def deliveries(self, sku: str) -> dict[str, tuple[dict[str, Any], list[bytes]]]:
+        """Every delivery record of a SKU: order id -> (record, codes)."""
+        k = keys.SkuKeys(sku)
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                p.hgetall(k.dlv)
+                p.hgetall(k.dlv_codes)
+                recs, codes = await p.execute()
+        return {oid.decode(): (msgpack_decode(raw), split_codes(codes.get(oid, b""))) for oid, raw in recs.items()}
+
+    # ---- fingerprints ----------------------------------------------------------------
+    async def fp_claim(self, seq: int, by_tag: dict[str, tuple[list[str], list[bytes]]]) -> dict[str, list[int]]:
+        """Claim fingerprints shard by shard in one pipelined round: {tag: statuses}."""
+        script = self._scripts["fp_claim"]
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                for buckets, fields in by_tag.values():
+                    await script(keys=buckets, args=[seq, *fields], client=p)
+                replies = await p.execute()
+        return dict(zip(by_tag, replies))
+
+    async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
+        """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""
+        with translated():
+            await self.client.set(keys.FPKEY, wrapped_candidate, nx=True)
+            return await self.client.get(keys.FPKEY)
+
+    # ---- global catalog ----------------------------------------------------------------
+    async def _put(self, key: str, mode: str, fields: dict[str, Any]) -> str:
+        args: list[Any] = [mode]
+        for f, v in fields.items():
+            args += [f, v]
+        reply = await self._run("put", [key], args)
+        return reply.decode()
+
+    async def members(self, registry: str) -> list[str]:
+        with translated():
+            return sorted(m.decode() for m in await self.client.smembers(registry))
+
+    async def add_member(self, registry: str, member: str) -> None:
+        with translated():
+            await self.client.sadd(registry, member)
+
+    async def record(self, table: str, field: str) -> bytes | None:
+        with translated():
+            return await self.client.hget(table, field)
+
+    async def records(self, table: str) -> dict[str, bytes]:
+        with translated():
+            return {k.decode(): v for k, v in (await self.client.hgetall(table)).items()}
+
+    async def put_record(self, table: str, field: str, value: bytes, *, create: bool) -> bool:
+        """Write one record of a global table; with *create*, only if absent (returns False then)."""
+        with translated():
+            if create:
+                return bool(await self.client.hsetnx(table, field, value))
+            await self.client.hset(table, field, value)
+            return True
+
+    async def next_seq(self, name: str) -> int:
+        with translated():
+            return int(await self.client.hincrby(keys.SEQ, name, 1))
+
+    async def set_api_key(self, dist: str, key_hash: str) -> None:
+        """Make *key_hash* the distributor's only valid key (the old one stops working)."""
+        await self._run("rotate_key", [keys.APIKEYS, keys.KEYOF], [dist, key_hash])
+
+    async def dist_by_key_hash(self, key_hash: str) -> str | None:
+        with translated():
+            d = await self.client.hget(keys.APIKEYS, key_hash)
+        return d.decode() if d else None
+
+    async def scan(self, match: str = "*") -> list[bytes]:
+        with translated():
+            return [k async for k in self.client.scan_iter(match=match, count=1000)]
+
+
+def split_codes(blob: bytes) -> list[bytes]:
+    """The codes of a delivery record (see pack_codes in lua/_sku.lua)."""
+    out, pos = [], 0
+    while pos < len(blob):
+        n = int.from_bytes(blob[pos:pos + 2], "big")
+        out.append(blob[pos + 2:pos + 2 + n])
+        pos += 2 + n
+    return out

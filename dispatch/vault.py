@@ -1,0 +1,113 @@
+"""Secrecy of card codes: AEAD encryption at rest and keyed fingerprints for dedupe.
+
+A stored code is ``key_id (1 byte) || nonce (12) || AES-256-GCM(secret, aad)``; the
+AAD binds it to its SKU, so a ciphertext moved to another pool fails to decrypt.
+The key id lets old keys keep decrypting after a rotation.
+
+Fingerprints are ``HMAC-SHA256(fingerprint_key, code)[:16]``. The fingerprint key is
+random, made once per deployment and stored in Redis wrapped (encrypted) under the
+master key, so rotating the master key never changes a fingerprint.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .config import Config
+from .errors import ConfigError, DispatchError
+
+__all__ = ["Vault", "load_master_keys"]
+
+log = logging.getLogger("dispatch.vault")
+
+_NONCE = 12
+_FPKEY_AAD = b"card-dispatch fingerprint key"
+MASTER_KEY_FILE = "master.key"
+
+
+def _decode_key(text: str, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{what} is not valid base64") from None
+    if len(raw) != 32:
+        raise ConfigError(f"{what} must be base64 of 32 bytes, got {len(raw)} bytes")
+    return raw
+
+
+def load_master_keys(config: Config) -> list[bytes]:
+    """The master keys, current first: from config, else from (or generated into) the data dir."""
+    if config.master_key:
+        current = _decode_key(config.master_key, "master_key (DISPATCH_MASTER_KEY)")
+    else:
+        path = Path(config.data_dir) / MASTER_KEY_FILE
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+            log.warning("no master_key configured: generated one into %s; back it up, "
+                        "without it no stored code can be read", path)
+        current = _decode_key(path.read_text(), f"master key file {path}")
+    old = [_decode_key(k, "old_master_keys entry") for k in config.old_master_keys]
+    return [current, *old]
+
+
+class Vault:
+    """Encrypts, decrypts and fingerprints codes with the deployment's keys."""
+
+    __slots__ = ("_current_id", "_current", "_keys", "_fp_key")
+
+    def __init__(self, master_keys: list[bytes], fingerprint_key: bytes | None = None) -> None:
+        if not master_keys:
+            raise ConfigError("at least one master key is needed")
+        self._keys: dict[int, AESGCM] = {}
+        for key in master_keys:
+            kid = self.key_id(key)
+            if kid in self._keys:
+                raise ConfigError("two master keys share a key id; generate another key")
+            self._keys[kid] = AESGCM(key)
+        self._current_id = self.key_id(master_keys[0])
+        self._current = self._keys[self._current_id]
+        self._fp_key = fingerprint_key
+
+    @staticmethod
+    def key_id(key: bytes) -> int:
+        return hashlib.sha256(b"card-dispatch key id" + key).digest()[0]
+
+    # ---- codes ---------------------------------------------------------------
+    def encrypt(self, secret: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return bytes((self._current_id,)) + nonce + self._current.encrypt(nonce, secret, aad)
+
+    def decrypt(self, blob: bytes, aad: bytes) -> bytes:
+        aead = self._keys.get(blob[0]) if blob else None
+        if aead is None:
+            raise DispatchError("a stored code was encrypted with a key that is not configured "
+                                "(add it to old_master_keys)")
+        try:
+            return aead.decrypt(blob[1:1 + _NONCE], blob[1 + _NONCE:], aad)
+        except InvalidTag:
+            raise DispatchError("a stored code failed authentication (wrong key or tampered data)") from None
+
+    # ---- fingerprints --------------------------------------------------------
+    def wrap_fingerprint_key(self, key: bytes) -> bytes:
+        return self.encrypt(key, _FPKEY_AAD)
+
+    def set_fingerprint_key(self, wrapped: bytes) -> None:
+        self._fp_key = self.decrypt(wrapped, _FPKEY_AAD)
+
+    def fingerprint(self, code: bytes) -> bytes:
+        if self._fp_key is None:
+            raise DispatchError("fingerprint key not loaded (engine not started)")
+        return hmac.digest(self._fp_key, code, "sha256")[:16]

@@ -1,0 +1,13 @@
+"""Builds the compiled core (ext/dispatch/*.pyx -> dispatch._core); the rest is in pyproject.toml."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=cythonize(
+        [Extension("dispatch._core", ["ext/dispatch/_core.pyx"], extra_compile_args=["-O3"])],
+        include_path=["ext"],
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+)
