@@ -1,0 +1,42 @@
+"""The compiled core of card-dispatch (built from ext/dispatch/_core.pyx).
+
+Private to the package: the pure-Python modules wrap every function here.
+"""
+
+# --- Imports (used by dispatch/imports.py) -----------------------------------
+
+#: A physical line longer than this (terminator excluded) is malformed whatever
+#: its content; a streaming parser never holds more than this of one line.
+MAX_LINE_BYTES: int
+
+def scan_lines(
+    data: bytes,
+    pos: int = 0,
+    line: int = 1,
+    max_length: int = 128,
+    max_lines: int = -1,
+) -> tuple[list[bytes], list[int], list[tuple[int, str]], int, int]:
+    """Validate the lines of *data* from byte offset *pos*, in one pass in C.
+
+    A line ends at ``\\n`` (one ``\\r`` before it, or at the very end of
+    *data*, is dropped too) or at the end of *data*, which therefore must
+    hold complete lines only; a final ``\\n`` does not start another line.
+    *line* is the 1-based number of the first line; at most *max_lines* lines
+    are read (negative: all of them).
+
+    Each line is trimmed of ASCII whitespace (``bytes.strip()``'s set) at both
+    ends; a line left empty is blank and skipped. Otherwise it is malformed,
+    with the reason for the first offending byte, when it contains
+
+    - a control character (C0 or DEL): ``"control character"``;
+    - bytes that are not strict UTF-8 (overlongs, surrogates and code points
+      above U+10FFFF included): ``"invalid UTF-8"``;
+
+    and, when every byte is fine, when it has more than *max_length*
+    characters (not bytes): ``"longer than N characters"``. A line over
+    MAX_LINE_BYTES bytes is ``"line longer than 65536 bytes"`` unread.
+
+    Returns ``(codes, lines, malformed, pos, line)``: the accepted trimmed
+    lines and their line numbers, the ``(line, reason)`` of the malformed
+    ones, all in order, then the offset and the line number to resume at.
+    """

@@ -1,0 +1,137 @@
+# cython: language_level=3
+"""The compiled core of card-dispatch (see dispatch/_core.pyi for the documented API)."""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr
+
+
+# ---------------------------------------------------------------------------
+# Imports: one pass over a buffer of text-import lines (dispatch/imports.py)
+# ---------------------------------------------------------------------------
+#
+# The per-line rules live here once; dispatch/imports.py calls scan_lines for
+# plain-text files and for the lines of a CSV file alike.
+
+cdef Py_ssize_t _MAX_LINE_BYTES = 65536
+MAX_LINE_BYTES = _MAX_LINE_BYTES
+
+cdef enum _Verdict:
+    _OK, _BLANK, _CONTROL, _INVALID, _TOO_LONG, _TOO_WIDE
+
+cdef str _R_CONTROL = "control character"
+cdef str _R_INVALID = "invalid UTF-8"
+cdef str _R_TOO_WIDE = f"line longer than {_MAX_LINE_BYTES} bytes"
+
+
+cdef inline bint _is_space(unsigned char c) noexcept nogil:
+    # The set bytes.strip() removes: space, \t, \n, \v, \f, \r.
+    return c == 0x20 or 0x09 <= c <= 0x0D
+
+
+cdef inline bint _is_cont(unsigned char c) noexcept nogil:
+    return (c & 0xC0) == 0x80
+
+
+cdef _Verdict _check(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_length) noexcept nogil:
+    """Verdict on a trimmed, non-empty field: the first bad byte wins, then length.
+
+    UTF-8 is checked strictly (Unicode table 3-7: no overlongs, no surrogates,
+    nothing above U+10FFFF), exactly as bytes.decode("utf-8") does; a bad
+    sequence is reported at its lead byte, where the decoder reports it.
+    """
+    cdef Py_ssize_t i = 0, chars = 0
+    cdef unsigned char c, c1
+    while i < n:
+        c = p[i]
+        if c < 0x80:
+            if c < 0x20 or c == 0x7F:
+                return _CONTROL
+            i += 1
+        elif c < 0xC2:  # a stray continuation byte, or an overlong 2-byte lead
+            return _INVALID
+        elif c < 0xE0:
+            if i + 1 >= n or not _is_cont(p[i + 1]):
+                return _INVALID
+            i += 2
+        elif c < 0xF0:
+            if i + 2 >= n:
+                return _INVALID
+            c1 = p[i + 1]
+            if c == 0xE0:
+                if c1 < 0xA0 or c1 > 0xBF:  # overlong
+                    return _INVALID
+            elif c == 0xED:
+                if c1 < 0x80 or c1 > 0x9F:  # surrogates
+                    return _INVALID
+            elif not _is_cont(c1):
+                return _INVALID
+            if not _is_cont(p[i + 2]):
+                return _INVALID
+            i += 3
+        elif c < 0xF5:
+            if i + 3 >= n:
+                return _INVALID
+            c1 = p[i + 1]
+            if c == 0xF0:
+                if c1 < 0x90 or c1 > 0xBF:  # overlong
+                    return _INVALID
+            elif c == 0xF4:
+                if c1 < 0x80 or c1 > 0x8F:  # above U+10FFFF
+                    return _INVALID
+            elif not _is_cont(c1):
+                return _INVALID
+            if not _is_cont(p[i + 2]) or not _is_cont(p[i + 3]):
+                return _INVALID
+            i += 4
+        else:
+            return _INVALID
+        chars += 1
+    return _TOO_LONG if chars > max_length else _OK
+
+
+def scan_lines(bytes data not None, Py_ssize_t pos=0, Py_ssize_t line=1, Py_ssize_t max_length=128,
+               Py_ssize_t max_lines=-1):
+    """Validate the lines of *data* from offset *pos*; see dispatch/_core.pyi."""
+    cdef const unsigned char* base = <const unsigned char*> PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef const unsigned char* nl
+    cdef Py_ssize_t start, end, after, done = 0
+    cdef _Verdict verdict
+    cdef list codes = [], lines = [], malformed = []
+    cdef str too_long = None
+    if pos < 0 or pos > size:
+        raise ValueError(f"pos {pos} is outside the data (0..{size})")
+    if max_length < 0:
+        raise ValueError(f"max_length must be >= 0, got {max_length}")
+    while pos < size and done != max_lines:
+        nl = <const unsigned char*> memchr(base + pos, b"\n", <size_t> (size - pos))
+        end = size if nl == NULL else nl - base
+        after = end if nl == NULL else end + 1
+        start = pos
+        if end > start and base[end - 1] == 0x0D:  # the CR of CRLF (or a CR at the very end)
+            end -= 1
+        if end - start > _MAX_LINE_BYTES:
+            verdict = _TOO_WIDE
+        else:
+            while start < end and _is_space(base[start]):
+                start += 1
+            while end > start and _is_space(base[end - 1]):
+                end -= 1
+            verdict = _BLANK if start == end else _check(base + start, end - start, max_length)
+        if verdict == _OK:
+            codes.append(PyBytes_FromStringAndSize(<const char*> base + start, end - start))
+            lines.append(line)
+        elif verdict == _CONTROL:
+            malformed.append((line, _R_CONTROL))
+        elif verdict == _INVALID:
+            malformed.append((line, _R_INVALID))
+        elif verdict == _TOO_LONG:
+            if too_long is None:
+                too_long = f"longer than {max_length} characters"
+            malformed.append((line, too_long))
+        elif verdict == _TOO_WIDE:
+            malformed.append((line, _R_TOO_WIDE))
+        line += 1
+        done += 1
+        pos = after
+    return codes, lines, malformed, pos, line
