@@ -1,9 +1,9 @@
-# Two entry points from a fresh clone: `make serve` and `make test`.
+# From a fresh clone: `make test` sets everything up and runs the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test serve bench clean
+.PHONY: setup test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,6 @@ setup: $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest -q
-
-serve: setup
-	$(BIN)/dispatch serve
-
-bench: setup
-	$(BIN)/python -m pytest bench -q --benchmark-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info dispatch/*.so ext/dispatch/*.c
