@@ -1,0 +1,69 @@
+"""Imports through the engine, property-based: whatever the file looks like, the
+report and the stock agree with a plain model of the rules."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dispatch.engine import Engine
+
+_salt = itertools.count()
+
+valid = st.text(alphabet="ABXY0123", min_size=1, max_size=3).map(lambda s: ("code", s))
+padded = st.tuples(st.sampled_from(["", " ", "\t"]), valid, st.sampled_from(["", "  "])).map(
+    lambda t: ("padded", t[1][1], t[0], t[2]))
+junk = st.sampled_from([
+    ("blank", b""), ("blank", b"   "),
+    ("bad", b"Z" * 200),            # longer than max_code_length
+    ("bad", b"AB\x01CD"),           # control character
+    ("bad", b"\xff\xfeAB"),         # not UTF-8
+    ("bad", b"AB\rCD"),             # a lone CR inside a line
+])
+files = st.tuples(st.lists(st.one_of(valid, padded, junk), max_size=40), st.booleans(), st.booleans())
+
+
+def render(lines, bom: bool, crlf: bool, salt: str) -> tuple[bytes, list[str], int]:
+    """The file, the codes it holds (in order, with repeats), and its malformed count."""
+    out, codes, bad = [], [], 0
+    for line in lines:
+        if line[0] == "code":
+            code = salt + line[1]
+            codes.append(code)
+            out.append(code.encode())
+        elif line[0] == "padded":
+            code = salt + line[1]
+            codes.append(code)
+            out.append((line[2] + code + line[3]).encode())
+        else:
+            bad += line[0] == "bad"
+            out.append(line[1])
+    body = (b"\r\n" if crlf else b"\n").join(out)
+    return (b"\xef\xbb\xbf" if bom else b"") + body, codes, bad
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=files, second=files)
+async def test_reports_and_stock_follow_the_rules(shop: Engine, first, second) -> None:
+    n = next(_salt)
+    salt = f"H{n}Q"  # fingerprints are global: keep examples apart
+    sku_a, sku_b = f"a{n}", f"b{n}"
+    for s in (sku_a, sku_b):
+        await shop.create_sku(s, s, 100, "CNY", 100)
+    body1, codes1, bad1 = render(*first, salt)
+    body2, codes2, bad2 = render(*second, salt)
+    r1 = await shop.import_codes(body1, sku=sku_a, supplier="sup", unit_cost=1)
+    r2 = await shop.import_codes(body2, sku=sku_b, supplier="sup", unit_cost=1)
+    distinct1 = set(codes1)
+    fresh2 = set(codes2) - distinct1
+    assert (r1.accepted, r1.duplicate, r1.malformed) == (len(distinct1), len(codes1) - len(distinct1), bad1)
+    assert (r2.accepted, r2.duplicate, r2.malformed) == (len(fresh2), len(codes2) - len(fresh2), bad2)
+    assert len(r1.malformed_lines) == bad1
+    assert (await shop.stock(sku_a)).available == len(distinct1)
+    assert (await shop.stock(sku_b)).available == len(fresh2)
+    # what is sold is exactly what was accepted, trimmed, in file order for the first file
+    if distinct1:
+        order = await shop.purchase("beta", sku_a, len(distinct1), f"all-{n}")
+        assert [c.code for c in order.codes] == list(dict.fromkeys(codes1))
