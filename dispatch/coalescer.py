@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "Direct"]
 
 T = TypeVar("T")
 
@@ -74,3 +74,24 @@ class Coalescer(Generic[T]):
         """Wait until every queued call has been sent and answered."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+class Direct(Generic[T]):
+    """The straightforward way, for comparison: one ``send`` per item, at once."""
+
+    __slots__ = ("_send", "batches", "items")
+
+    def __init__(self, send: Send[T], cap: int = 1) -> None:
+        self._send = send
+        self.batches = self.items = 0
+
+    def submit(self, shard: str, item: Any) -> Awaitable[T]:
+        self.batches += 1
+        self.items += 1
+        return self._one(shard, item)
+
+    async def _one(self, shard: str, item: Any) -> T:
+        return (await self._send(shard, [item]))[0]
+
+    async def drain(self) -> None:
+        pass

@@ -62,6 +62,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     catalog_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     #: Most orders coalesced into one script call per shard.
     coalesce_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    #: False sends one script call per order and step (the straightforward way; benchmarks compare).
+    coalesce: bool = True
     #: Largest qty in one order.
     max_order_qty: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from . import imports
-from .coalescer import Coalescer
+from .coalescer import Coalescer, Direct
 from .config import Config
 from .errors import (
     ConflictError,
@@ -182,11 +182,12 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
         cap = self.config.coalesce_max
-        self._begin = Coalescer(lambda d, items: self.store.begin(d, items), cap)
-        self._commit = Coalescer(lambda d, items: self.store.commit(d, items), cap)
-        self._settle = Coalescer(lambda d, items: self.store.settle(d, items), cap)
-        self._take = Coalescer(lambda s, items: self.store.take(s, items), cap)
-        self._sku_settle = Coalescer(lambda s, items: self.store.sku_settle(s, items), cap)
+        batcher = Coalescer if self.config.coalesce else Direct
+        self._begin = batcher(lambda d, items: self.store.begin(d, items), cap)
+        self._commit = batcher(lambda d, items: self.store.commit(d, items), cap)
+        self._settle = batcher(lambda d, items: self.store.settle(d, items), cap)
+        self._take = batcher(lambda s, items: self.store.take(s, items), cap)
+        self._sku_settle = batcher(lambda s, items: self.store.sku_settle(s, items), cap)
 
     # ---- life cycle ------------------------------------------------------------------
     @property
