@@ -40,3 +40,11 @@ def scan_lines(
     lines and their line numbers, the ``(line, reason)`` of the malformed
     ones, all in order, then the offset and the line number to resume at.
     """
+
+# --- RESP (used by dispatch/store/store.py) ------------------------------------
+
+def pack_command(parts: list[bytes | str | int]) -> bytes:
+    """The RESP encoding of one Redis command; str is sent as UTF-8, int in decimal."""
+
+def pack_evalsha(sha: bytes, keys: list[str | bytes], args: list[bytes | str | int]) -> bytes:
+    """The RESP encoding of ``EVALSHA sha numkeys key... arg...``."""

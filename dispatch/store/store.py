@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from msgspec.msgpack import decode as msgpack_decode
 from redis import exceptions as rex
 
+from .._core import pack_evalsha
 from ..config import Config
 from ..errors import ConfigError, StoreUnavailableError
 from . import keys, scripts
@@ -92,8 +93,29 @@ class Store:
             return bool(await self.client.ping())
 
     async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        """EVALSHA, packed by the compiled core, on a pooled connection; on NOSCRIPT
+        (Redis restarted, SCRIPT FLUSH) the script is loaded and the call sent again.
+        A call whose reply is lost is not re-sent here: the caller's saga step is
+        safe to run twice and the recovery sweep finishes it."""
+        script = self._scripts[name]
+        packed = pack_evalsha(script.sha.encode(), keys_, args)
+        pool = self.client.connection_pool
         with translated():
-            return await self._scripts[name](keys=keys_, args=args)
+            conn = await pool.get_connection()
+            try:
+                for attempt in (1, 2):
+                    await conn.send_packed_command(packed)
+                    try:
+                        return await conn.read_response()
+                    except rex.NoScriptError:
+                        if attempt == 2:
+                            raise
+                        await self.client.script_load(script.script)
+            except BaseException:
+                await conn.disconnect()  # a reply may still be on its way: never reuse it
+                raise
+            finally:
+                await pool.release(conn)
 
     # ---- account shard ---------------------------------------------------------
     async def begin(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
@@ -280,6 +302,61 @@ class Store:
     async def scan(self, match: str = "*") -> list[bytes]:
         with translated():
             return [k async for k in self.client.scan_iter(match=match, count=1000)]
+
+    # ---- daemon support (issue 4) ------------------------------------------------------
+    async def ready(self) -> None:
+        """Redis answers and every script is in its script cache (loaded again if flushed)."""
+        with translated():
+            await self.client.ping()
+            scripts_ = list(self._scripts.values())
+            present = await self.client.script_exists(*(s.sha for s in scripts_))
+            for script, ok in zip(scripts_, present):
+                if not ok:
+                    await self.client.script_load(script.script)
+
+    async def account_field(self, dist: str, field: str) -> str | None:
+        with translated():
+            value = await self.client.hget(keys.AcctKeys(dist).acct, field)
+        return value.decode() if value is not None else None
+
+    async def skus(self, ids: Sequence[str]) -> list[tuple[dict[str, str], dict[str, int]]]:
+        """(metadata, counters) of many SKUs in one pipelined round; see :meth:`sku`."""
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                for sku in ids:
+                    k = keys.SkuKeys(sku)
+                    p.hgetall(k.meta)
+                    p.hgetall(k.stats)
+                flat = await p.execute()
+        return [({a.decode(): b.decode() for a, b in meta.items()}, {a.decode(): int(b) for a, b in stats.items()})
+                for meta, stats in zip(flat[0::2], flat[1::2])]
+
+    async def order_records(self, dist: str, after: str, before: str, count: int) -> list[bytes]:
+        """Order records (without codes) of *dist* with ids in (after, before), oldest first."""
+        k = keys.AcctKeys(dist)
+        with translated():
+            ids = await self.client.zrangebylex(k.index, "(" + after, "(" + before, 0, count)
+            if not ids:
+                return []
+            recs = await self.client.hmget(k.orders, ids)
+        return [r for r in recs if r is not None]
+
+    async def throttle(self, dist: str, rate: int, burst: int) -> tuple[bool, int]:
+        """Take one request from the account's token bucket: (allowed, ms to wait if not)."""
+        ok, wait_ms = await self._run("rate_limit", [keys.rate_bucket(dist)], [rate, burst])
+        return bool(ok), int(wait_ms)
+
+    async def remember(self, key: str, ttl_s: int) -> bool:
+        """SET key NX EX ttl_s: True when it was not there (first sighting)."""
+        with translated():
+            return bool(await self.client.set(key, b"1", nx=True, ex=ttl_s))
+
+    async def wrapped_fingerprint_key(self) -> bytes | None:
+        with translated():
+            return await self.client.get(keys.FPKEY)
+
+    async def swap_fingerprint_key(self, expected: bytes, replacement: bytes) -> bool:
+        return bool(await self._run("fpkey_swap", [keys.FPKEY], [expected, replacement]))
 
 
 def split_codes(blob: bytes) -> list[bytes]:
