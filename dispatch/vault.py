@@ -4,7 +4,7 @@ A stored code is ``key_id (1 byte) || nonce (12) || AES-256-GCM(secret, aad)``; 
 AAD binds it to its SKU, so a ciphertext moved to another pool fails to decrypt.
 The key id lets old keys keep decrypting after a rotation.
 
-Fingerprints are ``HMAC-SHA256(fingerprint_key, code)[:16]``. The fingerprint key is
+Fingerprints are keyed ``BLAKE2b(code, key=fingerprint_key, digest_size=16)``. The fingerprint key is
 random, made once per deployment and stored in Redis wrapped (encrypted) under the
 master key, so rotating the master key never changes a fingerprint.
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import logging
 import os
 import secrets
+from hashlib import blake2b
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -110,4 +110,17 @@ class Vault:
     def fingerprint(self, code: bytes) -> bytes:
         if self._fp_key is None:
             raise DispatchError("fingerprint key not loaded (engine not started)")
-        return hmac.digest(self._fp_key, code, "sha256")[:16]
+        # keyed BLAKE2b is a PRF like HMAC, at a fraction of its cost per call
+        return blake2b(code, key=self._fp_key, digest_size=16).digest()
+
+    def encrypt_many(self, secrets_: list[bytes], aad: bytes) -> list[bytes]:
+        """:meth:`encrypt` of each, drawing all the nonces at once."""
+        n = len(secrets_)
+        nonces = os.urandom(_NONCE * n)
+        prefix = bytes((self._current_id,))
+        enc = self._current.encrypt
+        out = []
+        for i, secret in enumerate(secrets_):
+            nonce = nonces[i * _NONCE:(i + 1) * _NONCE]
+            out.append(prefix + nonce + enc(nonce, secret, aad))
+        return out

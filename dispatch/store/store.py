@@ -240,13 +240,25 @@ class Store:
     # ---- fingerprints ----------------------------------------------------------------
     async def fp_claim(self, seq: int, by_tag: dict[str, tuple[list[str], list[bytes]]]) -> dict[str, list[int]]:
         """Claim fingerprints shard by shard in one pipelined round: {tag: statuses}."""
-        script = self._scripts["fp_claim"]
-        with translated():
-            async with self.client.pipeline(transaction=False) as p:
-                for buckets, fields in by_tag.values():
-                    await script(keys=buckets, args=[seq, *fields], client=p)
-                replies = await p.execute()
+        sha = self._scripts["fp_claim"].sha.encode()
+        packed = b"".join(pack_evalsha(sha, buckets, [seq, *fields]) for buckets, fields in by_tag.values())
+        replies = await self._pipelined("fp_claim", packed, len(by_tag))
         return dict(zip(by_tag, replies))
+
+    async def _pipelined(self, name: str, packed: bytes, n: int) -> list[Any]:
+        """Send *n* packed calls of script *name* at once and read the *n* replies."""
+        pool = self.client.connection_pool
+        with translated():
+            conn = await pool.get_connection()
+            try:
+                await self.client.script_load(self._scripts[name].script)  # a pipeline cannot retry one NOSCRIPT
+                await conn.send_packed_command(packed)
+                return [await conn.read_response() for _ in range(n)]
+            except BaseException:
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
 
     async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
         """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""
