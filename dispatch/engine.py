@@ -643,7 +643,7 @@ class Engine:
             keep = [i for i, ok in zip(fresh, owned) if ok]
             duplicate += len(fresh) - len(keep)
             digest = hashlib.sha256(b"".join(fp for fp, ok in zip(fps, owned) if ok)).digest()
-            ciphertexts = [vault.encrypt(chunk.secrets[i], aad) for i in keep]
+            ciphertexts = vault.encrypt_many([chunk.secrets[i] for i in keep], aad)
             reply = await store.import_push(sku, batch.seq, chunk_no, digest, ciphertexts)
             outcome = reply[0].decode()
             if outcome == "mismatch":
