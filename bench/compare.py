@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke check")
     ap.add_argument("--orders", type=int, default=200_000, help="orders per run of the engine")
     ap.add_argument("--import-codes", type=int, default=1_000_000)
+    ap.add_argument("--only", choices=["import", "purchase"], help="run one half")
     args = ap.parse_args()
     n_fast = 20_000 if args.quick else args.orders
     n_slow = max(2_000, n_fast // 10)
@@ -184,9 +185,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dispatch-bench-") as d, EmbeddedRedis(os.path.join(d, "r")) as server:
         print(f"redis {server.version} embedded, appendfsync always; {os.cpu_count()} cores; "
               f"{CALLERS} concurrent callers over {DISTS} distributors\n")
-        imp = import_figures(server.url, d, n_imp)
-        print(f"import {n_imp:,} 16-char codes: {imp['seconds']:.2f} s, {n_imp / imp['seconds']:,.0f} codes/s, "
-              f"importer peak RSS {imp['rss_mb']:.0f} MB, Redis {imp['bytes_per_code']:.0f} bytes/code\n")
+        if args.only != "purchase":
+            imp = import_figures(server.url, d, n_imp)
+            print(f"import {n_imp:,} 16-char codes: {imp['seconds']:.2f} s, {n_imp / imp['seconds']:,.0f} codes/s, "
+                  f"importer peak RSS {imp['rss_mb']:.0f} MB, Redis {imp['bytes_per_code']:.0f} bytes/code\n")
+        if args.only == "import":
+            return
         figs = asyncio.run(purchase_figures(server.url, d, n_fast, n_slow))
     print(f"{'workload':32} {'engine/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} | "
           f"{'straightforward/s':>17} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6}")
