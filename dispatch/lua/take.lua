@@ -5,23 +5,33 @@
 -- answer): a second run returns the same codes, or the same refusal.
 -- An order takes exactly qty codes or none; with allow_partial, 1..qty.
 -- Deliver mode counts the codes sold at once; reserve mode counts them reserved.
+-- The work is done once per call, not per order: one pass decides, one run of
+-- LPOPs takes every code the call needs, one HSET records every decision.
 -- returns per order: {"ok", code...} | {"out_of_stock"} | {"paused"} | {"unknown_sku"}
 local status = redis.call('HGET', KEYS[1], 'status')
 local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
-local out = {}
+local n = tonumber(ARGV[2])
+
+-- 1. decide, in order
+local ids, want, modes, out = {}, {}, {}, {}
+local first, again = {}, {}  -- an order twice in one call (a sweep racing its request)
+local total = 0
+local records = {}   -- HSET dlv field value ...
 local i = 3
-for _ = 1, tonumber(ARGV[2]) do
+for k = 1, n do
   local id, qty, partial, mode = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1', ARGV[i + 3]
   i = i + 4
+  ids[k], want[k], modes[k] = id, 0, mode
   local raw = redis.call('HGET', KEYS[4], id)
-  local reply
-  if raw then
+  if first[id] then
+    again[k] = first[id]
+  elseif raw then
     local r = cmsgpack.unpack(raw)
     if r.st == 'failed' then
-      reply = {r.why}
+      out[k] = {r.why}
     else
-      reply = unpack_codes(redis.call('HGET', KEYS[7], id))
-      table.insert(reply, 1, 'ok')
+      out[k] = unpack_codes(redis.call('HGET', KEYS[7], id))
+      table.insert(out[k], 1, 'ok')
     end
   else
     local why
@@ -30,35 +40,71 @@ for _ = 1, tonumber(ARGV[2]) do
     elseif avail == 0 or (avail < qty and not partial) then why = 'out_of_stock'
     end
     if why then
-      redis.call('HSET', KEYS[4], id, cmsgpack.pack({st = 'failed', why = why}))
-      reply = {why}
+      records[#records + 1] = id
+      records[#records + 1] = cmsgpack.pack({st = 'failed', why = why})
+      out[k] = {why}
     else
-      local want = math.min(qty, avail)
-      local codes, runs = {}, {}
-      while #codes < want do
-        local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-        if not head then
-          return redis.error_reply('ERR stats.available of ' .. KEYS[2] .. ' exceeds the pools')
-        end
-        local need = want - #codes
-        local got = redis.call('LPOP', POOL .. head, need)
-        if got then
-          for _, c in ipairs(got) do codes[#codes + 1] = c end
-          runs[#runs + 1] = tonumber(head)
-          runs[#runs + 1] = #got
-        end
-        if not got or #got < need then redis.call('ZREM', KEYS[3], head) end
-      end
-      local st = (mode == 'reserve') and 'reserved' or 'sold'
-      avail = avail - want
-      redis.call('HINCRBY', KEYS[2], 'available', -want)
-      redis.call('HINCRBY', KEYS[2], st, want)
-      redis.call('HSET', KEYS[4], id, cmsgpack.pack({st = st, b = runs}))
-      redis.call('HSET', KEYS[7], id, pack_codes(codes))
-      reply = {'ok'}
-      for k = 1, #codes do reply[k + 1] = codes[k] end
+      want[k] = math.min(qty, avail)
+      avail = avail - want[k]
+      total = total + want[k]
     end
   end
-  out[#out + 1] = reply
+  first[id] = first[id] or k
+end
+
+-- 2. take every code the call needs, batch by batch
+local codes, seqs = {}, {}
+while #codes < total do
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if not head then
+    return redis.error_reply('ERR stats.available of ' .. KEYS[2] .. ' exceeds the pools')
+  end
+  local need = total - #codes
+  local got = redis.call('LPOP', POOL .. head, need)
+  if got then
+    local seq = tonumber(head)
+    for _, c in ipairs(got) do
+      codes[#codes + 1] = c
+      seqs[#seqs + 1] = seq
+    end
+  end
+  if not got or #got < need then redis.call('ZREM', KEYS[3], head) end
+end
+
+-- 3. hand them out, in order
+local packed = {}    -- HSET dlv_codes field value ...
+local counted = {sold = 0, reserved = 0}
+local at = 1
+for k = 1, n do
+  if want[k] > 0 then
+    local mine, runs = {}, {}
+    for c = at, at + want[k] - 1 do
+      mine[#mine + 1] = codes[c]
+      if runs[#runs - 1] == seqs[c] then
+        runs[#runs] = runs[#runs] + 1
+      else
+        runs[#runs + 1] = seqs[c]
+        runs[#runs + 1] = 1
+      end
+    end
+    at = at + want[k]
+    local st = (modes[k] == 'reserve') and 'reserved' or 'sold'
+    counted[st] = counted[st] + want[k]
+    records[#records + 1] = ids[k]
+    records[#records + 1] = cmsgpack.pack({st = st, b = runs})
+    packed[#packed + 1] = ids[k]
+    packed[#packed + 1] = pack_codes(mine)
+    table.insert(mine, 1, 'ok')
+    out[k] = mine
+  end
+end
+for k, f in pairs(again) do out[k] = out[f] end
+if #records > 0 then push('HSET', KEYS[4], records) end
+if #packed > 0 then push('HSET', KEYS[7], packed) end
+if total > 0 then
+  redis.call('HINCRBY', KEYS[2], 'available', -total)
+  for st, c in pairs(counted) do
+    if c > 0 then redis.call('HINCRBY', KEYS[2], st, c) end
+  end
 end
 return out
