@@ -7,16 +7,56 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Every balance movement: apply it to the account and append it to the ledger,
--- so that balance and held are always the sums of their ledger columns.
-local function ledger(kind, ref, balance_delta, held_delta)
-  local bal = redis.call('HINCRBY', KEYS[1], 'balance', balance_delta)
-  local held = redis.call('HINCRBY', KEYS[1], 'held', held_delta)
-  redis.call('XADD', KEYS[2], '*', 'k', kind, 'r', ref, 'b', balance_delta, 'h', held_delta,
-             'bal', bal, 'held', held)
-  return bal, held
+-- Money arguments as integers: redis.call would print a large number as 1e+15.
+local function int(x)
+  return string.format('%d', x)
 end
 
+-- Every balance movement is a ledger entry carrying the balance and held amount
+-- after it, so that both are always the sums of their ledger columns. The
+-- account's own fields are written once per call, by settle_money().
+local balance, held, moved_balance, moved_held
+
+local function money()
+  if balance == nil then
+    local a = redis.call('HMGET', KEYS[1], 'balance', 'held')
+    balance, held = tonumber(a[1]) or 0, tonumber(a[2]) or 0
+    moved_balance, moved_held = 0, 0
+  end
+  return balance, held
+end
+
+local function ledger(kind, ref, balance_delta, held_delta)
+  money()
+  balance, held = balance + balance_delta, held + held_delta
+  moved_balance, moved_held = moved_balance + balance_delta, moved_held + held_delta
+  redis.call('XADD', KEYS[2], '*', 'k', kind, 'r', ref, 'b', int(balance_delta), 'h', int(held_delta),
+             'bal', int(balance), 'held', int(held))
+  return balance, held
+end
+
+-- Must end every script that called ledger().
+local function settle_money()
+  if balance == nil then return end
+  if moved_balance ~= 0 then redis.call('HINCRBY', KEYS[1], 'balance', int(moved_balance)) end
+  if moved_held ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', int(moved_held)) end
+end
+
+-- Order records written by one call go out in one HSET (and ids in one ZADD).
+local saved = {}
 local function save(o)
-  redis.call('HSET', KEYS[4], o.id, cmsgpack.pack(o))
+  saved[#saved + 1] = o.id
+  saved[#saved + 1] = cmsgpack.pack(o)
+end
+
+local function flush_saved()
+  for s = 1, #saved, 1000 do
+    redis.call('HSET', KEYS[4], unpack(saved, s, math.min(s + 999, #saved)))
+  end
+end
+
+local function zadd_all(key, pairs_)
+  for s = 1, #pairs_, 1000 do
+    redis.call('ZADD', key, unpack(pairs_, s, math.min(s + 999, #pairs_)))
+  end
 end

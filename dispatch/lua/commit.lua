@@ -8,12 +8,14 @@
 -- returns per order: {"ok", order} | {"failed", outcome} | {"gone"}
 local now = now_ms()
 local out = {}
+local done = {}                      -- id -> packed record, for an order twice in one call
+local codes, leases, finished = {}, {}, {}
 local i = 2
 for _ = 1, tonumber(ARGV[1]) do
   local id, outcome, n, blob = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   i = i + 4
-  local raw = redis.call('HGET', KEYS[4], id)
-  if not raw then
+  local raw = done[id] or redis.call('HGET', KEYS[4], id)
+  if not raw or raw == 'gone' then
     out[#out + 1] = {'gone'}
   else
     local o = cmsgpack.unpack(raw)
@@ -24,7 +26,8 @@ for _ = 1, tonumber(ARGV[1]) do
       redis.call('HDEL', KEYS[4], id)
       redis.call('HDEL', KEYS[3], o.ref)
       redis.call('ZREM', KEYS[6], id)
-      redis.call('ZREM', KEYS[8], id)
+      finished[#finished + 1] = id
+      done[id] = 'gone'
       out[#out + 1] = {'failed', outcome}
     else
       local cost = n * o.unit_price
@@ -33,7 +36,8 @@ for _ = 1, tonumber(ARGV[1]) do
         o.status = 'reserved'
         o.deadline = now + o.ttl * 1000
         o.hold = cost
-        redis.call('ZADD', KEYS[7], o.deadline, id)
+        leases[#leases + 1] = o.deadline
+        leases[#leases + 1] = id
       else
         ledger('purchase', id, -cost, -o.hold)
         o.status = 'delivered'
@@ -43,10 +47,17 @@ for _ = 1, tonumber(ARGV[1]) do
       o.total = cost
       o.updated = now
       save(o)
-      redis.call('HSET', KEYS[5], id, blob)
-      redis.call('ZREM', KEYS[8], id)
-      out[#out + 1] = {'ok', cmsgpack.pack(o)}
+      done[id] = saved[#saved]
+      codes[#codes + 1] = id
+      codes[#codes + 1] = blob
+      finished[#finished + 1] = id
+      out[#out + 1] = {'ok', done[id]}
     end
   end
 end
+flush_saved()
+for s = 1, #codes, 1000 do redis.call('HSET', KEYS[5], unpack(codes, s, math.min(s + 999, #codes))) end
+zadd_all(KEYS[7], leases)
+for s = 1, #finished, 1000 do redis.call('ZREM', KEYS[8], unpack(finished, s, math.min(s + 999, #finished))) end
+settle_money()
 return out

@@ -40,7 +40,7 @@ for _ = 1, tonumber(ARGV[1]) do
       if result ~= 'not_due' then
         o.hold = 0
         o.updated = now
-        save(o)
+        redis.call('HSET', KEYS[4], id, cmsgpack.pack(o))
         redis.call('ZREM', KEYS[7], id)
         redis.call('ZADD', KEYS[8], now, id)
         raw = cmsgpack.pack(o)
@@ -55,4 +55,5 @@ for _ = 1, tonumber(ARGV[1]) do
     out[#out + 1] = {result, raw}
   end
 end
+settle_money()
 return out

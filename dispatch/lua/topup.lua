@@ -7,8 +7,9 @@ local ref, amount = ARGV[1], tonumber(ARGV[2])
 local earlier = redis.call('HGET', KEYS[9], ref)
 if earlier then
   if tonumber(earlier) ~= amount then return {'conflict', tonumber(earlier)} end
-  return {'again', tonumber(redis.call('HGET', KEYS[1], 'balance'))}
+  return {'again', redis.call('HGET', KEYS[1], 'balance')}
 end
 local bal = ledger('topup', ref, amount, 0)
-redis.call('HSET', KEYS[9], ref, amount)
-return {'ok', bal}
+settle_money()
+redis.call('HSET', KEYS[9], ref, int(amount))
+return {'ok', int(bal)}
