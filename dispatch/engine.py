@@ -395,13 +395,9 @@ class Engine:
                        available=d.balance - d.held + d.credit_limit)
 
     async def ledger(self, distributor: str) -> list[LedgerEntry]:
-        out = []
-        for entry_id, f in await self.store.ledger(distributor):
-            eid = entry_id.decode()
-            out.append(LedgerEntry(entry_id=eid, kind=f[b"k"].decode(), ref=f[b"r"].decode(),  # type: ignore[arg-type]
-                                   amount=int(f[b"b"]), held_delta=int(f[b"h"]), balance=int(f[b"bal"]),
-                                   held=int(f[b"held"]), at=_dt(int(eid.split("-")[0]))))
-        return out
+        return [LedgerEntry(entry_id=str(i), kind=kind, ref=ref, amount=int(b), held_delta=int(h),  # type: ignore[arg-type]
+                            balance=int(bal), held=int(held), at=_dt(int(ms)))
+                for i, (kind, ref, b, h, bal, held, ms) in enumerate(await self.store.ledger(distributor))]
 
     # ---- prices (cached for catalog_ttl_s; pausing and suspending act at once) ----
     async def _cached(self, kind: str, key: str, load: Any) -> Any:
@@ -814,8 +810,8 @@ class Engine:
             if not a:
                 continue
             entries = await store.ledger(dist)
-            bal = sum(int(f[b"b"]) for _, f in entries)
-            held = sum(int(f[b"h"]) for _, f in entries)
+            bal = sum(int(e[2]) for e in entries)
+            held = sum(int(e[3]) for e in entries)
             if (bal, held) != (int(a["balance"]), int(a["held"])):
                 problems.append(f"{dist}: balance/held {a['balance']}/{a['held']} != ledger sums {bal}/{held}")
             if int(a["balance"]) - int(a["held"]) < -int(a["credit_limit"]):

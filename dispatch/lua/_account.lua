@@ -2,9 +2,13 @@
 -- KEYS of every account script, in order (dispatch.store.keys.AcctKeys):
 --   1 acct  2 ledger  3 refs  4 orders  5 codes  6 index  7 leases  8 pending  9 topups
 
+local NOW
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if NOW == nil then
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW
 end
 
 -- Money arguments as integers: redis.call would print a large number as 1e+15.
@@ -13,9 +17,12 @@ local function int(x)
 end
 
 -- Every balance movement is a ledger entry carrying the balance and held amount
--- after it, so that both are always the sums of their ledger columns. The
--- account's own fields are written once per call, by settle_money().
+-- after it, so that both are always the sums of their ledger columns. An entry is
+-- one string, "kind ref balance_delta held_delta balance held ms" joined by \31
+-- (refs are printable); the account's fields and the entries are written once per
+-- call, by settle_money().
 local balance, held, moved_balance, moved_held
+local entries = {}
 
 local function money()
   if balance == nil then
@@ -30,8 +37,8 @@ local function ledger(kind, ref, balance_delta, held_delta)
   money()
   balance, held = balance + balance_delta, held + held_delta
   moved_balance, moved_held = moved_balance + balance_delta, moved_held + held_delta
-  redis.call('XADD', KEYS[2], '*', 'k', kind, 'r', ref, 'b', int(balance_delta), 'h', int(held_delta),
-             'bal', int(balance), 'held', int(held))
+  entries[#entries + 1] = table.concat({kind, ref, int(balance_delta), int(held_delta), int(balance), int(held),
+                                         int(now_ms())}, '\31')
   return balance, held
 end
 
@@ -40,6 +47,9 @@ local function settle_money()
   if balance == nil then return end
   if moved_balance ~= 0 then redis.call('HINCRBY', KEYS[1], 'balance', int(moved_balance)) end
   if moved_held ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', int(moved_held)) end
+  for s = 1, #entries, 1000 do
+    redis.call('RPUSH', KEYS[2], unpack(entries, s, math.min(s + 999, #entries)))
+  end
 end
 
 -- Order records written by one call go out in one HSET (and ids in one ZADD).

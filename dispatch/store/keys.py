@@ -65,7 +65,7 @@ class AcctKeys:
     def __init__(self, dist: str) -> None:
         t = acct_tag(dist)
         self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...
-        self.ledger = t + "ledger"      # STREAM of entries {k, ref, b (balance delta), h (held delta)}
+        self.ledger = t + "ledger"      # LIST of entries "kind ref b h balance held ms", \x1f-joined
         self.refs = t + "refs"          # HASH external_ref -> order id
         self.orders = t + "orders"      # HASH order id -> cmsgpack order
         self.codes = t + "codes"        # HASH order id -> msgpack list of code ciphertexts
@@ -86,3 +86,16 @@ def fingerprint_slot(fp: bytes) -> tuple[str, str, bytes]:
     """
     tag = "%02x" % fp[0]
     return tag, PREFIX + "{f:" + tag + "}:" + "%02x" % fp[1], fp[2:]
+
+
+# ---- daemon (issue 4): per-account keys outside the account scripts' KEYS ----------
+
+
+def rate_bucket(dist: str) -> str:
+    """HASH ``tokens`` (thousandths of a request), ``ts`` (ms): the account's token bucket."""
+    return acct_tag(dist) + "rl"
+
+
+def seen_signature(dist: str, signature: str) -> str:
+    """STRING, set with EX: a signed request already served (replays are refused)."""
+    return acct_tag(dist) + "sig:" + signature

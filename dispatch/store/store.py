@@ -181,9 +181,11 @@ class Store:
         with translated():
             await self.client.zrem(keys.AcctKeys(dist).pending, *order_ids)
 
-    async def ledger(self, dist: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    async def ledger(self, dist: str, start: int = 0, stop: int = -1) -> list[list[str]]:
+        """Ledger entries *start*..*stop* (list indexes), each as its seven fields (see _account.lua)."""
         with translated():
-            return await self.client.xrange(keys.AcctKeys(dist).ledger)
+            raw = await self.client.lrange(keys.AcctKeys(dist).ledger, start, stop)
+        return [e.decode().split("\x1f") for e in raw]
 
     # ---- SKU shard -----------------------------------------------------------------
     async def take(self, sku: str, items: Sequence[Sequence[Any]]) -> list[Any]:
