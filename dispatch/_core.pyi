@@ -48,3 +48,11 @@ def pack_command(parts: list[bytes | str | int]) -> bytes:
 
 def pack_evalsha(sha: bytes, keys: list[str | bytes], args: list[bytes | str | int]) -> bytes:
     """The RESP encoding of ``EVALSHA sha numkeys key... arg...``."""
+
+# --- Order ids (used by dispatch/engine.py) -------------------------------------
+
+def ulid_at(ms: int, rnd: bytes) -> str:
+    """The ULID of *ms* (48 bits) and 10 random bytes: 26 Crockford base-32 characters."""
+
+def new_ulid() -> str:
+    """A fresh ULID (now, 80 random bits): ids that sort by creation time."""

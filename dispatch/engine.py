@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from . import imports
+from ._core import new_ulid, ulid_at
 from .coalescer import Coalescer, Direct
 from .config import Config
 from .errors import (
@@ -77,15 +77,12 @@ _MALFORMED_SHOWN = 1000
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-def _order_id() -> str:
-    """A ULID: 48 bits of milliseconds then 80 random bits, so ids sort by creation time."""
-    n = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    return "".join(_CROCKFORD[(n >> s) & 31] for s in range(125, -1, -5))
+_order_id = new_ulid  # ULIDs: 48 bits of milliseconds then 80 random bits, so ids sort by creation time
 
 
 def _ms_id_floor(ms: int) -> str:
-    n = ms << 80
-    return "".join(_CROCKFORD[(n >> s) & 31] for s in range(125, -1, -5))
+    """The smallest order id of millisecond *ms*."""
+    return ulid_at(ms, bytes(10))
 
 
 def _dt(ms: int) -> datetime:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from msgspec.msgpack import decode as msgpack_decode
 from redis import exceptions as rex
 
@@ -48,6 +49,8 @@ class Store:
         self.client = client
         self.embedded = embedded
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
+        self._idle: list[Connection] = []
+        self._slots = asyncio.Semaphore(client.connection_pool.max_connections)
 
     @classmethod
     async def connect(cls, config: Config) -> Store:
@@ -84,6 +87,8 @@ class Store:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
+            for conn in self._idle:
+                await conn.disconnect()
             await self.client.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
@@ -92,30 +97,37 @@ class Store:
         with translated():
             return bool(await self.client.ping())
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A connection of the script path's own small pool: a coalesced call needs one
+        for a whole batch, so the generic pool's waiting and timeouts are not worth
+        their cost here. A connection that saw an error is dropped, never reused
+        (a reply may still be on its way)."""
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else self.client.connection_pool.make_connection()
+            try:
+                yield conn
+            except BaseException:
+                await conn.disconnect()
+                raise
+            self._idle.append(conn)
+
     async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
-        """EVALSHA, packed by the compiled core, on a pooled connection; on NOSCRIPT
-        (Redis restarted, SCRIPT FLUSH) the script is loaded and the call sent again.
-        A call whose reply is lost is not re-sent here: the caller's saga step is
-        safe to run twice and the recovery sweep finishes it."""
+        """EVALSHA, packed by the compiled core; on NOSCRIPT (Redis restarted, SCRIPT
+        FLUSH) the script is loaded and the call sent again. A call whose reply is lost
+        is not re-sent here: every saga step is safe to run twice and the recovery
+        sweep finishes it."""
         script = self._scripts[name]
         packed = pack_evalsha(script.sha.encode(), keys_, args)
-        pool = self.client.connection_pool
         with translated():
-            conn = await pool.get_connection()
-            try:
-                for attempt in (1, 2):
-                    await conn.send_packed_command(packed)
-                    try:
-                        return await conn.read_response()
-                    except rex.NoScriptError:
-                        if attempt == 2:
-                            raise
-                        await self.client.script_load(script.script)
-            except BaseException:
-                await conn.disconnect()  # a reply may still be on its way: never reuse it
-                raise
-            finally:
-                await pool.release(conn)
+            async with self._connection() as conn:
+                await conn.send_packed_command(packed)
+                try:
+                    return await conn.read_response()
+                except rex.NoScriptError:
+                    await self.client.script_load(script.script)
+                await conn.send_packed_command(packed)
+                return await conn.read_response()
 
     # ---- account shard ---------------------------------------------------------
     async def begin(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
@@ -249,18 +261,11 @@ class Store:
 
     async def _pipelined(self, name: str, packed: bytes, n: int) -> list[Any]:
         """Send *n* packed calls of script *name* at once and read the *n* replies."""
-        pool = self.client.connection_pool
         with translated():
-            conn = await pool.get_connection()
-            try:
-                await self.client.script_load(self._scripts[name].script)  # a pipeline cannot retry one NOSCRIPT
+            await self.client.script_load(self._scripts[name].script)  # a pipeline cannot retry one NOSCRIPT
+            async with self._connection() as conn:
                 await conn.send_packed_command(packed)
                 return [await conn.read_response() for _ in range(n)]
-            except BaseException:
-                await conn.disconnect()
-                raise
-            finally:
-                await pool.release(conn)
 
     async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
         """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""

@@ -191,3 +191,50 @@ def pack_command(list parts):
 def pack_evalsha(bytes sha, list keys, list args):
     """RESP encoding of ``EVALSHA sha len(keys) *keys *args``."""
     return pack_command([b"EVALSHA", sha, len(keys), *keys, *args])
+
+
+# ---------------------------------------------------------------------------
+# Order ids (dispatch/engine.py)
+# ---------------------------------------------------------------------------
+
+from libc.stdint cimport uint64_t
+from os import urandom as _urandom
+from time import time_ns as _time_ns
+
+cdef const char* _CROCKFORD = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+cdef bytes _pool = b""
+cdef Py_ssize_t _pool_at = 0
+
+
+cdef inline unsigned _bits5(uint64_t hi, uint64_t lo, int s) noexcept:
+    if s >= 64:
+        return (hi >> (s - 64)) & 31
+    if s <= 59:
+        return (lo >> s) & 31
+    return ((lo >> s) | (hi << (64 - s))) & 31
+
+
+def ulid_at(long long ms, bytes rnd):
+    """The ULID of *ms* (48 bits) and 10 random bytes: 26 Crockford base-32 characters."""
+    if len(rnd) != 10:
+        raise ValueError("ulid_at needs 10 random bytes")
+    cdef const unsigned char* r = <const unsigned char*>PyBytes_AS_STRING(rnd)
+    cdef uint64_t hi = (<uint64_t>ms << 16) | (<uint64_t>r[0] << 8) | r[1]
+    cdef uint64_t lo = 0
+    cdef int k
+    for k in range(2, 10):
+        lo = (lo << 8) | r[k]
+    cdef char out[26]
+    for k in range(26):
+        out[k] = _CROCKFORD[_bits5(hi, lo, 125 - 5 * k)]
+    return PyBytes_FromStringAndSize(out, 26).decode("ascii")
+
+
+def new_ulid():
+    """A fresh ULID: now in milliseconds, then 80 random bits (drawn from the OS in bulk)."""
+    global _pool, _pool_at
+    if _pool_at + 10 > len(_pool):
+        _pool, _pool_at = _urandom(10 * 4096), 0
+    rnd = _pool[_pool_at:_pool_at + 10]
+    _pool_at += 10
+    return ulid_at(_time_ns() // 1_000_000, rnd)
