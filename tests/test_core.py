@@ -1,4 +1,4 @@
-"""The compiled RESP packer says exactly what redis-py's own packer says."""
+"""The compiled core against plain definitions: RESP packing (redis-py's packer), ULIDs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import Encoder, PythonRespSerializer
 
-from dispatch._core import pack_command, pack_evalsha
+from dispatch._core import new_ulid, pack_command, pack_evalsha, ulid_at
 
 words = st.lists(st.one_of(st.binary(max_size=300), st.text(max_size=50), st.integers(-2**62, 2**62)),
                  min_size=1, max_size=40)
@@ -27,3 +27,18 @@ def test_pack_evalsha_and_refusals() -> None:
         assert "object" in str(e)
     else:
         raise AssertionError("an object was packed")
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+@given(st.integers(0, 2**48 - 1), st.binary(min_size=10, max_size=10))
+def test_ulid_matches_its_definition(ms: int, rnd: bytes) -> None:
+    n = ms << 80 | int.from_bytes(rnd, "big")
+    assert ulid_at(ms, rnd) == "".join(_CROCKFORD[(n >> s) & 31] for s in range(125, -1, -5))
+
+
+def test_new_ulids_are_unique_and_sorted_by_time() -> None:
+    ids = [new_ulid() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert [i[:10] for i in ids] == sorted(i[:10] for i in ids)  # the time part never goes back
