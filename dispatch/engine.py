@@ -398,13 +398,21 @@ class Engine:
 
     # ---- prices (cached for catalog_ttl_s; pausing and suspending act at once) ----
     async def _cached(self, kind: str, key: str, load: Any) -> Any:
-        hit = self._cache.get((kind, key))
+        # The cache holds the loading task: callers arriving while it loads share it
+        # (no stampede when an entry expires under load); a failed load is not kept.
+        k = (kind, key)
+        hit = self._cache.get(k)
         now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        value = await load(key)
-        self._cache[(kind, key)] = (now + self.config.catalog_ttl_s, value)
-        return value
+        if hit is None or hit[0] <= now:
+            task = asyncio.ensure_future(load(key))
+            hit = self._cache[k] = (now + self.config.catalog_ttl_s, task)
+
+            def forget_failure(t: asyncio.Future[Any], entry: Any = hit) -> None:
+                if (t.cancelled() or t.exception() is not None) and self._cache.get(k) is entry:
+                    del self._cache[k]
+
+            task.add_done_callback(forget_failure)
+        return await hit[1]
 
     async def unit_price(self, distributor: str, sku: str) -> tuple[int, str]:
         """(unit price, currency) of *sku* for *distributor*, by its tier."""
