@@ -1,96 +1,136 @@
-"""Group commit of script calls, per shard.
+"""Group commit of saga steps, across shards.
 
-While one call for a shard is in flight, calls for the same shard queue up; when it
-returns, everything queued goes out as the next call (at most ``cap`` items). No
-timers: an idle shard sends at once, on the next turn of the event loop, together
-with whatever else arrived in the same turn.
+One coalescer serves one script (a saga step). While one round of it is in flight,
+new calls queue up per shard; when the round returns, every queued shard goes out
+in the next round, as one script call per shard (at most ``cap`` items each),
+pipelined in one write. No timers: when idle, a call goes out on the next turn of
+the event loop, together with whatever else arrived in the same turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 __all__ = ["Coalescer", "Direct"]
 
-T = TypeVar("T")
+#: send(round) -> replies: a round is {shard: [item, ...]}, replies {shard: [reply, ...]}.
+SendRound = Callable[[dict[str, list[Any]]], Awaitable[dict[str, list[Any]]]]
+#: send(shard, [item]) -> [reply]
+SendOne = Callable[[str, list[Any]], Awaitable[list[Any]]]
 
-Send = Callable[[str, list[Any]], Awaitable[Sequence[T]]]
 
+class Coalescer:
+    """Batches ``submit(shard, item)`` calls into rounds of ``send``.
 
-class Coalescer(Generic[T]):
-    """Batches ``submit(shard, item)`` calls into ``send(shard, items)`` calls."""
+    Each shard has at most one call in flight. Shards that are free and have calls
+    waiting are flushed together, as one round, on the next turn of the event loop.
+    """
 
-    __slots__ = ("_send", "_cap", "_queues", "_tasks", "batches", "items")
+    __slots__ = ("_send", "_cap", "_queues", "_busy", "_flush_soon", "_tasks", "rounds", "batches", "items")
 
-    def __init__(self, send: Send[T], cap: int = 256) -> None:
+    def __init__(self, send: SendRound, cap: int = 256) -> None:
         self._send = send
         self._cap = cap
-        self._queues: dict[str, list[tuple[Any, asyncio.Future[T]]]] = {}
+        self._queues: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
+        self._busy: set[str] = set()       # shards with a call in flight
+        self._flush_soon = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # calls sent, and items in them: the mean batch size is items / batches
-        self.items = 0
+        self.rounds = 0   # rounds sent,
+        self.batches = 0  # script calls in them (one per shard and round),
+        self.items = 0    # and items: the mean batch is items / batches
 
-    def submit(self, shard: str, item: Any) -> asyncio.Future[T]:
-        """Queue *item* for *shard*; the future gets its own reply from the batch."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    def submit(self, shard: str, item: Any) -> asyncio.Future[Any]:
+        """Queue *item* for *shard*; the future gets its own reply."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         queue = self._queues.get(shard)
         if queue is None:
             self._queues[shard] = queue = []
-            task = asyncio.get_running_loop().create_task(self._drain(shard, queue))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         queue.append((item, fut))
+        if shard not in self._busy:
+            self._schedule(loop)
         return fut
 
-    async def _drain(self, shard: str, queue: list[tuple[Any, asyncio.Future[T]]]) -> None:
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        batches: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
+        for shard, queue in list(self._queues.items()):
+            if shard in self._busy:
+                continue
+            batches[shard] = queue[: self._cap]
+            del queue[: self._cap]
+            if not queue:
+                del self._queues[shard]
+            self._busy.add(shard)
+        if batches:
+            task = asyncio.get_running_loop().create_task(self._round(batches))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _round(self, batches: dict[str, list[tuple[Any, asyncio.Future[Any]]]]) -> None:
+        self.rounds += 1
+        self.batches += len(batches)
+        self.items += sum(len(b) for b in batches.values())
         try:
-            while queue:
-                batch = queue[: self._cap]
-                del queue[: self._cap]
-                self.batches += 1
-                self.items += len(batch)
-                try:
-                    replies = await self._send(shard, [item for item, _ in batch])
-                except asyncio.CancelledError:
-                    for _, fut in batch:
-                        fut.cancel()
-                    raise
-                except Exception as e:  # every waiter of the batch hears of it
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(e)
-                    continue
-                for (_, fut), reply in zip(batch, replies, strict=True):
+            replies = await self._send({s: [item for item, _ in b] for s, b in batches.items()})
+        except BaseException as e:  # every waiter of the round hears of it
+            for b in batches.values():
+                for _, fut in b:
                     if not fut.done():
-                        fut.set_result(reply)
+                        if isinstance(e, asyncio.CancelledError):
+                            fut.cancel()
+                        else:
+                            fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            replies = {}
+        else:
+            for shard, b in batches.items():
+                got = replies.get(shard, ())
+                for k, (_, fut) in enumerate(b):
+                    if fut.done():
+                        continue
+                    if len(got) == len(b):
+                        fut.set_result(got[k])
+                    else:  # a script answered the wrong number of items: a bug, not a hang
+                        fut.set_exception(RuntimeError(f"{len(got)} replies for {len(b)} items"))
         finally:
-            del self._queues[shard]
-            for _, fut in queue:  # only left when cancelled
-                fut.cancel()
+            self._busy.difference_update(batches)
+            if any(s in self._queues for s in batches):
+                self._schedule(asyncio.get_running_loop())
 
     async def drain(self) -> None:
         """Wait until every queued call has been sent and answered."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._tasks or self._queues:
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
 
 
-class Direct(Generic[T]):
-    """The straightforward way, for comparison: one ``send`` per item, at once."""
+class Direct:
+    """The straightforward way, for comparison: one script call per item, at once."""
 
-    __slots__ = ("_send", "batches", "items")
+    __slots__ = ("_send", "rounds", "batches", "items")
 
-    def __init__(self, send: Send[T], cap: int = 1) -> None:
+    def __init__(self, send: SendOne) -> None:
         self._send = send
-        self.batches = self.items = 0
+        self.rounds = self.batches = self.items = 0
 
-    def submit(self, shard: str, item: Any) -> Awaitable[T]:
+    def submit(self, shard: str, item: Any) -> Awaitable[Any]:
+        self.rounds += 1
         self.batches += 1
         self.items += 1
         return self._one(shard, item)
 
-    async def _one(self, shard: str, item: Any) -> T:
+    async def _one(self, shard: str, item: Any) -> Any:
         return (await self._send(shard, [item]))[0]
 
     async def drain(self) -> None:

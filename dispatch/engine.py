@@ -178,13 +178,13 @@ class Engine:
         self._vault: Vault | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
-        cap = self.config.coalesce_max
-        batcher = Coalescer if self.config.coalesce else Direct
-        self._begin = batcher(lambda d, items: self.store.begin(d, items), cap)
-        self._commit = batcher(lambda d, items: self.store.commit(d, items), cap)
-        self._settle = batcher(lambda d, items: self.store.settle(d, items), cap)
-        self._take = batcher(lambda s, items: self.store.take(s, items), cap)
-        self._sku_settle = batcher(lambda s, items: self.store.sku_settle(s, items), cap)
+        self._begin, self._take, self._commit, self._settle, self._sku_settle = (
+            self._batcher(name) for name in ("begin", "take", "commit", "settle", "sku_settle"))
+
+    def _batcher(self, step: str) -> Coalescer | Direct:
+        if self.config.coalesce:
+            return Coalescer(lambda batches: self.store.steps(step, batches), self.config.coalesce_max)
+        return Direct(lambda shard, items: self.store.step(step, shard, items))
 
     # ---- life cycle ------------------------------------------------------------------
     @property

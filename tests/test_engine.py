@@ -352,11 +352,11 @@ async def test_one_order_twice_in_one_take_call(shop: Engine) -> None:
     """A sweep racing the request can put one order twice into one coalesced call:
     both get the same codes, and only one set leaves the pool."""
     await stock_up(shop, 5)
-    replies = await shop.store.take("g100", [("o1", 2, 0, "deliver"), ("o2", 1, 0, "deliver"),
+    replies = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver"), ("o2", 1, 0, "deliver"),
                                              ("o1", 2, 0, "deliver")])
     assert replies[0] == replies[2] and len(replies[0]) == 3 and replies[0][0] == b"ok"
     assert set(replies[0][1:]).isdisjoint(replies[1][1:])
-    again = await shop.store.take("g100", [("o1", 2, 0, "deliver")])
+    again = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver")])
     assert again[0] == replies[0]
     stock = await shop.stock("g100")
     assert (stock.available, stock.sold) == (2, 3)

@@ -1,5 +1,5 @@
--- begin(keys=account keys, args=[now_unused, n, n x (order_id, external_ref, digest, sku, qty,
---                                  unit_price, currency, mode, ttl_s, allow_partial)])
+-- begin(keys=account keys, args=[n, n x (order_id, external_ref, digest, sku, qty,
+--                       unit_price, currency, mode, ttl_s, allow_partial)])
 -- Opens orders: checks that the distributor may buy the SKU, holds qty * unit_price of
 -- its balance (never below -credit_limit) and records the order as pending, keyed by
 -- external_ref. Safe to run twice: the second run finds the ref and answers "exists".
@@ -11,8 +11,8 @@ local status, allowed, credit = a[1], a[2], tonumber(a[3])
 local out = {}
 local opened = {}                    -- ref -> record, for a ref twice in one call
 local refs, index, pending = {}, {}, {}
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
+local i = 2
+for _ = 1, tonumber(ARGV[1]) do
   local id, ref, digest, sku = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local qty, price = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   i = i + 10

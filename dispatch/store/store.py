@@ -25,6 +25,7 @@ from .embedded import EmbeddedRedis
 __all__ = ["Store"]
 
 MIN_VERSION = (6, 2)
+_ACCOUNT_STEPS = frozenset({"begin", "commit", "settle"})
 
 
 @contextlib.contextmanager
@@ -113,32 +114,49 @@ class Store:
             self._idle.append(conn)
 
     async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
-        """EVALSHA, packed by the compiled core; on NOSCRIPT (Redis restarted, SCRIPT
-        FLUSH) the script is loaded and the call sent again. A call whose reply is lost
-        is not re-sent here: every saga step is safe to run twice and the recovery
-        sweep finishes it."""
+        return (await self._run_many(name, [(keys_, args)]))[0]
+
+    async def _run_many(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """EVALSHA of script *name* for every (keys, args) call, packed by the compiled
+        core and sent as one pipelined write; the replies, in order.
+
+        On NOSCRIPT (Redis restarted, SCRIPT FLUSH) the script is loaded and every call
+        sent again: each is safe to run twice. A round whose replies are lost is not
+        re-sent here; the saga's recovery sweep finishes its orders.
+        """
         script = self._scripts[name]
-        packed = pack_evalsha(script.sha.encode(), keys_, args)
+        sha = script.sha.encode()
+        packed = b"".join(pack_evalsha(sha, k, a) for k, a in calls)
         with translated():
-            async with self._connection() as conn:
-                await conn.send_packed_command(packed)
+            for attempt in (1, 2):
                 try:
-                    return await conn.read_response()
+                    async with self._connection() as conn:
+                        await conn.send_packed_command(packed)
+                        return [await conn.read_response() for _ in calls]
                 except rex.NoScriptError:
+                    if attempt == 2:
+                        raise
                     await self.client.script_load(script.script)
-                await conn.send_packed_command(packed)
-                return await conn.read_response()
+        raise AssertionError("unreachable")
+
+    # ---- saga steps: batches of order items, one script call per shard ----------
+    def _step_call(self, name: str, shard: str, items: Sequence[Sequence[Any]]) -> tuple[list[str], list[Any]]:
+        if name in _ACCOUNT_STEPS:
+            return keys.AcctKeys(shard).all, [len(items), *_flat(items)]
+        k = keys.SkuKeys(shard)
+        return k.all, [k.pool_prefix, len(items), *_flat(items)]
+
+    async def step(self, name: str, shard: str, items: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run saga step *name* (begin, commit, settle on an account; take, sku_settle on
+        a SKU) for *items* of one shard; one reply per item."""
+        return await self._run(name, *self._step_call(name, shard, items))
+
+    async def steps(self, name: str, batches: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """:meth:`step` for several shards in one pipelined round: {shard: replies}."""
+        replies = await self._run_many(name, [self._step_call(name, s, items) for s, items in batches.items()])
+        return dict(zip(batches, replies))
 
     # ---- account shard ---------------------------------------------------------
-    async def begin(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
-        return await self._run("begin", keys.AcctKeys(dist).all, [0, len(items), *_flat(items)])
-
-    async def commit(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
-        return await self._run("commit", keys.AcctKeys(dist).all, [len(items), *_flat(items)])
-
-    async def settle(self, dist: str, items: Sequence[Sequence[Any]]) -> list[Any]:
-        return await self._run("settle", keys.AcctKeys(dist).all, [len(items), *_flat(items)])
-
     async def topup(self, dist: str, reference: str, amount: int) -> list[Any]:
         return await self._run("topup", keys.AcctKeys(dist).all, [reference, amount])
 
@@ -200,14 +218,6 @@ class Store:
         return [e.decode().split("\x1f") for e in raw]
 
     # ---- SKU shard -----------------------------------------------------------------
-    async def take(self, sku: str, items: Sequence[Sequence[Any]]) -> list[Any]:
-        k = keys.SkuKeys(sku)
-        return await self._run("take", k.all, [k.pool_prefix, len(items), *_flat(items)])
-
-    async def sku_settle(self, sku: str, items: Sequence[Sequence[Any]]) -> list[Any]:
-        k = keys.SkuKeys(sku)
-        return await self._run("sku_settle", k.all, [k.pool_prefix, len(items), *_flat(items)])
-
     async def import_push(self, sku: str, seq: int, chunk: int, digest: bytes, codes: list[bytes]) -> list[Any]:
         k = keys.SkuKeys(sku)
         return await self._run("import_push", k.all, [k.pool_prefix, seq, chunk, digest, *codes])
@@ -254,18 +264,8 @@ class Store:
     # ---- fingerprints ----------------------------------------------------------------
     async def fp_claim(self, seq: int, by_tag: dict[str, tuple[list[str], list[bytes]]]) -> dict[str, list[int]]:
         """Claim fingerprints shard by shard in one pipelined round: {tag: statuses}."""
-        sha = self._scripts["fp_claim"].sha.encode()
-        packed = b"".join(pack_evalsha(sha, buckets, [seq, *fields]) for buckets, fields in by_tag.values())
-        replies = await self._pipelined("fp_claim", packed, len(by_tag))
+        replies = await self._run_many("fp_claim", [(b, [seq, *f]) for b, f in by_tag.values()])
         return dict(zip(by_tag, replies))
-
-    async def _pipelined(self, name: str, packed: bytes, n: int) -> list[Any]:
-        """Send *n* packed calls of script *name* at once and read the *n* replies."""
-        with translated():
-            await self.client.script_load(self._scripts[name].script)  # a pipeline cannot retry one NOSCRIPT
-            async with self._connection() as conn:
-                await conn.send_packed_command(packed)
-                return [await conn.read_response() for _ in range(n)]
 
     async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
         """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""
