@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test clean
+.PHONY: setup test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ setup: $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Benchmarks (not part of the tests): pytest-benchmark groups, then the side-by-side script.
+bench: setup
+	$(BIN)/python -m pytest bench -q --benchmark-only
+	$(BIN)/python bench/compare.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info dispatch/*.so ext/dispatch/*.c
