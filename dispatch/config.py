@@ -67,6 +67,34 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Largest qty in one order.
     max_order_qty: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 
+    # ---- daemon (issue 4) ----------------------------------------------------------
+    #: Longest request line plus headers; more is refused with 413 and the connection closed.
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024
+    #: Largest JSON request body.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    #: Largest import upload (``POST /admin/batches``, streamed, never held whole).
+    max_import_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 ** 3
+    #: A request's line and headers must arrive within this many seconds of its first byte.
+    header_timeout_s: Seconds = 10.0
+    #: A JSON body must arrive within this many seconds of the headers; an import
+    #: upload may not pause longer than this between two blocks.
+    body_timeout_s: Seconds = 30.0
+    #: An idle keep-alive connection is closed after this many seconds.
+    keepalive_timeout_s: Seconds = 15.0
+    #: Open connections per worker process; one more is accepted and closed at once.
+    max_connections: Positive = 1000
+    #: On SIGTERM/SIGINT, how long requests in flight may take to finish.
+    shutdown_timeout_s: Seconds = 10.0
+    #: How long a distributor's API key (and its rate limit) is trusted without
+    #: asking Redis again: a rotated key stops working within this time.
+    auth_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 1.0
+    #: Distributor requests must carry X-Dispatch-Timestamp and X-Dispatch-Signature.
+    require_signatures: bool = False
+    #: Requests a second allowed to a distributor with no rate_limit of its own (0: unlimited).
+    default_rate_limit: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: One JSON line per request on the ``dispatch.access`` logger (stdout under ``dispatch serve``).
+    access_log: bool = True
+
     def __post_init__(self) -> None:
         if self.max_reserve_ttl_s < self.reserve_ttl_s:
             raise ConfigError(

@@ -15,12 +15,16 @@ Concurrent calls for one shard are coalesced into one script call (see coalescer
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import csv
 import hashlib
+import io
 import logging
+import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
@@ -31,6 +35,7 @@ from ._core import new_ulid, ulid_at
 from .coalescer import Coalescer, Direct
 from .config import Config
 from .errors import (
+    ConfigError,
     ConflictError,
     DispatchError,
     DistributorSuspendedError,
@@ -47,24 +52,28 @@ from .errors import (
     ValidationError,
 )
 from .models import (
+    Access,
     Amount,
     Balance,
     BatchReport,
+    CatalogItem,
     Code,
     Distributor,
     Id,
+    KeyRotation,
     LedgerEntry,
     MalformedLine,
     NewDistributor,
     Order,
     OrderPage,
+    RateLimit,
     Sku,
     Stock,
     Supplier,
     Tier,
 )
 from .store import Store, keys
-from .vault import Vault, load_master_keys
+from .vault import _FPKEY_AAD, Vault, load_master_keys
 
 __all__ = ["Engine"]
 
@@ -842,3 +851,140 @@ class Engine:
             if holds != int(a["held"]):
                 problems.append(f"{dist}: held {a['held']} != holds of open orders {holds}")
         return problems
+
+    # ---- daemon support (issue 4) ----
+    async def access(self, api_key: str) -> Access:
+        """Who *api_key* belongs to and its rate limit, or UnauthorizedError: what the
+        daemon asks once per key and then trusts for ``auth_cache_ttl_s``."""
+        dist = await self.authenticate(api_key)
+        return Access(distributor=dist, rate_limit=await self.rate_limit(dist))
+
+    async def rate_limit(self, distributor: str) -> int:
+        """Requests a second the daemon allows *distributor* (0: unlimited)."""
+        rate = await self.store.account_field(distributor, "rate_limit")
+        return self.config.default_rate_limit if rate is None else int(rate)
+
+    async def set_rate_limit(self, distributor: str, rate_limit: int) -> int:
+        """Set the requests a second the daemon allows *distributor* (0: unlimited)."""
+        rate = _check(rate_limit, RateLimit, "rate_limit")
+        if await self.store.put_account(distributor, "update", {"rate_limit": rate}) == "not_found":
+            raise NotFoundError(f"unknown distributor {distributor}")
+        return rate
+
+    async def throttle(self, distributor: str, rate_limit: int) -> float:
+        """Count one request against *distributor*'s token bucket (``rate_limit`` a second,
+        bursts of as many); 0.0 when it may go ahead, else the seconds until it may."""
+        if rate_limit <= 0:
+            return 0.0
+        ok, wait_ms = await self.store.throttle(distributor, rate_limit, rate_limit)
+        return 0.0 if ok else max(wait_ms, 1) / 1000
+
+    async def remember_signature(self, distributor: str, signature: str, ttl_s: int = 120) -> bool:
+        """True the first time a request signature is seen within *ttl_s*; False for a replay."""
+        return await self.store.remember(keys.seen_signature(distributor, signature), ttl_s)
+
+    async def catalog(self, distributor: str) -> list[CatalogItem]:
+        """The active SKUs *distributor* may buy, at its tier's price, with their stock status."""
+        d = await self.get_distributor(distributor)
+        tier = await self.get_tier(d.tier) if d.tier is not None else None
+        ids = [s for s in await self.store.members(keys.SKUS) if d.allowed_skus is None or s in d.allowed_skus]
+        out = []
+        for sku, (meta, stats) in zip(ids, await self.store.skus(ids)):
+            if not meta or meta.get("status") != "active":
+                continue
+            s = msgspec.convert({"sku": sku, **meta}, Sku, strict=False)
+            out.append(CatalogItem(sku=sku, name=s.name, face_value=s.face_value, currency=s.currency,
+                                   price=tier.price_of(s) if tier is not None else s.price,
+                                   stock_status=self._stock_of(sku, meta, stats).stock_status))
+        return out
+
+    async def stocks(self) -> list[Stock]:
+        """The stock of every SKU, read in one round (for metrics)."""
+        ids = await self.store.members(keys.SKUS)
+        return [self._stock_of(sku, meta, stats) for sku, (meta, stats) in zip(ids, await self.store.skus(ids))
+                if meta]
+
+    @staticmethod
+    def _stock_of(sku: str, meta: dict[str, str], stats: dict[str, int]) -> Stock:
+        available = stats.get("available", 0)
+        threshold = int(meta.get("low_stock_threshold", 0))
+        state = "out_of_stock" if available <= 0 else "low_stock" if available <= threshold else "in_stock"
+        return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
+                     reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
+                     invalidated=stats.get("invalidated", 0), stock_status=state)
+
+    _EXPORT_COLUMNS = ("order_id", "distributor", "external_ref", "sku", "qty", "delivered", "unit_price",
+                       "total", "currency", "status", "mode", "created_at", "updated_at")
+
+    async def export_orders(self, start: datetime | None = None, end: datetime | None = None,
+                            page: int = 1000) -> AsyncIterator[bytes]:
+        """Every distributor's orders created in [start, end) as CSV: the header line, then
+        blocks of up to *page* rows, distributor by distributor, oldest first.
+
+        Codes are never exported (a row says how many were delivered). An external_ref
+        that a spreadsheet would take for a formula is prefixed with a quote.
+        """
+        lo = "" if start is None else _ms_id_floor(int(start.timestamp() * 1000))[:-1] + "/"  # "/" < "0"
+        hi = "~" if end is None else _ms_id_floor(int(end.timestamp() * 1000))  # "~" > any id
+        buf = io.StringIO()
+        out = csv.writer(buf, lineterminator="\n")
+        out.writerow(self._EXPORT_COLUMNS)
+        yield buf.getvalue().encode()
+        for dist in await self.store.members(keys.DISTS):
+            after = lo
+            while recs := await self.store.order_records(dist, after, hi, page):
+                buf.seek(0)
+                buf.truncate()
+                for raw in recs:
+                    r = _decode_order(raw)
+                    after = r.id
+                    ref = "'" + r.ref if r.ref[:1] in ("=", "+", "-", "@") else r.ref
+                    out.writerow((r.id, dist, ref, r.sku, r.qty, r.delivered, r.unit_price, r.total, r.currency,
+                                  r.status, r.mode, _dt(r.created).isoformat(), _dt(r.updated).isoformat()))
+                yield buf.getvalue().encode()
+                if len(recs) < page:
+                    break
+
+    async def list_suppliers(self) -> list[Supplier]:
+        return [msgspec.msgpack.decode(raw, type=Supplier)
+                for _, raw in sorted((await self.store.records(keys.SUPPLIERS)).items())]
+
+    async def list_tiers(self) -> list[Tier]:
+        return [msgspec.msgpack.decode(raw, type=Tier) for _, raw in sorted((await self.store.records(keys.TIERS)).items())]
+
+    async def ready(self) -> None:
+        """Redis answers and the scripts are loaded; StoreUnavailableError otherwise."""
+        await self.store.ready()
+
+    def coalescer_stats(self) -> dict[str, tuple[int, int]]:
+        """(script calls sent, items in them) per saga step since start: items / calls is the mean batch."""
+        steps = {"begin": self._begin, "take": self._take, "commit": self._commit, "settle": self._settle,
+                 "sku_settle": self._sku_settle}
+        return {name: (c.batches, c.items) for name, c in steps.items()}
+
+    async def rotate_master_key(self) -> KeyRotation:
+        """Make a new master key and re-wrap the fingerprint key under it.
+
+        Stored codes keep their key id: they stay readable while every key returned in
+        ``old_master_keys`` stays configured. Shown once: set DISPATCH_MASTER_KEY to the
+        new key and DISPATCH_OLD_MASTER_KEYS to the old ones before the next start (a
+        daemon started with the old configuration cannot read the fingerprint key).
+        """
+        current = load_master_keys(self.config)
+        for _ in range(1000):
+            new = secrets.token_bytes(32)
+            try:
+                vault = Vault([new, *current])
+            except ConfigError:  # its one-byte key id is taken by a kept key: draw again
+                continue
+            break
+        else:
+            raise ConfigError("no free key id is left: drop old master keys no stored code uses")
+        wrapped = await self.store.wrapped_fingerprint_key()
+        if wrapped is None:
+            raise DispatchError("no fingerprint key is stored")
+        rewrapped = vault.wrap_fingerprint_key(self.vault.decrypt(wrapped, _FPKEY_AAD))
+        if not await self.store.swap_fingerprint_key(wrapped, rewrapped):
+            raise ConflictError("the fingerprint key changed meanwhile (another rotation?); try again")
+        return KeyRotation(master_key=base64.b64encode(new).decode(),
+                           old_master_keys=[base64.b64encode(k).decode() for k in current])

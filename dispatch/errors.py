@@ -25,6 +25,10 @@ __all__ = [
     "ReservationExpiredError",
     "StoreUnavailableError",
     "EmbeddedRedisError",
+    "BadRequestError",
+    "MethodNotAllowedError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
 ]
 
 
@@ -148,3 +152,35 @@ class ReservationExpiredError(ConflictError):
     """The reservation's lease ended before it was confirmed."""
 
     code = "reservation_expired"
+
+
+# ---- daemon (issue 4) ---------------------------------------------------------------
+
+
+class BadRequestError(DispatchError):
+    """The request is not valid HTTP."""
+
+    code = "bad_request"
+    status = 400
+
+
+class MethodNotAllowedError(DispatchError):
+    """The path exists but does not take this method (``details["allow"]`` lists the ones it takes)."""
+
+    code = "method_not_allowed"
+    status = 405
+
+
+class PayloadTooLargeError(DispatchError):
+    """The request headers or body are over the configured limit."""
+
+    code = "payload_too_large"
+    status = 413
+
+
+class RateLimitedError(DispatchError):
+    """Too many requests; ``details["retry_after"]`` says in how many seconds to try again."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True

@@ -14,6 +14,8 @@ __all__ = [
     "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
     "OrderStatus", "StockStatus",
+    # daemon (issue 4)
+    "Access", "CatalogItem", "KeyRotation", "RateLimit",
 ]
 
 #: Ids chosen by the admin: SKUs, suppliers, tiers, distributors, batches.
@@ -163,3 +165,38 @@ class LedgerEntry(_Model):
     balance: int
     held: int
     at: datetime
+
+
+# ---- daemon (issue 4) ---------------------------------------------------------------
+
+#: Requests a second allowed to one distributor through the daemon; 0: unlimited.
+RateLimit = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+
+
+class Access(_Model):
+    """Who an API key belongs to, and the request rate the daemon allows it."""
+
+    distributor: str
+    rate_limit: int = 0
+
+
+class CatalogItem(_Model):
+    """A SKU as one distributor sees it: its tier price and how much is left."""
+
+    sku: str
+    name: str
+    face_value: int
+    currency: str
+    #: This distributor's unit price (its tier's).
+    price: int
+    stock_status: StockStatus
+
+
+class KeyRotation(_Model):
+    """A new master key and the keys to keep for decryption (all base64), shown once."""
+
+    master_key: str
+    old_master_keys: list[str]
+
+    def __repr__(self) -> str:
+        return "KeyRotation(<redacted>)"

@@ -14,7 +14,8 @@ _PRELUDE = {
     "take": "_sku", "sku_settle": "_sku", "import_push": "_sku", "batch_void": "_sku",
 }
 NAMES = ("begin", "commit", "settle", "topup", "put", "take", "sku_settle", "import_push",
-         "batch_void", "fp_claim", "rotate_key")
+         "batch_void", "fp_claim", "rotate_key",
+         "rate_limit", "fpkey_swap")  # daemon (issue 4)
 
 
 def source(name: str) -> str:
