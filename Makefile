@@ -1,9 +1,10 @@
-# From a fresh clone: `make test` sets everything up and runs the tests.
+# From a fresh clone: `make test` sets everything up and runs the tests;
+# `make serve` sets up and runs the daemon (embedded Redis under ./data, port 8080).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test bench clean
+.PHONY: setup test serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ test: setup
 bench: setup
 	$(BIN)/python -m pytest bench -q --benchmark-only
 	$(BIN)/python bench/compare.py --quick
+
+serve: setup
+	$(BIN)/dispatch serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info dispatch/*.so ext/dispatch/*.c

@@ -210,3 +210,18 @@ def dump(url: str) -> bytes:
             elif t == b"stream":
                 out += [x for _, f in r.xrange(k) for kv in f.items() for x in kv]
     return b"\x00".join(out)
+
+
+# ===========================================================================
+# the daemon's tests (test_server*.py) run on uvloop, the loop `dispatch serve` uses
+# ===========================================================================
+
+import asyncio  # noqa: E402
+
+import uvloop  # noqa: E402
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    if item.nodeid.rpartition("/")[2].startswith("test_server"):
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}

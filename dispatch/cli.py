@@ -1,0 +1,388 @@
+"""The ``dispatch`` command: argument parsing only. Each command builds the Config and
+calls the engine (or the server); errors are one line on stderr and a non-zero exit.
+
+With the embedded store, a command run while ``dispatch serve`` holds the data
+directory talks to the daemon's redis-server through its socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__
+from .config import Config
+from .engine import Engine
+from .errors import DispatchError
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+out = Console()
+err = Console(stderr=True)
+
+
+# ---- plumbing ----------------------------------------------------------------------------
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Config:
+    return Config.load(args.config, **overrides)
+
+
+def _attach(config: Config) -> Config:
+    """The config to reach the store: a running daemon's embedded Redis if it holds the data dir."""
+    if config.redis_url is not None:
+        return config
+    lock, sock = Path(config.data_dir) / "dispatch.lock", Path(config.data_dir) / "redis.sock"
+    if not lock.exists() or not sock.exists():
+        return config
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # a dispatch process owns the directory: use its server
+        return msgspec.structs.replace(config, redis_url=f"unix://{sock.resolve()}")
+    finally:
+        os.close(fd)
+    return config
+
+
+def _run(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]) -> T:
+    config = _attach(_config(args))
+
+    async def run() -> T:
+        async with Engine(config, sweep=False) as engine:
+            return await work(engine)
+
+    return asyncio.run(run())
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right" if c in _NUMERIC else "left")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    out.print(t)
+
+
+_NUMERIC = {"face_value", "price", "threshold", "deposit", "discount_bps", "credit_limit", "balance", "held",
+            "rate_limit", "accepted", "duplicate", "malformed", "available", "reserved", "sold", "voided",
+            "invalidated", "line"}
+
+
+def _show(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return value
+
+
+def _record(obj: msgspec.Struct) -> None:
+    _table(type(obj).__name__, ["field", "value"], [(k, _show(v)) for k, v in msgspec.structs.asdict(obj).items()])
+
+
+def _when(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+def _prices(items: list[str]) -> dict[str, int]:
+    prices = {}
+    for item in items:
+        sku, sep, price = item.partition("=")
+        if not sep or not price.isdigit():
+            raise DispatchError(f"--price takes SKU=PRICE (minor units), got {item!r}")
+        prices[sku] = int(price)
+    return prices
+
+
+def _skus(text: str | None) -> list[str] | None:
+    return None if text in (None, "*") else [s for s in text.split(",") if s]  # type: ignore[union-attr]
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(_config(args, host=args.host, port=args.port, workers=args.workers))
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    path = args.file
+    total = None if path == "-" else os.path.getsize(path)
+
+    async def blocks(progress: Progress, task: Any) -> AsyncIterator[bytes]:
+        f = sys.stdin.buffer if path == "-" else open(path, "rb")
+        try:
+            while block := await asyncio.to_thread(f.read, 1 << 20):
+                progress.update(task, advance=len(block))
+                yield block
+        finally:
+            if f is not sys.stdin.buffer:
+                f.close()
+
+    async def work(engine: Engine) -> Any:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task(f"importing {os.path.basename(path)}", total=total)
+            return await engine.import_codes(blocks(progress, task), sku=args.sku, supplier=args.supplier,
+                                             unit_cost=args.cost, batch_id=args.batch_id, format=args.format)
+
+    report = _run(args, work)
+    _table(f"batch {report.batch_id}", ["sku", "supplier", "accepted", "duplicate", "malformed"],
+           [(report.sku, report.supplier, report.accepted, report.duplicate, report.malformed)])
+    if report.malformed_lines:
+        shown = report.malformed_lines[:20]
+        _table("malformed lines" + (" (first 20)" if len(report.malformed_lines) > 20 else ""),
+               ["line", "reason"], [(x.line, x.reason) for x in shown])
+    return 0
+
+
+def cmd_sku(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        _record(_run(args, lambda e: e.create_sku(args.sku, args.name, args.face_value, args.currency, args.price,
+                                                  args.low_stock)))
+    elif args.action == "update":
+        changes = {k: v for k, v in dict(name=args.name, price=args.price, low_stock_threshold=args.low_stock,
+                                         status=args.status).items() if v is not None}
+        _record(_run(args, lambda e: e.update_sku(args.sku, **changes)))
+    else:
+        skus = _run(args, lambda e: e.list_skus())
+        _table("SKUs", ["sku", "name", "face_value", "currency", "price", "threshold", "status"],
+               [(s.sku, s.name, s.face_value, s.currency, s.price, s.low_stock_threshold, s.status) for s in skus])
+    return 0
+
+
+def cmd_supplier(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        _record(_run(args, lambda e: e.create_supplier(args.supplier, args.name, args.deposit)))
+    else:
+        rows = _run(args, lambda e: e.list_suppliers())
+        _table("suppliers", ["supplier", "name", "deposit", "status"],
+               [(s.supplier, s.name, s.deposit, s.status) for s in rows])
+    return 0
+
+
+def cmd_tier(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        _record(_run(args, lambda e: e.create_tier(args.tier, args.discount_bps, _prices(args.price))))
+    else:
+        rows = _run(args, lambda e: e.list_tiers())
+        _table("tiers", ["tier", "discount_bps", "prices"],
+               [(t.tier, t.discount_bps, ", ".join(f"{k}={v}" for k, v in sorted(t.prices.items()))) for t in rows])
+    return 0
+
+
+def cmd_distributor(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        async def create(e: Engine) -> Any:
+            new = await e.create_distributor(args.distributor, args.name, args.tier, args.credit_limit,
+                                             _skus(args.allowed_skus))
+            if args.rate_limit is not None:
+                await e.set_rate_limit(args.distributor, args.rate_limit)
+            return new
+
+        new = _run(args, create)
+        _record(new.distributor)
+        out.print(f"API key (shown once, only its hash is kept):\n[bold]{new.api_key}[/bold]")
+    elif args.action == "update":
+        changes: dict[str, Any] = {k: v for k, v in dict(name=args.name, credit_limit=args.credit_limit,
+                                                         status=args.status).items() if v is not None}
+        if args.tier is not None:
+            changes["tier"] = args.tier or None
+        if args.allowed_skus is not None:
+            changes["allowed_skus"] = _skus(args.allowed_skus)
+
+        async def update(e: Engine) -> Any:
+            d = await e.update_distributor(args.distributor, **changes)
+            if args.rate_limit is not None:
+                await e.set_rate_limit(args.distributor, args.rate_limit)
+            return d
+
+        _record(_run(args, update))
+    else:
+        async def listing(e: Engine) -> list[tuple[Any, int]]:
+            return [(d, await e.rate_limit(d.distributor)) for d in await e.list_distributors()]
+
+        _table("distributors", ["distributor", "name", "tier", "status", "balance", "held", "credit_limit",
+                                "rate_limit", "allowed_skus"],
+               [(d.distributor, d.name, d.tier, d.status, d.balance, d.held, d.credit_limit, rate,
+                 "*" if d.allowed_skus is None else ",".join(d.allowed_skus)) for d, rate in _run(args, listing)])
+    return 0
+
+
+def cmd_topup(args: argparse.Namespace) -> int:
+    _record(_run(args, lambda e: e.topup(args.distributor, args.amount, args.reference)))
+    return 0
+
+
+def cmd_stock(args: argparse.Namespace) -> int:
+    _record(_run(args, lambda e: e.stock(args.sku)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    async def work(engine: Engine) -> int:
+        rows = 0
+        f = sys.stdout.buffer if args.out in (None, "-") else open(args.out, "wb")
+        try:
+            async for block in engine.export_orders(args.from_, args.to):
+                f.write(block)
+                rows += block.count(b"\n")
+        finally:
+            if f is not sys.stdout.buffer:
+                f.close()
+            else:
+                f.flush()
+        return rows - 1
+
+    n = _run(args, work)
+    if args.out not in (None, "-"):
+        err.print(f"{n} orders written to {args.out}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    rotation = _run(args, lambda e: e.rotate_master_key())
+    out.print("[bold]A new master key[/bold] (shown once; keep it as safe as the data):\n")
+    out.print(f"    {rotation.master_key}\n", highlight=False, soft_wrap=True)
+    out.print("The fingerprint key is now wrapped under it. Before the next start of any dispatch "
+              "process, set:\n", soft_wrap=True)
+    out.print(f"    DISPATCH_MASTER_KEY={rotation.master_key}", highlight=False, soft_wrap=True)
+    out.print(f"    DISPATCH_OLD_MASTER_KEYS=\"{' '.join(rotation.old_master_keys)}\"\n", highlight=False,
+              soft_wrap=True)
+    out.print("Codes stored so far keep their key id: they stay readable while the old keys are in "
+              "DISPATCH_OLD_MASTER_KEYS. New codes are encrypted with the new key by processes started "
+              "with it; daemons running now keep working until they restart.", soft_wrap=True)
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispatch", description="card-dispatch: card-code dispatch engine on Redis")
+    p.add_argument("--version", action="version", version=f"dispatch {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML config file (DISPATCH_* variables override it)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", parents=[common], help="run the HTTP daemon")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    s.add_argument("--workers", type=int, help="worker processes sharing the port (default 1)")
+    s.set_defaults(run=cmd_serve)
+
+    s = sub.add_parser("import", parents=[common], help="import a batch of codes from a file ('-': stdin)")
+    s.add_argument("file")
+    s.add_argument("--sku", required=True)
+    s.add_argument("--supplier", required=True)
+    s.add_argument("--cost", type=int, required=True, help="unit cost in minor units")
+    s.add_argument("--batch-id", help="resend with the same id to resume an interrupted import")
+    s.add_argument("--format", choices=("auto", "text", "csv"), default="auto")
+    s.set_defaults(run=cmd_import)
+
+    s = sub.add_parser("sku", help="create, list or update SKUs")
+    a = s.add_subparsers(dest="action", required=True)
+    c = a.add_parser("create", parents=[common])
+    c.add_argument("sku")
+    c.add_argument("--name", required=True)
+    c.add_argument("--face-value", type=int, required=True)
+    c.add_argument("--currency", required=True)
+    c.add_argument("--price", type=int, required=True, help="base price in minor units")
+    c.add_argument("--low-stock", type=int, default=0, help="low-stock threshold")
+    a.add_parser("list", parents=[common])
+    c = a.add_parser("update", parents=[common])
+    c.add_argument("sku")
+    c.add_argument("--name")
+    c.add_argument("--price", type=int)
+    c.add_argument("--low-stock", type=int)
+    c.add_argument("--status", choices=("active", "paused"))
+    s.set_defaults(run=cmd_sku)
+
+    s = sub.add_parser("supplier", help="create or list suppliers")
+    a = s.add_subparsers(dest="action", required=True)
+    c = a.add_parser("create", parents=[common])
+    c.add_argument("supplier")
+    c.add_argument("--name", required=True)
+    c.add_argument("--deposit", type=int, default=0)
+    a.add_parser("list", parents=[common])
+    s.set_defaults(run=cmd_supplier)
+
+    s = sub.add_parser("tier", help="create or list price tiers")
+    a = s.add_subparsers(dest="action", required=True)
+    c = a.add_parser("create", parents=[common])
+    c.add_argument("tier")
+    c.add_argument("--discount-bps", type=int, default=0, help="discount in basis points (500 = 5%%)")
+    c.add_argument("--price", action="append", default=[], metavar="SKU=PRICE", help="explicit price (repeatable)")
+    a.add_parser("list", parents=[common])
+    s.set_defaults(run=cmd_tier)
+
+    s = sub.add_parser("distributor", help="create, list or update distributors")
+    a = s.add_subparsers(dest="action", required=True)
+    for name in ("create", "update"):
+        c = a.add_parser(name, parents=[common])
+        c.add_argument("distributor")
+        c.add_argument("--name", required=name == "create")
+        c.add_argument("--tier", help="price tier ('' to remove, on update)")
+        c.add_argument("--credit-limit", type=int, default=0 if name == "create" else None)
+        c.add_argument("--allowed-skus", metavar="SKU,SKU", help="SKUs it may buy ('*': all)")
+        c.add_argument("--rate-limit", type=int, help="requests a second through the daemon (0: unlimited)")
+        if name == "update":
+            c.add_argument("--status", choices=("active", "suspended"))
+    a.add_parser("list", parents=[common])
+    s.set_defaults(run=cmd_distributor)
+
+    s = sub.add_parser("topup", parents=[common], help="credit a distributor's balance")
+    s.add_argument("distributor")
+    s.add_argument("amount", type=int, help="minor units")
+    s.add_argument("--reference", required=True, help="payment id: the same reference credits once")
+    s.set_defaults(run=cmd_topup)
+
+    s = sub.add_parser("stock", parents=[common], help="a SKU's codes by state")
+    s.add_argument("sku")
+    s.set_defaults(run=cmd_stock)
+
+    s = sub.add_parser("export", help="export data as CSV")
+    a = s.add_subparsers(dest="what", required=True)
+    c = a.add_parser("orders", parents=[common], help="every distributor's orders (no codes)")
+    c.add_argument("--from", dest="from_", type=_when, help="ISO 8601; UTC unless it names a zone")
+    c.add_argument("--to", type=_when, help="ISO 8601, exclusive")
+    c.add_argument("--out", metavar="FILE", help="default: stdout")
+    s.set_defaults(run=cmd_export)
+
+    s = sub.add_parser("keys", parents=[common], help="rotate the master key (re-wraps the fingerprint key)")
+    s.set_defaults(run=cmd_keys)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.run is not cmd_serve:  # the daemon sets up its own logging
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except DispatchError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1

@@ -1,0 +1,7 @@
+"""The standalone daemon: a thin HTTP/1.1 server (uvloop + httptools + msgspec) in front
+of the engine. ``dispatch serve`` runs it; :class:`App` embeds it in a running loop."""
+
+from .app import App, serve
+from .auth import sign
+
+__all__ = ["App", "serve", "sign"]

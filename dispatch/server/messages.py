@@ -1,0 +1,173 @@
+"""The HTTP API's own messages: request bodies, query strings, and the responses the
+engine's models do not cover. Decoding is strict: an unknown field, a wrong type or
+an out-of-range value is a 422 naming the field. The OpenAPI document is generated
+from these types and the engine's models (see openapi.py).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from ..models import Amount, Distributor, Id, OrderStatus, RateLimit
+
+__all__ = [
+    "Empty", "OrderRequest", "OrderQuery", "SkuCreate", "SkuPatch", "SupplierCreate", "TierCreate",
+    "DistributorCreate", "DistributorPatch", "TopupRequest", "BatchQuery", "ExportQuery",
+    "ErrorBody", "ErrorDetail", "Status", "NewKey", "AdminDistributor", "CreatedDistributor", "VoidReport",
+]
+
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Currency = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+Seconds = Annotated[int, msgspec.Meta(ge=1)]
+Aware = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class _In(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+# ---- requests ------------------------------------------------------------------------
+
+class Empty(_In):
+    """The body of an endpoint that takes none: absent, or ``{}``."""
+
+
+class OrderRequest(_In):
+    sku: Id
+    qty: Annotated[int, msgspec.Meta(ge=1)]
+    #: Your own id for the order: the idempotency key.
+    external_ref: Ref
+    mode: Literal["deliver", "reserve"] = "deliver"
+    #: Lease of a reservation (reserve mode only); the server's default when absent.
+    reserve_ttl_s: Seconds | None = None
+    #: Refuse the order (409 price_changed) if the unit price is above this.
+    max_unit_price: Amount | None = None
+    #: Deliver what is in stock (at least one) rather than refuse.
+    allow_partial: bool = False
+
+
+class OrderQuery(_In):
+    """``external_ref`` alone asks for one order; otherwise a page of orders."""
+
+    external_ref: Ref | None = None
+    status: OrderStatus | None = None
+    since: Aware | None = None
+    cursor: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+
+
+class SkuCreate(_In):
+    sku: Id
+    name: Name
+    face_value: Amount
+    currency: Currency
+    price: Amount
+    low_stock_threshold: Amount = 0
+
+
+class SkuPatch(_In):
+    name: Name | UnsetType = UNSET
+    price: Amount | UnsetType = UNSET
+    low_stock_threshold: Amount | UnsetType = UNSET
+    status: Literal["active", "paused"] | UnsetType = UNSET
+
+
+class SupplierCreate(_In):
+    supplier: Id
+    name: Name
+    deposit: Amount = 0
+
+
+class TierCreate(_In):
+    tier: Id
+    discount_bps: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
+    #: Explicit unit prices by SKU, over the discount.
+    prices: dict[Id, Amount] = {}
+
+
+class DistributorCreate(_In):
+    distributor: Id
+    name: Name
+    tier: Id | None = None
+    credit_limit: Amount = 0
+    #: Absent or null: every SKU.
+    allowed_skus: list[Id] | None = None
+    #: Requests a second through the daemon; absent: the server's default_rate_limit.
+    rate_limit: RateLimit | None = None
+
+
+class DistributorPatch(_In):
+    name: Name | UnsetType = UNSET
+    tier: Id | None | UnsetType = UNSET
+    credit_limit: Amount | UnsetType = UNSET
+    allowed_skus: list[Id] | None | UnsetType = UNSET
+    status: Literal["active", "suspended"] | UnsetType = UNSET
+    rate_limit: RateLimit | UnsetType = UNSET
+
+
+class TopupRequest(_In):
+    amount: Annotated[int, msgspec.Meta(ge=1, le=10**15)]
+    #: Your id for the payment: a repeat with the same reference credits once.
+    reference: Ref
+
+
+class BatchQuery(_In):
+    sku: Id
+    supplier: Id
+    unit_cost: Amount
+    #: Resend with the same batch_id to resume an interrupted upload.
+    batch_id: Id | None = None
+
+
+class ExportQuery(_In):
+    from_: Aware | None = msgspec.field(default=None, name="from")
+    to: Aware | None = None
+
+
+# ---- responses -------------------------------------------------------------------------
+
+class _Out(msgspec.Struct, omit_defaults=True):
+    pass
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    #: True when the same request may succeed if sent again (later).
+    retryable: bool
+
+
+class ErrorBody(_Out):
+    error: ErrorDetail
+
+
+class Status(_Out):
+    status: str
+
+
+class NewKey(_Out):
+    distributor: str
+    #: Shown once: only its hash is stored. The previous key stops working.
+    api_key: str
+
+
+class AdminDistributor(Distributor, omit_defaults=False):
+    #: Requests a second through the daemon (0: unlimited).
+    rate_limit: int = 0
+
+
+class CreatedDistributor(_Out):
+    distributor: AdminDistributor
+    #: Shown once: only its hash is stored.
+    api_key: str
+
+
+class VoidReport(_Out):
+    batch_id: str
+    #: Unsold codes withdrawn from the pool now.
+    voided: int

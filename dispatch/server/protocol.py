@@ -1,0 +1,538 @@
+"""One HTTP/1.1 connection: an asyncio.Protocol over httptools' parser.
+
+Requests on a connection are answered one at a time, in the order they arrived
+(pipelining); a request is queued as soon as its headers are in, so a streamed
+upload reaches its handler while its body is still arriving. Flow control works
+both ways: reading pauses while too many requests wait or an upload's consumer
+falls behind, and the next request waits while the client does not read.
+
+Limits and hostile clients, all from the Config:
+
+- request line + headers over ``max_header_bytes``, a body over ``max_body_bytes``
+  (``max_import_bytes`` for uploads): 413 and close;
+- bytes that are not HTTP: 400 and close;
+- headers not complete ``header_timeout_s`` after the first byte, a JSON body not
+  complete ``body_timeout_s`` after the headers, an upload silent for
+  ``body_timeout_s``, a keep-alive connection idle for ``keepalive_timeout_s``:
+  the connection is closed (nothing reached the engine); a client that reads
+  none of its answers for ``body_timeout_s`` is cut off;
+- beyond ``max_connections`` open connections a new one is closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from ..errors import BadRequestError, DispatchError, PayloadTooLargeError
+from .responses import STATUS_LINES, Reply, StreamReply, error_reply
+
+if TYPE_CHECKING:
+    from .app import App
+    from .routes import Route
+
+__all__ = ["HttpProtocol", "Request", "BodyStream", "ClientGone"]
+
+log = logging.getLogger("dispatch.server")
+
+_PIPELINE_MAX = 32             # requests queued on one connection before reading pauses
+_STREAM_HIGH = 1 << 20         # upload bytes buffered before reading pauses ...
+_STREAM_LOW = 1 << 18          # ... and resumes
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ClientGone(Exception):
+    """The connection closed before the request was answered."""
+
+
+class Request:
+    """One parsed request; ``body`` is bytes, or ``stream`` an upload being received."""
+
+    __slots__ = ("method", "target", "path", "query", "headers", "http11", "keep_alive", "route", "params",
+                 "error", "body", "stream", "complete", "expect_continue", "distributor", "started", "_waiter",
+                 "_parts", "_size")
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = b""
+        self.path = ""
+        self.query = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.http11 = True
+        self.keep_alive = True
+        self.route: Route | None = None
+        self.params: dict[str, str] = {}
+        self.error: DispatchError | None = None
+        self.body = b""
+        self.stream: BodyStream | None = None
+        self.complete = False
+        self.expect_continue = False
+        self.distributor: str | None = None
+        self.started = time.perf_counter()
+        self._waiter: asyncio.Future[None] | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @classmethod
+    def failed(cls, error: DispatchError) -> Request:
+        req = cls()
+        req.error, req.complete, req.keep_alive = error, True, False
+        return req
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The body is all in (or never will be, with *error*)."""
+        if self.complete:
+            return
+        self.complete = True
+        if self._parts:
+            self.body = b"".join(self._parts)
+            self._parts = []
+        if self.stream is not None:
+            self.stream.end(error)
+        w = self._waiter
+        if w is not None and not w.done():
+            if error is None:
+                w.set_result(None)
+            else:
+                w.set_exception(error)
+
+    async def wait(self) -> None:
+        if not self.complete:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+
+class BodyStream:
+    """An upload as an async iterator of byte blocks, with backpressure on the socket."""
+
+    __slots__ = ("_proto", "_req", "_blocks", "_buffered", "_error", "_done", "_waiter", "_started")
+
+    def __init__(self, proto: HttpProtocol, req: Request) -> None:
+        self._proto = proto
+        self._req = req
+        self._blocks: deque[bytes] = deque()
+        self._buffered = 0
+        self._error: BaseException | None = None
+        self._done = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._started = False
+
+    def feed(self, data: bytes) -> None:
+        self._blocks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _STREAM_HIGH:
+            self._proto.pause("stream")
+        self._wake()
+
+    def end(self, error: BaseException | None = None) -> None:
+        if error is not None and self._error is None:
+            self._error = error
+        self._done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def __aiter__(self) -> BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._started:
+            self._started = True
+            self._proto.send_continue(self._req)
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._blocks:
+                block = self._blocks.popleft()
+                self._buffered -= len(block)
+                if self._buffered < _STREAM_LOW:
+                    self._proto.resume("stream")
+                return block
+            if self._done:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+
+class HttpProtocol(asyncio.Protocol):
+    """Parses requests, queues them in order, and writes the App's replies."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        cfg = app.config
+        self._max_header = cfg.max_header_bytes
+        self._max_body = cfg.max_body_bytes
+        self._max_import = cfg.max_import_bytes
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._queue: deque[Request] = deque()
+        self._runner: asyncio.Task[None] | None = None
+        self._req: Request | None = None       # the request being parsed
+        self._url = b""
+        self._header_bytes = 0
+        self._phase = "idle"                   # idle | headers | body: what the parser waits for
+        self._parsing = True                   # False once nothing more will be read
+        self._paused: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._draining = False
+        self.closed = False
+
+    # ---- connection ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
+        if not self.app.admit(self):
+            self.closed, self._parsing = True, False
+            transport.close()
+            return
+        self._rearm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed, self._parsing = True, False
+        self._disarm()
+        self.app.forget(self)
+        gone = ClientGone()
+        for req in self._queue:
+            req.finish(gone)
+        if self._req is not None:
+            self._req.finish(gone)
+        self._wake_drain()
+
+    def close(self, *, abort: bool = False) -> None:
+        """Close after what is buffered is sent, or at once with *abort*."""
+        if not self.closed:
+            self.closed, self._parsing = True, False
+            self._disarm()
+            assert self.transport is not None
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: answer what was received, read nothing new, then close."""
+        self._draining = True
+        if self.closed:
+            return
+        if not self._queue and self._runner is None:
+            self.close()
+        elif self._phase != "body":  # a request still arriving in headers never reached the engine
+            self._stop_reading("shutdown")
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and self._runner is None
+
+    # ---- flow control --------------------------------------------------------------------
+    def pause(self, reason: str) -> None:
+        if not self._paused and not self.closed:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._disarm()  # a client we do not read from is not slow
+        self._paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and not self.closed:
+                assert self.transport is not None
+                self.transport.resume_reading()
+                self._rearm()
+
+    def _stop_reading(self, reason: str) -> None:
+        self._parsing = False
+        self.pause(reason)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _drain(self) -> None:
+        """Wait while the client does not read what we sent (at most body_timeout_s)."""
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._drain_waiter, self.app.config.body_timeout_s)
+            except asyncio.TimeoutError:
+                self.app.metrics.timeout("write")
+                log.info("closing a connection: its client stopped reading")
+                self.close(abort=True)  # a plain close would wait for the unread buffer forever
+
+    # ---- timers ----------------------------------------------------------------------------
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _rearm(self) -> None:
+        """The timer that fits the parser's phase: header, body, or keep-alive idle."""
+        self._disarm()
+        if self.closed or self._paused:
+            return
+        cfg = self.app.config
+        if self._phase == "headers":
+            delay, kind = cfg.header_timeout_s, "header"
+        elif self._phase == "body":
+            delay, kind = cfg.body_timeout_s, "body"
+        elif self.idle:
+            delay, kind = cfg.keepalive_timeout_s, "idle"
+        else:
+            return  # a request is being answered: the client waits for us
+        self._timer = self._loop.call_later(delay, self._timed_out, kind)
+
+    def _timed_out(self, kind: str) -> None:
+        self._timer = None
+        self.app.metrics.timeout(kind)
+        if kind != "idle":
+            log.info("closing a connection: %s timeout", kind)
+        self.close()
+
+    # ---- parser callbacks --------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if not self._parsing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request asking for another protocol is answered as plain HTTP; what
+            # follows it is not HTTP, so nothing more is read.
+            if self._queue and self._req is None:
+                self._queue[-1].keep_alive = False
+                self._stop_reading("upgrade")
+            else:
+                self._reject(BadRequestError("protocol upgrades are not supported"))
+        except httptools.HttpParserError as e:
+            if self._parsing:  # not a limit we stopped at ourselves
+                self._reject(BadRequestError(f"malformed HTTP request: {e}"))
+
+    def on_message_begin(self) -> None:
+        if not self._parsing:
+            return
+        self._req = Request()
+        self._url = b""
+        self._header_bytes = 0
+        self._phase = "headers"
+        self._rearm()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_header(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._req
+        if req is None or not self._parsing:
+            return
+        self._count_header(len(name) + len(value) + 4)
+        name = name.lower()
+        earlier = req.headers.get(name)
+        req.headers[name] = value if earlier is None else earlier + b", " + value
+
+    def _count_header(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self._max_header and self._parsing:
+            self._reject(PayloadTooLargeError(f"request line and headers are over {self._max_header} bytes"))
+
+    def on_headers_complete(self) -> None:
+        req = self._req
+        if req is None or not self._parsing:
+            return
+        p = self._parser
+        req.method = p.get_method().decode("ascii", "replace")
+        req.http11 = p.get_http_version() == "1.1"
+        req.keep_alive = p.should_keep_alive()
+        req.target = self._url
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            self._reject(BadRequestError("malformed request target"))
+            return
+        req.query = url.query or b""
+        try:
+            req.path = (url.path or b"/").decode()
+        except UnicodeDecodeError:
+            self._reject(BadRequestError("the request path is not UTF-8"))
+            return
+        try:
+            req.route, req.params = self.app.router.match(req.method, req.path)
+        except DispatchError as e:
+            req.error = e
+        streamed = req.route is not None and req.route.stream and req.error is None
+        limit = self._max_import if streamed else self._max_body
+        length = req.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._reject(PayloadTooLargeError(f"the body is over {limit} bytes"))
+            return
+        req.expect_continue = req.headers.get(b"expect", b"").lower() == b"100-continue"
+        if streamed:
+            req.stream = BodyStream(self, req)
+        self._queue.append(req)
+        self._phase = "body"
+        self._rearm()
+        self._kick()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._req
+        if req is None or not self._parsing:
+            return
+        req._size += len(body)
+        if req.stream is not None:
+            if req._size > self._max_import:
+                self._reject(PayloadTooLargeError(f"the upload is over {self._max_import} bytes"))
+                return
+            req.stream.feed(body)
+            self._rearm()  # an upload may take long; it may not stall
+        else:
+            if req._size > self._max_body:
+                self._reject(PayloadTooLargeError(f"the body is over {self._max_body} bytes"))
+                return
+            req._parts.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self._req
+        if req is None or not self._parsing:
+            return
+        self._req = None
+        self._phase = "idle"
+        req.finish()
+        if not req.keep_alive or self._draining:
+            self._stop_reading("close")  # nothing after this request will be answered
+        elif len(self._queue) >= _PIPELINE_MAX:
+            self.pause("pipeline")
+        self._rearm()
+
+    def _reject(self, error: DispatchError) -> None:
+        """Parsing cannot go on: answer *error* in turn, then close."""
+        self._stop_reading("rejected")
+        self._phase = "idle"
+        req, self._req = self._req, None
+        if req is not None and req in self._queue:  # its headers were queued: it takes the error
+            req.error, req.keep_alive = error, False
+            req.finish(error)
+        else:
+            self._queue.append(Request.failed(error))
+        self._kick()
+
+    # ---- answering ---------------------------------------------------------------------------
+    def _kick(self) -> None:
+        if self._runner is None and self._queue and not self.closed:
+            self._runner = self._loop.create_task(self._run())
+            self.app.track(self._runner)
+
+    async def _run(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                req = self._queue[0]
+                reply = await self._answer(req)
+                if reply is None or self.closed:
+                    self.close()
+                    break
+                # Close when the body was not all read (or could not be), the client asked,
+                # or we are stopping and this is the last request received.
+                keep = req.keep_alive and req.complete and not (self._draining and len(self._queue) == 1)
+                if isinstance(reply, StreamReply):
+                    keep = await self._send_stream(req, reply, keep)
+                else:
+                    self._send(req, reply, keep)
+                self._queue.popleft()
+                self.app.observe(req, reply.status)
+                if not keep:
+                    self.close()
+                    break
+                if len(self._queue) < _PIPELINE_MAX // 2:
+                    self.resume("pipeline")
+                await self._drain()
+        finally:
+            self._runner = None
+            if not self.closed:
+                if self._draining and not self._queue:
+                    self.close()
+                else:
+                    self._rearm()
+                    self._kick()
+
+    async def _answer(self, req: Request) -> Reply | StreamReply | None:
+        if req.error is not None and req.route is None:
+            return error_reply(req.error)
+        if req.stream is None and not req.complete:
+            self.send_continue(req)
+            try:
+                await req.wait()
+            except ClientGone:
+                return None
+            except DispatchError as e:  # stopped at a limit
+                return error_reply(e)
+        return await self.app.handle(req)
+
+    def send_continue(self, req: Request) -> None:
+        """``100 Continue`` for a client that waits for it before sending the body."""
+        if req.expect_continue and not req.complete and not self.closed:
+            req.expect_continue = False
+            assert self.transport is not None
+            self.transport.write(_CONTINUE)
+
+    def _head(self, req: Request, status: int, content_type: bytes, length: int | None,
+              headers: list[tuple[bytes, bytes]], keep: bool) -> list[bytes]:
+        parts = [STATUS_LINES[status], b"content-type: ", content_type, b"\r\n", self.app.date_header()]
+        if length is not None:
+            parts += [b"content-length: ", str(length).encode(), b"\r\n"]
+        elif req.http11:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        for name, value in headers:
+            parts += [name, b": ", value, b"\r\n"]
+        if not keep:
+            parts.append(b"connection: close\r\n")
+        elif not req.http11:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return parts
+
+    def _send(self, req: Request, reply: Reply, keep: bool) -> None:
+        parts = self._head(req, reply.status, reply.content_type, len(reply.body), reply.headers, keep)
+        parts.append(reply.body)
+        assert self.transport is not None
+        self.transport.write(b"".join(parts))
+
+    async def _send_stream(self, req: Request, reply: StreamReply, keep: bool) -> bool:
+        """Send a body block by block: chunked on HTTP/1.1, until close on HTTP/1.0."""
+        chunked = req.http11
+        keep = keep and chunked
+        assert self.transport is not None
+        write = self.transport.write
+        write(b"".join(self._head(req, reply.status, reply.content_type, None, reply.headers, keep)))
+        blocks: Any = reply.blocks
+        try:
+            async for block in blocks:
+                if self.closed:
+                    return False
+                if block:
+                    write(b"%x\r\n%b\r\n" % (len(block), block) if chunked else block)
+                await self._drain()
+        except Exception:
+            # The status line is out: all that is left to say "failed" is to cut the body short.
+            log.exception("a streamed response failed; closing the connection")
+            return False
+        finally:
+            aclose = getattr(blocks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if chunked and not self.closed:
+            write(b"0\r\n\r\n")
+        return keep

@@ -1,0 +1,412 @@
+"""The route table: every endpoint of HTTP API v1, one small handler each.
+
+A route declares who may call it (``auth``), the Struct its JSON body and query
+string decode into, and what it answers; the generic code in :meth:`Router.call`
+does the checking and decoding, so a handler only calls the engine and returns a
+Struct (sent with the route's status), ``(status, Struct)``, or a Reply. Errors are
+raised, never built here (see responses.py).
+
+Tickets (``POST /v1/tickets``, ``GET /v1/tickets/{id}``, ``POST
+/admin/tickets/{id}/resolve``, ``GET /admin/suppliers/{id}/report``) come with a
+later issue; until then they are unknown routes (404 not_found).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote
+
+import msgspec
+
+from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
+from ..models import Balance, BatchReport, CatalogItem, Distributor, Order, OrderPage, Sku, Stock, Supplier, Tier
+from . import messages as m
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .responses import Reply, StreamReply, json_reply
+
+if TYPE_CHECKING:
+    from .app import App
+    from .protocol import Request
+
+__all__ = ["Route", "Router", "ROUTES", "Catalog"]
+
+Auth = Literal["distributor", "admin", "none"]
+Handler = Callable[["Call"], Awaitable[Any]]
+
+# Path parameters: order ids are ULIDs; every other id is an admin-chosen Id.
+_PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}"}
+_ID = r"[A-Za-z0-9._-]{1,64}"
+
+
+class Catalog(msgspec.Struct):
+    skus: list[CatalogItem]
+
+
+class Route:
+    __slots__ = ("method", "template", "handler", "auth", "body", "query", "stream", "status", "out",
+                 "summary", "_decode", "_segments")
+
+    def __init__(self, method: str, template: str, handler: Handler, *, auth: Auth, body: type | None,
+                 query: type | None, stream: bool, status: int, out: dict[int, Any]) -> None:
+        self.method = method
+        self.template = template
+        self.handler = handler
+        self.auth = auth
+        self.body = body
+        self.query = query
+        self.stream = stream
+        self.status = status
+        self.out = out
+        self.summary = (handler.__doc__ or handler.__name__).strip().splitlines()[0]
+        self._decode = msgspec.json.Decoder(body or m.Empty).decode
+        self._segments = [(s[1:-1], re.compile(_PARAM.get(s[1:-1], _ID)))
+                          if s.startswith("{") else s for s in template.split("/")]
+
+    @property
+    def params(self) -> list[tuple[str, str]]:
+        """(name, pattern) of the path parameters, in order."""
+        return [(s[0], s[1].pattern) for s in self._segments if isinstance(s, tuple)]
+
+    def match(self, parts: list[str]) -> dict[str, str] | None:
+        if len(parts) != len(self._segments):
+            return None
+        params = {}
+        for seg, part in zip(self._segments, parts):
+            if isinstance(seg, str):
+                if seg != part:
+                    return None
+            else:
+                value = unquote(part)
+                if not seg[1].fullmatch(value):
+                    return None
+                params[seg[0]] = value
+        return params
+
+    def decode_body(self, body: bytes) -> Any:
+        if not body.strip():
+            if self.body is None:
+                return None
+            raise ValidationError("a JSON body is required")
+        try:
+            return self._decode(body)
+        except msgspec.ValidationError as e:
+            raise ValidationError(f"invalid body: {e}") from None
+        except msgspec.DecodeError as e:
+            raise ValidationError(f"the body is not valid JSON: {e}") from None
+
+    def decode_query(self, raw: bytes) -> Any:
+        values: dict[str, str] = {}
+        for pair in raw.split(b"&") if raw else ():
+            if not pair:
+                continue
+            name, _, value = pair.partition(b"=")
+            key = unquote(name.decode("latin-1"))
+            if key in values:
+                raise ValidationError(f"query parameter {key!r} is given twice")
+            values[key] = unquote(value.decode("latin-1"))
+        if self.query is None:
+            if values:
+                raise ValidationError(f"unknown query parameter {next(iter(values))!r}")
+            return None
+        try:
+            return msgspec.convert(values, self.query, strict=False)
+        except msgspec.ValidationError as e:
+            raise ValidationError(f"invalid query string: {e}".replace("`$.", "`")) from None
+
+
+ROUTES: list[Route] = []
+
+
+def route(method: str, template: str, *, auth: Auth, body: type | None = None, query: type | None = None,
+          stream: bool = False, status: int = 200, out: Any = None) -> Callable[[Handler], Handler]:
+    """Add the decorated handler to ROUTES. *out*: the response type (or {status: type})."""
+    def add(handler: Handler) -> Handler:
+        outs = out if isinstance(out, dict) else {status: out}
+        ROUTES.append(Route(method, template, handler, auth=auth, body=body, query=query, stream=stream,
+                            status=status, out=outs))
+        return handler
+    return add
+
+
+class Call:
+    """What a handler gets: the engine, the decoded request, and who is asking."""
+
+    __slots__ = ("app", "engine", "request", "params", "body", "query", "distributor")
+
+    def __init__(self, app: App, request: Request) -> None:
+        self.app = app
+        self.engine = app.engine
+        self.request = request
+        self.params = request.params
+        self.body: Any = None
+        self.query: Any = None
+        self.distributor = ""
+
+
+class Router:
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+        self._static: dict[str, dict[str, Route]] = {}
+        self._dynamic: list[Route] = []
+        for r in routes:
+            if "{" in r.template:
+                self._dynamic.append(r)
+            else:
+                self._static.setdefault(r.template, {})[r.method] = r
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """The route for *method* and *path*, or NotFoundError / MethodNotAllowedError."""
+        by_method = self._static.get(path)
+        params: dict[str, str] = {}
+        if by_method is None:
+            by_method = {}
+            parts = path.split("/")
+            for r in self._dynamic:
+                got = r.match(parts)
+                if got is not None:
+                    by_method.setdefault(r.method, r)
+                    params = got if r.method == method else params
+        if not by_method:
+            raise NotFoundError(f"no such endpoint: {method} {path[:200]}")
+        r = by_method.get(method)
+        if r is None:
+            allow = sorted(by_method)
+            raise MethodNotAllowedError(f"{method} is not allowed here; use {', '.join(allow)}", allow=allow)
+        return r, params
+
+    async def call(self, app: App, req: Request) -> Reply | StreamReply:
+        route = req.route
+        assert route is not None
+        c = Call(app, req)
+        if route.auth == "admin":
+            app.auth.admin(req)
+        elif route.auth == "distributor":
+            access = await app.auth.distributor(req)
+            req.distributor = c.distributor = access.distributor
+            if access.rate_limit:
+                wait = await app.engine.throttle(access.distributor, access.rate_limit)
+                if wait:
+                    raise RateLimitedError(f"over {access.rate_limit} requests a second", retry_after=wait)
+        c.query = route.decode_query(req.query)
+        if not route.stream and req.method in ("POST", "PATCH", "PUT"):
+            c.body = route.decode_body(req.body)
+        result = await route.handler(c)
+        if isinstance(result, (Reply, StreamReply)):
+            return result
+        if isinstance(result, tuple):
+            return json_reply(*result)
+        return json_reply(route.status, result)
+
+
+# ============================================================================================
+# distributor endpoints
+# ============================================================================================
+
+@route("POST", "/v1/orders", auth="distributor", body=m.OrderRequest, status=201, out={201: Order, 200: Order})
+async def create_order(c: Call) -> Any:
+    """Buy codes: 201 with a new order, 200 with the same order again for a replay."""
+    b: m.OrderRequest = c.body
+    try:
+        order = await c.engine.purchase(c.distributor, b.sku, b.qty, b.external_ref, mode=b.mode,
+                                        reserve_ttl_s=b.reserve_ttl_s, max_unit_price=b.max_unit_price,
+                                        allow_partial=b.allow_partial)
+    except Exception as e:
+        c.app.metrics.order(getattr(e, "code", "internal_error"))
+        raise
+    if order.replayed:
+        c.app.metrics.order("replayed")
+        return 200, order
+    c.app.metrics.order(order.status, len(order.codes))
+    return 201, order
+
+
+@route("POST", "/v1/orders/{order_id}/confirm", auth="distributor", out=Order)
+async def confirm_order(c: Call) -> Order:
+    """Confirm a reservation: its codes are sold (and shown), the money is taken."""
+    order = await c.engine.confirm(c.distributor, c.params["order_id"])
+    c.app.metrics.delivered(len(order.codes))
+    return order
+
+
+@route("POST", "/v1/orders/{order_id}/cancel", auth="distributor", out=Order)
+async def cancel_order(c: Call) -> Order:
+    """Cancel a reservation: its codes go back to stock, the hold is released."""
+    return await c.engine.cancel(c.distributor, c.params["order_id"])
+
+
+@route("GET", "/v1/orders/{order_id}", auth="distributor", out=Order)
+async def get_order(c: Call) -> Order:
+    """One of your orders, with its codes."""
+    return await c.engine.get_order(c.distributor, c.params["order_id"])
+
+
+@route("GET", "/v1/orders", auth="distributor", query=m.OrderQuery, out=OrderPage | Order)
+async def list_orders(c: Call) -> Order | OrderPage:
+    """Your orders a page at a time (pass next_cursor back), or the one with ?external_ref=."""
+    q: m.OrderQuery = c.query
+    if q.external_ref is not None:
+        if (q.status, q.since, q.cursor) != (None, None, None):
+            raise ValidationError("external_ref cannot be combined with status, since or cursor")
+        return await c.engine.get_order_by_ref(c.distributor, q.external_ref)
+    return await c.engine.list_orders(c.distributor, status=q.status, since=q.since, cursor=q.cursor,
+                                      limit=q.limit)
+
+
+@route("GET", "/v1/skus", auth="distributor", out=Catalog)
+async def catalog(c: Call) -> Catalog:
+    """The SKUs you may buy, at your price, with their stock status."""
+    return Catalog(skus=await c.engine.catalog(c.distributor))
+
+
+@route("GET", "/v1/balance", auth="distributor", out=Balance)
+async def balance(c: Call) -> Balance:
+    """Your balance, the amount held by reservations, and your credit limit."""
+    return await c.engine.balance(c.distributor)
+
+
+# ============================================================================================
+# admin endpoints
+# ============================================================================================
+
+@route("POST", "/admin/skus", auth="admin", body=m.SkuCreate, status=201, out=Sku)
+async def create_sku(c: Call) -> Sku:
+    """Create a SKU."""
+    b: m.SkuCreate = c.body
+    return await c.engine.create_sku(b.sku, b.name, b.face_value, b.currency, b.price, b.low_stock_threshold)
+
+
+@route("PATCH", "/admin/skus/{sku}", auth="admin", body=m.SkuPatch, out=Sku)
+async def update_sku(c: Call) -> Sku:
+    """Change a SKU's name, price, low-stock threshold or status (paused stops sales at once)."""
+    b: m.SkuPatch = c.body
+    return await c.engine.update_sku(c.params["sku"], name=b.name, price=b.price,
+                                     low_stock_threshold=b.low_stock_threshold, status=b.status)
+
+
+@route("GET", "/admin/skus/{sku}/stock", auth="admin", out=Stock)
+async def stock(c: Call) -> Stock:
+    """A SKU's codes by state."""
+    return await c.engine.stock(c.params["sku"])
+
+
+@route("POST", "/admin/suppliers", auth="admin", body=m.SupplierCreate, status=201, out=Supplier)
+async def create_supplier(c: Call) -> Supplier:
+    """Create a supplier."""
+    b: m.SupplierCreate = c.body
+    return await c.engine.create_supplier(b.supplier, b.name, b.deposit)
+
+
+@route("POST", "/admin/tiers", auth="admin", body=m.TierCreate, status=201, out=Tier)
+async def create_tier(c: Call) -> Tier:
+    """Create a price tier: a discount, and explicit prices per SKU."""
+    b: m.TierCreate = c.body
+    return await c.engine.create_tier(b.tier, b.discount_bps, b.prices)
+
+
+async def _admin_view(c: Call, distributor: Distributor) -> m.AdminDistributor:
+    rate = await c.engine.rate_limit(distributor.distributor)
+    return m.AdminDistributor(**msgspec.structs.asdict(distributor), rate_limit=rate)
+
+
+@route("POST", "/admin/distributors", auth="admin", body=m.DistributorCreate, status=201, out=m.CreatedDistributor)
+async def create_distributor(c: Call) -> m.CreatedDistributor:
+    """Open a distributor account; its API key is in this answer only."""
+    b: m.DistributorCreate = c.body
+    new = await c.engine.create_distributor(b.distributor, b.name, b.tier, b.credit_limit, b.allowed_skus)
+    if b.rate_limit is not None:
+        await c.engine.set_rate_limit(b.distributor, b.rate_limit)
+    return m.CreatedDistributor(distributor=await _admin_view(c, new.distributor), api_key=new.api_key)
+
+
+@route("PATCH", "/admin/distributors/{distributor}", auth="admin", body=m.DistributorPatch,
+       out=m.AdminDistributor)
+async def update_distributor(c: Call) -> m.AdminDistributor:
+    """Change a distributor's tier, credit limit, allowed SKUs, status or rate limit."""
+    b: m.DistributorPatch = c.body
+    dist = c.params["distributor"]
+    d = await c.engine.update_distributor(dist, name=b.name, tier=b.tier, credit_limit=b.credit_limit,
+                                          allowed_skus=b.allowed_skus, status=b.status)
+    if b.rate_limit is not msgspec.UNSET:
+        await c.engine.set_rate_limit(dist, b.rate_limit)
+    return await _admin_view(c, d)
+
+
+@route("POST", "/admin/distributors/{distributor}/keys", auth="admin", out=m.NewKey)
+async def rotate_key(c: Call) -> m.NewKey:
+    """A new API key for the distributor; the old one stops working (within auth_cache_ttl_s)."""
+    dist = c.params["distributor"]
+    await c.engine.get_distributor(dist)  # rotate_api_key would make a key for anyone
+    return m.NewKey(distributor=dist, api_key=await c.engine.rotate_api_key(dist))
+
+
+@route("POST", "/admin/distributors/{distributor}/topup", auth="admin", body=m.TopupRequest, out=Balance)
+async def topup(c: Call) -> Balance:
+    """Credit a balance; the same reference credits once."""
+    b: m.TopupRequest = c.body
+    return await c.engine.topup(c.params["distributor"], b.amount, b.reference)
+
+
+_IMPORT_FORMATS = {b"text/plain": "text", b"text/csv": "csv", b"": "auto", b"application/octet-stream": "auto"}
+
+
+@route("POST", "/admin/batches", auth="admin", query=m.BatchQuery, stream=True, status=201, out=BatchReport)
+async def import_batch(c: Call) -> BatchReport:
+    """Upload a batch of codes (text/plain: one a line; text/csv: with a header naming `code`), streamed."""
+    q: m.BatchQuery = c.query
+    ctype = c.request.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    fmt = _IMPORT_FORMATS.get(ctype)
+    if fmt is None:
+        raise ValidationError("Content-Type must be text/plain (one code a line) or text/csv")
+    return await c.engine.import_codes(c.request.stream, sku=q.sku, supplier=q.supplier, unit_cost=q.unit_cost,
+                                       batch_id=q.batch_id, format=fmt)
+
+
+@route("POST", "/admin/batches/{batch_id}/void", auth="admin", out=m.VoidReport)
+async def void_batch(c: Call) -> m.VoidReport:
+    """Withdraw a batch's unsold codes from sale."""
+    batch_id = c.params["batch_id"]
+    return m.VoidReport(batch_id=batch_id, voided=await c.engine.void_batch(batch_id))
+
+
+@route("GET", "/admin/orders/export", auth="admin", query=m.ExportQuery, out=str)
+async def export_orders(c: Call) -> StreamReply:
+    """Every distributor's orders created in [from, to), as CSV (streamed; no codes)."""
+    q: m.ExportQuery = c.query
+    return StreamReply(200, c.engine.export_orders(q.from_, q.to), b"text/csv; charset=utf-8",
+                       [(b"content-disposition", b'attachment; filename="orders.csv"')])
+
+
+# ============================================================================================
+# operations
+# ============================================================================================
+
+@route("GET", "/healthz", auth="none", out=m.Status)
+async def healthz(c: Call) -> m.Status:
+    """The process is up."""
+    return m.Status("ok")
+
+
+@route("GET", "/readyz", auth="none", out=m.Status)
+async def readyz(c: Call) -> Any:
+    """Redis answers and the scripts are loaded (503 while shutting down or when it does not)."""
+    if c.app.draining:
+        return 503, m.Status("shutting_down")
+    try:
+        await c.engine.ready()
+    except StoreUnavailableError:
+        return 503, m.Status("store_unavailable")
+    return m.Status("ready")
+
+
+@route("GET", "/metrics", auth="none", out=str)
+async def metrics(c: Call) -> Reply:
+    """Prometheus metrics of this process."""
+    return Reply(200, await c.app.metrics.render(), METRICS_TYPE)
+
+
+@route("GET", "/openapi.json", auth="none", out=dict)
+async def openapi(c: Call) -> Reply:
+    """This API's OpenAPI 3.1 document."""
+    return Reply(200, c.app.openapi)

@@ -1,0 +1,129 @@
+"""The ``dispatch`` command against a real redis-server: catalog, money, imports,
+exports, master key rotation, and one-line errors."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+
+from dispatch import SyncEngine
+from dispatch.cli import main
+from dispatch.errors import DispatchError
+
+from .conftest import codes_text, make_config
+
+
+@pytest.fixture
+def env(flushed_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {"DISPATCH_REDIS_URL": flushed_redis_url, "DISPATCH_DATA_DIR": str(tmp_path / "data"),
+              "DISPATCH_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COLUMNS", "200")
+    return values
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def engine(env: dict[str, str], tmp_path: Path, **overrides: object) -> SyncEngine:
+    values: dict[str, object] = dict(redis_url=env["DISPATCH_REDIS_URL"], master_key=env["DISPATCH_MASTER_KEY"])
+    values.update(overrides)
+    return SyncEngine(make_config(tmp_path, **values), sweep=False)
+
+
+def test_catalog_money_and_errors(env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "sku", "create", "g100", "--name", "Game 100", "--face-value", "10000", "--currency", "CNY",
+               "--price", "9500", "--low-stock", "3")[0] == 0
+    rc, out, _ = run(capsys, "sku", "update", "g100", "--price", "9400", "--status", "paused")
+    assert rc == 0 and "9400" in out and "paused" in out
+    rc, out, _ = run(capsys, "sku", "list")
+    assert "g100" in out and "Game 100" in out
+    assert run(capsys, "supplier", "create", "sup", "--name", "Supplier", "--deposit", "100")[0] == 0
+    assert "Supplier" in run(capsys, "supplier", "list")[1]
+    assert run(capsys, "tier", "create", "gold", "--discount-bps", "500", "--price", "g100=9000")[0] == 0
+    assert "g100=9000" in run(capsys, "tier", "list")[1]
+    rc, out, _ = run(capsys, "distributor", "create", "shop", "--name", "Shop", "--tier", "gold",
+                     "--allowed-skus", "g100", "--rate-limit", "20")
+    assert rc == 0
+    key = re.search(r"dk_[A-Za-z0-9_-]+", out)
+    assert key is not None
+    rc, out, _ = run(capsys, "distributor", "update", "shop", "--status", "suspended", "--credit-limit", "50")
+    assert rc == 0 and "suspended" in out
+    rc, out, _ = run(capsys, "topup", "shop", "5000", "--reference", "w-1")
+    assert rc == 0 and "5000" in out
+    rc, out, _ = run(capsys, "distributor", "list")
+    assert "shop" in out and "suspended" in out and "20" in out
+    rc, out, _ = run(capsys, "stock", "g100")
+    assert rc == 0 and "out_of_stock" in out
+    with engine(env, tmp_path) as e:
+        assert e.authenticate(key[0]) == "shop"
+        assert e.rate_limit("shop") == 20
+        d = e.get_distributor("shop")
+        assert (d.tier, d.credit_limit, d.balance, d.allowed_skus) == ("gold", 50, 5000, ["g100"])
+
+    rc, out, err = run(capsys, "stock", "nope")
+    assert (rc, out, err) == (1, "", "error: unknown SKU nope\n")
+    rc, _, err = run(capsys, "topup", "shop", "6000", "--reference", "w-1")
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1
+    rc, _, err = run(capsys, "import", str(tmp_path / "missing.txt"), "--sku", "g100", "--supplier", "sup",
+                     "--cost", "1")
+    assert rc == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_import_and_export(env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "sku", "create", "g100", "--name", "G", "--face-value", "100", "--currency", "CNY", "--price", "90")
+    run(capsys, "supplier", "create", "sup", "--name", "S")
+    f = tmp_path / "codes.txt"
+    f.write_bytes(codes_text("CLI", 50) + b"CLI0000000000001\nbad\x01\n")
+    rc, out, _ = run(capsys, "import", str(f), "--sku", "g100", "--supplier", "sup", "--cost", "80",
+                     "--batch-id", "cli-1")
+    assert rc == 0 and "cli-1" in out
+    row = re.search(r"g100\s*│\s*sup\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)", out)
+    assert row is not None and row.groups() == ("50", "1", "1"), out
+    assert "control character" in out
+    with engine(env, tmp_path) as e:
+        e.create_distributor("shop", "Shop")
+        e.topup("shop", 10_000, "w")
+        order = e.purchase("shop", "g100", 2, "po-1")
+    out_file = tmp_path / "orders.csv"
+    rc, _, err = run(capsys, "export", "orders", "--from", "2000-01-01", "--out", str(out_file))
+    assert rc == 0 and "1 orders written" in err
+    lines = out_file.read_text().splitlines()
+    assert lines[0].startswith("order_id,") and lines[1].startswith(f"{order.order_id},shop,po-1,g100,2,2,90,180,")
+    assert order.codes[0].code not in out_file.read_text()
+    rc, out, _ = run(capsys, "export", "orders", "--to", "2000-01-01")
+    assert rc == 0 and out.count("\n") == 1
+
+
+def test_master_key_rotation(env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = env["DISPATCH_MASTER_KEY"]
+    with engine(env, tmp_path) as e:
+        e.create_sku("g100", "G", 100, "CNY", 90)
+        e.create_supplier("sup", "S")
+        e.import_codes(codes_text("ROT", 5), sku="g100", supplier="sup", unit_cost=80)
+        e.create_distributor("shop", "Shop")
+        e.topup("shop", 10_000, "w")
+        before = e.purchase("shop", "g100", 1, "po-1")
+    rc, out, _ = run(capsys, "keys")
+    assert rc == 0
+    new = re.search(r"DISPATCH_MASTER_KEY=(\S+)", out)
+    kept = re.search(r'DISPATCH_OLD_MASTER_KEYS="([^"]+)"', out)
+    assert new is not None and kept is not None and kept[1] == old and new[1] != old
+    # with the new key first and the old one kept: old codes read, fingerprints unchanged
+    with engine(env, tmp_path, master_key=new[1], old_master_keys=(old,)) as e:
+        assert e.get_order("shop", before.order_id).codes == before.codes
+        again = e.import_codes(codes_text("ROT", 5), sku="g100", supplier="sup", unit_cost=80)
+        assert (again.accepted, again.duplicate) == (0, 5)
+        assert e.purchase("shop", "g100", 1, "po-2").status == "delivered"
+        assert e.audit() == []
+    # the old configuration can no longer read the fingerprint key
+    with pytest.raises(DispatchError):
+        engine(env, tmp_path)
