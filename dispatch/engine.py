@@ -73,7 +73,7 @@ from .models import (
     Tier,
 )
 from .store import Store, keys
-from .vault import _FPKEY_AAD, Vault, load_master_keys
+from .vault import Vault, load_master_keys
 
 __all__ = ["Engine"]
 
@@ -371,6 +371,8 @@ class Engine:
 
     async def rotate_api_key(self, distributor: str) -> str:
         """A new API key for the distributor; the previous one stops working at once."""
+        if not await self.store.account(distributor):
+            raise NotFoundError(f"unknown distributor {distributor}")
         api_key = "dk_" + secrets.token_urlsafe(32)
         await self.store.set_api_key(distributor, self._key_hash(api_key))
         return api_key
@@ -606,12 +608,7 @@ class Engine:
         meta, stats = await self.store.sku(sku)
         if not meta:
             raise UnknownSkuError(f"unknown SKU {sku}")
-        available = stats.get("available", 0)
-        threshold = int(meta.get("low_stock_threshold", 0))
-        state = "out_of_stock" if available <= 0 else "low_stock" if available <= threshold else "in_stock"
-        return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
-                     reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
-                     invalidated=stats.get("invalidated", 0), stock_status=state)
+        return self._stock_of(sku, meta, stats)
 
     # ---- import ------------------------------------------------------------------------
     async def import_codes(self, source: Any, *, sku: str, supplier: str, unit_cost: int,
@@ -983,7 +980,7 @@ class Engine:
         wrapped = await self.store.wrapped_fingerprint_key()
         if wrapped is None:
             raise DispatchError("no fingerprint key is stored")
-        rewrapped = vault.wrap_fingerprint_key(self.vault.decrypt(wrapped, _FPKEY_AAD))
+        rewrapped = vault.wrap_fingerprint_key(self.vault.unwrap_fingerprint_key(wrapped))
         if not await self.store.swap_fingerprint_key(wrapped, rewrapped):
             raise ConflictError("the fingerprint key changed meanwhile (another rotation?); try again")
         return KeyRotation(master_key=base64.b64encode(new).decode(),

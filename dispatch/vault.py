@@ -104,8 +104,11 @@ class Vault:
     def wrap_fingerprint_key(self, key: bytes) -> bytes:
         return self.encrypt(key, _FPKEY_AAD)
 
+    def unwrap_fingerprint_key(self, wrapped: bytes) -> bytes:
+        return self.decrypt(wrapped, _FPKEY_AAD)
+
     def set_fingerprint_key(self, wrapped: bytes) -> None:
-        self._fp_key = self.decrypt(wrapped, _FPKEY_AAD)
+        self._fp_key = self.unwrap_fingerprint_key(wrapped)
 
     def fingerprint(self, code: bytes) -> bytes:
         if self._fp_key is None:

@@ -360,3 +360,8 @@ async def test_one_order_twice_in_one_take_call(shop: Engine) -> None:
     assert again[0] == replies[0]
     stock = await shop.stock("g100")
     assert (stock.available, stock.sold) == (2, 3)
+
+
+async def test_no_key_for_a_distributor_that_does_not_exist(shop: Engine) -> None:
+    with pytest.raises(errors.NotFoundError):
+        await shop.rotate_api_key("ghost")
