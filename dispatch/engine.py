@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
@@ -187,6 +187,7 @@ class Engine:
         self._vault: Vault | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._sagas: set[asyncio.Future[Order]] = set()
         self._begin, self._take, self._commit, self._settle, self._sku_settle = (
             self._batcher(name) for name in ("begin", "take", "commit", "settle", "sku_settle"))
 
@@ -227,6 +228,8 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._sagas:  # orders mid-way finish before the coalescers drain
+            await asyncio.gather(*list(self._sagas), return_exceptions=True)
         for c in (self._begin, self._take, self._commit, self._settle, self._sku_settle):
             await c.drain()
         if self._store is not None:
@@ -472,7 +475,7 @@ class Engine:
         order_id = _order_id()
         item = (order_id, external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
         # Shielded: a caller that goes away must not leave its order half done.
-        return await asyncio.shield(self._purchase(distributor, item))
+        return await self._saga(self._purchase(distributor, item))
 
     async def _purchase(self, distributor: str, item: tuple[Any, ...]) -> Order:
         reply = await self._begin.submit(distributor, item)
@@ -536,11 +539,19 @@ class Engine:
 
     async def confirm(self, distributor: str, order_id: str) -> Order:
         """Confirm a reservation: its codes are sold and the money is taken."""
-        return await asyncio.shield(self._end_reservation(distributor, order_id, "confirm"))
+        return await self._saga(self._end_reservation(distributor, order_id, "confirm"))
 
     async def cancel(self, distributor: str, order_id: str) -> Order:
         """Cancel a reservation: its codes go back to stock and the hold is released."""
-        return await asyncio.shield(self._end_reservation(distributor, order_id, "cancel"))
+        return await self._saga(self._end_reservation(distributor, order_id, "cancel"))
+
+    def _saga(self, steps: Coroutine[Any, Any, Order]) -> Awaitable[Order]:
+        """Run an order's steps as a task of their own: a caller that goes away (a
+        client hanging up) does not leave the order half done, and close() waits for it."""
+        task = asyncio.ensure_future(steps)
+        self._sagas.add(task)
+        task.add_done_callback(self._sagas.discard)
+        return asyncio.shield(task)
 
     async def _end_reservation(self, distributor: str, order_id: str, action: str) -> Order:
         reply = await self._settle.submit(distributor, (order_id, action))

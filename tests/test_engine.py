@@ -365,3 +365,22 @@ async def test_one_order_twice_in_one_take_call(shop: Engine) -> None:
 async def test_no_key_for_a_distributor_that_does_not_exist(shop: Engine) -> None:
     with pytest.raises(errors.NotFoundError):
         await shop.rotate_api_key("ghost")
+
+
+async def test_close_lets_orders_in_flight_finish(shop: Engine, flushed_redis_url: str) -> None:
+    """Orders whose callers went away are finished by close(), not left pending."""
+    import redis.asyncio as aioredis
+
+    await stock_up(shop, 50)
+    calls = [asyncio.create_task(shop.purchase("acme", "g100", 1, f"gone-{i}")) for i in range(40)]
+    while len(shop._sagas) < 40:  # every order has begun its saga ...
+        await asyncio.sleep(0)
+    for c in calls:
+        c.cancel()                # ... and every caller goes away
+    await shop.close()
+    async with aioredis.from_url(flushed_redis_url) as r:  # what close() left behind
+        assert await r.zcard(keys.AcctKeys("acme").pending) == 0
+        assert await r.hlen(keys.AcctKeys("acme").codes) == 40
+    await shop.start()
+    assert await shop.audit() == []
+    assert (await shop.stock("g100")).sold == 40
