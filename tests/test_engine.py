@@ -384,3 +384,17 @@ async def test_close_lets_orders_in_flight_finish(shop: Engine, flushed_redis_ur
     await shop.start()
     assert await shop.audit() == []
     assert (await shop.stock("g100")).sold == 40
+
+
+async def test_large_amounts_stay_exact(shop: Engine) -> None:
+    """Money crosses Lua as doubles: amounts up to 10^15 must stay exact integers."""
+    await shop.create_sku("gold-bar", "Gold", 10**12, "CNY", 10**12 - 1)
+    await shop.import_codes(b"BAR-1\nBAR-2\n", sku="gold-bar", supplier="sup", unit_cost=1)
+    await shop.topup("beta", 10**15 - 7, "whale")
+    order = await shop.purchase("beta", "gold-bar", 2, "bars")
+    assert order.total == 2 * (10**12 - 1)
+    b = await shop.balance("beta")
+    assert b.balance == 1_000_000 + 10**15 - 7 - 2 * (10**12 - 1)
+    ledger = await shop.ledger("beta")
+    assert ledger[-1].balance == b.balance and sum(e.amount for e in ledger) == b.balance
+    assert await shop.audit() == []

@@ -37,8 +37,8 @@ local function ledger(kind, ref, balance_delta, held_delta)
   money()
   balance, held = balance + balance_delta, held + held_delta
   moved_balance, moved_held = moved_balance + balance_delta, moved_held + held_delta
-  entries[#entries + 1] = table.concat({kind, ref, int(balance_delta), int(held_delta), int(balance), int(held),
-                                         int(now_ms())}, '\31')
+  entries[#entries + 1] = string.format('%s\31%s\31%d\31%d\31%d\31%d\31%d', kind, ref, balance_delta, held_delta,
+                                        balance, held, now_ms())
   return balance, held
 end
 

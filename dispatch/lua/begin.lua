@@ -16,7 +16,11 @@ for _ = 1, tonumber(ARGV[1]) do
   local id, ref, digest, sku = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local qty, price = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   i = i + 10
-  local existing = opened[ref] or redis.call('HGET', KEYS[4], redis.call('HGET', KEYS[3], ref) or '')
+  local existing = opened[ref]
+  if not existing then
+    local earlier = redis.call('HGET', KEYS[3], ref)
+    existing = earlier and redis.call('HGET', KEYS[4], earlier)
+  end
   if existing then
     if cmsgpack.unpack(existing).digest == digest then
       out[#out + 1] = {'exists', cmsgpack.unpack(existing).id, existing}
