@@ -2,10 +2,16 @@
 
     async with dispatch.Engine(dispatch.Config.load()) as engine:
         order = await engine.purchase("acme", "steam-100", 1, external_ref="po-1")
+
+Importing the package is cheap: the engine (and Redis, cryptography) load on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import Config
-from .engine import Engine
 from .errors import (
     ConfigError,
     ConflictError,
@@ -39,7 +45,10 @@ from .models import (
     Supplier,
     Tier,
 )
-from .sync import SyncEngine
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .sync import SyncEngine
 
 __all__ = [
     # engine
@@ -54,3 +63,13 @@ __all__ = [
     "StoreUnavailableError", "UnauthorizedError", "UnknownSkuError", "ValidationError",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"Engine": ".engine", "SyncEngine": ".sync"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

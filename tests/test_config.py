@@ -45,3 +45,13 @@ def test_bad_files(tmp_path) -> None:
     typo.write_text("prot = 1\n")
     with pytest.raises(ConfigError, match="prot"):
         Config.load(typo, environ={})
+
+
+def test_importing_the_package_is_cheap() -> None:
+    """`import dispatch` loads neither Redis nor cryptography (the engine loads on first use)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import dispatch, sys; "
+                          "print(sorted(m for m in ('redis', 'cryptography', 'dispatch.engine') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
