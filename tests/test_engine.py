@@ -381,8 +381,11 @@ async def test_close_lets_orders_in_flight_finish(shop: Engine, flushed_redis_ur
 
     shop._saga = counted  # type: ignore[method-assign]
     calls = [asyncio.create_task(shop.purchase("acme", "g100", 1, f"gone-{i}")) for i in range(40)]
-    while started < 40:           # every order has begun its saga ...
-        await asyncio.sleep(0)
+    for _ in range(100_000):      # every order has begun its saga ...
+        if started == 40:
+            break
+        await asyncio.sleep(0.001 if _ > 1000 else 0)
+    assert started == 40
     for c in calls:
         c.cancel()                # ... and every caller goes away
     await shop.close()
