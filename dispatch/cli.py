@@ -275,6 +275,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from . import loadtest
+    from .loadtest.target import LoadtestError
+
+    if args.spawn == bool(args.url):
+        raise DispatchError("give a target: --url URL (with --admin-token) or --spawn")
+    knobs = dict(distributors=args.distributors, connections=args.connections, timeout_s=args.timeout,
+                 reserve_share=args.reserve_share, confirm_share=args.confirm_share,
+                 retry_share=args.retry_share, seed=args.seed)
+    token = args.admin_token or os.environ.get("DISPATCH_ADMIN_TOKEN")
+    try:
+        return loadtest.main(scenario=args.scenario, preset=args.preset, url=args.url, admin_token=token,
+                             spawn=args.spawn, duration_s=args.duration, rate_scale=args.rate_scale,
+                             overrides={k: v for k, v in knobs.items() if v is not None}, json_path=args.json,
+                             plot_path=args.plot, quiet=args.quiet, keep=args.keep)
+    except (LoadtestError, ValueError, msgspec.ValidationError) as e:
+        raise DispatchError(str(e)) from None
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -367,6 +386,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--to", type=_when, help="ISO 8601, exclusive")
     c.add_argument("--out", metavar="FILE", help="default: stdout")
     s.set_defaults(run=cmd_export)
+
+    s = sub.add_parser("loadtest", help="drive peak traffic against a daemon, then verify the store")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("scenario", nargs="?", metavar="SCENARIO.toml", help="a scenario file")
+    g.add_argument("--preset", choices=("steady", "ramp", "flash-sale", "holiday-recharge"),
+                   help="a built-in scenario (default: steady)")
+    s.add_argument("--url", help="a running daemon, http://HOST:PORT (admin token: --admin-token or "
+                                 "DISPATCH_ADMIN_TOKEN)")
+    s.add_argument("--admin-token")
+    s.add_argument("--spawn", action="store_true", help="start a daemon on a fresh embedded Redis, and stop it after")
+    s.add_argument("--keep", action="store_true", help="with --spawn: keep its temp dir (data, log)")
+    s.add_argument("--duration", type=float, metavar="S", help="stretch or shrink the scenario to S seconds")
+    s.add_argument("--rate-scale", type=float, default=1.0, metavar="X", help="multiply every rate by X")
+    s.add_argument("--distributors", type=int)
+    s.add_argument("--connections", type=int, help="keep-alive connections at most")
+    s.add_argument("--timeout", type=float, metavar="S", help="client timeout from a request's intended start")
+    s.add_argument("--reserve-share", type=float, help="share of orders placed as reservations")
+    s.add_argument("--confirm-share", type=float, help="share of reservations confirmed (the rest cancelled)")
+    s.add_argument("--retry-share", type=float, help="share of orders sent again with the same external_ref")
+    s.add_argument("--seed", type=int, help="random seed")
+    s.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    s.add_argument("--plot", metavar="FILE.png", help="plot throughput and latency over time")
+    s.add_argument("--quiet", action="store_true", help="no live progress")
+    s.set_defaults(run=cmd_loadtest)
 
     s = sub.add_parser("keys", parents=[common], help="rotate the master key (re-wraps the fingerprint key)")
     s.set_defaults(run=cmd_keys)
