@@ -68,6 +68,7 @@ class _Conn(asyncio.Protocol):
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.pool.conns.add(self)
         self.pool._idle(self)
 
     def data_received(self, data: bytes) -> None:
@@ -89,16 +90,25 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         req, self.current = self.current, None
-        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
-        self.body = []
-        keep = self.parser.should_keep_alive()
-        status = self.parser.get_status_code()
+        parts = self.body
+        if len(parts) == 1:
+            body = parts[0]
+            parts.clear()
+        else:
+            body = b"".join(parts)
+            self.body = []
+        parser = self.parser
+        keep = parser.should_keep_alive()
         if req is not None:
-            req.on_done(req, status, body, None)
+            req.on_done(req, parser.get_status_code(), body, None)
         if not keep:
             self.close()
         elif not self.closed:
-            self.pool._idle(self)
+            pool = self.pool
+            if pool.queue:
+                self.send(pool.queue.popleft())
+            else:
+                pool.idle.append(self)
 
     # ours
     def send(self, req: Request) -> None:
@@ -201,7 +211,6 @@ class Pool:
             conn.close()
 
     def _idle(self, c: _Conn) -> None:
-        self.conns.add(c)
         if self.queue:
             c.send(self.queue.popleft())
         else:

@@ -19,11 +19,11 @@ from .target import LoadtestError, Seeded
 __all__ = ["SeenOrder", "Check", "Observed", "verify", "decode_order"]
 
 
-class SeenCode(msgspec.Struct):
+class SeenCode(msgspec.Struct, gc=False):
     code: str
 
 
-class SeenOrder(msgspec.Struct):
+class SeenOrder(msgspec.Struct, gc=False):
     order_id: str
     external_ref: str
     sku: str
