@@ -21,7 +21,6 @@ import csv
 import hashlib
 import io
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable

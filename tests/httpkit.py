@@ -93,6 +93,15 @@ class Conn:
         r, w = await asyncio.open_connection(host, port)
         return cls(r, w)
 
+    @classmethod
+    async def once(cls, port: int, method: str, path: str, **kw: Any) -> Response:
+        """One request on a connection of its own."""
+        conn = await cls.open(port)
+        try:
+            return await conn.request(method, path, **kw)
+        finally:
+            await conn.close()
+
     def send(self, data: bytes) -> None:
         self.writer.write(data)
 
@@ -166,11 +175,7 @@ class Server:
         self.keys: dict[str, str] = {}
 
     async def request(self, method: str, path: str, **kw: Any) -> Response:
-        conn = await Conn.open(self.port)
-        try:
-            return await conn.request(method, path, **kw)
-        finally:
-            await conn.close()
+        return await Conn.once(self.port, method, path, **kw)
 
     async def admin(self, method: str, path: str, **kw: Any) -> Response:
         return await self.request(method, path, token=ADMIN, **kw)

@@ -46,11 +46,7 @@ class Daemon:
         raise AssertionError(f"the daemon did not come up:\n{self.logs()}")
 
     async def request(self, method: str, path: str, **kw: Any) -> Response:
-        conn = await Conn.open(self.port)
-        try:
-            return await conn.request(method, path, **kw)
-        finally:
-            await conn.close()
+        return await Conn.once(self.port, method, path, **kw)
 
     def stop(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

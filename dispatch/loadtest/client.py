@@ -144,7 +144,6 @@ class Pool:
         self.idle: list[_Conn] = []
         self.queue: collections.deque[Request] = collections.deque()
         self.connecting = 0
-        self.connect_errors = 0
         self._loop = asyncio.get_running_loop()
         self._sweeper = self._loop.call_later(0.05, self._sweep)
         self._closing = False
@@ -200,7 +199,6 @@ class Pool:
     def _opened(self, task: asyncio.Future[Any]) -> None:
         self.connecting -= 1
         if task.cancelled() or task.exception() is not None:
-            self.connect_errors += 1
             if not self.conns and self.connecting == 0:  # nothing will ever take the queue: fail it
                 while self.queue:
                     req = self.queue.popleft()
