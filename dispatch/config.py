@@ -95,6 +95,27 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: One JSON line per request on the ``dispatch.access`` logger (stdout under ``dispatch serve``).
     access_log: bool = True
 
+    # ---- after-sales, suppliers, events (issue 6) ---------------------------------
+    #: How long after delivery a distributor may file a ticket on a code.
+    ticket_window_s: Annotated[int, msgspec.Meta(ge=1)] = 7 * 86_400
+    #: Blacklist a supplier automatically once its invalidated / delivered codes exceed this.
+    auto_blacklist: bool = True
+    blacklist_invalid_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
+    #: ... and it has delivered at least this many codes (a small sample proves nothing).
+    blacklist_min_delivered: Annotated[int, msgspec.Meta(ge=1)] = 50
+    #: What happens to a blacklisted supplier's unsold codes: parked (kept off sale,
+    #: back on sale if it is reinstated) or voided (withdrawn for good).
+    blacklist_action: Literal["park", "void"] = "park"
+    #: Restock forecast: days of sales history weighed, and supplier lead time.
+    forecast_window_days: Annotated[int, msgspec.Meta(ge=1, le=365)] = 28
+    restock_lead_time_days: Annotated[float, msgspec.Meta(ge=0)] = 7.0
+    #: Webhook delivery: tries per event before it is parked as failed, the first
+    #: retry delay (doubling each time, capped), and the timeout of one try.
+    webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
+    webhook_backoff_s: Seconds = 1.0
+    webhook_backoff_cap_s: Seconds = 300.0
+    webhook_timeout_s: Seconds = 5.0
+
     def __post_init__(self) -> None:
         if self.max_reserve_ttl_s < self.reserve_ttl_s:
             raise ConfigError(

@@ -17,20 +17,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import csv
 import hashlib
-import io
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
-from datetime import datetime, timezone
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Coroutine, Iterable
+from datetime import datetime
+from typing import Any, Literal
 
 import msgspec
 
 from . import imports
-from ._core import new_ulid, ulid_at
+from .aftersales import AfterSales
 from .coalescer import Coalescer, Direct
 from .config import Config
 from .errors import (
@@ -68,9 +66,10 @@ from .models import (
     RateLimit,
     Sku,
     Stock,
-    Supplier,
     Tier,
 )
+from .records import (BatchRec, OrderRec, check, check_ref, decode_codes, decode_order, encode, ledger_entries,
+                      ms_id_floor, ms_to_dt, new_id)
 from .store import Store, keys
 from .vault import Vault, load_master_keys
 
@@ -78,77 +77,13 @@ __all__ = ["Engine"]
 
 log = logging.getLogger("dispatch.engine")
 
-T = TypeVar("T")
 _UNSET: Any = msgspec.UNSET
-_MAX_REF = 128
 _MALFORMED_SHOWN = 1000
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-_order_id = new_ulid  # ULIDs: 48 bits of milliseconds then 80 random bits, so ids sort by creation time
-
-
-def _ms_id_floor(ms: int) -> str:
-    """The smallest order id of millisecond *ms*."""
-    return ulid_at(ms, bytes(10))
-
-
-def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
-
-
-def _check(value: Any, typ: type[T], what: str) -> T:
-    try:
-        return msgspec.convert(value, typ)
-    except msgspec.ValidationError as e:
-        raise ValidationError(f"invalid {what}: {e}") from None
-
-
-def _check_ref(ref: Any) -> str:
-    if not isinstance(ref, str) or not 1 <= len(ref) <= _MAX_REF or not ref.isprintable():
-        raise ValidationError(f"external_ref must be 1-{_MAX_REF} printable characters")
-    return ref
-
-
-class _OrderRec(msgspec.Struct):
-    """An order as the account scripts store it (cmsgpack map)."""
-
-    id: str
-    ref: str
-    digest: str
-    sku: str
-    qty: int
-    unit_price: int
-    currency: str
-    mode: Literal["deliver", "reserve"]
-    ttl: int
-    partial: bool
-    status: str
-    hold: int
-    total: int
-    delivered: int
-    deadline: int
-    created: int
-    updated: int
-
-
-class _BatchRec(msgspec.Struct, omit_defaults=True):
-    batch_id: str
-    sku: str
-    supplier: str
-    unit_cost: int
-    seq: int
-    created: int
-    status: Literal["importing", "imported", "voided"] = "importing"
-    accepted: int = 0
-    duplicate: int = 0
-    malformed: int = 0
-    voided: int = 0
-
-
-_decode_order = msgspec.msgpack.Decoder(_OrderRec).decode
-_decode_codes = msgspec.msgpack.Decoder(list[bytes]).decode
-_encode = msgspec.msgpack.encode
+# Orders whose codes their buyer sees: paid for (refunded ones too: the buyer has them anyway).
+_PAID = frozenset({"delivered", "partially_refunded", "refunded"})
 
 # Refusals of the scripts, as errors. Messages never carry a code.
 _REFUSALS: dict[str, type[DispatchError]] = {
@@ -171,7 +106,7 @@ def _refusal(status: bytes | str, **details: Any) -> DispatchError:
     return cls(**details)
 
 
-class Engine:
+class Engine(AfterSales):
     """A card-code dispatch engine on one Redis (embedded or external).
 
     Use ``async with Engine(config) as engine:`` or ``await engine.start()`` /
@@ -249,9 +184,11 @@ class Engine:
 
     # ---- catalog -----------------------------------------------------------------------
     async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
-                         low_stock_threshold: int = 0) -> Sku:
-        s = _check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
-                        low_stock_threshold=low_stock_threshold), Sku, "SKU")
+                         low_stock_threshold: int = 0, *, sale_order: str = "oldest_first",
+                         after_sales: str = "refund") -> Sku:
+        s = check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
+                       low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales),
+                  Sku, "SKU")
         fields = msgspec.structs.asdict(s)
         del fields["sku"]
         if await self.store.put_sku(s.sku, "create", fields) == "exists":
@@ -259,15 +196,20 @@ class Engine:
         return s
 
     async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
-                         low_stock_threshold: int = _UNSET, status: str = _UNSET) -> Sku:
-        """Change a SKU; ``status="paused"`` stops its sales at once."""
+                         low_stock_threshold: int = _UNSET, status: str = _UNSET, sale_order: str = _UNSET,
+                         after_sales: str = _UNSET) -> Sku:
+        """Change a SKU; ``status="paused"`` stops its sales at once; ``sale_order`` re-ranks
+        its batches at once."""
         current = await self.get_sku(sku)
         changes = {k: v for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
-                                         status=status).items() if v is not _UNSET}
-        s = _check(msgspec.structs.asdict(current) | changes, Sku, "SKU")
+                                         status=status, sale_order=sale_order,
+                                         after_sales=after_sales).items() if v is not _UNSET}
+        s = check(msgspec.structs.asdict(current) | changes, Sku, "SKU")
         if await self.store.put_sku(sku, "update", {k: getattr(s, k) for k in changes}) == "not_found":
             raise UnknownSkuError(f"unknown SKU {sku}")
         self._cache.pop(("sku", sku), None)
+        if "sale_order" in changes:
+            await self._requeue(sku)
         return s
 
     async def get_sku(self, sku: str) -> Sku:
@@ -283,21 +225,9 @@ class Engine:
                 out.append(await self.get_sku(sku))
         return out
 
-    async def create_supplier(self, supplier: str, name: str, deposit: int = 0) -> Supplier:
-        s = _check(dict(supplier=supplier, name=name, deposit=deposit), Supplier, "supplier")
-        if not await self.store.put_record(keys.SUPPLIERS, s.supplier, _encode(s), create=True):
-            raise ConflictError(f"supplier {s.supplier} exists already")
-        return s
-
-    async def get_supplier(self, supplier: str) -> Supplier:
-        raw = await self.store.record(keys.SUPPLIERS, supplier)
-        if raw is None:
-            raise NotFoundError(f"unknown supplier {supplier}")
-        return msgspec.msgpack.decode(raw, type=Supplier)
-
     async def create_tier(self, tier: str, discount_bps: int = 0, prices: dict[str, int] | None = None) -> Tier:
-        t = _check(dict(tier=tier, discount_bps=discount_bps, prices=prices or {}), Tier, "tier")
-        if not await self.store.put_record(keys.TIERS, t.tier, _encode(t), create=True):
+        t = check(dict(tier=tier, discount_bps=discount_bps, prices=prices or {}), Tier, "tier")
+        if not await self.store.put_record(keys.TIERS, t.tier, encode(t), create=True):
             raise ConflictError(f"tier {t.tier} exists already")
         return t
 
@@ -316,7 +246,7 @@ class Engine:
     async def create_distributor(self, distributor: str, name: str, tier: str | None = None,
                                  credit_limit: int = 0, allowed_skus: list[str] | None = None) -> NewDistributor:
         """Open an account; the returned API key is shown this once (only its hash is kept)."""
-        d = _check(dict(distributor=distributor, name=name, tier=tier, credit_limit=credit_limit,
+        d = check(dict(distributor=distributor, name=name, tier=tier, credit_limit=credit_limit,
                         allowed_skus=allowed_skus), Distributor, "distributor")
         if d.tier is not None:
             await self.get_tier(d.tier)
@@ -333,7 +263,7 @@ class Engine:
         if skus is None:
             return "*"
         for s in skus:
-            _check(s, Id, "allowed_skus entry")
+            check(s, Id, "allowed_skus entry")
         return ",".join(skus)
 
     async def update_distributor(self, distributor: str, *, name: str = _UNSET, tier: str | None = _UNSET,
@@ -343,7 +273,7 @@ class Engine:
         current = await self.get_distributor(distributor)
         changes = {k: v for k, v in dict(name=name, tier=tier, credit_limit=credit_limit,
                                          allowed_skus=allowed_skus, status=status).items() if v is not _UNSET}
-        d = _check(msgspec.structs.asdict(current) | changes, Distributor, "distributor")
+        d = check(msgspec.structs.asdict(current) | changes, Distributor, "distributor")
         if "tier" in changes and d.tier is not None:
             await self.get_tier(d.tier)
         fields: dict[str, Any] = {}
@@ -388,10 +318,10 @@ class Engine:
 
     async def topup(self, distributor: str, amount: int, reference: str) -> Balance:
         """Credit a balance; idempotent by *reference* (the same reference credits once)."""
-        amount = _check(amount, int, "amount")
+        amount = check(amount, int, "amount")
         if amount <= 0:
             raise ValidationError("amount must be a positive integer (minor units)")
-        reply = await self.store.topup(distributor, _check_ref(reference), amount)
+        reply = await self.store.topup(distributor, check_ref(reference), amount)
         status = reply[0].decode()
         if status == "unknown_distributor":
             raise NotFoundError(f"unknown distributor {distributor}")
@@ -405,9 +335,8 @@ class Engine:
                        available=d.balance - d.held + d.credit_limit)
 
     async def ledger(self, distributor: str) -> list[LedgerEntry]:
-        return [LedgerEntry(entry_id=str(i), kind=kind, ref=ref, amount=int(b), held_delta=int(h),  # type: ignore[arg-type]
-                            balance=int(bal), held=int(held), at=_dt(int(ms)))
-                for i, (kind, ref, b, h, bal, held, ms) in enumerate(await self.store.ledger(distributor))]
+        """The distributor's ledger, oldest first: its balance is the sum of the amounts."""
+        return ledger_entries(await self.store.ledger(keys.AcctKeys(distributor).ledger))
 
     # ---- prices (cached for catalog_ttl_s; pausing and suspending act at once) ----
     async def _cached(self, kind: str, key: str, load: Any) -> Any:
@@ -450,7 +379,7 @@ class Engine:
         cfg = self.config
         if not isinstance(qty, int) or isinstance(qty, bool) or not 1 <= qty <= cfg.max_order_qty:
             raise ValidationError(f"qty must be an integer from 1 to {cfg.max_order_qty}")
-        _check_ref(external_ref)
+        check_ref(external_ref)
         if mode not in ("deliver", "reserve"):
             raise ValidationError('mode must be "deliver" or "reserve"')
         ttl = 0
@@ -462,7 +391,7 @@ class Engine:
             raise ValidationError("reserve_ttl_s applies to mode reserve only")
         if max_unit_price is not None and (not isinstance(max_unit_price, int) or max_unit_price < 0):
             raise ValidationError("max_unit_price must be a non-negative integer")
-        digest = hashlib.sha256(_encode((sku, qty, mode, ttl, max_unit_price, bool(allow_partial)))).hexdigest()[:32]
+        digest = hashlib.sha256(encode((sku, qty, mode, ttl, max_unit_price, bool(allow_partial)))).hexdigest()[:32]
 
         price, currency = await self.unit_price(distributor, sku)
         if max_unit_price is not None and price > max_unit_price:
@@ -471,7 +400,7 @@ class Engine:
                 return earlier
             raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
                                     unit_price=price)
-        order_id = _order_id()
+        order_id = new_id()
         item = (order_id, external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
         # Shielded: a caller that goes away must not leave its order half done.
         return await self._saga(self._purchase(distributor, item))
@@ -480,10 +409,10 @@ class Engine:
         reply = await self._begin.submit(distributor, item)
         status = reply[0].decode()
         if status == "ok" or (status == "exists" and reply[1].decode() == item[0]):
-            return await self._drive(distributor, _decode_order(reply[2]) if status == "exists" else None,
+            return await self._drive(distributor, decode_order(reply[2]) if status == "exists" else None,
                                      item[0], item[3], item[4], bool(item[9]), item[7])
         if status == "exists":
-            rec = _decode_order(reply[2])
+            rec = decode_order(reply[2])
             if rec.status == "pending":  # the first attempt is still on its way, or crashed
                 order = await self._drive(distributor, rec, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
             else:
@@ -497,30 +426,31 @@ class Engine:
             raise InsufficientBalanceError(f"the order costs {item[4] * item[5]}, {int(reply[1])} is available")
         raise _refusal(status)
 
-    async def _drive(self, distributor: str, rec: _OrderRec | None, order_id: str, sku: str, qty: int,
+    async def _drive(self, distributor: str, rec: OrderRec | None, order_id: str, sku: str, qty: int,
                      partial: bool, mode: str) -> Order:
         """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
         taken = await self._take.submit(sku, (order_id, qty, int(partial), mode))
         outcome, codes = taken[0].decode(), taken[1:]
-        blob = _encode(codes) if outcome == "ok" else b""
+        blob = encode(codes) if outcome == "ok" else b""
         reply = await self._commit.submit(distributor, (order_id, outcome, len(codes), blob))
         status = reply[0].decode()
         if status == "ok":
-            return self._present(_decode_order(reply[1]), codes)
+            return self._present(decode_order(reply[1]), codes)
         if outcome == "ok":  # cannot happen: a take's decision is final and commit keeps taken orders
             raise DispatchError(f"order {order_id} vanished after its codes were taken")
         raise _refusal(outcome)
 
-    def _present(self, rec: _OrderRec, ciphertexts: Iterable[bytes]) -> Order:
+    def _present(self, rec: OrderRec, ciphertexts: Iterable[bytes]) -> Order:
         # Codes are shown once paid for: not while reserved (a buyer could use one and
         # cancel), never after a cancel or expiry (they are back on sale).
         aad = rec.sku.encode()
         codes = ([Code(*imports.decode_secret(self.vault.decrypt(c, aad))) for c in ciphertexts]
-                 if rec.status == "delivered" else [])
+                 if rec.status in _PAID else [])
         return Order(order_id=rec.id, external_ref=rec.ref, sku=rec.sku, qty=rec.qty, unit_price=rec.unit_price,
                      total=rec.total, currency=rec.currency, status=rec.status,  # type: ignore[arg-type]
-                     codes=codes, created_at=_dt(rec.created), updated_at=_dt(rec.updated), mode=rec.mode,
-                     reserve_expires_at=_dt(rec.deadline) if rec.status == "reserved" else None)
+                     codes=codes, created_at=ms_to_dt(rec.created), updated_at=ms_to_dt(rec.updated), mode=rec.mode,
+                     reserve_expires_at=ms_to_dt(rec.deadline) if rec.status == "reserved" else None,
+                     refunded=rec.refunded)
 
     async def _replay(self, distributor: str, ref: str, digest: str) -> Order | None:
         oid = await self.store.order_id_by_ref(distributor, ref)
@@ -529,10 +459,10 @@ class Engine:
         rec, codes = await self.store.order(distributor, oid)
         if rec is None:
             return None
-        r = _decode_order(rec)
+        r = decode_order(rec)
         if r.digest != digest:
             raise IdempotencyConflictError(f"external_ref {ref!r} was used for another request (order {oid})")
-        order = self._present(r, _decode_codes(codes) if codes else [])
+        order = self._present(r, decode_codes(codes) if codes else [])
         order.replayed = True
         return order
 
@@ -557,7 +487,7 @@ class Engine:
         result = reply[0].decode()
         if result == "not_found":
             raise NotFoundError(f"no order {order_id}")
-        rec = _decode_order(reply[1])
+        rec = decode_order(reply[1])
         if result in ("ok", "expired"):
             await self._finish_sku_side(distributor, rec)
         if result == "expired":
@@ -566,7 +496,7 @@ class Engine:
             raise ConflictError(f"order {order_id} is {rec.status}; it cannot be {action}ed")
         return await self.get_order(distributor, order_id)
 
-    async def _finish_sku_side(self, distributor: str, rec: _OrderRec) -> None:
+    async def _finish_sku_side(self, distributor: str, rec: OrderRec) -> None:
         action = "sell" if rec.status == "delivered" else "return"
         await self._sku_settle.submit(rec.sku, (rec.id, action))
         await self.store.clear_pending(distributor, [rec.id])
@@ -576,7 +506,7 @@ class Engine:
         rec, codes = await self.store.order(distributor, order_id)
         if rec is None:
             raise NotFoundError(f"no order {order_id}")
-        return self._present(_decode_order(rec), _decode_codes(codes) if codes else [])
+        return self._present(decode_order(rec), decode_codes(codes) if codes else [])
 
     async def get_order_by_ref(self, distributor: str, external_ref: str) -> Order:
         oid = await self.store.order_id_by_ref(distributor, external_ref)
@@ -593,19 +523,19 @@ class Engine:
             raise ValidationError("cursor is not one this API returned")
         after = cursor
         if since is not None:
-            floor = _ms_id_floor(int(since.timestamp() * 1000))
+            floor = ms_id_floor(int(since.timestamp() * 1000))
             after = max(after or "", floor[:-1] + "/")  # "/" sorts just below "0"
         orders: list[Order] = []
         while len(orders) < limit:
-            rows = await self.store.orders_after(distributor, after, limit)
+            rows = await self.store.order_records(distributor, after or "", "~", limit)
             if not rows:
                 after = None
                 break
             for rec, codes in rows:
-                r = _decode_order(rec)
+                r = decode_order(rec)
                 after = r.id
                 if status is None or r.status == status:
-                    orders.append(self._present(r, _decode_codes(codes) if codes else []))
+                    orders.append(self._present(r, decode_codes(codes) if codes else []))
                     if len(orders) == limit:
                         break
             if len(rows) < limit and len(orders) < limit:
@@ -615,10 +545,13 @@ class Engine:
 
     # ---- stock -------------------------------------------------------------------------
     async def stock(self, sku: str) -> Stock:
+        """A SKU's codes by state, with a restock forecast from its recent sales."""
         meta, stats = await self.store.sku(sku)
         if not meta:
             raise UnknownSkuError(f"unknown SKU {sku}")
-        return self._stock_of(sku, meta, stats)
+        stock = self._stock_of(sku, meta, stats)
+        stock.forecast = await self.forecast(sku, stock.available)
+        return stock
 
     # ---- import ------------------------------------------------------------------------
     async def import_codes(self, source: Any, *, sku: str, supplier: str, unit_cost: int,
@@ -631,9 +564,9 @@ class Engine:
         skipped. Sending the same *batch_id* again resumes it: nothing is added twice.
         """
         await self.get_sku(sku)
-        await self.get_supplier(supplier)
-        unit_cost = _check(unit_cost, Amount, "unit_cost")
-        batch_id = _check(batch_id or "b" + _order_id().lower(), Id, "batch_id")
+        await self._refuse_blacklisted(supplier)
+        unit_cost = check(unit_cost, Amount, "unit_cost")
+        batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
         batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
 
         vault, store, aad = self.vault, self.store, sku.encode()
@@ -673,14 +606,17 @@ class Engine:
             accepted += len(keep)
             chunk_no += 1
         batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
-        await store.put_record(keys.BATCHES, batch_id, _encode(batch), create=False)
+        await store.put_record(keys.BATCHES, batch_id, encode(batch), create=False)
         return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
                            malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad))
 
-    async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> _BatchRec:
-        fresh = _BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,
+    async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> BatchRec:
+        fresh = BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,
                           seq=await self.store.next_seq("batch"), created=time.time_ns() // 1_000_000)
-        if await self.store.put_record(keys.BATCHES, batch_id, _encode(fresh), create=True):
+        if await self.store.put_record(keys.BATCHES, batch_id, encode(fresh), create=True):
+            await self.store.set_field(keys.BATCH_SEQ, str(fresh.seq), batch_id)
+            await self.store.add_member(keys.SupplierKeys(supplier).batches, batch_id)
+            await self._requeue(sku, only=fresh)
             return fresh
         earlier = await self._batch(batch_id)
         if (earlier.sku, earlier.supplier, earlier.unit_cost) != (sku, supplier, unit_cost):
@@ -690,11 +626,11 @@ class Engine:
             raise ConflictError(f"batch {batch_id} is voided")
         return earlier
 
-    async def _batch(self, batch_id: str) -> _BatchRec:
+    async def _batch(self, batch_id: str) -> BatchRec:
         raw = await self.store.record(keys.BATCHES, batch_id)
         if raw is None:
             raise NotFoundError(f"unknown batch {batch_id}")
-        return msgspec.msgpack.decode(raw, type=_BatchRec)
+        return msgspec.msgpack.decode(raw, type=BatchRec)
 
     async def _claim(self, seq: int, fps: list[bytes]) -> list[bool]:
         """Claim fingerprints for batch *seq*: True where the code is this batch's."""
@@ -718,11 +654,11 @@ class Engine:
     async def void_batch(self, batch_id: str) -> int:
         """Withdraw a batch's unsold codes from sale; returns how many left the pool."""
         batch = await self._batch(batch_id)
-        reply = await self.store.batch_void(batch.sku, batch.seq)
+        reply = await self.store.sku_script("batch_void", batch.sku, batch.seq)
         n = int(reply[1])
         if reply[0] == b"ok" or batch.status != "voided":
             batch.status, batch.voided = "voided", batch.voided + n
-            await self.store.put_record(keys.BATCHES, batch_id, _encode(batch), create=False)
+            await self.store.put_record(keys.BATCHES, batch_id, encode(batch), create=False)
         return n
 
     # ---- sweep: leases and recovery ------------------------------------------------------
@@ -759,15 +695,17 @@ class Engine:
         reply = await self._settle.submit(dist, (order_id, "expire"))
         if reply[0] not in (b"ok", b"expired"):
             return False
-        await self._finish_sku_side(dist, _decode_order(reply[1]))
+        await self._finish_sku_side(dist, decode_order(reply[1]))
         return reply[0] == b"ok"
 
     async def _recover(self, dist: str, order_id: str) -> bool:
+        if order_id.startswith("tk_"):
+            return await self._recover_ticket(dist, order_id)
         raw, _ = await self.store.order(dist, order_id)
         if raw is None:
             await self.store.clear_pending(dist, [order_id])
             return False
-        rec = _decode_order(raw)
+        rec = decode_order(raw)
         if rec.status == "pending":
             with contextlib.suppress(DispatchError):  # a refusal (out of stock...) also ends it
                 await self._drive(dist, rec, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
@@ -800,12 +738,13 @@ class Engine:
                 continue
             k = keys.SkuKeys(sku)
             pools = await store.pool_lengths(sku)
-            pooled = 0
+            parked_seqs = {int(p) for p in await store.members(k.parked)}
+            pooled = {"available": 0, "parked": 0}
             for seq in pools:
                 for c in await store.client.lrange(k.pool(seq), 0, -1):
                     place(c, f"pool {sku}/{seq}")
-                    pooled += 1
-            reserved = sold = 0
+                    pooled["parked" if seq in parked_seqs else "available"] += 1
+            reserved = sold = invalidated = 0
             recs = await store.deliveries(sku)
             sku_records[sku] = recs
             for oid, (r, codes) in recs.items():
@@ -814,23 +753,27 @@ class Engine:
                         place(c, f"order {oid}")
                     if r["st"] == "reserved":
                         reserved += len(codes)
-                    else:
-                        sold += len(codes)
-            g = {f: st.get(f, 0) for f in ("accepted", "available", "reserved", "sold", "voided", "invalidated")}
-            if g["available"] != pooled:
-                problems.append(f"{sku}: available counter {g['available']} != {pooled} codes in pools")
-            if (g["reserved"], g["sold"]) != (reserved, sold):
-                problems.append(f"{sku}: counters reserved/sold {g['reserved']}/{g['sold']} != "
-                                f"delivery records {reserved}/{sold}")
-            total = g["available"] + g["reserved"] + g["sold"] + g["voided"] + g["invalidated"]
+                    else:  # codes found invalid by an approved ticket are no longer counted sold
+                        sold += len(codes) - len(r.get("x", ()))
+                        invalidated += len(r.get("x", ()))
+            g = {f: st.get(f, 0) for f in ("accepted", "available", "reserved", "sold", "voided", "invalidated",
+                                           "parked")}
+            for state, n in pooled.items():
+                if g[state] != n:
+                    problems.append(f"{sku}: {state} counter {g[state]} != {n} codes in its pools")
+            if (g["reserved"], g["sold"], g["invalidated"]) != (reserved, sold, invalidated):
+                problems.append(f"{sku}: counters reserved/sold/invalidated {g['reserved']}/{g['sold']}/"
+                                f"{g['invalidated']} != delivery records {reserved}/{sold}/{invalidated}")
+            total = sum(g[f] for f in g if f != "accepted")
             if g["accepted"] != total:
-                problems.append(f"{sku}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated {total}")
+                problems.append(f"{sku}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated"
+                                f"+parked {total}")
 
         for dist in await store.members(keys.DISTS):
             a = await store.account(dist)
             if not a:
                 continue
-            entries = await store.ledger(dist)
+            entries = await store.ledger(keys.AcctKeys(dist).ledger)
             bal = sum(int(e[2]) for e in entries)
             held = sum(int(e[3]) for e in entries)
             if (bal, held) != (int(a["balance"]), int(a["held"])):
@@ -839,14 +782,16 @@ class Engine:
                 problems.append(f"{dist}: balance {a['balance']} - held {a['held']} is below -credit_limit")
             holds = 0
             after = None
-            while rows := await store.orders_after(dist, after, 1000):
+            while rows := await store.order_records(dist, after or "", "~", 1000):
                 for raw, codes in rows:
-                    r = _decode_order(raw)
+                    r = decode_order(raw)
                     after = r.id
                     holds += r.hold
-                    if r.status in ("reserved", "delivered"):
-                        got = _decode_codes(codes) if codes else []
-                        if r.status == "delivered" and len(got) != r.delivered:
+                    if r.refunded > r.total:
+                        problems.append(f"{dist}/{r.id}: refunded {r.refunded} is more than its total {r.total}")
+                    if r.status in ("reserved", *_PAID):
+                        got = decode_codes(codes) if codes else []
+                        if r.status != "reserved" and len(got) != r.delivered:
                             problems.append(f"{dist}/{r.id}: {len(got)} codes for {r.delivered} delivered")
                         if not r.partial and len(got) != r.qty:
                             problems.append(f"{dist}/{r.id}: {len(got)} codes for qty {r.qty}")
@@ -857,6 +802,13 @@ class Engine:
                             problems.append(f"{dist}/{r.id}: codes differ from the SKU's delivery record")
             if holds != int(a["held"]):
                 problems.append(f"{dist}: held {a['held']} != holds of open orders {holds}")
+
+        for supplier in await store.members(keys.SUPPLIERS):
+            k = keys.SupplierKeys(supplier)
+            deposit = int((await store.hash(k.acct)).get("balance", 0))
+            entries = await store.ledger(k.ledger)
+            if deposit != sum(int(e[2]) for e in entries):
+                problems.append(f"supplier {supplier}: deposit {deposit} != ledger sum")
         return problems
 
     # ---- daemon support (issue 4) ----
@@ -873,7 +825,7 @@ class Engine:
 
     async def set_rate_limit(self, distributor: str, rate_limit: int) -> int:
         """Set the requests a second the daemon allows *distributor* (0: unlimited)."""
-        rate = _check(rate_limit, RateLimit, "rate_limit")
+        rate = check(rate_limit, RateLimit, "rate_limit")
         if await self.store.put_account(distributor, "update", {"rate_limit": rate}) == "not_found":
             raise NotFoundError(f"unknown distributor {distributor}")
         return rate
@@ -918,43 +870,7 @@ class Engine:
         state = "out_of_stock" if available <= 0 else "low_stock" if available <= threshold else "in_stock"
         return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
                      reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
-                     invalidated=stats.get("invalidated", 0), stock_status=state)
-
-    _EXPORT_COLUMNS = ("order_id", "distributor", "external_ref", "sku", "qty", "delivered", "unit_price",
-                       "total", "currency", "status", "mode", "created_at", "updated_at")
-
-    async def export_orders(self, start: datetime | None = None, end: datetime | None = None,
-                            page: int = 1000) -> AsyncIterator[bytes]:
-        """Every distributor's orders created in [start, end) as CSV: the header line, then
-        blocks of up to *page* rows, distributor by distributor, oldest first.
-
-        Codes are never exported (a row says how many were delivered). An external_ref
-        that a spreadsheet would take for a formula is prefixed with a quote.
-        """
-        lo = "" if start is None else _ms_id_floor(int(start.timestamp() * 1000))[:-1] + "/"  # "/" < "0"
-        hi = "~" if end is None else _ms_id_floor(int(end.timestamp() * 1000))  # "~" > any id
-        buf = io.StringIO()
-        out = csv.writer(buf, lineterminator="\n")
-        out.writerow(self._EXPORT_COLUMNS)
-        yield buf.getvalue().encode()
-        for dist in await self.store.members(keys.DISTS):
-            after = lo
-            while recs := await self.store.order_records(dist, after, hi, page):
-                buf.seek(0)
-                buf.truncate()
-                for raw in recs:
-                    r = _decode_order(raw)
-                    after = r.id
-                    ref = "'" + r.ref if r.ref[:1] in ("=", "+", "-", "@") else r.ref
-                    out.writerow((r.id, dist, ref, r.sku, r.qty, r.delivered, r.unit_price, r.total, r.currency,
-                                  r.status, r.mode, _dt(r.created).isoformat(), _dt(r.updated).isoformat()))
-                yield buf.getvalue().encode()
-                if len(recs) < page:
-                    break
-
-    async def list_suppliers(self) -> list[Supplier]:
-        return [msgspec.msgpack.decode(raw, type=Supplier)
-                for _, raw in sorted((await self.store.records(keys.SUPPLIERS)).items())]
+                     invalidated=stats.get("invalidated", 0), stock_status=state, parked=stats.get("parked", 0))
 
     async def list_tiers(self) -> list[Tier]:
         return [msgspec.msgpack.decode(raw, type=Tier) for _, raw in sorted((await self.store.records(keys.TIERS)).items())]

@@ -29,6 +29,9 @@ __all__ = [
     "MethodNotAllowedError",
     "PayloadTooLargeError",
     "RateLimitedError",
+    "AlreadyClaimedError",
+    "TicketWindowClosedError",
+    "SupplierBlacklistedError",
 ]
 
 
@@ -184,3 +187,24 @@ class RateLimitedError(DispatchError):
     code = "rate_limited"
     status = 429
     retryable = True
+
+
+# ---- after-sales (issue 6) ------------------------------------------------------------
+
+
+class AlreadyClaimedError(ConflictError):
+    """The code is claimed by a ticket already (a code is claimed once)."""
+
+    code = "already_claimed"
+
+
+class TicketWindowClosedError(ConflictError):
+    """The order was delivered longer ago than the after-sales window allows."""
+
+    code = "ticket_window_closed"
+
+
+class SupplierBlacklistedError(ConflictError):
+    """The supplier is blacklisted: its codes are not taken."""
+
+    code = "supplier_blacklisted"

@@ -14,6 +14,8 @@ __all__ = [
     "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
     "OrderStatus", "StockStatus",
+    # after-sales (issue 6)
+    "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast",
     # daemon (issue 4)
     "Access", "CatalogItem", "KeyRotation", "RateLimit",
 ]
@@ -60,6 +62,8 @@ class Order(_Model):
     reserve_expires_at: datetime | None = None
     #: True when this answer replays an order made earlier with the same external_ref.
     replayed: bool = False
+    #: Refunded by approved tickets (never more than total).
+    refunded: int = 0
 
 
 class OrderPage(_Model):
@@ -75,12 +79,17 @@ class Sku(_Model):
     price: Amount
     low_stock_threshold: Amount = 0
     status: Literal["active", "paused"] = "active"
+    #: Which batch sells first: the oldest, or the one whose supplier is rated best.
+    sale_order: Literal["oldest_first", "best_rated"] = "oldest_first"
+    #: What an approved ticket gives the buyer by default: its money back, or another code.
+    after_sales: Literal["refund", "replace"] = "refund"
 
 
 class Supplier(_Model):
     supplier: Id
     name: str
-    deposit: Amount = 0
+    #: What after-sales refunds are charged to; negative when the supplier owes.
+    deposit: int = 0
     status: Literal["active", "blacklisted"] = "active"
 
 
@@ -135,6 +144,9 @@ class Stock(_Model):
     voided: int
     invalidated: int
     stock_status: StockStatus
+    #: Codes of blacklisted suppliers, kept off sale.
+    parked: int = 0
+    forecast: Forecast | None = None
 
 
 class MalformedLine(_Model, frozen=True):
@@ -156,7 +168,8 @@ class BatchReport(_Model):
 
 class LedgerEntry(_Model):
     entry_id: str
-    kind: Literal["topup", "hold", "release", "purchase", "expire", "refund"]
+    #: Distributors: topup, hold, release, purchase, expire, refund. Suppliers: deposit, charge.
+    kind: Literal["topup", "hold", "release", "purchase", "expire", "refund", "deposit", "charge"]
     ref: str
     #: Change of the balance (negative for a purchase).
     amount: int
@@ -165,6 +178,77 @@ class LedgerEntry(_Model):
     balance: int
     held: int
     at: datetime
+
+
+# ---- after-sales (issue 6) ----------------------------------------------------------
+
+TicketStatus = Literal["open", "approving", "approved", "rejected"]
+
+
+class Ticket(_Model):
+    """An after-sales claim on one delivered code."""
+
+    ticket_id: str
+    order_id: str
+    sku: str
+    #: Which of the order's codes (0-based, in the order's `codes`).
+    code_index: int
+    reason: str
+    status: TicketStatus
+    created_at: datetime
+    updated_at: datetime
+    #: Once approved: "refund" (the unit price came back) or "replaced" (see replacement).
+    outcome: Literal["refund", "replaced"] | None = None
+    refund: int = 0
+    #: The code given instead of the invalid one (shown to its buyer and admins).
+    replacement: Code | None = None
+    #: The admin's note with the decision.
+    note: str | None = None
+    distributor: str | None = None
+
+
+class Forecast(_Model, omit_defaults=False):
+    """Restock forecast of a SKU from its recent sales."""
+
+    #: Codes sold a day, weighted toward recent days.
+    daily_velocity: float
+    daily_stddev: float
+    #: Days the available codes last at that pace (None: nothing sold lately).
+    days_of_cover: float | None
+    #: Codes to order now to cover the lead time and review period with safety stock.
+    reorder_qty: int
+    #: Days of history the figures rest on.
+    history_days: int
+
+
+class BatchSummary(_Model, omit_defaults=False):
+    batch_id: str
+    sku: str
+    unit_cost: int
+    status: Literal["importing", "imported", "voided", "parked"]
+    accepted: int
+    duplicate: int
+    malformed: int
+    voided: int
+    delivered: int
+    invalidated: int
+    created_at: datetime
+
+
+class SupplierReport(_Model, omit_defaults=False):
+    supplier: str
+    name: str
+    status: Literal["active", "blacklisted"]
+    deposit: int
+    #: Codes of this supplier delivered to buyers (invalidated ones included).
+    delivered: int
+    invalidated: int
+    #: invalidated / delivered (0 before anything was delivered).
+    invalid_rate: float
+    #: 0-100: the share of good codes, smoothed toward 100 for small samples.
+    rating: float
+    blacklist_reason: str | None
+    batches: list[BatchSummary]
 
 
 # ---- daemon (issue 4) ---------------------------------------------------------------

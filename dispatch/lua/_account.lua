@@ -1,15 +1,8 @@
 -- Shared head of the account scripts (prepended by dispatch/store/scripts.py).
 -- KEYS of every account script, in order (dispatch.store.keys.AcctKeys):
 --   1 acct  2 ledger  3 refs  4 orders  5 codes  6 index  7 leases  8 pending  9 topups
-
-local NOW
-local function now_ms()
-  if NOW == nil then
-    local t = redis.call('TIME')
-    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  return NOW
-end
+--   10 events  11 tickets  12 claims
+-- Supplier scripts share the money helpers: their KEYS start acct, ledger too.
 
 -- Money arguments as integers: redis.call would print a large number as 1e+15.
 local function int(x)
@@ -63,6 +56,14 @@ local function flush_saved()
   for s = 1, #saved, 1000 do
     redis.call('HSET', KEYS[4], unpack(saved, s, math.min(s + 999, #saved)))
   end
+end
+
+-- What an order event says (never its codes).
+local function order_event(o, kind)
+  o.v = (o.v or 0) + 1
+  emit(KEYS[10], kind, 'order:' .. o.id, o.v,
+       {'order_id', o.id, 'external_ref', o.ref, 'sku', o.sku, 'qty', o.qty, 'delivered', o.delivered,
+        'unit_price', o.unit_price, 'total', o.total, 'refunded', o.refunded or 0, 'status', o.status})
 end
 
 local function zadd_all(key, pairs_)

@@ -7,6 +7,9 @@ if redis.call('SADD', KEYS[6], seq) == 0 then return {'again', 0} end
 local n = redis.call('LLEN', POOL .. seq)
 redis.call('DEL', POOL .. seq)
 redis.call('ZREM', KEYS[3], seq)
-redis.call('HINCRBY', KEYS[2], 'available', -n)
+-- a parked batch's codes were counted parked, not available
+local from = (redis.call('SREM', KEYS[9], seq) == 1) and 'parked' or 'available'
+redis.call('HINCRBY', KEYS[2], from, -n)
 redis.call('HINCRBY', KEYS[2], 'voided', n)
+check_level()
 return {'ok', n}

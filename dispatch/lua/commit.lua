@@ -5,6 +5,7 @@
 -- Any other outcome (out_of_stock, paused, unknown_sku) releases the hold and forgets
 -- the order and its ref, so the ref can be used again.
 -- Safe to run twice: an order no longer pending is answered as it stands.
+-- A delivered order is told on the account's event stream (order.delivered).
 -- returns per order: {"ok", order} | {"failed", outcome} | {"gone"}
 local now = now_ms()
 local out = {}
@@ -46,6 +47,10 @@ for _ = 1, tonumber(ARGV[1]) do
       o.delivered = n
       o.total = cost
       o.updated = now
+      if o.status == 'delivered' then
+        o.dat = now
+        order_event(o, 'order.delivered')
+      end
       save(o)
       done[id] = saved[#saved]
       codes[#codes + 1] = id

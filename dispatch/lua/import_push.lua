@@ -17,9 +17,14 @@ for k = 5, #ARGV do codes[#codes + 1] = ARGV[k] end
 local n = #codes
 if n > 0 then
   push('RPUSH', POOL .. seq, codes)
-  redis.call('ZADD', KEYS[3], 'NX', seq, seq)
   redis.call('HINCRBY', KEYS[2], 'accepted', n)
-  redis.call('HINCRBY', KEYS[2], 'available', n)
+  if redis.call('SISMEMBER', KEYS[9], seq) == 1 then  -- its supplier was blacklisted meanwhile
+    redis.call('HINCRBY', KEYS[2], 'parked', n)
+  else
+    redis.call('ZADD', KEYS[3], 'NX', score_of(seq), seq)
+    redis.call('HINCRBY', KEYS[2], 'available', n)
+    check_level()
+  end
 end
 redis.call('HSET', KEYS[5], field, digest)
 return {'ok', n}

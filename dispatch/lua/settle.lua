@@ -4,6 +4,8 @@
 -- A reservation past its deadline expires here, whatever the action asked for, so a
 -- lease ends exactly once whether the sweep or a late confirm gets there first.
 -- The order is left in `pending` until the SKU side is done (dispatch clears it).
+-- Each ending is told on the account's event stream: order.delivered, order.cancelled,
+-- order.expired.
 -- returns per order: {result, order}, result one of
 --   "ok" (done now), "again" (was already so), "expired", "not_due", "invalid_state", "not_found"
 local now = now_ms()
@@ -40,6 +42,8 @@ for _ = 1, tonumber(ARGV[1]) do
       if result ~= 'not_due' then
         o.hold = 0
         o.updated = now
+        if o.status == 'delivered' then o.dat = now end
+        order_event(o, 'order.' .. o.status)
         redis.call('HSET', KEYS[4], id, cmsgpack.pack(o))
         redis.call('ZREM', KEYS[7], id)
         redis.call('ZADD', KEYS[8], now, id)

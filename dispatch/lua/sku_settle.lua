@@ -1,7 +1,7 @@
 -- sku_settle(keys=SKU keys, args=[pool_prefix, n, n x (order_id, action)])   action: sell | return
 -- The SKU side of ending a reservation, after the account side decided (settle.lua).
 -- sell: reserved codes become sold. return: they go back to the head of their batch's
--- pool (or count as voided if the batch was voided meanwhile).
+-- pool (or count as voided if the batch was voided meanwhile, parked if it was parked).
 -- Safe to run twice: the delivery record's state says what was done.
 -- returns per order: "ok" | "again" | "not_found" | "invalid_state"
 local out = {}
@@ -25,6 +25,7 @@ for _ = 1, tonumber(ARGV[2]) do
       local n = #codes
       if action == 'sell' then
         redis.call('HINCRBY', KEYS[2], 'sold', n)
+        count_sold(r.b)
       else
         local k = 1
         for j = 1, #r.b, 2 do
@@ -35,8 +36,12 @@ for _ = 1, tonumber(ARGV[2]) do
             local back = {}
             for c = k + count - 1, k, -1 do back[#back + 1] = codes[c] end
             push('LPUSH', POOL .. seq, back)
-            redis.call('ZADD', KEYS[3], 'NX', seq, seq)
-            redis.call('HINCRBY', KEYS[2], 'available', count)
+            if redis.call('SISMEMBER', KEYS[9], seq) == 1 then
+              redis.call('HINCRBY', KEYS[2], 'parked', count)
+            else
+              redis.call('ZADD', KEYS[3], 'NX', score_of(seq), seq)
+              redis.call('HINCRBY', KEYS[2], 'available', count)
+            end
           end
           k = k + count
         end
@@ -49,4 +54,5 @@ for _ = 1, tonumber(ARGV[2]) do
   end
   out[#out + 1] = result
 end
+check_level()
 return out

@@ -7,6 +7,7 @@
 -- Deliver mode counts the codes sold at once; reserve mode counts them reserved.
 -- The work is done once per call, not per order: one pass decides, one run of
 -- LPOPs takes every code the call needs, one HSET records every decision.
+-- Stock crossing its low or out level is told on the SKU's event stream.
 -- returns per order: {"ok", code...} | {"out_of_stock"} | {"paused"} | {"unknown_sku"}
 local status = redis.call('HGET', KEYS[1], 'status')
 local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
@@ -53,27 +54,12 @@ for k = 1, n do
 end
 
 -- 2. take every code the call needs, batch by batch
-local codes, seqs = {}, {}
-while #codes < total do
-  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-  if not head then
-    return redis.error_reply('ERR stats.available of ' .. KEYS[2] .. ' exceeds the pools')
-  end
-  local need = total - #codes
-  local got = redis.call('LPOP', POOL .. head, need)
-  if got then
-    local seq = tonumber(head)
-    for _, c in ipairs(got) do
-      codes[#codes + 1] = c
-      seqs[#seqs + 1] = seq
-    end
-  end
-  if not got or #got < need then redis.call('ZREM', KEYS[3], head) end
-end
+local codes, seqs = take_codes(total)
 
 -- 3. hand them out, in order
 local packed = {}    -- HSET dlv_codes field value ...
 local counted = {sold = 0, reserved = 0}
+local sold_runs = {}
 local at = 1
 for k = 1, n do
   if want[k] > 0 then
@@ -90,6 +76,9 @@ for k = 1, n do
     at = at + want[k]
     local st = (modes[k] == 'reserve') and 'reserved' or 'sold'
     counted[st] = counted[st] + want[k]
+    if st == 'sold' then
+      for j = 1, #runs do sold_runs[#sold_runs + 1] = runs[j] end
+    end
     records[#records + 1] = ids[k]
     records[#records + 1] = cmsgpack.pack({st = st, b = runs})
     packed[#packed + 1] = ids[k]
@@ -106,5 +95,7 @@ if total > 0 then
   for st, c in pairs(counted) do
     if c > 0 then redis.call('HINCRBY', KEYS[2], st, c) end
   end
+  count_sold(sold_runs)
+  check_level()
 end
 return out

@@ -6,7 +6,12 @@ runs unchanged on Redis Cluster:
 ``{g}``        global catalog: SKU/distributor registries, suppliers, tiers, API keys, batches
 ``{s:SKU}``    one SKU's shard: metadata, counters, per-batch pools, delivery records
 ``{a:DIST}``   one distributor's account: balance, ledger, orders, leases, pending sagas
+``{p:SUP}``    one supplier's shard: deposit, its ledger, charges, batches, events
 ``{f:XX}``     one of 256 fingerprint shards for global dedupe of imported codes
+``{w}``        webhook deliveries (dispatch/webhooks.py)
+
+Every shard with events has its own Redis Stream (``events``), written by the same
+script that makes the change, so an event is never lost nor told twice.
 
 Pools are one LIST per batch (``p:SEQ``), named by the scripts from ``pool_prefix``;
 that keeps voiding a batch O(1) and lets the sale order between batches be chosen.
@@ -19,13 +24,15 @@ PREFIX = "d:"
 # ---- global {g} --------------------------------------------------------------
 SKUS = PREFIX + "{g}:skus"              # SET of SKU ids
 DISTS = PREFIX + "{g}:dists"            # SET of distributor ids
-SUPPLIERS = PREFIX + "{g}:suppliers"    # HASH id -> msgpack Supplier
+SUPPLIERS = PREFIX + "{g}:suppliers"    # SET of supplier ids
 TIERS = PREFIX + "{g}:tiers"            # HASH id -> msgpack Tier
 APIKEYS = PREFIX + "{g}:apikeys"        # HASH sha256(api key) -> distributor id
 KEYOF = PREFIX + "{g}:keyof"            # HASH distributor id -> sha256(api key)
 BATCHES = PREFIX + "{g}:batches"        # HASH batch id -> msgpack {sku, seq, ...}
 SEQ = PREFIX + "{g}:seq"                # HASH counter name -> int
 FPKEY = PREFIX + "{g}:fpkey"            # the wrapped fingerprint key
+TICKETS = PREFIX + "{g}:tickets"        # HASH ticket id -> distributor id
+BATCH_SEQ = PREFIX + "{g}:batchseq"     # HASH batch seq -> batch id
 
 
 def sku_tag(sku: str) -> str:
@@ -36,10 +43,21 @@ def acct_tag(dist: str) -> str:
     return PREFIX + "{a:" + dist + "}:"
 
 
+def supplier_tag(supplier: str) -> str:
+    return PREFIX + "{p:" + supplier + "}:"
+
+
+def events_key(kind: str, id_: str) -> str:
+    """The event stream of a distributor (``dist``), a SKU (``sku``) or a supplier (``supplier``)."""
+    tag = {"dist": acct_tag, "sku": sku_tag, "supplier": supplier_tag}[kind]
+    return tag(id_) + "events"
+
+
 class SkuKeys:
     """Keys of one SKU shard, in the order the SKU scripts take them."""
 
-    __slots__ = ("meta", "stats", "queue", "dlv", "dlv_codes", "chunks", "void", "pool_prefix", "all")
+    __slots__ = ("meta", "stats", "queue", "dlv", "dlv_codes", "chunks", "void", "pool_prefix", "batch_stats",
+                 "parked", "sales", "scores", "events", "all")
 
     def __init__(self, sku: str) -> None:
         t = sku_tag(sku)
@@ -51,7 +69,13 @@ class SkuKeys:
         self.chunks = t + "chunks"      # HASH "seq:chunk" -> digest (import idempotency)
         self.void = t + "void"          # SET of voided batch seqs
         self.pool_prefix = t + "p:"     # LIST per batch: pool_prefix .. seq
-        self.all = [self.meta, self.stats, self.queue, self.dlv, self.chunks, self.void, self.dlv_codes]
+        self.batch_stats = t + "bstat"  # HASH "seq:d" codes of batch seq delivered, "seq:i" invalidated
+        self.parked = t + "parked"      # SET of parked batch seqs (their supplier is blacklisted)
+        self.sales = t + "sales"        # HASH hour (unix ms // 3600000) -> codes sold in it
+        self.scores = t + "bscore"      # HASH seq -> sale priority of the batch (absent: seq, oldest first)
+        self.events = t + "events"      # STREAM stock.low, stock.out, stock.restored
+        self.all = [self.meta, self.stats, self.queue, self.dlv, self.chunks, self.void, self.dlv_codes,
+                    self.batch_stats, self.parked, self.sales, self.scores, self.events]
 
     def pool(self, seq: int) -> str:
         return self.pool_prefix + str(seq)
@@ -60,7 +84,8 @@ class SkuKeys:
 class AcctKeys:
     """Keys of one distributor account, in the order the account scripts take them."""
 
-    __slots__ = ("acct", "ledger", "refs", "orders", "codes", "index", "leases", "pending", "topups", "all")
+    __slots__ = ("acct", "ledger", "refs", "orders", "codes", "index", "leases", "pending", "topups", "events",
+                 "tickets", "claims", "all")
 
     def __init__(self, dist: str) -> None:
         t = acct_tag(dist)
@@ -73,8 +98,30 @@ class AcctKeys:
         self.leases = t + "leases"      # ZSET order id -> reservation deadline (ms)
         self.pending = t + "pending"    # ZSET order id -> ms of its last saga step
         self.topups = t + "topups"      # HASH top-up reference -> amount
-        self.all = [self.acct, self.ledger, self.refs, self.orders, self.codes,
-                    self.index, self.leases, self.pending, self.topups]
+        self.events = t + "events"      # STREAM order.delivered, order.expired, ticket.* ...
+        self.tickets = t + "tickets"    # HASH ticket id -> cmsgpack ticket
+        self.claims = t + "claims"      # HASH "order_id:code index" -> ticket id (a code is claimed once)
+        self.all = [self.acct, self.ledger, self.refs, self.orders, self.codes, self.index, self.leases,
+                    self.pending, self.topups, self.events, self.tickets, self.claims]
+
+
+class SupplierKeys:
+    """Keys of one supplier, in the order the supplier scripts take them.
+
+    The deposit is kept like an account balance (``balance``, with ``held`` always 0)
+    so that the account scripts' ledger helpers serve it unchanged.
+    """
+
+    __slots__ = ("acct", "ledger", "refs", "events", "batches", "all")
+
+    def __init__(self, supplier: str) -> None:
+        t = supplier_tag(supplier)
+        self.acct = t + "acct"          # HASH name, balance (the deposit), held (0), status, invalidated, ver
+        self.ledger = t + "ledger"      # LIST of entries, as an account's
+        self.refs = t + "refs"          # HASH "kind:reference" -> amount (deposits and charges happen once)
+        self.events = t + "events"      # STREAM supplier.blacklisted, supplier.reinstated
+        self.batches = t + "batches"    # SET of the supplier's batch ids
+        self.all = [self.acct, self.ledger, self.refs, self.events, self.batches]
 
 
 def fingerprint_slot(fp: bytes) -> tuple[str, str, bytes]:

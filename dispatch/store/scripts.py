@@ -8,19 +8,25 @@ from __future__ import annotations
 
 from importlib import resources
 
-# Scripts that share a head of helpers (their KEYS layout and little functions).
+# Scripts that share heads of helpers (their KEYS layout and little functions).
+_ACCOUNT = ("_events", "_account")
+_SKU = ("_events", "_sku")
 _PRELUDE = {
-    "begin": "_account", "commit": "_account", "settle": "_account", "topup": "_account",
-    "take": "_sku", "sku_settle": "_sku", "import_push": "_sku", "batch_void": "_sku",
+    "begin": _ACCOUNT, "commit": _ACCOUNT, "settle": _ACCOUNT, "topup": _ACCOUNT,
+    "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _ACCOUNT,
+    "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,
+    "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
+    "batch_park": _SKU, "sku_invalidate": _SKU, "sku_requeue": _SKU,
 }
 NAMES = ("begin", "commit", "settle", "topup", "put", "take", "sku_settle", "import_push",
          "batch_void", "fp_claim", "rotate_key",
-         "rate_limit", "fpkey_swap")  # daemon (issue 4)
+         "rate_limit", "fpkey_swap",  # daemon (issue 4)
+         "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
+         "batch_park", "sku_invalidate", "sku_requeue")  # after-sales (issue 6)
 
 
 def source(name: str) -> str:
-    """The full text of script *name*, its shared head included."""
+    """The full text of script *name*, its shared heads included."""
     lua = resources.files("dispatch") / "lua"
-    text = (lua / f"{name}.lua").read_text()
-    head = _PRELUDE.get(name)
-    return (lua / f"{head}.lua").read_text() + "\n" + text if head else text
+    heads = [(lua / f"{h}.lua").read_text() for h in _PRELUDE.get(name, ())]
+    return "\n".join([*heads, (lua / f"{name}.lua").read_text()])

@@ -25,7 +25,8 @@ from .embedded import EmbeddedRedis
 __all__ = ["Store"]
 
 MIN_VERSION = (6, 2)
-_ACCOUNT_STEPS = frozenset({"begin", "commit", "settle"})
+_ACCOUNT_STEPS = frozenset({"begin", "commit", "settle", "ticket_open", "ticket_decide", "ticket_finish"})
+_SUPPLIER_STEPS = frozenset({"supplier_money", "supplier_status"})
 
 
 @contextlib.contextmanager
@@ -146,6 +147,18 @@ class Store:
         k = keys.SkuKeys(shard)
         return k.all, [k.pool_prefix, len(items), *_flat(items)]
 
+    async def account_script(self, name: str, dist: str, *args: Any) -> Any:
+        """One call of an account script that takes a single item (tickets)."""
+        return await self._run(name, keys.AcctKeys(dist).all, list(args))
+
+    async def sku_script(self, name: str, sku: str, *args: Any) -> Any:
+        """One call of a SKU script (its first argument, the pool prefix, is added here)."""
+        k = keys.SkuKeys(sku)
+        return await self._run(name, k.all, [k.pool_prefix, *args])
+
+    async def supplier_script(self, name: str, supplier: str, *args: Any) -> Any:
+        return await self._run(name, keys.SupplierKeys(supplier).all, list(args))
+
     async def step(self, name: str, shard: str, items: Sequence[Sequence[Any]]) -> list[Any]:
         """Run saga step *name* (begin, commit, settle on an account; take, sku_settle on
         a SKU) for *items* of one shard; one reply per item."""
@@ -183,19 +196,6 @@ class Store:
             oid = await self.client.hget(keys.AcctKeys(dist).refs, ref)
         return oid.decode() if oid else None
 
-    async def orders_after(self, dist: str, after: str | None, count: int) -> list[tuple[bytes, bytes | None]]:
-        """Order records (with codes) of *dist* with ids after *after*, oldest first."""
-        k = keys.AcctKeys(dist)
-        with translated():
-            ids = await self.client.zrangebylex(k.index, f"({after}" if after else "-", "+", 0, count)
-            if not ids:
-                return []
-            async with self.client.pipeline(transaction=False) as p:
-                p.hmget(k.orders, ids)
-                p.hmget(k.codes, ids)
-                recs, codes = await p.execute()
-        return [(r, c) for r, c in zip(recs, codes) if r is not None]
-
     async def due(self, dists: Sequence[str], now_ms: int, pending_before_ms: int) -> list[tuple[list[bytes], list[bytes]]]:
         """Per distributor: (leases due by now_ms, orders pending since before pending_before_ms)."""
         with translated():
@@ -211,10 +211,11 @@ class Store:
         with translated():
             await self.client.zrem(keys.AcctKeys(dist).pending, *order_ids)
 
-    async def ledger(self, dist: str, start: int = 0, stop: int = -1) -> list[list[str]]:
-        """Ledger entries *start*..*stop* (list indexes), each as its seven fields (see _account.lua)."""
+    async def ledger(self, key: str, start: int = 0, stop: int = -1) -> list[list[str]]:
+        """Entries *start*..*stop* (list indexes) of a ledger (an account's or a supplier's),
+        each as its seven fields (see _account.lua)."""
         with translated():
-            raw = await self.client.lrange(keys.AcctKeys(dist).ledger, start, stop)
+            raw = await self.client.lrange(key, start, stop)
         return [e.decode().split("\x1f") for e in raw]
 
     # ---- SKU shard -----------------------------------------------------------------
@@ -222,9 +223,9 @@ class Store:
         k = keys.SkuKeys(sku)
         return await self._run("import_push", k.all, [k.pool_prefix, seq, chunk, digest, *codes])
 
-    async def batch_void(self, sku: str, seq: int) -> list[Any]:
-        k = keys.SkuKeys(sku)
-        return await self._run("batch_void", k.all, [k.pool_prefix, seq])
+
+    async def put_supplier(self, supplier: str, mode: str, fields: dict[str, Any]) -> str:
+        return await self._put(keys.SupplierKeys(supplier).acct, mode, fields)
 
     async def put_sku(self, sku: str, mode: str, fields: dict[str, Any]) -> str:
         if mode == "create":
@@ -350,15 +351,19 @@ class Store:
         return [({a.decode(): b.decode() for a, b in meta.items()}, {a.decode(): int(b) for a, b in stats.items()})
                 for meta, stats in zip(flat[0::2], flat[1::2])]
 
-    async def order_records(self, dist: str, after: str, before: str, count: int) -> list[bytes]:
-        """Order records (without codes) of *dist* with ids in (after, before), oldest first."""
+    async def order_records(self, dist: str, after: str, before: str, count: int) -> list[tuple[bytes, bytes | None]]:
+        """Order records (with codes) of *dist* with ids in (after, before), oldest first
+        ("" and "~" are below and above every id)."""
         k = keys.AcctKeys(dist)
         with translated():
             ids = await self.client.zrangebylex(k.index, "(" + after, "(" + before, 0, count)
             if not ids:
                 return []
-            recs = await self.client.hmget(k.orders, ids)
-        return [r for r in recs if r is not None]
+            async with self.client.pipeline(transaction=False) as p:
+                p.hmget(k.orders, ids)
+                p.hmget(k.codes, ids)
+                recs, codes = await p.execute()
+        return [(r, c) for r, c in zip(recs, codes) if r is not None]
 
     async def throttle(self, dist: str, rate: int, burst: int) -> tuple[bool, int]:
         """Take one request from the account's token bucket: (allowed, ms to wait if not)."""
@@ -376,6 +381,39 @@ class Store:
 
     async def swap_fingerprint_key(self, expected: bytes, replacement: bytes) -> bool:
         return bool(await self._run("fpkey_swap", [keys.FPKEY], [expected, replacement]))
+
+    # ---- after-sales and suppliers (issue 6) -----------------------------------------
+    async def hash(self, key: str) -> dict[str, bytes]:
+        """HGETALL of any key of keys.py, fields decoded."""
+        with translated():
+            return {k.decode(): v for k, v in (await self.client.hgetall(key)).items()}
+
+    async def hashes(self, names: Sequence[str]) -> list[dict[str, bytes]]:
+        """:meth:`hash` of many keys in one pipelined round."""
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                for n in names:
+                    p.hgetall(n)
+                flat = await p.execute()
+        return [{k.decode(): v for k, v in h.items()} for h in flat]
+
+    async def hash_fields(self, key: str, fields: Sequence[str]) -> list[bytes | None]:
+        with translated():
+            return await self.client.hmget(key, list(fields)) if fields else []
+
+    async def set_field(self, key: str, field: str, value: Any) -> None:
+        with translated():
+            await self.client.hset(key, field, value)
+
+    async def del_field(self, key: str, field: str) -> None:
+        with translated():
+            await self.client.hdel(key, field)
+
+    async def events(self, stream: str, after: str = "-", count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        """Entries of an event stream after id *after* (exclusive), oldest first."""
+        with translated():
+            rows = await self.client.xrange(stream, "(" + after if after != "-" else "-", "+", count)
+        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]
 
 
 def split_codes(blob: bytes) -> list[bytes]:

@@ -1,0 +1,118 @@
+"""How the scripts store orders, batches and tickets, and the small helpers around them.
+
+Shared by the engine and its after-sales half (aftersales.py); not public API.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from ._core import new_ulid, ulid_at
+from .errors import ValidationError
+from .models import LedgerEntry
+
+T = TypeVar("T")
+MAX_REF = 128
+
+new_id = new_ulid  # ULIDs: 48 bits of milliseconds then 80 random bits, so ids sort by creation time
+
+
+def ms_id_floor(ms: int) -> str:
+    """The smallest id (ULID) of millisecond *ms*."""
+    return ulid_at(ms, bytes(10))
+
+
+def ms_to_dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def check(value: Any, typ: type[T], what: str) -> T:
+    """*value* converted to *typ*, or ValidationError naming *what*."""
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as e:
+        raise ValidationError(f"invalid {what}: {e}") from None
+
+
+def check_ref(ref: Any, what: str = "external_ref") -> str:
+    if not isinstance(ref, str) or not 1 <= len(ref) <= MAX_REF or not ref.isprintable():
+        raise ValidationError(f"{what} must be 1-{MAX_REF} printable characters")
+    return ref
+
+
+class OrderRec(msgspec.Struct):
+    """An order as the account scripts store it (cmsgpack map)."""
+
+    id: str
+    ref: str
+    digest: str
+    sku: str
+    qty: int
+    unit_price: int
+    currency: str
+    mode: Literal["deliver", "reserve"]
+    ttl: int
+    partial: bool
+    status: str
+    hold: int
+    total: int
+    delivered: int
+    deadline: int
+    created: int
+    updated: int
+    #: ms it was delivered (0 before), the money refunded by tickets, the event version
+    dat: int = 0
+    refunded: int = 0
+    v: int = 0
+
+
+class BatchRec(msgspec.Struct, omit_defaults=True):
+    batch_id: str
+    sku: str
+    supplier: str
+    unit_cost: int
+    seq: int
+    created: int
+    status: Literal["importing", "imported", "voided"] = "importing"
+    accepted: int = 0
+    duplicate: int = 0
+    malformed: int = 0
+    voided: int = 0
+
+
+class TicketRec(msgspec.Struct):
+    """A ticket as the account scripts store it (see lua/ticket_*.lua)."""
+
+    id: str
+    order: str
+    index: int
+    sku: str
+    reason: str
+    status: Literal["open", "approving", "approved", "rejected"]
+    unit_price: int
+    created: int
+    updated: int
+    v: int
+    note: str = ""
+    replace: bool = False
+    outcome: str = ""
+    refund: int = 0
+    #: base64 of the replacement code's ciphertext
+    replacement: str = ""
+    cost: int = 0
+
+
+decode_order = msgspec.msgpack.Decoder(OrderRec).decode
+decode_ticket = msgspec.msgpack.Decoder(TicketRec).decode
+decode_codes = msgspec.msgpack.Decoder(list[bytes]).decode
+encode = msgspec.msgpack.encode
+
+
+def ledger_entries(rows: list[list[str]]) -> list[LedgerEntry]:
+    """Ledger entries from their stored fields (see _account.lua), numbered from 0."""
+    return [LedgerEntry(entry_id=str(i), kind=kind, ref=ref, amount=int(b), held_delta=int(h),  # type: ignore[arg-type]
+                        balance=int(bal), held=int(held), at=ms_to_dt(int(ms)))
+            for i, (kind, ref, b, h, bal, held, ms) in enumerate(rows)]
