@@ -40,7 +40,8 @@ from .errors import (
     ValidationError,
 )
 from .forecast import forecast
-from .models import Amount, BatchSummary, Code, Forecast, LedgerEntry, Supplier, SupplierReport, Ticket
+from .models import (Amount, BatchSummary, Code, Event, EventPage, Forecast, LedgerEntry, Supplier, SupplierReport,
+                     Ticket)
 from .records import (BatchRec, TicketRec, check, check_ref, decode_codes, decode_order, decode_ticket,
                       ledger_entries, ms_id_floor, ms_to_dt, new_id)
 from .store import keys
@@ -444,6 +445,18 @@ class AfterSales:
         return forecast(hourly, time.time_ns() // 3_600_000_000_000, available,
                         window_days=self.config.forecast_window_days,
                         lead_time_days=self.config.restock_lead_time_days)
+
+    # ---- events --------------------------------------------------------------------------
+    async def events(self: Engine, stream: str, after: str | None = None, limit: int = 100) -> EventPage:
+        """Events of one stream, oldest first: ``dist:<id>`` (orders, tickets),
+        ``sku:<id>`` (stock levels) or ``supplier:<id>`` (blacklisting)."""
+        kind, _, id_ = stream.partition(":")
+        if kind not in ("dist", "sku", "supplier") or not id_:
+            raise ValidationError('stream must be "dist:<id>", "sku:<id>" or "supplier:<id>"')
+        rows = await self.store.events(keys.events_key(kind, id_), after or "-", limit)
+        out = [Event(event_id=i, type=f["type"], entity=f["entity"], version=int(f["v"]), at=ms_to_dt(int(f["at"])),
+                     data=msgspec.json.decode(f["data"])) for i, f in rows]
+        return EventPage(events=out, next_after=out[-1].event_id if len(out) == limit else None)
 
     async def _refuse_blacklisted(self: Engine, supplier: str) -> None:
         if (await self.get_supplier(supplier)).status == "blacklisted":

@@ -6,7 +6,7 @@ Amounts are integers in minor units (cents); times are UTC datetimes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -15,7 +15,7 @@ __all__ = [
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
     "OrderStatus", "StockStatus",
     # after-sales (issue 6)
-    "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast",
+    "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
     # daemon (issue 4)
     "Access", "CatalogItem", "KeyRotation", "RateLimit",
 ]
@@ -249,6 +249,29 @@ class SupplierReport(_Model, omit_defaults=False):
     rating: float
     blacklist_reason: str | None
     batches: list[BatchSummary]
+
+
+class Event(_Model, omit_defaults=False):
+    """Something that happened, as its shard's event stream keeps it (never a code)."""
+
+    #: The stream entry id: increases within one stream.
+    event_id: str
+    #: order.delivered, order.cancelled, order.expired, order.refunded, ticket.opened,
+    #: ticket.approved, ticket.rejected, stock.low, stock.out, stock.restored,
+    #: supplier.blacklisted, supplier.reinstated
+    type: str
+    #: "order:<id>", "ticket:<id>", "stock:<sku>", "supplier:<id>"
+    entity: str
+    #: The entity's version: anything older than what a receiver holds is stale.
+    version: int
+    at: datetime
+    data: dict[str, Any]
+
+
+class EventPage(_Model):
+    events: list[Event]
+    #: Pass back as ``after`` for the next page (None: nothing more yet).
+    next_after: str | None = None
 
 
 # ---- daemon (issue 4) ---------------------------------------------------------------

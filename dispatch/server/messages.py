@@ -12,12 +12,15 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ..models import Amount, Distributor, Id, OrderStatus, RateLimit
+from ..models import Amount, Distributor, Id, OrderStatus, RateLimit, Supplier, Ticket, TicketStatus
 
 __all__ = [
     "Empty", "OrderRequest", "OrderQuery", "SkuCreate", "SkuPatch", "SupplierCreate", "TierCreate",
     "DistributorCreate", "DistributorPatch", "TopupRequest", "BatchQuery", "ExportQuery",
     "ErrorBody", "ErrorDetail", "Status", "NewKey", "AdminDistributor", "CreatedDistributor", "VoidReport",
+    # after-sales (issue 6)
+    "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
+    "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "WebhookSet", "WebhookSecret",
 ]
 
 Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -25,6 +28,12 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Currency = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
 Seconds = Annotated[int, msgspec.Meta(ge=1)]
 Aware = Annotated[datetime, msgspec.Meta(tz=True)]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+#: Which batch sells first: the oldest, or the one whose supplier is rated best.
+SaleOrder = Literal["oldest_first", "best_rated"]
+#: What an approved ticket gives by default: the money back, or another code.
+AfterSalesDefault = Literal["refund", "replace"]
+OrderId = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
 
 
 class _In(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -68,6 +77,8 @@ class SkuCreate(_In):
     currency: Currency
     price: Amount
     low_stock_threshold: Amount = 0
+    sale_order: SaleOrder = "oldest_first"
+    after_sales: AfterSalesDefault = "refund"
 
 
 class SkuPatch(_In):
@@ -75,6 +86,8 @@ class SkuPatch(_In):
     price: Amount | UnsetType = UNSET
     low_stock_threshold: Amount | UnsetType = UNSET
     status: Literal["active", "paused"] | UnsetType = UNSET
+    sale_order: SaleOrder | UnsetType = UNSET
+    after_sales: AfterSalesDefault | UnsetType = UNSET
 
 
 class SupplierCreate(_In):
@@ -129,6 +142,61 @@ class ExportQuery(_In):
     to: Aware | None = None
 
 
+class OrderExportQuery(ExportQuery):
+    #: ``plain`` shows the codes in clear (an explicit admin request); masked by default.
+    codes: Literal["masked", "plain"] = "masked"
+
+
+# ---- after-sales (issue 6) -------------------------------------------------------------
+
+class TicketCreate(_In):
+    order_id: OrderId
+    #: The code that does not work, as it was delivered.
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    reason: Text
+
+
+class TicketQuery(_In):
+    status: TicketStatus | None = None
+
+
+class AdminTicketQuery(TicketQuery):
+    distributor: Id | None = None
+
+
+class TicketResolve(_In):
+    decision: Literal["approve", "reject"]
+    #: Deliver another code instead of refunding; absent: the SKU's after_sales.
+    replace: bool | None = None
+    note: Text | None = None
+
+
+class SupplierPatch(_In):
+    name: Name | UnsetType = UNSET
+    #: blacklisted: its unsold codes leave sale (parked or voided); active: parked ones return.
+    status: Literal["active", "blacklisted"] | UnsetType = UNSET
+    #: Why (kept with a blacklisting).
+    reason: Text = "manual"
+
+
+class DepositRequest(_In):
+    amount: Annotated[int, msgspec.Meta(ge=1, le=10**15)]
+    #: Your id for the payment: a repeat with the same reference credits once.
+    reference: Ref
+
+
+class EventQuery(_In):
+    #: Whose events: ``dist:<id>``, ``sku:<id>`` or ``supplier:<id>``.
+    stream: Annotated[str, msgspec.Meta(pattern=r"^(dist|sku|supplier):[A-Za-z0-9._-]{1,64}$")]
+    #: The last event id you have; absent: from the oldest kept.
+    after: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
+class WebhookSet(_In):
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+
+
 # ---- responses -------------------------------------------------------------------------
 
 class _Out(msgspec.Struct, omit_defaults=True):
@@ -171,3 +239,17 @@ class VoidReport(_Out):
     batch_id: str
     #: Unsold codes withdrawn from the pool now.
     voided: int
+
+
+class TicketList(_Out):
+    tickets: list[Ticket]
+
+
+class SupplierList(_Out):
+    suppliers: list[Supplier]
+
+
+class WebhookSecret(_Out):
+    url: str
+    #: Shown once: signs every delivery (X-Dispatch-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of "t.body">).
+    secret: str

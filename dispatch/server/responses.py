@@ -45,6 +45,9 @@ ERRORS: dict[type[errors.DispatchError], tuple[int, str]] = {
         errors.ConflictError,                # 409 exists already / wrong state
         errors.ReservationExpiredError,      # 409
         errors.SkuPausedError,               # 409
+        errors.AlreadyClaimedError,          # 409 a ticket holds the code already
+        errors.TicketWindowClosedError,      # 409
+        errors.SupplierBlacklistedError,     # 409
         errors.PayloadTooLargeError,         # 413
         errors.ValidationError,              # 422 (also bad JSON and bad query strings)
         errors.RateLimitedError,             # 429 (with Retry-After)

@@ -5,10 +5,6 @@ string decode into, and what it answers; the generic code in :meth:`Router.call`
 does the checking and decoding, so a handler only calls the engine and returns a
 Struct (sent with the route's status), ``(status, Struct)``, or a Reply. Errors are
 raised, never built here (see responses.py).
-
-Tickets (``POST /v1/tickets``, ``GET /v1/tickets/{id}``, ``POST
-/admin/tickets/{id}/resolve``, ``GET /admin/suppliers/{id}/report``) come with a
-later issue; until then they are unknown routes (404 not_found).
 """
 
 from __future__ import annotations
@@ -21,7 +17,8 @@ from urllib.parse import unquote
 import msgspec
 
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
-from ..models import Balance, BatchReport, CatalogItem, Distributor, Order, OrderPage, Sku, Stock, Supplier, Tier
+from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Order, OrderPage, Sku, Stock, Supplier,
+                      SupplierReport, Ticket, Tier)
 from . import messages as m
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .responses import Reply, StreamReply, json_reply
@@ -36,7 +33,7 @@ Auth = Literal["distributor", "admin", "none"]
 Handler = Callable[["Call"], Awaitable[Any]]
 
 # Path parameters: order ids are ULIDs; every other id is an admin-chosen Id.
-_PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}"}
+_PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}", "ticket_id": r"tk_[0-9A-HJKMNP-TV-Z]{26}"}
 _ID = r"[A-Za-z0-9._-]{1,64}"
 
 
@@ -266,6 +263,25 @@ async def balance(c: Call) -> Balance:
     return await c.engine.balance(c.distributor)
 
 
+@route("POST", "/v1/tickets", auth="distributor", body=m.TicketCreate, status=201, out=Ticket)
+async def open_ticket(c: Call) -> Ticket:
+    """Claim that a code you bought does not work (once per code, within the after-sales window)."""
+    b: m.TicketCreate = c.body
+    return await c.engine.open_ticket(c.distributor, b.order_id, b.code, b.reason)
+
+
+@route("GET", "/v1/tickets", auth="distributor", query=m.TicketQuery, out=m.TicketList)
+async def list_tickets(c: Call) -> m.TicketList:
+    """Your tickets, oldest first."""
+    return m.TicketList(tickets=await c.engine.list_tickets(c.distributor, c.query.status))
+
+
+@route("GET", "/v1/tickets/{ticket_id}", auth="distributor", out=Ticket)
+async def get_ticket(c: Call) -> Ticket:
+    """One of your tickets, with its decision (and replacement code, if one was given)."""
+    return await c.engine.get_ticket(c.params["ticket_id"], c.distributor)
+
+
 # ============================================================================================
 # admin endpoints
 # ============================================================================================
@@ -274,20 +290,23 @@ async def balance(c: Call) -> Balance:
 async def create_sku(c: Call) -> Sku:
     """Create a SKU."""
     b: m.SkuCreate = c.body
-    return await c.engine.create_sku(b.sku, b.name, b.face_value, b.currency, b.price, b.low_stock_threshold)
+    return await c.engine.create_sku(b.sku, b.name, b.face_value, b.currency, b.price, b.low_stock_threshold,
+                                     sale_order=b.sale_order, after_sales=b.after_sales)
 
 
 @route("PATCH", "/admin/skus/{sku}", auth="admin", body=m.SkuPatch, out=Sku)
 async def update_sku(c: Call) -> Sku:
-    """Change a SKU's name, price, low-stock threshold or status (paused stops sales at once)."""
+    """Change a SKU's name, price, low-stock threshold, status (paused stops sales at once),
+    sale order or after-sales default."""
     b: m.SkuPatch = c.body
     return await c.engine.update_sku(c.params["sku"], name=b.name, price=b.price,
-                                     low_stock_threshold=b.low_stock_threshold, status=b.status)
+                                     low_stock_threshold=b.low_stock_threshold, status=b.status,
+                                     sale_order=b.sale_order, after_sales=b.after_sales)
 
 
 @route("GET", "/admin/skus/{sku}/stock", auth="admin", out=Stock)
 async def stock(c: Call) -> Stock:
-    """A SKU's codes by state."""
+    """A SKU's codes by state, with a restock forecast (days of cover, reorder quantity)."""
     return await c.engine.stock(c.params["sku"])
 
 
@@ -296,6 +315,59 @@ async def create_supplier(c: Call) -> Supplier:
     """Create a supplier."""
     b: m.SupplierCreate = c.body
     return await c.engine.create_supplier(b.supplier, b.name, b.deposit)
+
+
+@route("GET", "/admin/suppliers", auth="admin", out=m.SupplierList)
+async def list_suppliers(c: Call) -> m.SupplierList:
+    """Every supplier, with its deposit and status."""
+    return m.SupplierList(suppliers=await c.engine.list_suppliers())
+
+
+@route("PATCH", "/admin/suppliers/{supplier}", auth="admin", body=m.SupplierPatch, out=Supplier)
+async def update_supplier(c: Call) -> Supplier:
+    """Rename a supplier, blacklist it (its unsold codes leave sale) or reinstate it."""
+    b: m.SupplierPatch = c.body
+    return await c.engine.update_supplier(c.params["supplier"], name=b.name, status=b.status, reason=b.reason)
+
+
+@route("POST", "/admin/suppliers/{supplier}/deposit", auth="admin", body=m.DepositRequest, out=Supplier)
+async def deposit(c: Call) -> Supplier:
+    """Credit a supplier's deposit; the same reference credits once."""
+    b: m.DepositRequest = c.body
+    return await c.engine.deposit(c.params["supplier"], b.amount, b.reference)
+
+
+@route("GET", "/admin/suppliers/{supplier}/report", auth="admin", out=SupplierReport)
+async def supplier_report(c: Call) -> SupplierReport:
+    """Deposit, delivered and invalidated codes (per batch too), invalid rate and rating."""
+    return await c.engine.supplier_report(c.params["supplier"])
+
+
+@route("GET", "/admin/tickets", auth="admin", query=m.AdminTicketQuery, out=m.TicketList)
+async def admin_tickets(c: Call) -> m.TicketList:
+    """Tickets of every distributor (or one), oldest first."""
+    q: m.AdminTicketQuery = c.query
+    return m.TicketList(tickets=await c.engine.list_tickets(q.distributor, q.status))
+
+
+@route("GET", "/admin/tickets/{ticket_id}", auth="admin", out=Ticket)
+async def admin_ticket(c: Call) -> Ticket:
+    """One ticket."""
+    return await c.engine.get_ticket(c.params["ticket_id"])
+
+
+@route("POST", "/admin/tickets/{ticket_id}/resolve", auth="admin", body=m.TicketResolve, out=Ticket)
+async def resolve_ticket(c: Call) -> Ticket:
+    """Approve (code invalidated, supplier charged, refund or replacement) or reject a ticket."""
+    b: m.TicketResolve = c.body
+    return await c.engine.resolve_ticket(c.params["ticket_id"], b.decision, replace=b.replace, note=b.note)
+
+
+@route("GET", "/admin/events", auth="admin", query=m.EventQuery, out=EventPage)
+async def events(c: Call) -> EventPage:
+    """Events of one stream (dist:<id>, sku:<id>, supplier:<id>), oldest first, a page at a time."""
+    q: m.EventQuery = c.query
+    return await c.engine.events(q.stream, q.after, q.limit)
 
 
 @route("POST", "/admin/tiers", auth="admin", body=m.TierCreate, status=201, out=Tier)
@@ -369,12 +441,23 @@ async def void_batch(c: Call) -> m.VoidReport:
     return m.VoidReport(batch_id=batch_id, voided=await c.engine.void_batch(batch_id))
 
 
-@route("GET", "/admin/orders/export", auth="admin", query=m.ExportQuery, out=str)
+def _csv(blocks: Any, name: str) -> StreamReply:
+    return StreamReply(200, blocks, b"text/csv; charset=utf-8",
+                       [(b"content-disposition", b'attachment; filename="%s"' % name.encode())])
+
+
+@route("GET", "/admin/orders/export", auth="admin", query=m.OrderExportQuery, out=str)
 async def export_orders(c: Call) -> StreamReply:
-    """Every distributor's orders created in [from, to), as CSV (streamed; no codes)."""
+    """Every distributor's orders created in [from, to), as CSV (streamed; codes masked unless codes=plain)."""
+    q: m.OrderExportQuery = c.query
+    return _csv(c.engine.export_orders(q.from_, q.to, show_codes=q.codes == "plain"), "orders.csv")
+
+
+@route("GET", "/admin/ledger/export", auth="admin", query=m.ExportQuery, out=str)
+async def export_ledger(c: Call) -> StreamReply:
+    """Every ledger entry (distributors, then suppliers) made in [from, to), as CSV (streamed)."""
     q: m.ExportQuery = c.query
-    return StreamReply(200, c.engine.export_orders(q.from_, q.to), b"text/csv; charset=utf-8",
-                       [(b"content-disposition", b'attachment; filename="orders.csv"')])
+    return _csv(c.engine.export_ledger(q.from_, q.to), "ledger.csv")
 
 
 # ============================================================================================
