@@ -174,10 +174,36 @@ def cmd_sku(args: argparse.Namespace) -> int:
 def cmd_supplier(args: argparse.Namespace) -> int:
     if args.action == "create":
         _record(_run(args, lambda e: e.create_supplier(args.supplier, args.name, args.deposit)))
+    elif args.action == "deposit":
+        _record(_run(args, lambda e: e.deposit(args.supplier, args.amount, args.reference)))
+    elif args.action == "update":
+        changes = {k: v for k, v in dict(name=args.name, status=args.status).items() if v is not None}
+        _record(_run(args, lambda e: e.update_supplier(args.supplier, reason=args.reason, **changes)))
+    elif args.action == "report":
+        r = _run(args, lambda e: e.supplier_report(args.supplier))
+        _table(f"supplier {r.supplier}", ["name", "status", "deposit", "delivered", "invalidated", "invalid_rate",
+                                          "rating", "blacklist_reason"],
+               [(r.name, r.status, r.deposit, r.delivered, r.invalidated, f"{r.invalid_rate:.2%}", r.rating,
+                 r.blacklist_reason or "")])
+        _table("batches", ["batch", "sku", "unit_cost", "status", "accepted", "delivered", "invalidated", "voided"],
+               [(b.batch_id, b.sku, b.unit_cost, b.status, b.accepted, b.delivered, b.invalidated, b.voided)
+                for b in r.batches])
     else:
         rows = _run(args, lambda e: e.list_suppliers())
         _table("suppliers", ["supplier", "name", "deposit", "status"],
                [(s.supplier, s.name, s.deposit, s.status) for s in rows])
+    return 0
+
+
+def cmd_ticket(args: argparse.Namespace) -> int:
+    if args.action == "resolve":
+        _record(_run(args, lambda e: e.resolve_ticket(args.ticket, args.decision, replace=args.replace,
+                                                      note=args.note)))
+    else:
+        rows = _run(args, lambda e: e.list_tickets(args.distributor, args.status))
+        _table("tickets", ["ticket", "distributor", "order", "sku", "code #", "status", "outcome", "refund", "reason"],
+               [(t.ticket_id, t.distributor, t.order_id, t.sku, t.code_index, t.status, t.outcome or "", t.refund,
+                 t.reason) for t in rows])
     return 0
 
 
@@ -244,7 +270,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         rows = 0
         f = sys.stdout.buffer if args.out in (None, "-") else open(args.out, "wb")
         try:
-            async for block in engine.export_orders(args.from_, args.to):
+            blocks = (engine.export_ledger(args.from_, args.to) if args.what == "ledger" else
+                      engine.export_orders(args.from_, args.to, show_codes=args.codes == "plain"))
+            async for block in blocks:
                 f.write(block)
                 rows += block.count(b"\n")
         finally:
@@ -256,7 +284,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     n = _run(args, work)
     if args.out not in (None, "-"):
-        err.print(f"{n} orders written to {args.out}")
+        err.print(f"{n} {'entries' if args.what == 'ledger' else 'orders'} written to {args.out}")
     return 0
 
 
@@ -336,14 +364,38 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--status", choices=("active", "paused"))
     s.set_defaults(run=cmd_sku)
 
-    s = sub.add_parser("supplier", help="create or list suppliers")
+    s = sub.add_parser("supplier", help="create, list, update, fund or report on suppliers")
     a = s.add_subparsers(dest="action", required=True)
     c = a.add_parser("create", parents=[common])
     c.add_argument("supplier")
     c.add_argument("--name", required=True)
     c.add_argument("--deposit", type=int, default=0)
     a.add_parser("list", parents=[common])
+    c = a.add_parser("update", parents=[common], help="rename, blacklist or reinstate")
+    c.add_argument("supplier")
+    c.add_argument("--name")
+    c.add_argument("--status", choices=("active", "blacklisted"))
+    c.add_argument("--reason", default="manual", help="why (kept with a blacklisting)")
+    c = a.add_parser("deposit", parents=[common], help="credit the deposit after-sales refunds are charged to")
+    c.add_argument("supplier")
+    c.add_argument("amount", type=int, help="minor units")
+    c.add_argument("--reference", required=True, help="payment id: the same reference credits once")
+    c = a.add_parser("report", parents=[common], help="delivered and invalidated codes, rating, batches")
+    c.add_argument("supplier")
     s.set_defaults(run=cmd_supplier)
+
+    s = sub.add_parser("ticket", help="list or resolve after-sales tickets")
+    a = s.add_subparsers(dest="action", required=True)
+    c = a.add_parser("list", parents=[common])
+    c.add_argument("--distributor")
+    c.add_argument("--status", choices=("open", "approving", "approved", "rejected"))
+    c = a.add_parser("resolve", parents=[common])
+    c.add_argument("ticket")
+    c.add_argument("decision", choices=("approve", "reject"))
+    c.add_argument("--replace", action=argparse.BooleanOptionalAction, default=None,
+                   help="deliver another code instead of refunding (default: the SKU's after_sales)")
+    c.add_argument("--note")
+    s.set_defaults(run=cmd_ticket)
 
     s = sub.add_parser("tier", help="create or list price tiers")
     a = s.add_subparsers(dest="action", required=True)
@@ -381,10 +433,14 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="export data as CSV")
     a = s.add_subparsers(dest="what", required=True)
-    c = a.add_parser("orders", parents=[common], help="every distributor's orders (no codes)")
-    c.add_argument("--from", dest="from_", type=_when, help="ISO 8601; UTC unless it names a zone")
-    c.add_argument("--to", type=_when, help="ISO 8601, exclusive")
-    c.add_argument("--out", metavar="FILE", help="default: stdout")
+    for what, help_ in (("orders", "every distributor's orders (codes masked unless --codes plain)"),
+                        ("ledger", "every ledger entry: distributors' balances, suppliers' deposits")):
+        c = a.add_parser(what, parents=[common], help=help_)
+        c.add_argument("--from", dest="from_", type=_when, help="ISO 8601; UTC unless it names a zone")
+        c.add_argument("--to", type=_when, help="ISO 8601, exclusive")
+        c.add_argument("--out", metavar="FILE", help="default: stdout")
+        if what == "orders":
+            c.add_argument("--codes", choices=("masked", "plain"), default="masked")
     s.set_defaults(run=cmd_export)
 
     s = sub.add_parser("loadtest", help="drive peak traffic against a daemon, then verify the store")

@@ -111,9 +111,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     restock_lead_time_days: Annotated[float, msgspec.Meta(ge=0)] = 7.0
     #: Webhook delivery: tries per event before it is parked as failed, the first
     #: retry delay (doubling each time, capped), and the timeout of one try.
-    webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
-    webhook_backoff_s: Seconds = 1.0
-    webhook_backoff_cap_s: Seconds = 300.0
+    webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 12
+    webhook_backoff_s: Seconds = 5.0
+    webhook_backoff_cap_s: Seconds = 3600.0
     webhook_timeout_s: Seconds = 5.0
 
     def __post_init__(self) -> None:

@@ -72,6 +72,7 @@ from .records import (BatchRec, OrderRec, check, check_ref, decode_codes, decode
                       ms_id_floor, ms_to_dt, new_id)
 from .store import Store, keys
 from .vault import Vault, load_master_keys
+from .webhooks import Webhooks
 
 __all__ = ["Engine"]
 
@@ -120,6 +121,8 @@ class Engine(AfterSales):
         self._store: Store | None = None
         self._vault: Vault | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._deliverer: asyncio.Task[None] | None = None
+        self._webhooks: Webhooks | None = None
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
         self._sagas: set[asyncio.Future[Order]] = set()
         self._begin, self._take, self._commit, self._settle, self._sku_settle = (
@@ -151,17 +154,26 @@ class Engine(AfterSales):
             await store.close()
             raise
         self._store, self._vault = store, vault
+        cfg = self.config
+        self._webhooks = Webhooks(store, vault, timeout_s=cfg.webhook_timeout_s, max_attempts=cfg.webhook_max_attempts,
+                                  backoff_base_s=cfg.webhook_backoff_s, backoff_cap_s=cfg.webhook_backoff_cap_s)
         if self._sweep_enabled:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="dispatch-sweep")
+            self._deliverer = asyncio.create_task(self._webhooks.run(), name="dispatch-webhooks")
         return self
 
     async def close(self) -> None:
-        """Stop the sweep, let queued calls finish, close Redis (stopping the embedded one)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        """Stop the sweep and webhook deliveries, let queued calls finish, close Redis
+        (stopping the embedded one)."""
+        for task in (self._sweeper, self._deliverer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._deliverer = None
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
+            self._webhooks = None
         if self._sagas:  # orders mid-way finish before the coalescers drain
             await asyncio.gather(*list(self._sagas), return_exceptions=True)
         for c in (self._begin, self._take, self._commit, self._settle, self._sku_settle):
@@ -175,6 +187,13 @@ class Engine(AfterSales):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def webhooks(self) -> Webhooks:
+        """Webhook targets and deliveries (delivered in the background when the engine sweeps)."""
+        if self._webhooks is None:
+            raise DispatchError("the engine is not started")
+        return self._webhooks
 
     @property
     def vault(self) -> Vault:

@@ -127,3 +127,32 @@ def test_master_key_rotation(env: dict[str, str], tmp_path: Path, capsys: pytest
     # the old configuration can no longer read the fingerprint key
     with pytest.raises(DispatchError):
         engine(env, tmp_path)
+
+
+def test_after_sales_commands(env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "sku", "create", "g100", "--name", "G", "--face-value", "100", "--currency", "CNY", "--price", "90")
+    run(capsys, "supplier", "create", "sup", "--name", "S")
+    rc, out, _ = run(capsys, "supplier", "deposit", "sup", "5000", "--reference", "wire-1")
+    assert rc == 0 and "5000" in out
+    with engine(env, tmp_path) as e:
+        e.import_codes(codes_text("AS", 10), sku="g100", supplier="sup", unit_cost=80, batch_id="b1")
+        e.create_distributor("shop", "Shop")
+        e.topup("shop", 10_000, "w")
+        order = e.purchase("shop", "g100", 2, "po-1")
+        ticket = e.open_ticket("shop", order.order_id, order.codes[1].code, "does not work")
+    rc, out, _ = run(capsys, "ticket", "list", "--status", "open")
+    assert rc == 0 and ticket.ticket_id in out
+    rc, out, _ = run(capsys, "ticket", "resolve", ticket.ticket_id, "approve", "--note", "ok")
+    assert rc == 0 and "approved" in out
+    rc, out, _ = run(capsys, "supplier", "report", "sup")
+    assert rc == 0 and "50.00%" in out and "b1" in out and "4920" in out  # 5000 - unit cost 80
+    rc, out, _ = run(capsys, "supplier", "update", "sup", "--status", "blacklisted", "--reason", "fraud")
+    assert rc == 0 and "blacklisted" in out
+    rc, out, _ = run(capsys, "stock", "g100")
+    assert rc == 0 and "parked" in out
+    rc, out, _ = run(capsys, "export", "ledger")
+    assert rc == 0 and "supplier,sup,1,charge,%s,-80" % ticket.ticket_id in out and "refund" in out
+    rc, out, _ = run(capsys, "export", "orders", "--codes", "plain")
+    assert rc == 0 and order.codes[0].code in out
+    rc, _, err = run(capsys, "ticket", "resolve", "tk_nope", "reject")
+    assert (rc, err) == (1, "error: no ticket tk_nope\n")

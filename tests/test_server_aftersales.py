@@ -7,7 +7,10 @@ import csv
 import io
 from typing import Any
 
+from dispatch.webhooks import verify_signature
+
 from .httpkit import Server, make_server, server  # noqa: F401  (fixtures)
+from .test_webhooks import receivers, status  # noqa: F401  (fixtures)
 
 
 async def _bought(server: Server, dist: str = "acme", qty: int = 2, ref: str = "po-1") -> dict[str, Any]:
@@ -141,3 +144,48 @@ async def test_exports_mask_codes_unless_asked(server: Server) -> None:
     assert sum(int(e["amount"]) for e in ledger if e["party"] == "acme") == balance
     r = await server.admin("GET", "/admin/ledger/export?from=2100-01-01T00:00:00Z")
     assert r.body.decode().strip().splitlines() == ["party_type,party,entry,kind,ref,amount,held_delta,balance,held,at"]
+
+
+async def test_webhooks_through_the_daemon(make_server: Any, receivers: Any) -> None:
+    server = await make_server(webhook_max_attempts=1)
+    await server.shop()
+    everything, own = await receivers(), await receivers(status(500))
+    r = await server.admin("PUT", "/admin/webhook", json={"url": everything.url})
+    admin_secret = r.json()["secret"]
+    r = await server.admin("PUT", "/admin/distributors/acme/webhook", json={"url": own.url})
+    assert r.status == 200 and r.json()["secret"].startswith("whsec_")
+    acme_secret = r.json()["secret"]
+    for path, body, want in (("/admin/distributors/acme/webhook", {"url": "ftp://x"}, (422, "validation_error")),
+                             ("/admin/distributors/ghost/webhook", {"url": own.url}, (404, "not_found")),
+                             ("/admin/webhook", {"url": own.url, "x": 1}, (422, "validation_error"))):
+        r = await server.admin("PUT", path, json=body)
+        assert (r.status, r.error) == want, path
+    r = await server.admin("GET", "/admin/distributors/acme/webhook")
+    assert r.json()["url"] == own.url and "secret" not in r.body.decode()
+
+    order = await _bought(server)
+    hooks = server.engine.webhooks
+    await hooks.pump()
+    await hooks.deliver_due()
+    delivered = [q for q in everything.ok() if q.json["type"] == "order.delivered"]
+    assert len(delivered) == 1 and verify_signature(admin_secret, delivered[0].headers["x-dispatch-signature"],
+                                                    delivered[0].body)
+    assert delivered[0].json["data"]["order_id"] == order["order_id"]
+    assert order["codes"][0]["code"] not in delivered[0].body.decode()
+
+    r = await server.admin("GET", "/admin/webhooks/failed")
+    [failed] = r.json()["deliveries"]
+    assert (failed["target"], failed["type"], failed["last_error"]) == ("dist:acme", "order.delivered", "HTTP 500")
+    own.respond = status()  # the receiver is fixed
+    r = await server.admin("POST", f"/admin/webhooks/failed/{failed['job_id']}/replay")
+    assert r.status == 200 and r.json() == {"replayed": 1}
+    await hooks.deliver_due()
+    [got] = own.ok()
+    assert verify_signature(acme_secret, got.headers["x-dispatch-signature"], got.body)
+    assert (got.json["type"], got.json["version"]) == ("order.delivered", 1)
+    assert (await server.admin("GET", "/admin/webhooks/failed")).json()["deliveries"] == []
+    r = await server.admin("POST", f"/admin/webhooks/failed/{failed['job_id']}/replay")
+    assert (r.status, r.error) == (404, "not_found")
+    assert (await server.admin("DELETE", "/admin/distributors/acme/webhook")).status == 200
+    r = await server.admin("DELETE", "/admin/distributors/acme/webhook")
+    assert (r.status, r.error) == (404, "not_found")

@@ -134,6 +134,9 @@ async def test_two_workers_on_the_embedded_store(tmp_path: Path) -> None:
     codes: list[str] = []
     try:
         await daemon.ready()
+        deadline = time.monotonic() + 30  # both workers listening, not only the first one up
+        while daemon.logs().count("(worker ") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         a = {"token": ADMIN}
         assert (await daemon.request("POST", "/admin/skus", json={"sku": "g100", "name": "G", "face_value": 100,
                                                                   "currency": "CNY", "price": 90}, **a)).status == 201

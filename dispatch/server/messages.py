@@ -13,6 +13,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from ..models import Amount, Distributor, Id, OrderStatus, RateLimit, Supplier, Ticket, TicketStatus
+from ..webhooks import FailedDelivery
 
 __all__ = [
     "Empty", "OrderRequest", "OrderQuery", "SkuCreate", "SkuPatch", "SupplierCreate", "TierCreate",
@@ -21,6 +22,7 @@ __all__ = [
     # after-sales (issue 6)
     "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
     "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "WebhookSet", "WebhookSecret",
+    "FailedQuery", "FailedList", "Replayed",
 ]
 
 Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -197,6 +199,10 @@ class WebhookSet(_In):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
 
 
+class FailedQuery(_In):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+
 # ---- responses -------------------------------------------------------------------------
 
 class _Out(msgspec.Struct, omit_defaults=True):
@@ -253,3 +259,13 @@ class WebhookSecret(_Out):
     url: str
     #: Shown once: signs every delivery (X-Dispatch-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of "t.body">).
     secret: str
+
+
+class FailedList(_Out):
+    #: Most recent first.
+    deliveries: list[FailedDelivery]
+
+
+class Replayed(_Out):
+    #: Deliveries put back to be tried again now.
+    replayed: int

@@ -19,6 +19,7 @@ import msgspec
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
 from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Order, OrderPage, Sku, Stock, Supplier,
                       SupplierReport, Ticket, Tier)
+from ..webhooks import WebhookTarget
 from . import messages as m
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .responses import Reply, StreamReply, json_reply
@@ -33,7 +34,8 @@ Auth = Literal["distributor", "admin", "none"]
 Handler = Callable[["Call"], Awaitable[Any]]
 
 # Path parameters: order ids are ULIDs; every other id is an admin-chosen Id.
-_PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}", "ticket_id": r"tk_[0-9A-HJKMNP-TV-Z]{26}"}
+_PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}", "ticket_id": r"tk_[0-9A-HJKMNP-TV-Z]{26}",
+          "job_id": r"[A-Za-z0-9._:-]{1,300}"}
 _ID = r"[A-Za-z0-9._-]{1,64}"
 
 
@@ -439,6 +441,79 @@ async def void_batch(c: Call) -> m.VoidReport:
     """Withdraw a batch's unsold codes from sale."""
     batch_id = c.params["batch_id"]
     return m.VoidReport(batch_id=batch_id, voided=await c.engine.void_batch(batch_id))
+
+
+async def _set_webhook(c: Call, distributor: str | None) -> m.WebhookSecret:
+    url = c.body.url
+    return m.WebhookSecret(url=url, secret=await c.engine.webhooks.set_target(distributor, url))
+
+
+async def _webhook(c: Call, distributor: str | None) -> WebhookTarget:
+    target = await c.engine.webhooks.target(distributor)
+    if target is None:
+        raise NotFoundError("no webhook is registered")
+    return target
+
+
+async def _remove_webhook(c: Call, distributor: str | None) -> m.Status:
+    if not await c.engine.webhooks.remove_target(distributor):
+        raise NotFoundError("no webhook is registered")
+    return m.Status("removed")
+
+
+@route("PUT", "/admin/webhook", auth="admin", body=m.WebhookSet, out=m.WebhookSecret)
+async def set_admin_webhook(c: Call) -> m.WebhookSecret:
+    """Register the admin webhook (every event); the answer holds its signing secret, shown once."""
+    return await _set_webhook(c, None)
+
+
+@route("GET", "/admin/webhook", auth="admin", out=WebhookTarget)
+async def admin_webhook(c: Call) -> WebhookTarget:
+    """The admin webhook (never its secret)."""
+    return await _webhook(c, None)
+
+
+@route("DELETE", "/admin/webhook", auth="admin", out=m.Status)
+async def remove_admin_webhook(c: Call) -> m.Status:
+    """Unregister the admin webhook."""
+    return await _remove_webhook(c, None)
+
+
+@route("PUT", "/admin/distributors/{distributor}/webhook", auth="admin", body=m.WebhookSet, out=m.WebhookSecret)
+async def set_webhook(c: Call) -> m.WebhookSecret:
+    """Register a distributor's webhook (its own events); the answer holds its signing secret, shown once."""
+    return await _set_webhook(c, c.params["distributor"])
+
+
+@route("GET", "/admin/distributors/{distributor}/webhook", auth="admin", out=WebhookTarget)
+async def webhook(c: Call) -> WebhookTarget:
+    """A distributor's webhook (never its secret)."""
+    return await _webhook(c, c.params["distributor"])
+
+
+@route("DELETE", "/admin/distributors/{distributor}/webhook", auth="admin", out=m.Status)
+async def remove_webhook(c: Call) -> m.Status:
+    """Unregister a distributor's webhook."""
+    return await _remove_webhook(c, c.params["distributor"])
+
+
+@route("GET", "/admin/webhooks/failed", auth="admin", query=m.FailedQuery, out=m.FailedList)
+async def failed_webhooks(c: Call) -> m.FailedList:
+    """Deliveries that failed for good (every try used), the most recent first."""
+    return m.FailedList(deliveries=await c.engine.webhooks.failed(c.query.limit))
+
+
+@route("POST", "/admin/webhooks/failed/{job_id}/replay", auth="admin", out=m.Replayed)
+async def replay_webhook(c: Call) -> m.Replayed:
+    """Try a failed delivery again now, with its tries counted afresh."""
+    await c.engine.webhooks.replay(c.params["job_id"])
+    return m.Replayed(replayed=1)
+
+
+@route("POST", "/admin/webhooks/failed/replay", auth="admin", out=m.Replayed)
+async def replay_webhooks(c: Call) -> m.Replayed:
+    """Try every failed delivery again now."""
+    return m.Replayed(replayed=await c.engine.webhooks.replay_all())
 
 
 def _csv(blocks: Any, name: str) -> StreamReply:

@@ -34,6 +34,13 @@ FPKEY = PREFIX + "{g}:fpkey"            # the wrapped fingerprint key
 TICKETS = PREFIX + "{g}:tickets"        # HASH ticket id -> distributor id
 BATCH_SEQ = PREFIX + "{g}:batchseq"     # HASH batch seq -> batch id
 
+# ---- webhook deliveries {w} (dispatch/webhooks.py) ------------------------------
+WEBHOOK_CURSOR = PREFIX + "{w}:cursor"    # HASH event stream key -> id of the last entry consumed
+WEBHOOK_JOBS = PREFIX + "{w}:jobs"        # HASH job id -> msgpack job (the body it sends, attempts...)
+WEBHOOK_DUE = PREFIX + "{w}:due"          # ZSET job id -> ms of its next attempt (or of its lease's end)
+WEBHOOK_FAILED = PREFIX + "{w}:failed"    # ZSET job id -> ms it failed for good
+WEBHOOK_TARGETS = PREFIX + "{w}:targets"  # HASH "admin" | "dist:<id>" -> msgpack {url, sealed secret, created}
+
 
 def sku_tag(sku: str) -> str:
     return PREFIX + "{s:" + sku + "}:"

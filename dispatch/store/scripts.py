@@ -23,6 +23,7 @@ NAMES = ("begin", "commit", "settle", "topup", "put", "take", "sku_settle", "imp
          "rate_limit", "fpkey_swap",  # daemon (issue 4)
          "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
          "batch_park", "sku_invalidate", "sku_requeue")  # after-sales (issue 6)
+NAMES += ("webhook_enqueue", "webhook_claim", "webhook_settle", "webhook_replay")  # webhooks
 
 
 def source(name: str) -> str:
