@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import compare  # noqa: E402
 
 from dispatch._core import new_ulid  # noqa: E402
-from dispatch.engine import _encode  # noqa: E402
+from dispatch.records import encode as _encode  # noqa: E402
 from dispatch.store.embedded import EmbeddedRedis  # noqa: E402
 
 BATCH, ORDERS = 64, 64 * 800

@@ -40,10 +40,10 @@ from .errors import (
     ValidationError,
 )
 from .forecast import forecast
-from .models import (Amount, BatchSummary, Code, Event, EventPage, Forecast, LedgerEntry, Supplier, SupplierReport,
+from .models import (Amount, BatchSummary, Code, EventPage, Forecast, LedgerEntry, Supplier, SupplierReport,
                      Ticket)
-from .records import (BatchRec, TicketRec, check, check_ref, decode_codes, decode_order, decode_ticket,
-                      ledger_entries, ms_id_floor, ms_to_dt, new_id)
+from .records import (BatchRec, TicketRec, check, check_ref, decode_codes, decode_event, decode_order,
+                      decode_ticket, ledger_entries, ms_id_floor, ms_to_dt, new_id)
 from .store import keys
 
 if TYPE_CHECKING:
@@ -454,8 +454,7 @@ class AfterSales:
         if kind not in ("dist", "sku", "supplier") or not id_:
             raise ValidationError('stream must be "dist:<id>", "sku:<id>" or "supplier:<id>"')
         rows = await self.store.events(keys.events_key(kind, id_), after or "-", limit)
-        out = [Event(event_id=i, type=f["type"], entity=f["entity"], version=int(f["v"]), at=ms_to_dt(int(f["at"])),
-                     data=msgspec.json.decode(f["data"])) for i, f in rows]
+        out = [decode_event(i, f) for i, f in rows]
         return EventPage(events=out, next_after=out[-1].event_id if len(out) == limit else None)
 
     async def _refuse_blacklisted(self: Engine, supplier: str) -> None:

@@ -12,7 +12,7 @@ import msgspec
 
 from ._core import new_ulid, ulid_at
 from .errors import ValidationError
-from .models import LedgerEntry
+from .models import Event, LedgerEntry
 
 T = TypeVar("T")
 MAX_REF = 128
@@ -116,3 +116,13 @@ def ledger_entries(rows: list[list[str]]) -> list[LedgerEntry]:
     return [LedgerEntry(entry_id=str(i), kind=kind, ref=ref, amount=int(b), held_delta=int(h),  # type: ignore[arg-type]
                         balance=int(bal), held=int(held), at=ms_to_dt(int(ms)))
             for i, (kind, ref, b, h, bal, held, ms) in enumerate(rows)]
+
+
+def decode_event(entry_id: str, fields: dict[bytes, bytes]) -> Event:
+    """An event from its stream entry (see lua/_events.lua); ValueError if it is malformed."""
+    try:
+        return Event(event_id=entry_id, type=fields[b"type"].decode(), entity=fields[b"entity"].decode(),
+                     version=int(fields[b"v"]), at=ms_to_dt(int(fields[b"at"])),
+                     data=msgspec.msgpack.decode(fields[b"data"], type=dict[str, Any]))
+    except (KeyError, UnicodeDecodeError, msgspec.DecodeError) as e:
+        raise ValueError(f"malformed event {entry_id}: {type(e).__name__}: {e}") from None

@@ -37,7 +37,7 @@ import httpx
 import msgspec
 
 from .errors import NotFoundError, StoreUnavailableError, ValidationError
-from .records import ms_to_dt
+from .records import decode_event, ms_to_dt
 from .store import keys
 from .store.store import Store, translated
 from .vault import Vault
@@ -241,15 +241,13 @@ class Webhooks:
     def _job(shard: str, entry_id: str, fields: dict[bytes, bytes], now: int) -> _Job | None:
         event = f"{shard}:{entry_id}"
         try:
-            f = {k.decode(): v.decode() for k, v in fields.items()}
-            version, at = int(f["v"]), int(f["at"])
-            body = _json.encode({"id": event, "type": f["type"], "entity": f["entity"], "version": version,
-                                 "at": ms_to_dt(at).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                                 "data": msgspec.json.decode(f["data"])})
-        except (KeyError, ValueError, msgspec.DecodeError) as e:
-            log.error("webhooks: event %s is malformed and skipped: %s: %s", event, type(e).__name__, e)
+            e = decode_event(entry_id, fields)
+        except ValueError as exc:
+            log.error("webhooks: event %s is skipped: %s", event, exc)
             return None
-        return _Job("", event, f["type"], f["entity"], version, body, now)
+        body = _json.encode({"id": event, "type": e.type, "entity": e.entity, "version": e.version,
+                             "at": e.at.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "data": e.data})
+        return _Job("", event, e.type, e.entity, e.version, body, now)
 
     # ---- jobs -> HTTP -----------------------------------------------------------------
     async def deliver_due(self) -> int:

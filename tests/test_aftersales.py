@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
 from collections import Counter
 
 import msgspec
@@ -28,10 +27,8 @@ async def stock_up(engine: Engine, n: int, *, sku: str = "g100", supplier: str =
 
 
 async def events(engine: Engine, kind: str, id_: str) -> list[dict[str, object]]:
-    out = []
-    for _, f in await engine.store.events(keys.events_key(kind, id_), count=10_000):
-        out.append({**f, "v": int(f["v"]), "data": json.loads(f["data"])})
-    return out
+    page = await engine.events(f"{kind}:{id_}", limit=10_000)
+    return [{"type": e.type, "entity": e.entity, "v": e.version, "data": e.data} for e in page.events]
 
 
 async def export(gen) -> list[dict[str, str]]:

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import msgspec
 import pytest
 import pytest_asyncio
 
@@ -126,7 +127,7 @@ async def hooks(engine: Engine) -> AsyncIterator[Callable[..., Webhooks]]:
 
 async def emit(engine: Engine, kind: str, id_: str, type_: str, entity: str, v: int = 1, **data: object) -> str:
     fields = {"type": type_, "entity": entity, "v": str(v), "at": str(int(time.time() * 1000)),
-              "data": json.dumps(data)}
+              "data": msgspec.msgpack.encode(data)}
     return (await engine.store.client.xadd(events_key(kind, id_), fields)).decode()
 
 

@@ -62,8 +62,8 @@ end
 local function order_event(o, kind)
   o.v = (o.v or 0) + 1
   emit(KEYS[10], kind, 'order:' .. o.id, o.v,
-       {'order_id', o.id, 'external_ref', o.ref, 'sku', o.sku, 'qty', o.qty, 'delivered', o.delivered,
-        'unit_price', o.unit_price, 'total', o.total, 'refunded', o.refunded or 0, 'status', o.status})
+       {order_id = o.id, external_ref = o.ref, sku = o.sku, qty = o.qty, delivered = o.delivered,
+        unit_price = o.unit_price, total = o.total, refunded = o.refunded or 0, status = o.status})
 end
 
 local function zadd_all(key, pairs_)

@@ -93,6 +93,6 @@ local function check_level()
     redis.call('HSET', KEYS[2], 'level', now)
     local v = redis.call('HINCRBY', KEYS[2], 'ver', 1)
     emit(KEYS[12], LEVEL_EVENT[now], 'stock:' .. sku, v,
-         {'sku', sku, 'level', LEVELS[now], 'was', LEVELS[was], 'available', avail, 'threshold', threshold})
+         {sku = sku, level = LEVELS[now], was = LEVELS[was], available = avail, threshold = threshold})
   end
 end

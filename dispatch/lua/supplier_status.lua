@@ -11,5 +11,5 @@ local supplier = string.match(KEYS[1], '{p:(.*)}')
 local v = redis.call('HINCRBY', KEYS[1], 'ver', 1)
 redis.call('HSET', KEYS[1], 'status', status, 'reason', reason)
 emit(KEYS[4], status == 'blacklisted' and 'supplier.blacklisted' or 'supplier.reinstated', 'supplier:' .. supplier, v,
-     {'supplier', supplier, 'status', status, 'reason', reason, 'invalid_rate_bps', rate})
+     {supplier = supplier, status = status, reason = reason, invalid_rate_bps = rate})
 return {'ok', v}

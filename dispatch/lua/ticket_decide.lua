@@ -16,7 +16,7 @@ t.updated, t.v, t.note = now, t.v + 1, note
 if decision == 'reject' then
   t.status = 'rejected'
   emit(KEYS[10], 'ticket.rejected', 'ticket:' .. id, t.v,
-       {'ticket_id', id, 'order_id', t.order, 'sku', t.sku, 'code_index', t.index, 'status', 'rejected'})
+       {ticket_id = id, order_id = t.order, sku = t.sku, code_index = t.index, status = 'rejected'})
 else
   t.status, t.replace = 'approving', replace
   redis.call('ZADD', KEYS[8], now, id)

@@ -26,8 +26,8 @@ else
 end
 t.status, t.outcome, t.cost, t.updated, t.v = 'approved', outcome, cost, now, t.v + 1
 emit(KEYS[10], 'ticket.approved', 'ticket:' .. id, t.v,
-     {'ticket_id', id, 'order_id', t.order, 'sku', t.sku, 'code_index', t.index, 'status', 'approved',
-      'outcome', outcome, 'refund', t.refund})
+     {ticket_id = id, order_id = t.order, sku = t.sku, code_index = t.index, status = 'approved',
+      outcome = outcome, refund = t.refund})
 raw = cmsgpack.pack(t)
 redis.call('HSET', KEYS[11], id, raw)
 redis.call('ZREM', KEYS[8], id)

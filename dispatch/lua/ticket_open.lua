@@ -22,5 +22,5 @@ local packed = cmsgpack.pack(t)
 redis.call('HSET', KEYS[11], id, packed)
 redis.call('HSET', KEYS[12], claim, id)
 emit(KEYS[10], 'ticket.opened', 'ticket:' .. id, 1,
-     {'ticket_id', id, 'order_id', order, 'sku', o.sku, 'code_index', index, 'status', 'open'})
+     {ticket_id = id, order_id = order, sku = o.sku, code_index = index, status = 'open'})
 return {'ok', packed}

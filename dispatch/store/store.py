@@ -409,12 +409,11 @@ class Store:
         with translated():
             await self.client.hdel(key, field)
 
-    async def events(self, stream: str, after: str = "-", count: int = 100) -> list[tuple[str, dict[str, str]]]:
+    async def events(self, stream: str, after: str = "-", count: int = 100) -> list[tuple[str, dict[bytes, bytes]]]:
         """Entries of an event stream after id *after* (exclusive), oldest first."""
         with translated():
             rows = await self.client.xrange(stream, "(" + after if after != "-" else "-", "+", count)
-        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in rows]
-
+        return [(i.decode(), f) for i, f in rows]
 
 def split_codes(blob: bytes) -> list[bytes]:
     """The codes of a delivery record (see pack_codes in lua/_sku.lua)."""
