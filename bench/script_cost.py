@@ -1,5 +1,7 @@
 """Redis time per order of each saga step's script (INFO commandstats deltas), on the
-embedded Redis (appendfsync always), in batches of 64 single-code orders:
+embedded Redis (appendfsync always), in batches of 64 single-code orders: a purchase
+in deliver mode (take, buy, and the keep that rides along with later takes) and one
+in reserve mode (begin, take, commit; the confirm is not counted):
 
     .venv/bin/python bench/script_cost.py
 """
@@ -27,19 +29,32 @@ async def usec(engine: compare.Engine) -> int:
 
 async def main(url: str, data_dir: str) -> None:
     async with compare.Engine(compare.config(url, data_dir, True), sweep=False) as engine:
-        await compare.seed(engine, 1, ORDERS + 1000)
+        await compare.seed(engine, 1, 2 * ORDERS + 1000)
         st = engine.store
-        ids = [new_ulid() for _ in range(ORDERS)]
-        steps = {
-            "begin": ("d0", lambda o: (o, "r" + o, "digest", "s0", 1, 100, "CNY", "deliver", 0, 0)),
-            "take": ("s0", lambda o: (o, 1, 0, "deliver")),
-            "commit": ("d0", lambda o: (o, "ok", 1, _encode([b"x" * 45]))),
+        blob = _encode([b"x" * 45])
+        sagas = {
+            "deliver": [
+                ("take", "s0", lambda o: (o, 1, 0, "deliver", "d0")),
+                ("buy", "d0", lambda o: (o, "r" + o, "digest", "s0", 1, 100, "CNY", 0, "ok", 1, blob)),
+                ("keep", "s0", lambda o: (o, 0, 0, "keep", "")),
+            ],
+            "reserve": [
+                ("begin", "d0", lambda o: (o, "r" + o, "digest", "s0", 1, 100, "CNY", "reserve", 60, 0)),
+                ("take", "s0", lambda o: (o, 1, 0, "reserve", "")),
+                ("commit", "d0", lambda o: (o, "ok", 1, blob)),
+            ],
         }
-        for name, (shard, item) in steps.items():
-            before = await usec(engine)
-            for k in range(0, ORDERS, BATCH):
-                await st.step(name, shard, [item(o) for o in ids[k:k + BATCH]])
-            print(f"{name:7} {(await usec(engine) - before) / ORDERS:6.1f} us of Redis time per order")
+        for saga, steps in sagas.items():
+            ids = [new_ulid() for _ in range(ORDERS)]
+            total = 0.0
+            for name, shard, item in steps:
+                before = await usec(engine)
+                for k in range(0, ORDERS, BATCH):
+                    await st.step("take" if name == "keep" else name, shard, [item(o) for o in ids[k:k + BATCH]])
+                cost = (await usec(engine) - before) / ORDERS
+                total += cost
+                print(f"{saga:8} {name:7} {cost:6.1f} us of Redis time per order")
+            print(f"{saga:8} {'total':7} {total:6.1f} us")
 
 
 if __name__ == "__main__":

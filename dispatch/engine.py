@@ -1,14 +1,23 @@
 """The engine: the async API that platforms embed and the daemon serves.
 
-An order is a short saga of idempotent steps, each one Lua script on one shard:
+An order is a short saga of idempotent steps, each one Lua script on one shard.
 
-1. ``begin``  (account shard)  claim the external_ref, check the distributor, hold the money
-2. ``take``   (SKU shard)      pop the codes, recording the decision under the order id
-3. ``commit`` (account shard)  capture (deliver) or keep (reserve) the money, store the codes
+A purchase in deliver mode takes two:
 
-Ending a reservation is ``settle`` (account, which fences) then ``sku_settle`` (SKU).
-Until its last step is done an order sits in its account's ``pending`` set; the sweep
-drives any order left there by a crash to its end, by replaying the same steps.
+1. ``take`` (SKU shard)      pop the codes, recorded under the order id and *provisional*
+2. ``buy``  (account shard)  claim the external_ref, check the distributor, debit the
+                             money and record the delivered order with its codes, at once
+
+If the account refuses (a replay, a conflict, no money), ``sku_settle undo`` puts the
+codes back; once bought, a ``keep`` item riding along with a later take clears the
+provisional mark. The sweep settles a purchase left provisional by a crash: the account
+``fence``s it unless it was bought (so a late buy cannot record it), then the SKU side
+keeps or gives back its codes.
+
+A reservation takes three: ``begin`` (account: hold the money), ``take``, ``commit``
+(account: start the lease); ending it is ``settle`` (account, which fences) then
+``sku_settle`` (SKU). Until its last step is done a reservation sits in its account's
+``pending`` set; the sweep drives any left there by a crash to its end.
 Concurrent calls for one shard are coalesced into one script call (see coalescer.py).
 """
 
@@ -44,6 +53,7 @@ from .errors import (
     ReservationExpiredError,
     SkuNotAllowedError,
     SkuPausedError,
+    StoreUnavailableError,
     UnauthorizedError,
     UnknownSkuError,
     ValidationError,
@@ -83,6 +93,9 @@ _MALFORMED_SHOWN = 1000
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+# Saga steps, each a script coalesced per shard (see the module docstring).
+_STEPS = ("begin", "buy", "fence", "take", "commit", "settle", "sku_settle")
+
 # Orders whose codes their buyer sees: paid for (refunded ones too: the buyer has them anyway).
 _PAID = frozenset({"delivered", "partially_refunded", "refunded"})
 
@@ -95,6 +108,11 @@ _REFUSALS: dict[str, type[DispatchError]] = {
     "not_allowed": SkuNotAllowedError,
     "insufficient_balance": InsufficientBalanceError,
 }
+
+
+def _forget(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("a background step failed (the sweep will redo it): %r", fut.exception())
 
 
 def _refusal(status: bytes | str, **details: Any) -> DispatchError:
@@ -125,8 +143,9 @@ class Engine(AfterSales):
         self._webhooks: Webhooks | None = None
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
         self._sagas: set[asyncio.Future[Order]] = set()
-        self._begin, self._take, self._commit, self._settle, self._sku_settle = (
-            self._batcher(name) for name in ("begin", "take", "commit", "settle", "sku_settle"))
+        self._steps = {name: self._batcher(name) for name in _STEPS}
+        self._begin, self._buy, self._fence, self._take, self._commit, self._settle, self._sku_settle = (
+            self._steps[name] for name in _STEPS)
 
     def _batcher(self, step: str) -> Coalescer | Direct:
         if self.config.coalesce:
@@ -176,7 +195,7 @@ class Engine(AfterSales):
             self._webhooks = None
         if self._sagas:  # orders mid-way finish before the coalescers drain
             await asyncio.gather(*list(self._sagas), return_exceptions=True)
-        for c in (self._begin, self._take, self._commit, self._settle, self._sku_settle):
+        for c in self._steps.values():
             await c.drain()
         if self._store is not None:
             await self._store.close()
@@ -422,14 +441,51 @@ class Engine(AfterSales):
         order_id = new_id()
         item = (order_id, external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
         # Shielded: a caller that goes away must not leave its order half done.
+        if mode == "deliver":
+            return await self._saga(self._deliver(distributor, item))
         return await self._saga(self._purchase(distributor, item))
 
+    async def _deliver(self, distributor: str, item: tuple[Any, ...]) -> Order:
+        """A purchase in deliver mode: take the codes (SKU shard), then buy them (account
+        shard) in one step; if the account refuses, the codes go back (sku_settle undo)."""
+        order_id, ref, digest, sku, qty, price, currency, _, _, partial = item
+        taken = await self._take.submit(sku, (order_id, qty, partial, "deliver", distributor))
+        outcome, codes = taken[0].decode(), taken[1:]
+        reply = await self._buy.submit(distributor, (order_id, ref, digest, sku, qty, price, currency, partial, outcome,
+                                                     len(codes), encode(codes) if outcome == "ok" else b""))
+        status = reply[0].decode()
+        if status == "ok":
+            self._post(self._take, sku, (order_id, 0, 0, "keep", ""))  # no longer provisional
+            return self._present(decode_order(reply[1]), codes)
+        if outcome == "ok":  # not bought: the codes go back on sale
+            await self._sku_settle.submit(sku, (order_id, "undo"))
+        if status == "failed":
+            raise _refusal(outcome)
+        if status == "gone":
+            raise StoreUnavailableError("the order took too long and was abandoned (nothing was charged); "
+                                        "send it again")
+        return await self._refused(distributor, item, status, reply, len(codes) * price)
+
+    def _post(self, step: Coalescer | Direct, shard: str, item: tuple[Any, ...]) -> None:
+        """Send *item* without waiting for it (close() does); if it is lost, the sweep does its work."""
+        fut = asyncio.ensure_future(step.submit(shard, item))
+        self._sagas.add(fut)
+        fut.add_done_callback(self._sagas.discard)
+        fut.add_done_callback(_forget)
+
     async def _purchase(self, distributor: str, item: tuple[Any, ...]) -> Order:
+        """A purchase in reserve mode: begin (hold the money), take, commit (start the lease)."""
         reply = await self._begin.submit(distributor, item)
         status = reply[0].decode()
         if status == "ok" or (status == "exists" and reply[1].decode() == item[0]):
             return await self._drive(distributor, decode_order(reply[2]) if status == "exists" else None,
                                      item[0], item[3], item[4], bool(item[9]), item[7])
+        return await self._refused(distributor, item, status, reply, item[4] * item[5])
+
+    async def _refused(self, distributor: str, item: tuple[Any, ...], status: str, reply: list[Any],
+                       cost: int) -> Order:
+        """What a purchase whose account step said no answers: the earlier order of the
+        same external_ref (a replay), or the refusal as an error."""
         if status == "exists":
             rec = decode_order(reply[2])
             if rec.status == "pending":  # the first attempt is still on its way, or crashed
@@ -442,13 +498,13 @@ class Engine(AfterSales):
             raise IdempotencyConflictError(
                 f"external_ref {item[1]!r} was used for another request (order {reply[1].decode()})")
         if status == "insufficient_balance":
-            raise InsufficientBalanceError(f"the order costs {item[4] * item[5]}, {int(reply[1])} is available")
+            raise InsufficientBalanceError(f"the order costs {cost}, {int(reply[1])} is available")
         raise _refusal(status)
 
     async def _drive(self, distributor: str, rec: OrderRec | None, order_id: str, sku: str, qty: int,
                      partial: bool, mode: str) -> Order:
         """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
-        taken = await self._take.submit(sku, (order_id, qty, int(partial), mode))
+        taken = await self._take.submit(sku, (order_id, qty, int(partial), mode, ""))
         outcome, codes = taken[0].decode(), taken[1:]
         blob = encode(codes) if outcome == "ok" else b""
         reply = await self._commit.submit(distributor, (order_id, outcome, len(codes), blob))
@@ -702,6 +758,9 @@ class Engine(AfterSales):
         for dist, (leases, pending) in zip(dists, due):
             jobs += [self._expire(dist, oid.decode()) for oid in leases]
             jobs += [self._recover(dist, oid.decode()) for oid in pending]
+        for sku, orders in (await self.store.provisional(await self.store.members(keys.SKUS),
+                                                         now - int(grace * 1000))).items():
+            jobs += [self._settle_provisional(sku, oid, dist) for oid, dist in orders]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, DispatchError):
@@ -716,6 +775,16 @@ class Engine(AfterSales):
             return False
         await self._finish_sku_side(dist, decode_order(reply[1]))
         return reply[0] == b"ok"
+
+    async def _settle_provisional(self, sku: str, order_id: str, dist: str) -> bool:
+        """A purchase whose codes were taken but whose buy was never confirmed (a crash,
+        a lost reply): the account fences it unless it was bought, then the SKU keeps
+        the codes sold or gives them back."""
+        if await self._fence.submit(dist, (order_id,)) == b"bought":
+            await self._take.submit(sku, (order_id, 0, 0, "keep", ""))
+        else:
+            await self._sku_settle.submit(sku, (order_id, "undo"))
+        return True
 
     async def _recover(self, dist: str, order_id: str) -> bool:
         if order_id.startswith("tk_"):
@@ -900,9 +969,7 @@ class Engine(AfterSales):
 
     def coalescer_stats(self) -> dict[str, tuple[int, int]]:
         """(script calls sent, items in them) per saga step since start: items / calls is the mean batch."""
-        steps = {"begin": self._begin, "take": self._take, "commit": self._commit, "settle": self._settle,
-                 "sku_settle": self._sku_settle}
-        return {name: (c.batches, c.items) for name, c in steps.items()}
+        return {name: (c.batches, c.items) for name, c in self._steps.items()}
 
     async def rotate_master_key(self) -> KeyRotation:
         """Make a new master key and re-wrap the fingerprint key under it.

@@ -114,7 +114,44 @@ async def test_concurrent_same_ref_makes_one_order(shop: Engine) -> None:
     orders = await asyncio.gather(*(shop.purchase("acme", "g100", 3, "dup") for _ in range(20)))
     assert len({o.order_id for o in orders}) == 1
     assert sum(not o.replayed for o in orders) == 1
-    assert (await shop.stock("g100")).sold == 3
+    await shop.close()  # background steps done
+    await shop.start()
+    stock = await shop.stock("g100")
+    assert (stock.sold, stock.available) == (3, 17)  # the codes the replays took went back
+    assert await shop.store.client.zcard(keys.SkuKeys("g100").prov) == 0
+    assert (await shop.supplier_report("sup")).delivered == 3
+    assert await shop.audit() == []
+
+
+async def test_a_purchase_cut_between_take_and_buy_is_undone_once(shop: Engine) -> None:
+    """A crash after the codes were taken and before the account bought them: the sweep
+    fences the order (a late buy cannot record it) and gives the codes back."""
+    await stock_up(shop, 5)
+    taken = await shop.store.step("take", "g100", [("01JLOSTORDER0000000000000A", 2, 0, "deliver", "acme")])
+    assert taken[0][0] == b"ok" and (await shop.stock("g100")).available == 3
+    assert await shop.sweep(grace_s=0) == (0, 1)
+    assert (await shop.stock("g100")).available == 5
+    late = await shop.store.step("buy", "acme", [("01JLOSTORDER0000000000000A", "late", "d" * 32, "g100", 2, 9025,
+                                                  "CNY", 0, "ok", 2, b"")])
+    assert late[0] == [b"gone"]
+    assert await shop.sweep(grace_s=0) == (0, 0)
+    assert (await shop.balance("acme")).balance == 1_000_000
+    assert (await shop.supplier_report("sup")).delivered == 0
+    assert await shop.audit() == []
+
+
+async def test_a_bought_purchase_whose_keep_was_lost_stays_sold(shop: Engine) -> None:
+    await stock_up(shop, 5)
+    oid = "01JBOUGHT00000000000000000"
+    taken = await shop.store.step("take", "g100", [(oid, 1, 0, "deliver", "acme")])
+    blob = msgspec.msgpack.encode(taken[0][1:])
+    bought = await shop.store.step("buy", "acme", [(oid, "kept", "d" * 32, "g100", 1, 9025, "CNY", 0, "ok", 1, blob)])
+    assert bought[0][0] == b"ok"  # ... and the process died before telling the SKU shard
+    assert await shop.sweep(grace_s=0) == (0, 1)
+    assert await shop.store.client.zcard(keys.SkuKeys("g100").prov) == 0
+    stock = await shop.stock("g100")
+    assert (stock.sold, stock.available) == (1, 4)
+    assert (await shop.get_order("acme", oid)).status == "delivered"
     assert await shop.audit() == []
 
 
@@ -141,7 +178,9 @@ async def test_balance_and_credit_limit(shop: Engine) -> None:
         await shop.purchase("poor", "g100", 1, "b")
     b = await shop.balance("poor")
     assert (b.balance, b.held, b.available) == (-10000, 0, 0)
-    assert (await shop.stock("g100")).available == 8
+    stock = await shop.stock("g100")
+    assert (stock.available, stock.sold) == (8, 2)  # the refused order's codes went back
+    assert stock.forecast.daily_velocity == 2.0  # and are not counted as sales
     assert await shop.audit() == []
 
 
@@ -352,11 +391,11 @@ async def test_one_order_twice_in_one_take_call(shop: Engine) -> None:
     """A sweep racing the request can put one order twice into one coalesced call:
     both get the same codes, and only one set leaves the pool."""
     await stock_up(shop, 5)
-    replies = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver"), ("o2", 1, 0, "deliver"),
-                                             ("o1", 2, 0, "deliver")])
+    replies = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver", "acme"), ("o2", 1, 0, "deliver", "acme"),
+                                                     ("o1", 2, 0, "deliver", "acme")])
     assert replies[0] == replies[2] and len(replies[0]) == 3 and replies[0][0] == b"ok"
     assert set(replies[0][1:]).isdisjoint(replies[1][1:])
-    again = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver")])
+    again = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver", "acme")])
     assert again[0] == replies[0]
     stock = await shop.stock("g100")
     assert (stock.available, stock.sold) == (2, 3)

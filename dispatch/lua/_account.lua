@@ -71,3 +71,56 @@ local function zadd_all(key, pairs_)
     redis.call('ZADD', key, unpack(pairs_, s, math.min(s + 999, #pairs_)))
   end
 end
+
+-- Orders opened by one call (begin, buy): their records, external_refs and index
+-- entries go out once, by flush_opened(). opened[ref] finds a ref used twice in a call.
+local opened, opened_refs, opened_index = {}, {}, {}
+local function open_order(o)
+  save(o)
+  opened[o.ref] = saved[#saved]
+  opened_refs[#opened_refs + 1] = o.ref
+  opened_refs[#opened_refs + 1] = o.id
+  opened_index[#opened_index + 1] = 0
+  opened_index[#opened_index + 1] = o.id
+end
+
+local function flush_opened()
+  flush_saved()
+  for s = 1, #opened_refs, 1000 do
+    redis.call('HSET', KEYS[3], unpack(opened_refs, s, math.min(s + 999, #opened_refs)))
+  end
+  zadd_all(KEYS[6], opened_index)
+end
+
+-- Why an order for (ref, digest, sku) cannot be opened, as its reply; nil if it can.
+-- An order made earlier with the same external_ref answers "exists" if it was the
+-- same request (digest), else "conflict"; then the distributor's own checks.
+local distributor
+local function refusal(ref, digest, sku)
+  local existing = opened[ref]
+  if not existing then
+    local earlier = redis.call('HGET', KEYS[3], ref)
+    existing = earlier and redis.call('HGET', KEYS[4], earlier)
+  end
+  if existing then
+    local e = cmsgpack.unpack(existing)
+    if e.digest == digest then return {'exists', e.id, existing} end
+    return {'conflict', e.id}
+  end
+  if distributor == nil then
+    local a = redis.call('HMGET', KEYS[1], 'status', 'allowed', 'credit_limit')
+    distributor = {status = a[1], allowed = a[2], credit = tonumber(a[3])}
+  end
+  if not distributor.status then return {'unknown_distributor'} end
+  if distributor.status ~= 'active' then return {'suspended'} end
+  if distributor.allowed ~= '*' and not string.find(',' .. distributor.allowed .. ',', ',' .. sku .. ',', 1, true) then
+    return {'not_allowed'}
+  end
+  return nil
+end
+
+-- What the distributor can still spend: balance - held + credit_limit.
+local function spendable()
+  local bal, hld = money()
+  return bal - hld + distributor.credit
+end

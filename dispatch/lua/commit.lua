@@ -1,11 +1,10 @@
 -- commit(keys=account keys, args=[n, n x (order_id, outcome, delivered, codes_blob)])
--- Finishes the account side of an order after its codes were taken from the SKU shard.
--- outcome "ok": deliver mode captures delivered * unit_price and releases the rest of
--- the hold; reserve mode shrinks the hold to that cost and starts the lease.
+-- Finishes the account side of a reservation after its codes were taken from the SKU
+-- shard (a purchase in deliver mode is one step, buy.lua). outcome "ok": the hold
+-- shrinks to delivered * unit_price and the lease starts.
 -- Any other outcome (out_of_stock, paused, unknown_sku) releases the hold and forgets
 -- the order and its ref, so the ref can be used again.
 -- Safe to run twice: an order no longer pending is answered as it stands.
--- A delivered order is told on the account's event stream (order.delivered).
 -- returns per order: {"ok", order} | {"failed", outcome} | {"gone"}
 local now = now_ms()
 local out = {}
@@ -32,25 +31,15 @@ for _ = 1, tonumber(ARGV[1]) do
       out[#out + 1] = {'failed', outcome}
     else
       local cost = n * o.unit_price
-      if o.mode == 'reserve' then
-        if cost < o.hold then ledger('release', id, 0, cost - o.hold) end
-        o.status = 'reserved'
-        o.deadline = now + o.ttl * 1000
-        o.hold = cost
-        leases[#leases + 1] = o.deadline
-        leases[#leases + 1] = id
-      else
-        ledger('purchase', id, -cost, -o.hold)
-        o.status = 'delivered'
-        o.hold = 0
-      end
+      if cost < o.hold then ledger('release', id, 0, cost - o.hold) end
+      o.status = 'reserved'
+      o.deadline = now + o.ttl * 1000
+      o.hold = cost
+      leases[#leases + 1] = o.deadline
+      leases[#leases + 1] = id
       o.delivered = n
       o.total = cost
       o.updated = now
-      if o.status == 'delivered' then
-        o.dat = now
-        order_event(o, 'order.delivered')
-      end
       save(o)
       done[id] = saved[#saved]
       codes[#codes + 1] = id

@@ -1,5 +1,9 @@
--- take(keys=SKU keys, args=[pool_prefix, n, n x (order_id, qty, allow_partial, mode)])
+-- take(keys=SKU keys, args=[pool_prefix, n, n x (order_id, qty, allow_partial, mode, account)])
 -- Pops codes for orders, oldest active batch first (lowest score in the queue).
+-- mode "deliver": the first step of a purchase; the codes count as sold and the order
+-- is provisional (in `prov`, with its account) until the account step has bought them:
+-- an item of mode "keep" then clears it (it rides along with later takes), or
+-- sku_settle "undo" gives the codes back. mode "reserve": after the account's begin.
 -- The decision is recorded per order in the delivery records, so the step is safe
 -- to run twice (and a recovery sweep racing the original request gets the same
 -- answer): a second run returns the same codes, or the same refusal.
@@ -14,22 +18,29 @@ local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
 local n = tonumber(ARGV[2])
 
 -- 1. decide, in order
-local ids, want, modes, out = {}, {}, {}, {}
+local ids, want, modes, accounts, out = {}, {}, {}, {}, {}
+local kept, provisional = {}, {}  -- ZREM prov ..., ZADD prov ms id ...
 local first, again = {}, {}  -- an order twice in one call (a sweep racing its request)
 local total = 0
 local records = {}   -- HSET dlv field value ...
 local i = 3
 for k = 1, n do
-  local id, qty, partial, mode = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1', ARGV[i + 3]
-  i = i + 4
-  ids[k], want[k], modes[k] = id, 0, mode
-  local raw = redis.call('HGET', KEYS[4], id)
-  if first[id] then
+  local id, qty, partial, mode, account = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1', ARGV[i + 3],
+                                         ARGV[i + 4]
+  i = i + 5
+  ids[k], want[k], modes[k], accounts[k] = id, 0, mode, account
+  local raw = mode ~= 'keep' and redis.call('HGET', KEYS[4], id)
+  if mode == 'keep' then
+    kept[#kept + 1] = id
+    out[k] = 'kept'
+  elseif first[id] then
     again[k] = first[id]
   elseif raw then
     local r = cmsgpack.unpack(raw)
     if r.st == 'failed' then
       out[k] = {r.why}
+    elseif r.st == 'undone' then
+      out[k] = {'undone'}
     else
       out[k] = unpack_codes(redis.call('HGET', KEYS[7], id))
       table.insert(out[k], 1, 'ok')
@@ -50,7 +61,7 @@ for k = 1, n do
       total = total + want[k]
     end
   end
-  first[id] = first[id] or k
+  if mode ~= 'keep' then first[id] = first[id] or k end
 end
 
 -- 2. take every code the call needs, batch by batch
@@ -80,7 +91,13 @@ for k = 1, n do
       for j = 1, #runs do sold_runs[#sold_runs + 1] = runs[j] end
     end
     records[#records + 1] = ids[k]
-    records[#records + 1] = cmsgpack.pack({st = st, b = runs})
+    if st == 'sold' then
+      records[#records + 1] = cmsgpack.pack({st = st, b = runs, a = accounts[k], h = math.floor(now_ms() / 3600000)})
+      provisional[#provisional + 1] = now_ms()
+      provisional[#provisional + 1] = ids[k]
+    else
+      records[#records + 1] = cmsgpack.pack({st = st, b = runs})
+    end
     packed[#packed + 1] = ids[k]
     packed[#packed + 1] = pack_codes(mine)
     table.insert(mine, 1, 'ok')
@@ -90,6 +107,8 @@ end
 for k, f in pairs(again) do out[k] = out[f] end
 if #records > 0 then push('HSET', KEYS[4], records) end
 if #packed > 0 then push('HSET', KEYS[7], packed) end
+if #provisional > 0 then push('ZADD', KEYS[13], provisional) end
+if #kept > 0 then push('ZREM', KEYS[13], kept) end
 if total > 0 then
   redis.call('HINCRBY', KEYS[2], 'available', -total)
   for st, c in pairs(counted) do

@@ -25,7 +25,7 @@ from .embedded import EmbeddedRedis
 __all__ = ["Store"]
 
 MIN_VERSION = (6, 2)
-_ACCOUNT_STEPS = frozenset({"begin", "commit", "settle", "ticket_open", "ticket_decide", "ticket_finish"})
+_ACCOUNT_STEPS = frozenset({"begin", "buy", "fence", "commit", "settle", "ticket_open", "ticket_decide", "ticket_finish"})
 _SUPPLIER_STEPS = frozenset({"supplier_money", "supplier_status"})
 
 
@@ -206,6 +206,21 @@ class Store:
                     p.zrangebyscore(k.pending, "-inf", pending_before_ms, 0, 1000)
                 flat = await p.execute()
         return list(zip(flat[0::2], flat[1::2]))
+
+    async def provisional(self, skus: Sequence[str], before_ms: int) -> dict[str, list[tuple[str, str]]]:
+        """Per SKU: (order id, distributor) of purchases taken before *before_ms* and not
+        yet confirmed bought (at most 1000 a SKU)."""
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                for sku in skus:
+                    p.zrangebyscore(keys.SkuKeys(sku).prov, "-inf", before_ms, 0, 1000)
+                ids = await p.execute()
+            out = {}
+            for sku, found in zip(skus, ids):
+                if found:
+                    recs = await self.client.hmget(keys.SkuKeys(sku).dlv, found)
+                    out[sku] = [(i.decode(), msgpack_decode(r)["a"]) for i, r in zip(found, recs) if r is not None]
+        return out
 
     async def clear_pending(self, dist: str, order_ids: Sequence[str]) -> None:
         with translated():

@@ -1,0 +1,51 @@
+-- buy(keys=account keys, args=[n, n x (order_id, external_ref, digest, sku, qty, unit_price,
+--                     currency, allow_partial, outcome, delivered, codes_blob)])
+-- The account step of a purchase in deliver mode, after its codes were taken from the
+-- SKU shard (take, outcome "ok" with `delivered` codes, or the refusal it answered):
+-- claims the external_ref, checks the distributor, debits delivered * unit_price (never
+-- below -credit_limit) and records the order as delivered with its codes, in one step.
+-- A refusal writes nothing; the engine then gives the codes back (sku_settle undo).
+-- Safe to run twice: an order bought already is answered as it stands; one the sweep
+-- fenced (gave up on) can no longer be bought.
+-- returns per order: {"ok", order} | {"exists", id, order} | {"conflict", id} | {"failed", outcome}
+--   | {"gone"} | {"unknown_distributor"} | {"suspended"} | {"not_allowed"} | {"insufficient_balance", spendable}
+local now = now_ms()
+local out = {}
+local codes = {}
+local i = 2
+for _ = 1, tonumber(ARGV[1]) do
+  local id, ref, digest, sku = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local qty, price, currency = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), ARGV[i + 6]
+  local partial, outcome, n, blob = ARGV[i + 7] == '1', ARGV[i + 8], tonumber(ARGV[i + 9]), ARGV[i + 10]
+  i = i + 11
+  local mine = redis.call('HGET', KEYS[4], id)
+  local refused = not mine and refusal(ref, digest, sku)
+  local cost = n * price
+  if mine then
+    out[#out + 1] = {'ok', mine}
+  elseif redis.call('SISMEMBER', KEYS[13], id) == 1 then
+    out[#out + 1] = {'gone'}
+  elseif refused then
+    out[#out + 1] = refused
+  elseif outcome ~= 'ok' then
+    out[#out + 1] = {'failed', outcome}
+  elseif cost > spendable() then
+    out[#out + 1] = {'insufficient_balance', int(spendable())}
+  else
+    ledger('purchase', id, -cost, 0)
+    local o = {id = id, ref = ref, digest = digest, sku = sku, qty = qty, unit_price = price,
+               currency = currency, mode = 'deliver', ttl = 0, partial = partial, status = 'delivered',
+               hold = 0, total = cost, delivered = n, deadline = 0, created = now, updated = now, dat = now}
+    order_event(o, 'order.delivered')
+    open_order(o)
+    codes[#codes + 1] = id
+    codes[#codes + 1] = blob
+    out[#out + 1] = {'ok', saved[#saved]}
+  end
+end
+if #codes > 0 then
+  flush_opened()
+  for s = 1, #codes, 1000 do redis.call('HSET', KEYS[5], unpack(codes, s, math.min(s + 999, #codes))) end
+end
+settle_money()
+return out
