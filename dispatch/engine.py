@@ -143,6 +143,7 @@ class Engine(AfterSales):
         self._webhooks: Webhooks | None = None
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
         self._sagas: set[asyncio.Future[Order]] = set()
+        self._keeps: dict[str, list[str]] = {}
         self._steps = {name: self._batcher(name) for name in _STEPS}
         self._begin, self._buy, self._fence, self._take, self._commit, self._settle, self._sku_settle = (
             self._steps[name] for name in _STEPS)
@@ -193,7 +194,9 @@ class Engine(AfterSales):
         if self._webhooks is not None:
             await self._webhooks.aclose()
             self._webhooks = None
-        if self._sagas:  # orders mid-way finish before the coalescers drain
+        while self._sagas or self._keeps:  # orders mid-way finish before the coalescers drain
+            for sku in list(self._keeps):
+                self._send_keeps(sku)
             await asyncio.gather(*list(self._sagas), return_exceptions=True)
         for c in self._steps.values():
             await c.drain()
@@ -455,7 +458,7 @@ class Engine(AfterSales):
                                                      len(codes), encode(codes) if outcome == "ok" else b""))
         status = reply[0].decode()
         if status == "ok":
-            self._post(self._take, sku, (order_id, 0, 0, "keep", ""))  # no longer provisional
+            self._keep(sku, order_id)
             return self._present(decode_order(reply[1]), codes)
         if outcome == "ok":  # not bought: the codes go back on sale
             await self._sku_settle.submit(sku, (order_id, "undo"))
@@ -466,9 +469,21 @@ class Engine(AfterSales):
                                         "send it again")
         return await self._refused(distributor, item, status, reply, len(codes) * price)
 
-    def _post(self, step: Coalescer | Direct, shard: str, item: tuple[Any, ...]) -> None:
-        """Send *item* without waiting for it (close() does); if it is lost, the sweep does its work."""
-        fut = asyncio.ensure_future(step.submit(shard, item))
+    def _keep(self, sku: str, order_id: str) -> None:
+        """Clear the provisional mark of a bought order: the orders of one event-loop turn
+        go as one item of a take call, not waited for (close() does); one that is lost
+        is kept by the sweep."""
+        ids = self._keeps.get(sku)
+        if ids is None:
+            ids = self._keeps[sku] = []
+            asyncio.get_running_loop().call_soon(self._send_keeps, sku)
+        ids.append(order_id)
+
+    def _send_keeps(self, sku: str) -> None:
+        ids = self._keeps.pop(sku, None)
+        if not ids:
+            return
+        fut = asyncio.ensure_future(self._take.submit(sku, (",".join(ids), 0, 0, "keep", "")))
         self._sagas.add(fut)
         fut.add_done_callback(self._sagas.discard)
         fut.add_done_callback(_forget)
@@ -521,9 +536,11 @@ class Engine(AfterSales):
         aad = rec.sku.encode()
         codes = ([Code(*imports.decode_secret(self.vault.decrypt(c, aad))) for c in ciphertexts]
                  if rec.status in _PAID else [])
+        created = ms_to_dt(rec.created)
         return Order(order_id=rec.id, external_ref=rec.ref, sku=rec.sku, qty=rec.qty, unit_price=rec.unit_price,
                      total=rec.total, currency=rec.currency, status=rec.status,  # type: ignore[arg-type]
-                     codes=codes, created_at=ms_to_dt(rec.created), updated_at=ms_to_dt(rec.updated), mode=rec.mode,
+                     codes=codes, created_at=created,
+                     updated_at=created if rec.updated == rec.created else ms_to_dt(rec.updated), mode=rec.mode,
                      reserve_expires_at=ms_to_dt(rec.deadline) if rec.status == "reserved" else None,
                      refunded=rec.refunded)
 

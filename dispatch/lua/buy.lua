@@ -12,18 +12,18 @@
 local now = now_ms()
 local out = {}
 local codes = {}
+local fenced = redis.call('EXISTS', KEYS[13]) == 1
 local i = 2
 for _ = 1, tonumber(ARGV[1]) do
   local id, ref, digest, sku = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local qty, price, currency = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), ARGV[i + 6]
   local partial, outcome, n, blob = ARGV[i + 7] == '1', ARGV[i + 8], tonumber(ARGV[i + 9]), ARGV[i + 10]
   i = i + 11
-  local mine = redis.call('HGET', KEYS[4], id)
-  local refused = not mine and refusal(ref, digest, sku)
+  local refused = refusal(ref, digest, sku)
   local cost = n * price
-  if mine then
-    out[#out + 1] = {'ok', mine}
-  elseif redis.call('SISMEMBER', KEYS[13], id) == 1 then
+  if refused and refused[1] == 'exists' and refused[2] == id then  -- this very order, bought by a re-sent call
+    out[#out + 1] = {'ok', refused[3]}
+  elseif fenced and redis.call('SISMEMBER', KEYS[13], id) == 1 then
     out[#out + 1] = {'gone'}
   elseif refused then
     out[#out + 1] = refused

@@ -2,7 +2,7 @@
 -- Pops codes for orders, oldest active batch first (lowest score in the queue).
 -- mode "deliver": the first step of a purchase; the codes count as sold and the order
 -- is provisional (in `prov`, with its account) until the account step has bought them:
--- an item of mode "keep" then clears it (it rides along with later takes), or
+-- an item of mode "keep" (its order_id: ids joined by ",") then clears it, or
 -- sku_settle "undo" gives the codes back. mode "reserve": after the account's begin.
 -- The decision is recorded per order in the delivery records, so the step is safe
 -- to run twice (and a recovery sweep racing the original request gets the same
@@ -30,8 +30,8 @@ for k = 1, n do
   i = i + 5
   ids[k], want[k], modes[k], accounts[k] = id, 0, mode, account
   local raw = mode ~= 'keep' and redis.call('HGET', KEYS[4], id)
-  if mode == 'keep' then
-    kept[#kept + 1] = id
+  if mode == 'keep' then  -- id: order ids joined by ","
+    for kept_id in string.gmatch(id, '[^,]+') do kept[#kept + 1] = kept_id end
     out[k] = 'kept'
   elseif first[id] then
     again[k] = first[id]
