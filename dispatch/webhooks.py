@@ -321,6 +321,15 @@ class Webhooks:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_interval_s)
 
+    async def backlog(self) -> tuple[int, int]:
+        """(deliveries waiting for a try, deliveries failed for good)."""
+        with translated():
+            async with self._store.client.pipeline(transaction=False) as p:
+                p.zcard(keys.WEBHOOK_DUE)
+                p.zcard(keys.WEBHOOK_FAILED)
+                due, failed = await p.execute()
+        return due, failed
+
     # ---- failed deliveries --------------------------------------------------------------
     async def failed(self, limit: int = 100) -> list[FailedDelivery]:
         """Deliveries that failed for good, the most recent first."""

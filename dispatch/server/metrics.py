@@ -2,7 +2,7 @@
 
 Requests by route template, method and status (counts and latency), orders by
 outcome, codes delivered, connections, timeouts; on every scrape the stock of each
-SKU is read afresh and the coalescers' counters are reported (items / batches is
+SKU and the webhook backlog are read afresh and the coalescers' counters are reported (items / batches is
 the mean batch size per saga step).
 """
 
@@ -24,7 +24,7 @@ log = logging.getLogger("dispatch.server")
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_STATES = ("available", "reserved", "sold", "voided", "invalidated")
+_STATES = ("available", "reserved", "sold", "voided", "invalidated", "parked")
 
 disable_created_metrics()  # the *_created series only double what a scraper sees
 
@@ -62,6 +62,8 @@ class Metrics:
         self._codes = Counter("dispatch_codes_delivered", "Codes handed to buyers", registry=r)
         self._stock = Gauge("dispatch_stock_codes", "Codes per SKU and state (read at scrape time)",
                             ["sku", "state"], registry=r)
+        self._webhooks = Gauge("dispatch_webhook_deliveries", "Webhook deliveries waiting for a try (due) "
+                               "or failed for good (failed), read at scrape time", ["state"], registry=r)
         self.connections = Gauge("dispatch_http_connections", "Open HTTP connections", registry=r)
         self._rejected = Counter("dispatch_http_connections_rejected", "Connections closed at once: "
                                  "over max_connections", registry=r)
@@ -98,6 +100,9 @@ class Metrics:
             for s in await self._engine.stocks():
                 for state in _STATES:
                     self._stock.labels(s.sku, state).set(getattr(s, state))
+            due, failed = await self._engine.webhooks.backlog()
+            self._webhooks.labels("due").set(due)
+            self._webhooks.labels("failed").set(failed)
         except DispatchError as e:  # the rest is still worth scraping
-            log.warning("metrics: stock not refreshed: %s", e.message)
+            log.warning("metrics: stock and webhooks not refreshed: %s", e.message)
         return generate_latest(self.registry)
