@@ -222,27 +222,28 @@ class AfterSales:
                 f"auto: {report.invalidated} of {report.delivered} codes invalid "
                 f"({report.invalid_rate:.2%} > {cfg.blacklist_invalid_rate:.2%})", report.invalid_rate)
         for sku in {b.sku for b in report.batches}:
-            await self._requeue(sku)
+            if (await self.get_sku(sku)).sale_order == "best_rated":
+                await self._requeue(sku)
 
     async def _requeue(self: Engine, sku: str, only: BatchRec | None = None) -> None:
-        """Set the sale priority of the SKU's batches (of *only*) from its sale order:
-        oldest first, or best-rated supplier first (then oldest)."""
-        s = await self.get_sku(sku)
-        if only is None:
+        """Set the sale priority of the SKU's batches (or of the new batch *only*) from its
+        sale order: oldest first (the seq), or best-rated supplier first, then oldest."""
+        best_rated = (await self.get_sku(sku)).sale_order == "best_rated"
+        if only is not None and not best_rated:
+            return  # a new batch's priority is its seq already
+        if only is not None:
+            batches = [only]
+        else:
             batches = [b for b in (msgspec.msgpack.decode(r, type=BatchRec)
                                    for r in (await self.store.records(keys.BATCHES)).values()) if b.sku == sku]
-        else:
-            batches = [only]
-        if s.sale_order == "oldest_first" and only is not None:
-            return  # a new batch's priority is its seq already
-        scores = []
         ratings: dict[str, float] = {}
+        scores: list[int] = []
         for b in batches:
             score = b.seq
-            if s.sale_order == "best_rated":
+            if best_rated:
                 if b.supplier not in ratings:
-                    mine = await self._batch_counts(await self._supplier_batches(b.supplier))
-                    ratings[b.supplier] = rating(sum(c[0] for c in mine.values()), sum(c[1] for c in mine.values()))
+                    counts = (await self._batch_counts(await self._supplier_batches(b.supplier))).values()
+                    ratings[b.supplier] = rating(sum(c[0] for c in counts), sum(c[1] for c in counts))
                 score += (1000 - round(ratings[b.supplier] * 10)) << 32
             scores += [b.seq, score]
         if scores:
