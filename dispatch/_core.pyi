@@ -56,3 +56,15 @@ def ulid_at(ms: int, rnd: bytes) -> str:
 
 def new_ulid() -> str:
     """A fresh ULID (now, 80 random bits): ids that sort by creation time."""
+
+# --- Import (used by dispatch/vault.py and dispatch/engine.py) -------------------
+
+def fingerprint_chunk(key: bytes, codes: list[bytes], secrets: list[bytes],
+                      seen: set[bytes]) -> tuple[list[bytes], list[bytes], int]:
+    """``(fresh secrets, their fingerprints, duplicates)``: the keyed BLAKE2b-128 of each
+    code (as ``Vault.fingerprint``), skipping those already in *seen*, which the new
+    ones are added to."""
+
+def group_fingerprints(fps: list[bytes], bucket_keys: list[str]) -> dict[int, tuple[list[str], list[bytes], list[int]]]:
+    """``{shard byte: (bucket keys, fields, indexes in fps)}``: the shard of a fingerprint
+    is ``fp[0]``, its bucket ``bucket_keys[fp[0] * 256 + fp[1]]``, its field ``fp[2:]``."""

@@ -38,6 +38,7 @@ import msgspec
 
 from . import imports
 from .aftersales import AfterSales
+from ._core import group_fingerprints
 from .coalescer import Coalescer, Direct
 from .config import Config
 from .errors import (
@@ -661,46 +662,55 @@ class Engine(AfterSales):
         batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
         batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
 
-        vault, store, aad = self.vault, self.store, sku.encode()
+        vault = self.vault
         seen: set[bytes] = set()
         accepted = duplicate = malformed = 0
         bad: list[MalformedLine] = []
         chunk_no = 0
-        async for chunk in imports.parse_codes(source, format=format, max_length=self.config.max_code_length,
-                                              chunk_lines=self.config.import_chunk):
-            malformed += len(chunk.malformed)
-            for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
-                bad.append(MalformedLine(line=line, reason=reason))
-            fresh: list[int] = []
-            fps: list[bytes] = []
-            for i, code in enumerate(chunk.codes):
-                fp = vault.fingerprint(code)
-                if fp in seen:
-                    duplicate += 1
-                else:
-                    seen.add(fp)
-                    fresh.append(i)
-                    fps.append(fp)
-            owned = await self._claim(batch.seq, fps)
-            keep = [i for i, ok in zip(fresh, owned) if ok]
-            duplicate += len(fresh) - len(keep)
-            digest = hashlib.sha256(b"".join(fp for fp, ok in zip(fps, owned) if ok)).digest()
-            ciphertexts = vault.encrypt_many([chunk.secrets[i] for i in keep], aad)
-            reply = await store.import_push(sku, batch.seq, chunk_no, digest, ciphertexts)
-            outcome = reply[0].decode()
-            if outcome == "mismatch":
-                raise ConflictError(f"batch {batch_id} was sent before with other content "
-                                    f"(chunk {chunk_no} differs); use a new batch id")
-            if outcome == "voided":
-                raise ConflictError(f"batch {batch_id} is voided")
-            if outcome not in ("ok", "again"):
-                raise _refusal(outcome)
-            accepted += len(keep)
-            chunk_no += 1
+        # Two chunks in flight: the next one is read and fingerprinted while Redis
+        # claims and stores the last one.
+        inflight: list[asyncio.Future[tuple[int, int]]] = []
+        try:
+            async for chunk in imports.parse_codes(source, format=format, max_length=self.config.max_code_length,
+                                                  chunk_lines=self.config.import_chunk):
+                malformed += len(chunk.malformed)
+                for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
+                    bad.append(MalformedLine(line=line, reason=reason))
+                fresh, fps, again = vault.fingerprint_chunk(chunk.codes, chunk.secrets, seen)
+                duplicate += again
+                if len(inflight) == 2:
+                    stored, taken = await inflight.pop(0)
+                    accepted, duplicate = accepted + stored, duplicate + taken
+                inflight.append(asyncio.ensure_future(self._store_chunk(batch, chunk_no, fresh, fps)))
+                chunk_no += 1
+            for done in inflight:
+                stored, taken = await done
+                accepted, duplicate = accepted + stored, duplicate + taken
+        finally:
+            for left in inflight:
+                left.cancel()
         batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
-        await store.put_record(keys.BATCHES, batch_id, encode(batch), create=False)
+        await self.store.put_record(keys.BATCHES, batch_id, encode(batch), create=False)
         return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
                            malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad))
+
+    async def _store_chunk(self, batch: BatchRec, chunk_no: int, secrets_: list[bytes],
+                           fps: list[bytes]) -> tuple[int, int]:
+        """Claim the fingerprints of one chunk, encrypt the codes this batch owns, push them:
+        (codes stored, duplicates of earlier batches)."""
+        owned = await self._claim(batch.seq, fps)
+        digest = hashlib.sha256(b"".join(fp for fp, ok in zip(fps, owned) if ok)).digest()
+        ciphertexts = self.vault.encrypt_many([s for s, ok in zip(secrets_, owned) if ok], batch.sku.encode())
+        reply = await self.store.import_push(batch.sku, batch.seq, chunk_no, digest, ciphertexts)
+        outcome = reply[0].decode()
+        if outcome == "mismatch":
+            raise ConflictError(f"batch {batch.batch_id} was sent before with other content "
+                                f"(chunk {chunk_no} differs); use a new batch id")
+        if outcome == "voided":
+            raise ConflictError(f"batch {batch.batch_id} is voided")
+        if outcome not in ("ok", "again"):
+            raise _refusal(outcome)
+        return len(ciphertexts), len(fps) - len(ciphertexts)
 
     async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> BatchRec:
         fresh = BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,
@@ -726,20 +736,11 @@ class Engine(AfterSales):
 
     async def _claim(self, seq: int, fps: list[bytes]) -> list[bool]:
         """Claim fingerprints for batch *seq*: True where the code is this batch's."""
-        by_tag: dict[str, tuple[list[str], list[bytes]]] = {}
-        where: dict[str, list[int]] = {}
-        for i, fp in enumerate(fps):
-            tag, bucket, field = keys.fingerprint_slot(fp)
-            group = by_tag.get(tag)
-            if group is None:
-                by_tag[tag] = group = ([], [])
-                where[tag] = []
-            group[0].append(bucket)
-            group[1].append(field)
-            where[tag].append(i)
+        groups = group_fingerprints(fps, keys.fingerprint_buckets())
+        replies = await self.store.fp_claim(seq, [(g[0], g[1]) for g in groups.values()])
         owned = [False] * len(fps)
-        for tag, statuses in (await self.store.fp_claim(seq, by_tag)).items():
-            for i, st in zip(where[tag], statuses):
+        for g, statuses in zip(groups.values(), replies):
+            for i, st in zip(g[2], statuses):
                 owned[i] = st != 2
         return owned
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ._core import fingerprint_chunk
 from .config import Config
 from .errors import ConfigError, DispatchError
 
@@ -115,6 +116,14 @@ class Vault:
             raise DispatchError("fingerprint key not loaded (engine not started)")
         # keyed BLAKE2b is a PRF like HMAC, at a fraction of its cost per call
         return blake2b(code, key=self._fp_key, digest_size=16).digest()
+
+    def fingerprint_chunk(self, codes: list[bytes], secrets_: list[bytes],
+                          seen: set[bytes]) -> tuple[list[bytes], list[bytes], int]:
+        """:meth:`fingerprint` of many codes in the core, skipping those in *seen*:
+        (the other codes' secrets, their fingerprints, how many were skipped)."""
+        if self._fp_key is None:
+            raise DispatchError("fingerprint key not loaded (engine not started)")
+        return fingerprint_chunk(self._fp_key, codes, secrets_, seen)
 
     def encrypt_many(self, secrets_: list[bytes], aad: bytes) -> list[bytes]:
         """:meth:`encrypt` of each, drawing all the nonces at once."""

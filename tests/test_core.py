@@ -1,4 +1,5 @@
-"""The compiled core against plain definitions: RESP packing (redis-py's packer), ULIDs."""
+"""The compiled core against plain definitions: RESP packing (redis-py's packer), ULIDs,
+the fingerprints and shard grouping of imports."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import Encoder, PythonRespSerializer
 
-from dispatch._core import new_ulid, pack_command, pack_evalsha, ulid_at
+from dispatch._core import fingerprint_chunk, group_fingerprints, new_ulid, pack_command, pack_evalsha, ulid_at
+from dispatch.store import keys
+from dispatch.vault import Vault
 
 words = st.lists(st.one_of(st.binary(max_size=300), st.text(max_size=50), st.integers(-2**62, 2**62)),
                  min_size=1, max_size=40)
@@ -42,3 +45,22 @@ def test_new_ulids_are_unique_and_sorted_by_time() -> None:
     ids = [new_ulid() for _ in range(20_000)]
     assert len(set(ids)) == len(ids)
     assert [i[:10] for i in ids] == sorted(i[:10] for i in ids)  # the time part never goes back
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=60), st.binary(min_size=32, max_size=32))
+def test_fingerprints_and_their_shards_match_plain_python(codes: list[bytes], key: bytes) -> None:
+    vault = Vault([bytes(32)])
+    vault._fp_key = key
+    seen = {vault.fingerprint(codes[0])} if codes else set()
+    fresh, fps, dup = fingerprint_chunk(key, codes, [c + b"!" for c in codes], seen)
+    expected, already = [], {vault.fingerprint(codes[0])} if codes else set()
+    for c in codes:
+        if vault.fingerprint(c) not in already:
+            already.add(vault.fingerprint(c))
+            expected.append((c + b"!", vault.fingerprint(c)))
+    assert list(zip(fresh, fps)) == expected and dup == len(codes) - len(expected) and seen == already
+
+    groups = group_fingerprints(fps, keys.fingerprint_buckets())
+    flat = sorted((i, bucket, field) for g in groups.values() for bucket, field, i in zip(*g))
+    assert flat == [(i, "d:{f:%02x}:%02x" % (fp[0], fp[1]), fp[2:]) for i, fp in enumerate(fps)]
+    assert all(b.startswith("d:{f:%02x}:" % shard) for shard, g in groups.items() for b in g[0])

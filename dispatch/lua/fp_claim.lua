@@ -5,11 +5,9 @@
 local seq = ARGV[1]
 local out = {}
 for k = 1, #KEYS do
-  local owner = redis.call('HGET', KEYS[k], ARGV[k + 1])
-  if not owner then
-    redis.call('HSET', KEYS[k], ARGV[k + 1], seq)
+  if redis.call('HSETNX', KEYS[k], ARGV[k + 1], seq) == 1 then
     out[k] = 0
-  elseif owner == seq then
+  elseif redis.call('HGET', KEYS[k], ARGV[k + 1]) == seq then
     out[k] = 1
   else
     out[k] = 2

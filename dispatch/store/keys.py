@@ -133,15 +133,20 @@ class SupplierKeys:
         self.all = [self.acct, self.ledger, self.refs, self.events, self.batches]
 
 
-def fingerprint_slot(fp: bytes) -> tuple[str, str, bytes]:
-    """(shard tag, bucket key, field) of a 16-byte fingerprint.
+_BUCKET_KEYS: list[str] = []
+
+
+def fingerprint_buckets() -> list[str]:
+    """The key of every fingerprint bucket, by ``fp[0] * 256 + fp[1]``: a 16-byte
+    fingerprint lives in shard ``{f:<fp[0]>}``, bucket ``<fp[1]>``, field ``fp[2:]``.
 
     256 tags x 256 buckets keep each bucket a small listpack-encoded HASH
     (about 15 codes per bucket at a million codes), which is what keeps the
     dedupe index to a few bytes per code.
     """
-    tag = "%02x" % fp[0]
-    return tag, PREFIX + "{f:" + tag + "}:" + "%02x" % fp[1], fp[2:]
+    if not _BUCKET_KEYS:
+        _BUCKET_KEYS.extend(PREFIX + "{f:%02x}:%02x" % divmod(i, 256) for i in range(65536))
+    return _BUCKET_KEYS
 
 
 # ---- daemon (issue 4): per-account keys outside the account scripts' KEYS ----------

@@ -278,10 +278,10 @@ class Store:
         return {oid.decode(): (msgpack_decode(raw), split_codes(codes.get(oid, b""))) for oid, raw in recs.items()}
 
     # ---- fingerprints ----------------------------------------------------------------
-    async def fp_claim(self, seq: int, by_tag: dict[str, tuple[list[str], list[bytes]]]) -> dict[str, list[int]]:
-        """Claim fingerprints shard by shard in one pipelined round: {tag: statuses}."""
-        replies = await self._run_many("fp_claim", [(b, [seq, *f]) for b, f in by_tag.values()])
-        return dict(zip(by_tag, replies))
+    async def fp_claim(self, seq: int, shards: list[tuple[list[str], list[bytes]]]) -> list[list[int]]:
+        """Claim fingerprints, one (bucket keys, fields) per {f:XX} shard, in one pipelined
+        round: the statuses of each shard's fields (see lua/fp_claim.lua)."""
+        return await self._run_many("fp_claim", [(b, [seq, *f]) for b, f in shards])
 
     async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
         """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""
