@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import msgspec
+import redis
 
 from .client import Pool
 from .scenario import Scenario
@@ -96,6 +98,11 @@ class Spawned:
                 break
             except subprocess.TimeoutExpired:
                 continue
+        # A daemon killed mid-shutdown may leave its embedded Redis running: stop it too.
+        sock = self.dir / "data" / "redis.sock"
+        if sock.exists():
+            with contextlib.suppress(Exception), redis.Redis(unix_socket_path=str(sock), socket_timeout=5) as r:
+                r.shutdown(nosave=True)
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
