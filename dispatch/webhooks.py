@@ -197,8 +197,9 @@ class Webhooks:
 
     # ---- streams -> jobs ------------------------------------------------------------
     async def pump(self) -> int:
-        """One pass: read up to ``read_count`` new entries of every stream and make them
-        jobs of the targets registered now. Returns the number of entries consumed."""
+        """One pass: read up to ``read_count`` new entries of every stream some registered
+        target listens to and make them its jobs; the cursor of a stream nobody listens
+        to just moves to its end. Returns the number of entries made into jobs."""
         c = self._store.client
         with translated():
             async with c.pipeline(transaction=False) as p:
@@ -211,24 +212,32 @@ class Webhooks:
             targets = {n.decode() for n in names}
             streams = [(kind, i.decode()) for kind, ids in (("dist", dists), ("sku", skus), ("supplier", sups))
                        for i in sorted(ids)]
+            wanted = {(kind, i): (["admin"] if "admin" in targets else [])
+                      + (["dist:" + i] if kind == "dist" and "dist:" + i in targets else [])
+                      for kind, i in streams}
             async with c.pipeline(transaction=False) as p:
                 for kind, i in streams:
                     key = keys.events_key(kind, i)
-                    p.xread({key: cursors.get(key.encode(), b"0-0")}, count=self.read_count)
+                    if wanted[kind, i]:
+                        p.xread({key: cursors.get(key.encode(), b"0-0")}, count=self.read_count)
+                    else:  # nobody listens: only move the cursor to the end, reading nothing
+                        p.xrevrange(key, count=1)
                 replies = await p.execute()
         now, calls, consumed = _ms(), [], 0
         for (kind, i), reply in zip(streams, replies):
+            key = keys.events_key(kind, i).encode()
+            if not wanted[kind, i]:
+                if reply and reply[0][0] != cursors.get(key):
+                    calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], [key, reply[0][0], now]))
+                continue
             if not reply:
                 continue
-            key, entries = reply[0]
+            _, entries = reply[0]
             shard = key.decode()[len(keys.PREFIX) + 1:-len("}:events")]  # "a:acme"
-            wanted = ["admin"] if "admin" in targets else []
-            if kind == "dist" and "dist:" + i in targets:
-                wanted.append("dist:" + i)
             args: list[bytes | str | int] = [key, entries[-1][0], now]
             for entry_id, fields in entries:
                 job = self._job(shard, entry_id.decode(), fields, now)
-                for t in wanted if job else ():
+                for t in wanted[kind, i] if job else ():
                     jid = f"{t}:{job.event}"
                     args += [entry_id, jid, _enc.encode(msgspec.structs.replace(job, target=t))]
             calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], args))
