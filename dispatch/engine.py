@@ -143,6 +143,7 @@ class Engine(AfterSales):
         self._deliverer: asyncio.Task[None] | None = None
         self._webhooks: Webhooks | None = None
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._prices: dict[tuple[str, str], tuple[float, tuple[int, str]]] = {}
         self._sagas: set[asyncio.Future[Order]] = set()
         self._keeps: dict[str, list[str]] = {}
         self._steps = {name: self._batcher(name) for name in _STEPS}
@@ -250,6 +251,7 @@ class Engine(AfterSales):
         if await self.store.put_sku(sku, "update", {k: getattr(s, k) for k in changes}) == "not_found":
             raise UnknownSkuError(f"unknown SKU {sku}")
         self._cache.pop(("sku", sku), None)
+        self._prices.clear()
         if "sale_order" in changes:
             await self._requeue(sku)
         return s
@@ -329,6 +331,7 @@ class Engine(AfterSales):
         if await self.store.put_account(distributor, "update", fields) == "not_found":
             raise NotFoundError(f"unknown distributor {distributor}")
         self._cache.pop(("dist", distributor), None)
+        self._prices.clear()
         return d
 
     async def get_distributor(self, distributor: str) -> Distributor:
@@ -400,12 +403,19 @@ class Engine(AfterSales):
 
     async def unit_price(self, distributor: str, sku: str) -> tuple[int, str]:
         """(unit price, currency) of *sku* for *distributor*, by its tier."""
+        hit = self._prices.get((distributor, sku))
+        if hit is not None and hit[0] > time.monotonic():  # the hot path: one dict lookup
+            return hit[1]
         s: Sku = await self._cached("sku", sku, self.get_sku)
         d: Distributor = await self._cached("dist", distributor, self.get_distributor)
-        if d.tier is None:
-            return s.price, s.currency
-        t: Tier = await self._cached("tier", d.tier, self.get_tier)
-        return t.price_of(s), s.currency
+        price = (s.price, s.currency)
+        if d.tier is not None:
+            t: Tier = await self._cached("tier", d.tier, self.get_tier)
+            price = (t.price_of(s), s.currency)
+        if len(self._prices) > 100_000:
+            self._prices.clear()
+        self._prices[distributor, sku] = (time.monotonic() + self.config.catalog_ttl_s, price)
+        return price
 
     # ---- orders ------------------------------------------------------------------------
     async def purchase(self, distributor: str, sku: str, qty: int, external_ref: str, *,
