@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .errors import (
+    AlreadyClaimedError,
     ConfigError,
     ConflictError,
     DispatchError,
@@ -27,6 +28,8 @@ from .errors import (
     SkuNotAllowedError,
     SkuPausedError,
     StoreUnavailableError,
+    SupplierBlacklistedError,
+    TicketWindowClosedError,
     UnauthorizedError,
     UnknownSkuError,
     ValidationError,
@@ -36,6 +39,9 @@ from .models import (
     BatchReport,
     Code,
     Distributor,
+    Event,
+    EventPage,
+    Forecast,
     LedgerEntry,
     NewDistributor,
     Order,
@@ -43,6 +49,8 @@ from .models import (
     Sku,
     Stock,
     Supplier,
+    SupplierReport,
+    Ticket,
     Tier,
 )
 
@@ -56,11 +64,13 @@ __all__ = [
     # data
     "Balance", "BatchReport", "Code", "Distributor", "LedgerEntry", "NewDistributor", "Order",
     "OrderPage", "Sku", "Stock", "Supplier", "Tier",
+    "Ticket", "SupplierReport", "Event", "EventPage", "Forecast",
     # errors
     "DispatchError", "ConfigError", "ConflictError", "DistributorSuspendedError", "EmbeddedRedisError",
     "IdempotencyConflictError", "InsufficientBalanceError", "NotFoundError", "OutOfStockError",
     "PriceChangedError", "ReservationExpiredError", "SkuNotAllowedError", "SkuPausedError",
     "StoreUnavailableError", "UnauthorizedError", "UnknownSkuError", "ValidationError",
+    "AlreadyClaimedError", "TicketWindowClosedError", "SupplierBlacklistedError",
 ]
 __version__ = "0.1.0"
 
