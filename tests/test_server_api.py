@@ -422,6 +422,9 @@ async def test_health_openapi_and_metrics(server: Server) -> None:
         assert line in text, line
     assert 'dispatch_http_request_duration_seconds_bucket{le="0.5",method="POST",route="/v1/orders",status="201"}' \
         in text
+    assert 'dispatch_http_request_duration_seconds_bucket{le="+Inf",method="POST",route="/v1/orders",status="201"} 1.0' \
+        in text
+    assert 'dispatch_http_request_duration_seconds_count{method="POST",route="/v1/orders",status="201"} 1.0' in text
 
 
 async def test_access_log_has_no_code_and_no_key(server: Server, caplog: pytest.LogCaptureFixture) -> None:
