@@ -26,7 +26,7 @@ from rich.table import Table
 from . import __version__
 from .config import Config
 from .engine import Engine
-from .errors import DispatchError
+from .errors import DispatchError, NotFoundError
 
 __all__ = ["main"]
 
@@ -192,6 +192,29 @@ def cmd_supplier(args: argparse.Namespace) -> int:
         rows = _run(args, lambda e: e.list_suppliers())
         _table("suppliers", ["supplier", "name", "deposit", "status"],
                [(s.supplier, s.name, s.deposit, s.status) for s in rows])
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    if args.action == "set":  # distributor None: the admin webhook (every event)
+        secret = _run(args, lambda e: e.webhooks.set_target(args.distributor, args.url))
+        out.print(f"signing secret (shown once):\n[bold]{secret}[/bold]")
+    elif args.action == "remove":
+        if not _run(args, lambda e: e.webhooks.remove_target(args.distributor)):
+            raise NotFoundError("no webhook is registered")
+    elif args.action == "replay":
+        async def replay(e: Engine) -> int:
+            if args.job:
+                await e.webhooks.replay(args.job)
+                return 1
+            return await e.webhooks.replay_all()
+
+        out.print(f"{_run(args, replay)} deliveries will be tried again")
+    else:
+        rows = _run(args, lambda e: e.webhooks.failed(args.limit))
+        _table("failed deliveries", ["job", "type", "entity", "version", "attempts", "last error", "failed at"],
+               [(f.job_id, f.type, f.entity, f.version, f.attempts, f.last_error, f.failed_at.isoformat())
+                for f in rows])
     return 0
 
 
@@ -383,6 +406,19 @@ def _parser() -> argparse.ArgumentParser:
     c = a.add_parser("report", parents=[common], help="delivered and invalidated codes, rating, batches")
     c.add_argument("supplier")
     s.set_defaults(run=cmd_supplier)
+
+    s = sub.add_parser("webhook", help="register webhooks; list and replay failed deliveries")
+    a = s.add_subparsers(dest="action", required=True)
+    c = a.add_parser("set", parents=[common], help="register (or replace) a webhook; prints its signing secret once")
+    c.add_argument("url")
+    c.add_argument("--distributor", help="its own events (default: the admin webhook, every event)")
+    c = a.add_parser("remove", parents=[common])
+    c.add_argument("--distributor")
+    c = a.add_parser("failed", parents=[common], help="deliveries that used every try")
+    c.add_argument("--limit", type=int, default=100)
+    c = a.add_parser("replay", parents=[common], help="try failed deliveries again now")
+    c.add_argument("job", nargs="?", help="one job id (default: all)")
+    s.set_defaults(run=cmd_webhook)
 
     s = sub.add_parser("ticket", help="list or resolve after-sales tickets")
     a = s.add_subparsers(dest="action", required=True)

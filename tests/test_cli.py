@@ -156,3 +156,23 @@ def test_after_sales_commands(env: dict[str, str], tmp_path: Path, capsys: pytes
     assert rc == 0 and order.codes[0].code in out
     rc, _, err = run(capsys, "ticket", "resolve", "tk_nope", "reject")
     assert (rc, err) == (1, "error: no ticket tk_nope\n")
+
+
+def test_webhook_commands(env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with engine(env, tmp_path) as e:
+        e.create_distributor("shop", "Shop")
+    rc, out, _ = run(capsys, "webhook", "set", "http://127.0.0.1:9/hooks", "--distributor", "shop")
+    assert rc == 0 and re.search(r"whsec_\S+", out)
+    rc, _, err = run(capsys, "webhook", "set", "ftp://nowhere")
+    assert rc == 1 and "http" in err
+    with engine(env, tmp_path) as e:
+        hooks = e.engine.webhooks
+        assert e._call(hooks.target("shop")).url == "http://127.0.0.1:9/hooks"
+        assert e._call(hooks.target(None)) is None
+    rc, out, _ = run(capsys, "webhook", "failed")
+    assert rc == 0 and "failed deliveries" in out
+    rc, out, _ = run(capsys, "webhook", "replay")
+    assert rc == 0 and "0 deliveries" in out
+    assert run(capsys, "webhook", "remove", "--distributor", "shop")[0] == 0
+    rc, _, err = run(capsys, "webhook", "remove", "--distributor", "shop")
+    assert (rc, err) == (1, "error: no webhook is registered\n")
