@@ -42,8 +42,8 @@ from .errors import (
 from .forecast import forecast
 from .models import (Amount, BatchSummary, Code, EventPage, Forecast, LedgerEntry, Supplier, SupplierReport,
                      Ticket)
-from .records import (BatchRec, TicketRec, check, check_ref, decode_codes, decode_event, decode_order,
-                      decode_ticket, ledger_entries, ms_id_floor, ms_to_dt, new_id)
+from .records import (PAID, BatchRec, TicketRec, check, check_ref, decode_batch, decode_codes, decode_event,
+                      decode_order, decode_ticket, ledger_entries, ms_id_floor, ms_to_dt, new_id)
 from .store import keys
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class AfterSales:
     async def _supplier_batches(self: Engine, supplier: str) -> list[BatchRec]:
         ids = await self.store.members(keys.SupplierKeys(supplier).batches)
         raws = await self.store.hash_fields(keys.BATCHES, ids)
-        return [msgspec.msgpack.decode(r, type=BatchRec) for r in raws if r is not None]
+        return [decode_batch(r) for r in raws if r is not None]
 
     async def _batch_counts(self: Engine, batches: Iterable[BatchRec]) -> dict[str, tuple[int, int, bool]]:
         """batch id -> (codes delivered, codes invalidated, parked) from the SKU shards."""
@@ -234,8 +234,8 @@ class AfterSales:
         if only is not None:
             batches = [only]
         else:
-            batches = [b for b in (msgspec.msgpack.decode(r, type=BatchRec)
-                                   for r in (await self.store.records(keys.BATCHES)).values()) if b.sku == sku]
+            batches = [b for b in map(decode_batch, (await self.store.records(keys.BATCHES)).values())
+                       if b.sku == sku]
         ratings: dict[str, float] = {}
         scores: list[int] = []
         for b in batches:
@@ -403,7 +403,7 @@ class AfterSales:
                     r = decode_order(raw)
                     after = r.id
                     codes = ""
-                    if blob and r.status in ("delivered", "partially_refunded", "refunded"):
+                    if blob and r.status in PAID:
                         plain = [imports.decode_secret(self.vault.decrypt(c, r.sku.encode()))[0]
                                  for c in decode_codes(blob)]
                         codes = " ".join(plain if show_codes else map(_mask, plain))

@@ -79,8 +79,8 @@ from .models import (
     Stock,
     Tier,
 )
-from .records import (BatchRec, OrderRec, check, check_ref, decode_codes, decode_order, encode, ledger_entries,
-                      ms_id_floor, ms_to_dt, new_id)
+from .records import (PAID, BatchRec, OrderRec, check, check_ref, decode_batch, decode_codes, decode_order, encode,
+                      ledger_entries, ms_id_floor, ms_to_dt, new_id)
 from .store import Store, keys
 from .vault import Vault, load_master_keys
 from .webhooks import Webhooks
@@ -96,9 +96,6 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 # Saga steps, each a script coalesced per shard (see the module docstring).
 _STEPS = ("begin", "buy", "fence", "take", "commit", "settle", "sku_settle")
-
-# Orders whose codes their buyer sees: paid for (refunded ones too: the buyer has them anyway).
-_PAID = frozenset({"delivered", "partially_refunded", "refunded"})
 
 # Refusals of the scripts, as errors. Messages never carry a code.
 _REFUSALS: dict[str, type[DispatchError]] = {
@@ -546,7 +543,7 @@ class Engine(AfterSales):
         # cancel), never after a cancel or expiry (they are back on sale).
         aad = rec.sku.encode()
         codes = ([Code(*imports.decode_secret(self.vault.decrypt(c, aad))) for c in ciphertexts]
-                 if rec.status in _PAID else [])
+                 if rec.status in PAID else [])
         created = ms_to_dt(rec.created)
         return Order(order_id=rec.id, external_ref=rec.ref, sku=rec.sku, qty=rec.qty, unit_price=rec.unit_price,
                      total=rec.total, currency=rec.currency, status=rec.status,  # type: ignore[arg-type]
@@ -742,7 +739,7 @@ class Engine(AfterSales):
         raw = await self.store.record(keys.BATCHES, batch_id)
         if raw is None:
             raise NotFoundError(f"unknown batch {batch_id}")
-        return msgspec.msgpack.decode(raw, type=BatchRec)
+        return decode_batch(raw)
 
     async def _claim(self, seq: int, fps: list[bytes]) -> list[bool]:
         """Claim fingerprints for batch *seq*: True where the code is this batch's."""
@@ -905,7 +902,7 @@ class Engine(AfterSales):
                     holds += r.hold
                     if r.refunded > r.total:
                         problems.append(f"{dist}/{r.id}: refunded {r.refunded} is more than its total {r.total}")
-                    if r.status in ("reserved", *_PAID):
+                    if r.status in ("reserved", *PAID):
                         got = decode_codes(codes) if codes else []
                         if r.status != "reserved" and len(got) != r.delivered:
                             problems.append(f"{dist}/{r.id}: {len(got)} codes for {r.delivered} delivered")

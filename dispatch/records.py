@@ -105,7 +105,11 @@ class TicketRec(msgspec.Struct):
     cost: int = 0
 
 
+#: Order statuses whose codes their buyer sees: paid for (refunded ones too: the buyer has them anyway).
+PAID = frozenset({"delivered", "partially_refunded", "refunded"})
+
 decode_order = msgspec.msgpack.Decoder(OrderRec).decode
+decode_batch = msgspec.msgpack.Decoder(BatchRec).decode
 decode_ticket = msgspec.msgpack.Decoder(TicketRec).decode
 decode_codes = msgspec.msgpack.Decoder(list[bytes]).decode
 encode = msgspec.msgpack.encode
