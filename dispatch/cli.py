@@ -159,10 +159,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_sku(args: argparse.Namespace) -> int:
     if args.action == "create":
         _record(_run(args, lambda e: e.create_sku(args.sku, args.name, args.face_value, args.currency, args.price,
-                                                  args.low_stock)))
+                                                  args.low_stock, sale_order=args.sale_order,
+                                                  after_sales=args.after_sales)))
     elif args.action == "update":
         changes = {k: v for k, v in dict(name=args.name, price=args.price, low_stock_threshold=args.low_stock,
-                                         status=args.status).items() if v is not None}
+                                         status=args.status, sale_order=args.sale_order,
+                                         after_sales=args.after_sales).items() if v is not None}
         _record(_run(args, lambda e: e.update_sku(args.sku, **changes)))
     else:
         skus = _run(args, lambda e: e.list_skus())
@@ -385,6 +387,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--price", type=int)
     c.add_argument("--low-stock", type=int)
     c.add_argument("--status", choices=("active", "paused"))
+    for c, creating in ((a.choices["create"], True), (c, False)):
+        c.add_argument("--sale-order", choices=("oldest_first", "best_rated"),
+                       default="oldest_first" if creating else None, help="which batch sells first")
+        c.add_argument("--after-sales", choices=("refund", "replace"), default="refund" if creating else None,
+                       help="what an approved ticket gives by default")
     s.set_defaults(run=cmd_sku)
 
     s = sub.add_parser("supplier", help="create, list, update, fund or report on suppliers")

@@ -42,8 +42,9 @@ def engine(env: dict[str, str], tmp_path: Path, **overrides: object) -> SyncEngi
 def test_catalog_money_and_errors(env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "sku", "create", "g100", "--name", "Game 100", "--face-value", "10000", "--currency", "CNY",
                "--price", "9500", "--low-stock", "3")[0] == 0
-    rc, out, _ = run(capsys, "sku", "update", "g100", "--price", "9400", "--status", "paused")
-    assert rc == 0 and "9400" in out and "paused" in out
+    rc, out, _ = run(capsys, "sku", "update", "g100", "--price", "9400", "--status", "paused", "--sale-order",
+                     "best_rated", "--after-sales", "replace")
+    assert rc == 0 and "9400" in out and "paused" in out and "best_rated" in out and "replace" in out
     rc, out, _ = run(capsys, "sku", "list")
     assert "g100" in out and "Game 100" in out
     assert run(capsys, "supplier", "create", "sup", "--name", "Supplier", "--deposit", "100")[0] == 0
