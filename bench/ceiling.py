@@ -1,0 +1,239 @@
+"""What this host allows at best: the purchase path stripped to the writes the
+invariants need, measured the way bench/compare.py measures the engine.
+
+A purchase here is two Lua calls, as in the engine's deliver mode, with nothing but:
+  take  (SKU shard)     LPOP the codes of every order of the call; one HSET marks them
+                        provisional (order -> account); one HINCRBY counts them sold.
+  buy   (account shard) per order: HGET of its external_ref (idempotency) and, with
+                        --events, one XADD; per call: HSET refs, HSET order records
+                        (strings made by the client), HSET codes, RPUSH ledger entries,
+                        HINCRBY balance.
+  keep  (SKU shard)     one HDEL of the provisional marks, riding with the next take.
+No checks, no stock levels, no encryption, no order objects: a floor, not an engine.
+
+And an import stripped the same way: chunks of 10,000 ready-made 46-byte values (the
+size of an encrypted 16-character code) RPUSHed, with one global-dedupe claim per code
+(HSETNX of a 16-byte fingerprint, in a Lua loop as the engine's fp_claim does), two
+chunks in flight. The values and fingerprints are made before the clock starts.
+
+Two drivers, each on a fresh embedded Redis (appendfsync always, unix socket):
+  redis-only  one client pipelines take/buy/keep calls of 256 orders, 4 in flight: the
+              Redis process alone is the limit.
+  callers     256 asyncio callers (uvloop) each awaiting take then buy for one order at
+              a time, through dispatch.coalescer (group commit per shard, as the engine
+              does): the Python process is in the loop, doing almost nothing per order.
+
+    .venv/bin/python bench/ceiling.py    # 1,000,000 codes, then 100,000 orders per driver: ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+
+import redis.asyncio as aredis
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from dispatch.coalescer import Coalescer  # noqa: E402
+from dispatch.store.embedded import EmbeddedRedis  # noqa: E402
+
+DISTS = 8
+CALLERS = 256
+
+TAKE = """
+local n = tonumber(ARGV[1])
+local out, marks, kept = {}, {}, {}
+local want = 0
+for k = 1, n do
+  local id, acct = ARGV[2 * k], ARGV[2 * k + 1]
+  if acct == 'keep' then
+    for kid in string.gmatch(id, '[^,]+') do kept[#kept + 1] = kid end
+  else
+    want = want + 1
+    marks[#marks + 1] = id
+    marks[#marks + 1] = acct
+  end
+end
+local codes = want > 0 and redis.call('LPOP', KEYS[1], want) or {}
+local c = 1
+for k = 1, n do
+  if ARGV[2 * k + 1] == 'keep' then out[k] = 'kept' else out[k] = codes[c]; c = c + 1 end
+end
+if want > 0 then
+  redis.call('HSET', KEYS[2], unpack(marks))
+  redis.call('HINCRBY', KEYS[3], 'sold', want)
+end
+if #kept > 0 then redis.call('HDEL', KEYS[2], unpack(kept)) end
+return out
+"""
+
+BUY = """
+local n, events = tonumber(ARGV[1]), ARGV[2] == '1'
+local refs, recs, codes, ledger, out = {}, {}, {}, {}, {}
+local t = redis.call('TIME')
+local now = t[1] .. string.format('%03d', math.floor(t[2] / 1000))
+local spent = 0
+for k = 1, n do
+  local j = 4 * k - 1
+  local id, ref, rec, code = ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
+  local earlier = redis.call('HGET', KEYS[2], ref)
+  if earlier then
+    out[k] = earlier
+  else
+    refs[#refs + 1] = ref; refs[#refs + 1] = id
+    recs[#recs + 1] = id; recs[#recs + 1] = rec
+    codes[#codes + 1] = id; codes[#codes + 1] = code
+    ledger[#ledger + 1] = 'purchase\\31' .. id .. '\\31-100\\31' .. now
+    spent = spent + 100
+    if events then
+      redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'type', 'order.delivered', 'data', rec)
+    end
+    out[k] = id
+  end
+end
+if #refs > 0 then
+  redis.call('HSET', KEYS[2], unpack(refs))
+  redis.call('HSET', KEYS[3], unpack(recs))
+  redis.call('HSET', KEYS[4], unpack(codes))
+  redis.call('RPUSH', KEYS[5], unpack(ledger))
+  redis.call('HINCRBY', KEYS[1], 'balance', -spent)
+end
+return out
+"""
+
+
+def sku_keys(s: str) -> list[str]:
+    return [f"c:{{{s}}}:pool", f"c:{{{s}}}:prov", f"c:{{{s}}}:stats"]
+
+
+def acct_keys(d: str) -> list[str]:
+    return [f"c:{{{d}}}:{k}" for k in ("acct", "refs", "orders", "codes", "ledger", "events")]
+
+
+def redis_cpu(pid: int) -> float:
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def seed(r: aredis.Redis, n: int) -> None:
+    await r.flushall()
+    for k in range(0, n, 20_000):
+        await r.rpush(sku_keys("s0")[0], *[b"%046d" % i for i in range(k, min(n, k + 20_000))])
+
+
+def record(oid: str, ref: str) -> bytes:
+    # About the size of the engine's msgpack order record.
+    return f"{oid}|{ref}|0123456789abcdef0123456789abcdef|s0|1|100|CNY|deliver|delivered|100".encode()
+
+
+async def redis_only(r: aredis.Redis, take: str, buy: str, n: int, events: bool, batch: int = 256) -> None:
+    """take, buy, keep for *batch* orders at a time, 4 such chains in flight."""
+    async def chain(w: int) -> None:
+        for k in range(w * batch, n, 4 * batch):
+            ids = [f"{k + j:026d}" for j in range(min(batch, n - k))]
+            d = f"d{(k // batch) % DISTS}"
+            codes = await r.evalsha(take, 3, *sku_keys("s0"), len(ids), *[x for i in ids for x in (i, d)])
+            args = [x for i, c in zip(ids, codes) for x in (i, "r" + i, record(i, "r" + i), c)]
+            await r.evalsha(buy, 6, *acct_keys(d), len(ids), int(events), *args)
+            await r.evalsha(take, 3, *sku_keys("s0"), 1, ",".join(ids), "keep")
+    await asyncio.gather(*(chain(w) for w in range(4)))
+
+
+async def callers(r: aredis.Redis, take: str, buy: str, n: int, events: bool) -> None:
+    """CALLERS tasks, each awaiting take then buy per order, coalesced per shard."""
+    async def send(sha: str, nkeys: int, keys_of, extra: list) -> object:
+        async def round_(batches: dict[str, list]) -> dict[str, list]:
+            async with r.pipeline(transaction=False) as p:
+                for shard, items in batches.items():
+                    p.evalsha(sha, nkeys, *keys_of(shard), len(items), *extra, *[x for it in items for x in it])
+                replies = await p.execute()
+            return dict(zip(batches, replies))
+        return round_
+
+    takes = Coalescer(await send(take, 3, sku_keys, []))
+    buys = Coalescer(await send(buy, 6, acct_keys, [int(events)]))
+    keeps: list[str] = []
+    nxt = iter(range(n))
+
+    async def caller(c: int) -> None:
+        d = f"d{c % DISTS}"
+        for i in nxt:
+            oid = f"{i:026d}"
+            code = await takes.submit("s0", (oid, d))
+            await buys.submit(d, (oid, "r" + oid, record(oid, "r" + oid), code))
+            keeps.append(oid)
+            if len(keeps) >= 256:
+                takes.submit("s0", (",".join(keeps), "keep"))
+                keeps.clear()
+
+    await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+    await takes.submit("s0", (",".join(keeps), "keep"))
+    await takes.drain()
+
+
+CLAIM = """
+local fresh = 0
+for k = 1, #ARGV do fresh = fresh + redis.call('HSETNX', KEYS[1], ARGV[k], '1') end
+return fresh
+"""
+
+
+async def import_floor(r: aredis.Redis, pid: int, n: int, chunk: int = 10_000) -> None:
+    await r.flushall()
+    claim = await r.script_load(CLAIM)
+
+    blob = os.urandom(16 * n)  # made before the clock starts: the client does nothing per code
+    fps = [blob[16 * k:16 * k + 16] for k in range(n)]
+    values = [b"%046d" % k for k in range(n)]
+
+    async def lane(w: int) -> None:
+        for k in range(w * chunk, n, 2 * chunk):
+            fresh = await r.evalsha(claim, 1, f"c:fp:{{{k // chunk % 64}}}", *fps[k:k + chunk])
+            assert fresh == len(fps[k:k + chunk])
+            await r.rpush("c:{s0}:pool", *values[k:k + chunk])
+
+    mem0 = (await r.info("memory"))["used_memory"]
+    c0, r0, t0 = time.process_time(), redis_cpu(pid), time.perf_counter()
+    await asyncio.gather(lane(0), lane(1))
+    t, c, rc = time.perf_counter() - t0, time.process_time() - c0, redis_cpu(pid) - r0
+    per_code = ((await r.info("memory"))["used_memory"] - mem0) / n
+    print(f"import floor: {n:,} codes in {t:.2f} s, {n / t:,.0f} codes/s; python {1e6 * c / n:.1f} us/code, "
+          f"redis {1e6 * rc / n:.1f} us/code, {per_code:.0f} bytes/code")
+
+
+async def main(url: str, pid: int, n: int, n_import: int) -> None:
+    r = aredis.Redis.from_url(url)
+    await import_floor(r, pid, n_import)
+    take, buy = await r.script_load(TAKE), await r.script_load(BUY)
+    print(f"{'driver':12} {'events':6} {'orders/s':>9} {'python us/order':>16} {'redis us/order':>15}")
+    for driver in (redis_only, callers):
+        for events in (False, True):
+            await seed(r, n)
+            c0, r0, t0 = time.process_time(), redis_cpu(pid), time.perf_counter()
+            await driver(r, take, buy, n, events)
+            t, c, rc = time.perf_counter() - t0, time.process_time() - c0, redis_cpu(pid) - r0
+            sold = int(await r.hget(sku_keys("s0")[2], "sold"))
+            left = await r.hlen(sku_keys("s0")[1])
+            assert sold == n and left == 0, (sold, left)  # every order took a code and was kept
+            print(f"{driver.__name__:12} {'yes' if events else 'no':6} {n / t:9,.0f} {1e6 * c / n:16.1f} "
+                  f"{1e6 * rc / n:15.1f}")
+    await r.aclose()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--orders", type=int, default=100_000)
+    ap.add_argument("--import-codes", type=int, default=1_000_000)
+    args = ap.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory() as d, EmbeddedRedis(os.path.join(d, "r")) as server:
+        assert server.pid is not None
+        asyncio.run(main(server.url, server.pid, args.orders, args.import_codes))
