@@ -122,11 +122,25 @@ def ledger_entries(rows: list[list[str]]) -> list[LedgerEntry]:
             for i, (kind, ref, b, h, bal, held, ms) in enumerate(rows)]
 
 
+def _order_event_data(data: dict[str, Any]) -> dict[str, Any]:
+    """What an order event tells: the scripts store the order's record as its data (one
+    msgpack pack, not two) and this picks the event's fields from it. Data that is not
+    a record (entries written before that) is told as it is."""
+    if "id" not in data or "ref" not in data:
+        return data
+    return {"order_id": data["id"], "external_ref": data["ref"], "sku": data["sku"], "qty": data["qty"],
+            "delivered": data["delivered"], "unit_price": data["unit_price"], "total": data["total"],
+            "refunded": data.get("refunded", 0), "status": data["status"]}
+
+
 def decode_event(entry_id: str, fields: dict[bytes, bytes]) -> Event:
     """An event from its stream entry (see lua/_events.lua); ValueError if it is malformed."""
     try:
-        return Event(event_id=entry_id, type=fields[b"type"].decode(), entity=fields[b"entity"].decode(),
-                     version=int(fields[b"v"]), at=ms_to_dt(int(fields[b"at"])),
-                     data=msgspec.msgpack.decode(fields[b"data"], type=dict[str, Any]))
+        kind, entity = fields[b"type"].decode(), fields[b"entity"].decode()
+        data = msgspec.msgpack.decode(fields[b"data"], type=dict[str, Any])
+        if entity.startswith("order:"):
+            data = _order_event_data(data)
+        return Event(event_id=entry_id, type=kind, entity=entity, version=int(fields[b"v"]),
+                     at=ms_to_dt(int(fields[b"at"])), data=data)
     except (KeyError, UnicodeDecodeError, msgspec.DecodeError) as e:
         raise ValueError(f"malformed event {entry_id}: {type(e).__name__}: {e}") from None

@@ -311,7 +311,10 @@ async def test_order_and_ticket_events_carry_versions_and_no_codes(shop: Engine,
     for e in told:
         by_entity.setdefault(e["entity"], []).append(e["v"])
     assert all(v == sorted(set(v)) for v in by_entity.values())  # versions only grow
-    assert told[0]["data"]["total"] == 2 * 9025 and told[4]["data"]["refunded"] == 9025
+    assert told[0]["data"] == {"order_id": d.order_id, "external_ref": "d1", "sku": "g100", "qty": 2,
+                               "delivered": 2, "unit_price": 9025, "total": 2 * 9025, "refunded": 0,
+                               "status": "delivered"}
+    assert (told[4]["data"]["refunded"], told[4]["data"]["status"]) == (9025, "partially_refunded")
     with redis.Redis.from_url(flushed_redis_url) as client:
         raw = b"".join(v for kind, id_ in (("dist", "acme"), ("sku", "g100"), ("supplier", "sup"))
                        for _, f in client.xrange(keys.events_key(kind, id_)) for v in f.values())

@@ -47,9 +47,9 @@ end
 
 -- Order records written by one call go out in one HSET (and ids in one ZADD).
 local saved = {}
-local function save(o)
+local function save(o, packed)
   saved[#saved + 1] = o.id
-  saved[#saved + 1] = cmsgpack.pack(o)
+  saved[#saved + 1] = packed or cmsgpack.pack(o)
 end
 
 local function flush_saved()
@@ -58,12 +58,14 @@ local function flush_saved()
   end
 end
 
--- What an order event says (never its codes).
+-- An order changed: its version grows and its record, packed once, is both what the
+-- caller stores and the event's data (never its codes, which live apart); readers show
+-- the event's fields of it (dispatch/records.py, decode_event). Returns the record.
 local function order_event(o, kind)
   o.v = (o.v or 0) + 1
-  emit(KEYS[10], kind, 'order:' .. o.id, o.v,
-       {order_id = o.id, external_ref = o.ref, sku = o.sku, qty = o.qty, delivered = o.delivered,
-        unit_price = o.unit_price, total = o.total, refunded = o.refunded or 0, status = o.status})
+  local packed = cmsgpack.pack(o)
+  emit(KEYS[10], kind, 'order:' .. o.id, o.v, packed)
+  return packed
 end
 
 local function zadd_all(key, pairs_)
@@ -75,8 +77,8 @@ end
 -- Orders opened by one call (begin, buy): their records, external_refs and index
 -- entries go out once, by flush_opened(). opened[ref] finds a ref used twice in a call.
 local opened, opened_refs, opened_index = {}, {}, {}
-local function open_order(o)
-  save(o)
+local function open_order(o, packed)
+  save(o, packed)
   opened[o.ref] = saved[#saved]
   opened_refs[#opened_refs + 1] = o.ref
   opened_refs[#opened_refs + 1] = o.id

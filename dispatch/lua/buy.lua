@@ -36,8 +36,7 @@ for _ = 1, tonumber(ARGV[1]) do
     local o = {id = id, ref = ref, digest = digest, sku = sku, qty = qty, unit_price = price,
                currency = currency, mode = 'deliver', ttl = 0, partial = partial, status = 'delivered',
                hold = 0, total = cost, delivered = n, deadline = 0, created = now, updated = now, dat = now}
-    order_event(o, 'order.delivered')
-    open_order(o)
+    open_order(o, order_event(o, 'order.delivered'))
     codes[#codes + 1] = id
     codes[#codes + 1] = blob
     out[#out + 1] = {'ok', saved[#saved]}

@@ -43,11 +43,10 @@ for _ = 1, tonumber(ARGV[1]) do
         o.hold = 0
         o.updated = now
         if o.status == 'delivered' then o.dat = now end
-        order_event(o, 'order.' .. o.status)
-        redis.call('HSET', KEYS[4], id, cmsgpack.pack(o))
+        raw = order_event(o, 'order.' .. o.status)
+        redis.call('HSET', KEYS[4], id, raw)
         redis.call('ZREM', KEYS[7], id)
         redis.call('ZADD', KEYS[8], now, id)
-        raw = cmsgpack.pack(o)
       end
     elseif o.mode == 'reserve' and o.status == target[action] then
       result = 'again'

@@ -18,8 +18,7 @@ if outcome == 'refund' then
   o.refunded = (o.refunded or 0) + refund
   o.status = (o.refunded >= o.total) and 'refunded' or 'partially_refunded'
   o.updated = now
-  order_event(o, 'order.refunded')
-  redis.call('HSET', KEYS[4], t.order, cmsgpack.pack(o))
+  redis.call('HSET', KEYS[4], t.order, order_event(o, 'order.refunded'))
   t.refund = refund
 else
   t.replacement = replacement
