@@ -25,6 +25,7 @@ import numpy as np
 import redis
 
 from dispatch import Config, Engine
+from dispatch.engine import tune_gc
 from dispatch.store.embedded import EmbeddedRedis
 
 CALLERS = 256
@@ -114,6 +115,7 @@ async def purchase_figures(url: str, data_dir: str, n_fast: int, n_slow: int) ->
             async with Engine(config(url, data_dir, coalesce), sweep=False) as engine:
                 await seed(engine, skus, (n + skus * 10) // skus + 10 if skus == 1 else int(n * 0.3) + 50)
                 gc.collect()
+                tune_gc()  # as dispatch serve does once started; both sides alike
                 rate, lat = await closed_loop(engine, n, skus, zipf_s, mode)
                 problems = await engine.audit() if n <= 50_000 else []
                 assert not problems, problems[:5]

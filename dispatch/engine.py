@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import logging
 import secrets
@@ -85,7 +86,7 @@ from .store import Store, keys
 from .vault import Vault, load_master_keys
 from .webhooks import Webhooks
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "tune_gc"]
 
 log = logging.getLogger("dispatch.engine")
 
@@ -106,6 +107,21 @@ _REFUSALS: dict[str, type[DispatchError]] = {
     "not_allowed": SkuNotAllowedError,
     "insufficient_balance": InsufficientBalanceError,
 }
+
+
+def tune_gc() -> None:
+    """Make the garbage collector cheap for a process that serves orders (the daemon and
+    the benchmarks call it once started; an embedding application may too).
+
+    Every order allocates a few dozen container objects (futures, tasks, reply lists)
+    and nearly all die by reference counting, yet with the default thresholds the
+    collector ran every 700 allocations, rescanning every live task and future:
+    5-15 µs of CPU per order at 256 callers (py-spy: gc_collect_main under hiredis'
+    reply parsing). What was allocated at start-up is frozen out of the scans, and the
+    youngest generation is collected every 50,000 allocations instead.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _forget(fut: asyncio.Future[Any]) -> None:

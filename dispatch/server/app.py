@@ -34,7 +34,7 @@ import msgspec
 import uvloop
 
 from ..config import Config
-from ..engine import Engine
+from ..engine import Engine, tune_gc
 from ..store.embedded import EmbeddedRedis
 from ..vault import load_master_keys
 from . import openapi
@@ -234,6 +234,7 @@ async def _serve_process(config: Config, worker: int, *, sweep: bool, reuse_port
     try:
         await app.start(sock=sock)
         host, port = sock.getsockname()[:2]
+        tune_gc()
         log.info("dispatch serving on http://%s:%d (worker %d, pid %d)", _show(host), port, worker, os.getpid())
         await stop.wait()
         log.info("shutting down: finishing requests in flight (up to %.0f s)", config.shutdown_timeout_s)
