@@ -3,6 +3,9 @@
 Private to the package: the pure-Python modules wrap every function here.
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 # --- Imports (used by dispatch/imports.py) -----------------------------------
 
 #: A physical line longer than this (terminator excluded) is malformed whatever
@@ -48,6 +51,11 @@ def pack_command(parts: list[bytes | str | int]) -> bytes:
 
 def pack_evalsha(sha: bytes, keys: list[str | bytes], args: list[bytes | str | int]) -> bytes:
     """The RESP encoding of ``EVALSHA sha numkeys key... arg...``."""
+
+def pack_calls(sha: bytes,
+               calls: list[tuple[list[str], list[Any], Sequence[Sequence[Any]]]]) -> bytes:
+    """The RESP encoding of one ``EVALSHA sha numkeys key... arg... field...`` per
+    ``(keys, args, items)`` call, concatenated; the fields are every item's, in order."""
 
 # --- Order ids (used by dispatch/engine.py) -------------------------------------
 

@@ -228,7 +228,7 @@ class Webhooks:
             key = keys.events_key(kind, i).encode()
             if not wanted[kind, i]:
                 if reply and reply[0][0] != cursors.get(key):
-                    calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], [key, reply[0][0], now]))
+                    calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], [key, reply[0][0], now], ()))
                 continue
             if not reply:
                 continue
@@ -240,7 +240,7 @@ class Webhooks:
                 for t in wanted[kind, i] if job else ():
                     jid = f"{t}:{job.event}"
                     args += [entry_id, jid, _enc.encode(msgspec.structs.replace(job, target=t))]
-            calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], args))
+            calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], args, ()))
             consumed += len(entries)
         if calls:
             await self._store._run_many("webhook_enqueue", calls)
@@ -376,5 +376,5 @@ class Webhooks:
         for jid, r in zip(ids, raw):
             if r is not None:
                 job = msgspec.structs.replace(_dec_job.decode(r), attempts=0, next_at=now)
-                calls.append(([keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE, keys.WEBHOOK_FAILED], [jid, _enc.encode(job), now]))
+                calls.append(([keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE, keys.WEBHOOK_FAILED], [jid, _enc.encode(job), now], ()))
         return sum(await self._store._run_many("webhook_replay", calls)) if calls else 0

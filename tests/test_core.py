@@ -7,12 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import Encoder, PythonRespSerializer
 
-from dispatch._core import fingerprint_chunk, group_fingerprints, new_ulid, pack_command, pack_evalsha, ulid_at
+from dispatch._core import (fingerprint_chunk, group_fingerprints, new_ulid, pack_calls, pack_command, pack_evalsha,
+                            ulid_at)
 from dispatch.store import keys
 from dispatch.vault import Vault
 
-words = st.lists(st.one_of(st.binary(max_size=300), st.text(max_size=50), st.integers(-2**62, 2**62)),
-                 min_size=1, max_size=40)
+word = st.one_of(st.binary(max_size=300), st.text(max_size=50), st.integers(-2**62, 2**62),
+                 st.integers(-2**70, 2**70), st.sampled_from([0, -1, 2**63 - 1, -2**63, 2**63, -2**63 - 1]))
+words = st.lists(word, min_size=1, max_size=40)
 reference = PythonRespSerializer(1 << 30, Encoder("utf-8", "strict", False).encode)
 
 
@@ -20,6 +22,14 @@ reference = PythonRespSerializer(1 << 30, Encoder("utf-8", "strict", False).enco
 def test_pack_command_matches_redis_py(parts: list) -> None:
     # redis-py treats the first word (the command name) specially: give it a plain one
     assert pack_command([b"EVALSHA", *parts]) == b"".join(reference.pack(b"EVALSHA", *parts))
+
+
+@given(st.lists(st.tuples(st.lists(st.text(min_size=1, max_size=20), max_size=4), st.lists(word, max_size=5),
+                          st.lists(st.tuples(word, word, word), max_size=6)), min_size=1, max_size=5))
+def test_pack_calls_is_evalsha_with_the_items_flattened(calls: list) -> None:
+    expected = b"".join(b"".join(reference.pack(b"EVALSHA", b"sha1", len(k), *k, *a, *[x for it in items for x in it]))
+                        for k, a, items in calls)
+    assert pack_calls(b"sha1", calls) == expected
 
 
 def test_pack_evalsha_and_refusals() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -16,7 +16,7 @@ from redis.asyncio.connection import Connection
 from msgspec.msgpack import decode as msgpack_decode
 from redis import exceptions as rex
 
-from .._core import pack_evalsha
+from .._core import pack_calls
 from ..config import Config
 from ..errors import ConfigError, StoreUnavailableError
 from . import keys, scripts
@@ -25,6 +25,8 @@ from .embedded import EmbeddedRedis
 __all__ = ["Store"]
 
 MIN_VERSION = (6, 2)
+#: One script call: its keys, its arguments, then items whose fields follow the arguments.
+_Call = tuple[list[str], list[Any], Sequence[Sequence[Any]]]
 _ACCOUNT_STEPS = frozenset({"begin", "buy", "fence", "commit", "settle", "ticket_open", "ticket_decide", "ticket_finish"})
 _SUPPLIER_STEPS = frozenset({"supplier_money", "supplier_status"})
 
@@ -38,10 +40,6 @@ def translated() -> Iterator[None]:
         raise StoreUnavailableError(f"redis is unavailable: {type(e).__name__}: {e}") from None
     except rex.RedisError as e:
         raise StoreUnavailableError(f"redis refused a command: {e}") from None
-
-
-def _flat(items: Iterable[Sequence[Any]]) -> list[Any]:
-    return [x for item in items for x in item]
 
 
 class Store:
@@ -115,11 +113,12 @@ class Store:
             self._idle.append(conn)
 
     async def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
-        return (await self._run_many(name, [(keys_, args)]))[0]
+        return (await self._run_many(name, [(keys_, args, ())]))[0]
 
-    async def _run_many(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """EVALSHA of script *name* for every (keys, args) call, packed by the compiled
-        core and sent as one pipelined write; the replies, in order.
+    async def _run_many(self, name: str, calls: Sequence[_Call]) -> list[Any]:
+        """EVALSHA of script *name* for every (keys, args, items) call, packed by the
+        compiled core (each item's fields follow the args) and sent as one pipelined
+        write; the replies, in order.
 
         On NOSCRIPT (Redis restarted, SCRIPT FLUSH) the script is loaded and every call
         sent again: each is safe to run twice. A round whose replies are lost is not
@@ -127,7 +126,7 @@ class Store:
         """
         script = self._scripts[name]
         sha = script.sha.encode()
-        packed = b"".join(pack_evalsha(sha, k, a) for k, a in calls)
+        packed = pack_calls(sha, list(calls))
         with translated():
             for attempt in (1, 2):
                 try:
@@ -141,11 +140,11 @@ class Store:
         raise AssertionError("unreachable")
 
     # ---- saga steps: batches of order items, one script call per shard ----------
-    def _step_call(self, name: str, shard: str, items: Sequence[Sequence[Any]]) -> tuple[list[str], list[Any]]:
+    def _step_call(self, name: str, shard: str, items: Sequence[Sequence[Any]]) -> _Call:
         if name in _ACCOUNT_STEPS:
-            return keys.AcctKeys(shard).all, [len(items), *_flat(items)]
+            return keys.AcctKeys(shard).all, [len(items)], items
         k = keys.SkuKeys(shard)
-        return k.all, [k.pool_prefix, len(items), *_flat(items)]
+        return k.all, [k.pool_prefix, len(items)], items
 
     async def account_script(self, name: str, dist: str, *args: Any) -> Any:
         """One call of an account script that takes a single item (tickets)."""
@@ -162,7 +161,7 @@ class Store:
     async def step(self, name: str, shard: str, items: Sequence[Sequence[Any]]) -> list[Any]:
         """Run saga step *name* (begin, commit, settle on an account; take, sku_settle on
         a SKU) for *items* of one shard; one reply per item."""
-        return await self._run(name, *self._step_call(name, shard, items))
+        return (await self._run_many(name, [self._step_call(name, shard, items)]))[0]
 
     async def steps(self, name: str, batches: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """:meth:`step` for several shards in one pipelined round: {shard: replies}."""
@@ -281,7 +280,7 @@ class Store:
     async def fp_claim(self, seq: int, shards: list[tuple[list[str], list[bytes]]]) -> list[list[int]]:
         """Claim fingerprints, one (bucket keys, fields) per {f:XX} shard, in one pipelined
         round: the statuses of each shard's fields (see lua/fp_claim.lua)."""
-        return await self._run_many("fp_claim", [(b, [seq, *f]) for b, f in shards])
+        return await self._run_many("fp_claim", [(b, [seq], (f,)) for b, f in shards])
 
     async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
         """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""

@@ -144,16 +144,84 @@ def scan_lines(bytes data not None, Py_ssize_t pos=0, Py_ssize_t line=1, Py_ssiz
 # A coalesced script call carries thousands of arguments; packing them in
 # Python (redis-py's Encoder, one call per argument) was a fifth of the hot path.
 
-from cpython.unicode cimport PyUnicode_AsUTF8String
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
-from libc.stdio cimport snprintf
+
+# Words are written straight into one growing buffer: bytes copied, str as its cached
+# UTF-8, int formatted in place (no Python object per word); one bytes object at the end.
+
+
+cdef struct Out:
+    char* p
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef int _reserve(Out* o, Py_ssize_t more) except -1:
+    cdef Py_ssize_t cap
+    cdef char* p
+    if o.n + more <= o.cap:
+        return 0
+    cap = o.cap * 2
+    if cap < o.n + more + 4096:
+        cap = o.n + more + 4096
+    p = <char*>PyMem_Realloc(o.p, cap)
+    if p == NULL:
+        raise MemoryError()
+    o.p, o.cap = p, cap
+    return 0
+
+
+cdef inline Py_ssize_t _decimal(char* out, long long v) noexcept:
+    """*v* in decimal at *out* (at most 20 characters); its length."""
+    cdef char tmp[24]
+    cdef unsigned long long u = <unsigned long long>v
+    cdef Py_ssize_t k = 0, n = 0
+    if v < 0:
+        u = (<unsigned long long>0) - u
+        out[0] = b"-"
+        n = 1
+    while True:
+        tmp[k] = <char>(48 + u % 10)
+        k += 1
+        u //= 10
+        if u == 0:
+            break
+    while k:
+        k -= 1
+        out[n] = tmp[k]
+        n += 1
+    return n
+
+
+cdef int _line(Out* o, char kind, Py_ssize_t count) except -1:
+    _reserve(o, 24)
+    o.p[o.n] = kind
+    o.n += 1 + _decimal(o.p + o.n + 1, count)
+    o.p[o.n] = 13
+    o.p[o.n + 1] = 10
+    o.n += 2
+    return 0
+
+
+cdef int _bulk(Out* o, const char* s, Py_ssize_t n) except -1:
+    _line(o, b"$", n)
+    _reserve(o, n + 2)
+    memcpy(o.p + o.n, s, n)
+    o.n += n
+    o.p[o.n] = 13
+    o.p[o.n + 1] = 10
+    o.n += 2
+    return 0
 
 
 cdef inline bytes _arg(object a):
     if type(a) is bytes:
         return <bytes>a
     if type(a) is str:
-        return PyUnicode_AsUTF8String(a)
+        return (<str>a).encode()
     if type(a) is int or type(a) is bool:
         return str(int(a)).encode()
     if isinstance(a, (bytes, bytearray, memoryview)):
@@ -163,34 +231,76 @@ cdef inline bytes _arg(object a):
     raise TypeError(f"cannot send {type(a).__name__} to Redis")
 
 
-cdef inline Py_ssize_t _header(char* out, char kind, Py_ssize_t n) noexcept:
-    return snprintf(out, 24, "%c%zd\r\n", kind, n)
+cdef int _word(Out* o, object a) except -1:
+    cdef const char* s
+    cdef Py_ssize_t n
+    cdef char num[24]
+    cdef long long v
+    cdef int overflow = 0
+    if type(a) is bytes:
+        return _bulk(o, PyBytes_AS_STRING(a), PyBytes_GET_SIZE(a))
+    if type(a) is str:
+        s = PyUnicode_AsUTF8AndSize(a, &n)
+        return _bulk(o, s, n)
+    if type(a) is int:
+        v = PyLong_AsLongLongAndOverflow(a, &overflow)
+        if not overflow:
+            return _bulk(o, num, _decimal(num, v))
+    b = _arg(a)  # bool, a big int, bytearray, memoryview, float; TypeError for the rest
+    return _bulk(o, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+
+cdef bytes _done(Out* o):
+    try:
+        return PyBytes_FromStringAndSize(o.p, o.n)
+    finally:
+        PyMem_Free(o.p)
+        o.p = NULL
 
 
 def pack_command(list parts):
     """RESP encoding of one command whose words are *parts* (bytes, str or int)."""
-    cdef list enc = [_arg(a) for a in parts]
-    cdef Py_ssize_t total = 24, n
-    cdef bytes b
-    for b in enc:
-        total += PyBytes_GET_SIZE(b) + 26
-    out = PyBytes_FromStringAndSize(NULL, total)
-    cdef char* p = PyBytes_AS_STRING(out)
-    cdef Py_ssize_t at = _header(p, b"*", len(enc))
-    for b in enc:
-        n = PyBytes_GET_SIZE(b)
-        at += _header(p + at, b"$", n)
-        memcpy(p + at, PyBytes_AS_STRING(b), n)
-        at += n
-        p[at] = b"\r"
-        p[at + 1] = b"\n"
-        at += 2
-    return out[:at]
+    cdef Out o = Out(NULL, 0, 0)
+    try:
+        _line(&o, b"*", len(parts))
+        for a in parts:
+            _word(&o, a)
+        return _done(&o)
+    finally:
+        PyMem_Free(o.p)
 
 
 def pack_evalsha(bytes sha, list keys, list args):
     """RESP encoding of ``EVALSHA sha len(keys) *keys *args``."""
-    return pack_command([b"EVALSHA", sha, len(keys), *keys, *args])
+    return pack_calls(sha, [(keys, args, ())])
+
+
+def pack_calls(bytes sha, list calls):
+    """RESP encoding of one ``EVALSHA sha len(keys) *keys *args *fields`` for each
+    ``(keys, args, items)`` of *calls*, one after the other: the fields are those of
+    every item (a sequence) in *items*, in order, as if flattened into the arguments."""
+    cdef Out o = Out(NULL, 0, 0)
+    cdef Py_ssize_t count
+    cdef list keys, args
+    try:
+        for keys, args, items in calls:
+            count = 3 + len(keys) + len(args)
+            for item in items:
+                count += len(item)
+            _line(&o, b"*", count)
+            _bulk(&o, b"EVALSHA", 7)
+            _bulk(&o, PyBytes_AS_STRING(sha), PyBytes_GET_SIZE(sha))
+            _word(&o, len(keys))
+            for a in keys:
+                _word(&o, a)
+            for a in args:
+                _word(&o, a)
+            for item in items:
+                for a in item:
+                    _word(&o, a)
+        return _done(&o)
+    finally:
+        PyMem_Free(o.p)
 
 
 # ---------------------------------------------------------------------------
