@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import compare  # noqa: E402
 
 from dispatch._core import new_ulid  # noqa: E402
+from dispatch.engine import buy_item  # noqa: E402
 from dispatch.records import encode as _encode  # noqa: E402
 from dispatch.store.embedded import EmbeddedRedis  # noqa: E402
 
@@ -31,11 +32,12 @@ async def main(url: str, data_dir: str) -> None:
     async with compare.Engine(compare.config(url, data_dir, True), sweep=False) as engine:
         await compare.seed(engine, 1, 2 * ORDERS + 1000)
         st = engine.store
-        blob = _encode([b"x" * 45])
+        code = b"x" * 45
+        blob = _encode([code])
         sagas = {
             "deliver": [
                 ("take", "s0", lambda o: (o, 1, 0, "deliver", "d0")),
-                ("buy", "d0", lambda o: (o, "r" + o, "digest", "s0", 1, 100, "CNY", 0, "ok", 1, blob)),
+                ("buy", "d0", lambda o: buy_item(o, "r" + o, "digest", "s0", 1, 100, "CNY", False, "ok", [code])[1]),
                 ("keep", "s0", lambda o: (o, 0, 0, "keep", "")),
             ],
             "reserve": [

@@ -109,6 +109,22 @@ _REFUSALS: dict[str, type[DispatchError]] = {
 }
 
 
+def buy_item(order_id: str, ref: str, digest: str, sku: str, qty: int, unit_price: int, currency: str,
+             partial: bool, outcome: str, codes: list[bytes]) -> tuple[OrderRec, tuple[Any, ...]]:
+    """The order record a purchase in deliver mode will have once bought, and the item of
+    the buy step that stores it (lua/buy.lua): *outcome* and the encrypted *codes* are
+    what its take answered. The record is packed here, once, not rebuilt in Lua; it is
+    dated by this clock, like the order id."""
+    now = time.time_ns() // 1_000_000
+    rec = OrderRec(id=order_id, ref=ref, digest=digest, sku=sku, qty=qty, unit_price=unit_price, currency=currency,
+                   mode="deliver", ttl=0, partial=partial, status="delivered", hold=0,
+                   total=len(codes) * unit_price, delivered=len(codes), deadline=0, created=now, updated=now,
+                   dat=now, v=1)
+    ok = outcome == "ok"
+    return rec, (order_id, ref, digest, sku, unit_price, outcome, len(codes), encode(codes) if ok else b"",
+                 encode(rec) if ok else b"")
+
+
 def tune_gc() -> None:
     """Make the garbage collector cheap for a process that serves orders (the daemon and
     the benchmarks call it once started; an embedding application may too).
@@ -478,12 +494,12 @@ class Engine(AfterSales):
         order_id, ref, digest, sku, qty, price, currency, _, _, partial = item
         taken = await self._take.submit(sku, (order_id, qty, partial, "deliver", distributor))
         outcome, codes = taken[0].decode(), taken[1:]
-        reply = await self._buy.submit(distributor, (order_id, ref, digest, sku, qty, price, currency, partial, outcome,
-                                                     len(codes), encode(codes) if outcome == "ok" else b""))
+        rec, bought = buy_item(order_id, ref, digest, sku, qty, price, currency, bool(partial), outcome, codes)
+        reply = await self._buy.submit(distributor, bought)
         status = reply[0].decode()
         if status == "ok":
             self._keep(sku, order_id)
-            return self._present(decode_order(reply[1]), codes)
+            return self._present(decode_order(reply[1]) if len(reply) > 1 else rec, codes)
         if outcome == "ok":  # not bought: the codes go back on sale
             await self._sku_settle.submit(sku, (order_id, "undo"))
         if status == "failed":

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from dispatch import errors
-from dispatch.engine import Engine
+from dispatch.engine import Engine, buy_item
 from dispatch.store import keys
 
 from .conftest import codes_text, dump
@@ -131,8 +131,9 @@ async def test_a_purchase_cut_between_take_and_buy_is_undone_once(shop: Engine) 
     assert taken[0][0] == b"ok" and (await shop.stock("g100")).available == 3
     assert await shop.sweep(grace_s=0) == (0, 1)
     assert (await shop.stock("g100")).available == 5
-    late = await shop.store.step("buy", "acme", [("01JLOSTORDER0000000000000A", "late", "d" * 32, "g100", 2, 9025,
-                                                  "CNY", 0, "ok", 2, b"")])
+    _, item = buy_item("01JLOSTORDER0000000000000A", "late", "d" * 32, "g100", 2, 9025, "CNY", False, "ok",
+                       taken[0][1:])
+    late = await shop.store.step("buy", "acme", [item])
     assert late[0] == [b"gone"]
     assert await shop.sweep(grace_s=0) == (0, 0)
     assert (await shop.balance("acme")).balance == 1_000_000
@@ -144,8 +145,8 @@ async def test_a_bought_purchase_whose_keep_was_lost_stays_sold(shop: Engine) ->
     await stock_up(shop, 5)
     oid = "01JBOUGHT00000000000000000"
     taken = await shop.store.step("take", "g100", [(oid, 1, 0, "deliver", "acme")])
-    blob = msgspec.msgpack.encode(taken[0][1:])
-    bought = await shop.store.step("buy", "acme", [(oid, "kept", "d" * 32, "g100", 1, 9025, "CNY", 0, "ok", 1, blob)])
+    _, item = buy_item(oid, "kept", "d" * 32, "g100", 1, 9025, "CNY", False, "ok", taken[0][1:])
+    bought = await shop.store.step("buy", "acme", [item])
     assert bought[0][0] == b"ok"  # ... and the process died before telling the SKU shard
     assert await shop.sweep(grace_s=0) == (0, 1)
     assert await shop.store.client.zcard(keys.SkuKeys("g100").prov) == 0

@@ -47,9 +47,9 @@ end
 
 -- Order records written by one call go out in one HSET (and ids in one ZADD).
 local saved = {}
-local function save(o, packed)
+local function save(o)
   saved[#saved + 1] = o.id
-  saved[#saved + 1] = packed or cmsgpack.pack(o)
+  saved[#saved + 1] = cmsgpack.pack(o)
 end
 
 local function flush_saved()
@@ -77,13 +77,18 @@ end
 -- Orders opened by one call (begin, buy): their records, external_refs and index
 -- entries go out once, by flush_opened(). opened[ref] finds a ref used twice in a call.
 local opened, opened_refs, opened_index = {}, {}, {}
-local function open_order(o, packed)
-  save(o, packed)
-  opened[o.ref] = saved[#saved]
-  opened_refs[#opened_refs + 1] = o.ref
-  opened_refs[#opened_refs + 1] = o.id
+local function open_record(id, ref, packed)
+  saved[#saved + 1] = id
+  saved[#saved + 1] = packed
+  opened[ref] = packed
+  opened_refs[#opened_refs + 1] = ref
+  opened_refs[#opened_refs + 1] = id
   opened_index[#opened_index + 1] = 0
-  opened_index[#opened_index + 1] = o.id
+  opened_index[#opened_index + 1] = id
+end
+
+local function open_order(o)
+  open_record(o.id, o.ref, cmsgpack.pack(o))
 end
 
 local function flush_opened()
