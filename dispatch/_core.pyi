@@ -46,12 +46,6 @@ def scan_lines(
 
 # --- RESP (used by dispatch/store/store.py) ------------------------------------
 
-def pack_command(parts: list[bytes | str | int]) -> bytes:
-    """The RESP encoding of one Redis command; str is sent as UTF-8, int in decimal."""
-
-def pack_evalsha(sha: bytes, keys: list[str | bytes], args: list[bytes | str | int]) -> bytes:
-    """The RESP encoding of ``EVALSHA sha numkeys key... arg...``."""
-
 def pack_calls(sha: bytes,
                calls: list[tuple[list[str], list[Any], Sequence[Sequence[Any]]]]) -> bytes:
     """The RESP encoding of one ``EVALSHA sha numkeys key... arg... field...`` per

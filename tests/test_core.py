@@ -7,8 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import Encoder, PythonRespSerializer
 
-from dispatch._core import (fingerprint_chunk, group_fingerprints, new_ulid, pack_calls, pack_command, pack_evalsha,
-                            ulid_at)
+from dispatch._core import fingerprint_chunk, group_fingerprints, new_ulid, pack_calls, ulid_at
 from dispatch.store import keys
 from dispatch.vault import Vault
 
@@ -19,9 +18,8 @@ reference = PythonRespSerializer(1 << 30, Encoder("utf-8", "strict", False).enco
 
 
 @given(words)
-def test_pack_command_matches_redis_py(parts: list) -> None:
-    # redis-py treats the first word (the command name) specially: give it a plain one
-    assert pack_command([b"EVALSHA", *parts]) == b"".join(reference.pack(b"EVALSHA", *parts))
+def test_pack_calls_matches_redis_py(parts: list) -> None:
+    assert pack_calls(b"sha1", [([], parts, ())]) == b"".join(reference.pack(b"EVALSHA", b"sha1", 0, *parts))
 
 
 @given(st.lists(st.tuples(st.lists(st.text(min_size=1, max_size=20), max_size=4), st.lists(word, max_size=5),
@@ -32,10 +30,12 @@ def test_pack_calls_is_evalsha_with_the_items_flattened(calls: list) -> None:
     assert pack_calls(b"sha1", calls) == expected
 
 
-def test_pack_evalsha_and_refusals() -> None:
-    assert pack_evalsha(b"ab", ["k"], [1, b"\x00"]) == b"".join(reference.pack("EVALSHA", b"ab", 1, "k", 1, b"\x00"))
+def test_pack_calls_words_redis_py_refuses_and_refusals() -> None:
+    assert pack_calls(b"ab", [(["k"], [True, False, 1.5, bytearray(b"x")], ())]) == (
+        b"*8\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n"
+        b"$1\r\n1\r\n$1\r\n0\r\n$3\r\n1.5\r\n$1\r\nx\r\n")
     try:
-        pack_command([object()])
+        pack_calls(b"ab", [([], [object()], ())])
     except TypeError as e:
         assert "object" in str(e)
     else:

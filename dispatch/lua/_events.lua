@@ -18,5 +18,6 @@ end
 
 local function emit(stream, kind, entity, version, data)
   redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'entity', entity,
-             'v', string.format('%d', version), 'at', string.format('%d', now_ms()), 'data', type(data) == 'string' and data or cmsgpack.pack(data))
+             'v', string.format('%d', version), 'at', string.format('%d', now_ms()),
+             'data', type(data) == 'string' and data or cmsgpack.pack(data))
 end

@@ -258,23 +258,6 @@ cdef bytes _done(Out* o):
         o.p = NULL
 
 
-def pack_command(list parts):
-    """RESP encoding of one command whose words are *parts* (bytes, str or int)."""
-    cdef Out o = Out(NULL, 0, 0)
-    try:
-        _line(&o, b"*", len(parts))
-        for a in parts:
-            _word(&o, a)
-        return _done(&o)
-    finally:
-        PyMem_Free(o.p)
-
-
-def pack_evalsha(bytes sha, list keys, list args):
-    """RESP encoding of ``EVALSHA sha len(keys) *keys *args``."""
-    return pack_calls(sha, [(keys, args, ())])
-
-
 def pack_calls(bytes sha, list calls):
     """RESP encoding of one ``EVALSHA sha len(keys) *keys *args *fields`` for each
     ``(keys, args, items)`` of *calls*, one after the other: the fields are those of
