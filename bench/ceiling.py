@@ -34,6 +34,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aredis
 
@@ -145,7 +147,7 @@ async def redis_only(r: aredis.Redis, take: str, buy: str, n: int, events: bool,
 
 async def callers(r: aredis.Redis, take: str, buy: str, n: int, events: bool) -> None:
     """CALLERS tasks, each awaiting take then buy per order, coalesced per shard."""
-    async def send(sha: str, nkeys: int, keys_of, extra: list) -> object:
+    def sender(sha: str, nkeys: int, keys_of: Callable[[str], list[str]], extra: list[int]) -> Callable[..., Any]:
         async def round_(batches: dict[str, list]) -> dict[str, list]:
             async with r.pipeline(transaction=False) as p:
                 for shard, items in batches.items():
@@ -154,8 +156,8 @@ async def callers(r: aredis.Redis, take: str, buy: str, n: int, events: bool) ->
             return dict(zip(batches, replies))
         return round_
 
-    takes = Coalescer(await send(take, 3, sku_keys, []))
-    buys = Coalescer(await send(buy, 6, acct_keys, [int(events)]))
+    takes = Coalescer(sender(take, 3, sku_keys, []))
+    buys = Coalescer(sender(buy, 6, acct_keys, [int(events)]))
     keeps: list[str] = []
     nxt = iter(range(n))
 

@@ -250,14 +250,6 @@ cdef int _word(Out* o, object a) except -1:
     return _bulk(o, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
 
 
-cdef bytes _done(Out* o):
-    try:
-        return PyBytes_FromStringAndSize(o.p, o.n)
-    finally:
-        PyMem_Free(o.p)
-        o.p = NULL
-
-
 def pack_calls(bytes sha, list calls):
     """RESP encoding of one ``EVALSHA sha len(keys) *keys *args *fields`` for each
     ``(keys, args, items)`` of *calls*, one after the other: the fields are those of
@@ -281,7 +273,7 @@ def pack_calls(bytes sha, list calls):
             for item in items:
                 for a in item:
                     _word(&o, a)
-        return _done(&o)
+        return PyBytes_FromStringAndSize(o.p, o.n)
     finally:
         PyMem_Free(o.p)
 
