@@ -119,8 +119,8 @@ async def purchase_figures(url: str, data_dir: str, n_fast: int, n_slow: int) ->
                 rate, lat = await closed_loop(engine, n, skus, zipf_s, mode)
                 problems = await engine.audit() if n <= 50_000 else []
                 assert not problems, problems[:5]
-                row[coalesce] = (rate, np.percentile(lat, 50), np.percentile(lat, 99),
-                                 engine._take.items / max(1, engine._take.batches))
+                calls, items = engine.coalescer_stats()["take"]
+                row[coalesce] = (rate, np.percentile(lat, 50), np.percentile(lat, 99), items / max(1, calls))
         out[label] = row
     # p99 at half the best rate
     r.flushall()

@@ -13,32 +13,35 @@ import os
 import sys
 import tempfile
 
+import redis.asyncio as aioredis
+
 sys.path.insert(0, os.path.dirname(__file__))
 import compare  # noqa: E402
 
 from dispatch._core import new_ulid  # noqa: E402
-from dispatch.engine import buy_item  # noqa: E402
+from dispatch.orders import buy_item  # noqa: E402
 from dispatch.records import encode as _encode  # noqa: E402
 from dispatch.store.embedded import EmbeddedRedis  # noqa: E402
 
 BATCH, ORDERS = 64, 64 * 800
 
 
-async def usec(engine: compare.Engine) -> int:
-    return (await engine.store.client.info("commandstats"))["cmdstat_evalsha"]["usec"]
+async def usec(client: aioredis.Redis) -> int:
+    return (await client.info("commandstats"))["cmdstat_evalsha"]["usec"]
 
 
 async def main(url: str, data_dir: str) -> None:
     async with compare.Engine(compare.config(url, data_dir, True), sweep=False) as engine:
         await compare.seed(engine, 1, 2 * ORDERS + 1000)
-        st = engine.store
+        st = engine.store.orders
+        client = aioredis.from_url(url)
         code = b"x" * 45
         blob = _encode([code])
         sagas = {
             "deliver": [
                 ("take", "s0", lambda o: (o, 1, 0, "deliver", "d0")),
                 ("buy", "d0", lambda o: buy_item(o, "r" + o, "digest", "s0", 1, 100, "CNY", False, "ok", [code])[1]),
-                ("keep", "s0", lambda o: (o, 0, 0, "keep", "")),
+                ("keep", "s0", lambda o: (o,)),
             ],
             "reserve": [
                 ("begin", "d0", lambda o: (o, "r" + o, "digest", "s0", 1, 100, "CNY", "reserve", 60, 0)),
@@ -50,10 +53,10 @@ async def main(url: str, data_dir: str) -> None:
             ids = [new_ulid() for _ in range(ORDERS)]
             total = 0.0
             for name, shard, item in steps:
-                before = await usec(engine)
+                before = await usec(client)
                 for k in range(0, ORDERS, BATCH):
-                    await st.step("take" if name == "keep" else name, shard, [item(o) for o in ids[k:k + BATCH]])
-                cost = (await usec(engine) - before) / ORDERS
+                    await st.step(name, shard, [item(o) for o in ids[k:k + BATCH]])
+                cost = (await usec(client) - before) / ORDERS
                 total += cost
                 print(f"{saga:8} {name:7} {cost:6.1f} us of Redis time per order")
             print(f"{saga:8} {'total':7} {total:6.1f} us")

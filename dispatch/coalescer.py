@@ -5,6 +5,9 @@ new calls queue up per shard; when the round returns, every queued shard goes ou
 in the next round, as one script call per shard (at most ``cap`` items each),
 pipelined in one write. No timers: when idle, a call goes out on the next turn of
 the event loop, together with whatever else arrived in the same turn.
+
+``send`` answers each item with its result, or with the exception its caller gets
+(one item's refusal is not the round's failure).
 """
 
 from __future__ import annotations
@@ -98,7 +101,10 @@ class Coalescer:
                     if fut.done():
                         continue
                     if len(got) == len(b):
-                        fut.set_result(got[k])
+                        if isinstance(got[k], Exception):
+                            fut.set_exception(got[k])
+                        else:
+                            fut.set_result(got[k])
                     else:  # a script answered the wrong number of items: a bug, not a hang
                         fut.set_exception(RuntimeError(f"{len(got)} replies for {len(b)} items"))
         finally:
@@ -131,7 +137,10 @@ class Direct:
         return self._one(shard, item)
 
     async def _one(self, shard: str, item: Any) -> Any:
-        return (await self._send(shard, [item]))[0]
+        reply = (await self._send(shard, [item]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def drain(self) -> None:
         pass

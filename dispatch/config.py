@@ -67,7 +67,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Largest qty in one order.
     max_order_qty: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 
-    # ---- daemon (issue 4) ----------------------------------------------------------
+    # ---- daemon ---------------------------------------------------------------------
     #: Longest request line plus headers; more is refused with 413 and the connection closed.
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024
     #: Largest JSON request body.
@@ -95,7 +95,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: One JSON line per request on the ``dispatch.access`` logger (stdout under ``dispatch serve``).
     access_log: bool = True
 
-    # ---- after-sales, suppliers, events (issue 6) ---------------------------------
+    # ---- after-sales, suppliers, events ---------------------------------------------
     #: How long after delivery a distributor may file a ticket on a code.
     ticket_window_s: Annotated[int, msgspec.Meta(ge=1)] = 7 * 86_400
     #: Blacklist a supplier automatically once its invalidated / delivered codes exceed this.

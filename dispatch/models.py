@@ -14,9 +14,9 @@ __all__ = [
     "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
     "OrderStatus", "StockStatus",
-    # after-sales (issue 6)
+    # after-sales
     "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
-    # daemon (issue 4)
+    # daemon
     "Access", "CatalogItem", "KeyRotation", "RateLimit",
 ]
 
@@ -180,7 +180,7 @@ class LedgerEntry(_Model):
     at: datetime
 
 
-# ---- after-sales (issue 6) ----------------------------------------------------------
+# ---- after-sales ---------------------------------------------------------------------
 
 TicketStatus = Literal["open", "approving", "approved", "rejected"]
 
@@ -274,7 +274,7 @@ class EventPage(_Model):
     next_after: str | None = None
 
 
-# ---- daemon (issue 4) ---------------------------------------------------------------
+# ---- daemon ------------------------------------------------------------------------
 
 #: Requests a second allowed to one distributor through the daemon; 0: unlimited.
 RateLimit = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]

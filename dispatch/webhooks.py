@@ -38,8 +38,8 @@ import msgspec
 
 from .errors import NotFoundError, StoreUnavailableError, ValidationError
 from .records import decode_event, ms_to_dt
-from .store import keys
-from .store.store import Store, translated
+from .store import Store
+from .store.webhooks import Job, StreamNews, Target
 from .vault import Vault
 
 __all__ = ["Webhooks", "WebhookTarget", "FailedDelivery", "verify_signature"]
@@ -73,28 +73,6 @@ class FailedDelivery(_Model):
     failed_at: datetime
 
 
-class _Target(msgspec.Struct, array_like=True):
-    url: str
-    secret: bytes               # vault ciphertext, AAD b"webhook:" + target name
-    created: int
-
-
-class _Job(msgspec.Struct, array_like=True):
-    target: str
-    event: str                  # the event id: "<shard>:<entry id>"
-    type: str
-    entity: str
-    version: int
-    body: bytes                 # made once, so every attempt sends the same bytes
-    created: int
-    attempts: int = 0
-    last_error: str = ""
-    next_at: int = 0
-
-
-_enc = msgspec.msgpack.Encoder()
-_dec_job = msgspec.msgpack.Decoder(_Job)
-_dec_target = msgspec.msgpack.Decoder(_Target)
 _json = msgspec.json.Encoder()
 
 
@@ -155,7 +133,7 @@ class Webhooks:
     def __init__(self, store: Store, vault: Vault, *, timeout_s: float = 5.0, max_attempts: int = 8,
                  backoff_base_s: float = 5.0, backoff_cap_s: float = 3600.0, concurrency: int = 16,
                  batch: int = 64, read_count: int = 500, poll_interval_s: float = 0.2) -> None:
-        self._store = store
+        self._store = store.webhooks
         self._vault = vault
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
         self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
@@ -175,24 +153,18 @@ class Webhooks:
         Returns its new signing secret, shown only now; the old one stops working."""
         name = _name(distributor)
         _check_url(url)
-        c = self._store.client
         secret = "whsec_" + secrets.token_urlsafe(32)
         sealed = self._vault.encrypt(secret.encode(), aad=b"webhook:" + name.encode())
-        with translated():
-            if distributor is not None and not await c.sismember(keys.DISTS, distributor):
-                raise NotFoundError(f"no distributor {distributor!r}")
-            await c.hset(keys.WEBHOOK_TARGETS, name, _enc.encode(_Target(url, sealed, _ms())))
+        if not await self._store.set_target(name, distributor, Target(url, sealed, _ms())):
+            raise NotFoundError(f"no distributor {distributor!r}")
         return secret
 
     async def remove_target(self, distributor: str | None) -> bool:
         """Unregister; its undelivered jobs fail for good ("target removed"). False if none."""
-        with translated():
-            return bool(await self._store.client.hdel(keys.WEBHOOK_TARGETS, _name(distributor)))
+        return await self._store.remove_target(_name(distributor))
 
     async def target(self, distributor: str | None) -> WebhookTarget | None:
-        with translated():
-            raw = await self._store.client.hget(keys.WEBHOOK_TARGETS, _name(distributor))
-        t = _dec_target.decode(raw) if raw is not None else None
+        t = (await self._store.targets([_name(distributor)])).get(_name(distributor))
         return WebhookTarget(distributor, t.url, ms_to_dt(t.created)) if t else None
 
     # ---- streams -> jobs ------------------------------------------------------------
@@ -200,54 +172,19 @@ class Webhooks:
         """One pass: read up to ``read_count`` new entries of every stream some registered
         target listens to and make them its jobs; the cursor of a stream nobody listens
         to just moves to its end. Returns the number of entries made into jobs."""
-        c = self._store.client
-        with translated():
-            async with c.pipeline(transaction=False) as p:
-                p.smembers(keys.DISTS)
-                p.smembers(keys.SKUS)
-                p.smembers(keys.SUPPLIERS)
-                p.hgetall(keys.WEBHOOK_CURSOR)
-                p.hkeys(keys.WEBHOOK_TARGETS)
-                dists, skus, sups, cursors, names = await p.execute()
-            targets = {n.decode() for n in names}
-            streams = [(kind, i.decode()) for kind, ids in (("dist", dists), ("sku", skus), ("supplier", sups))
-                       for i in sorted(ids)]
-            wanted = {(kind, i): (["admin"] if "admin" in targets else [])
-                      + (["dist:" + i] if kind == "dist" and "dist:" + i in targets else [])
-                      for kind, i in streams}
-            async with c.pipeline(transaction=False) as p:
-                for kind, i in streams:
-                    key = keys.events_key(kind, i)
-                    if wanted[kind, i]:
-                        p.xread({key: cursors.get(key.encode(), b"0-0")}, count=self.read_count)
-                    else:  # nobody listens: only move the cursor to the end, reading nothing
-                        p.xrevrange(key, count=1)
-                replies = await p.execute()
-        now, calls, consumed = _ms(), [], 0
-        for (kind, i), reply in zip(streams, replies):
-            key = keys.events_key(kind, i).encode()
-            if not wanted[kind, i]:
-                if reply and reply[0][0] != cursors.get(key):
-                    calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], [key, reply[0][0], now], ()))
-                continue
-            if not reply:
-                continue
-            _, entries = reply[0]
-            shard = key.decode()[len(keys.PREFIX) + 1:-len("}:events")]  # "a:acme"
-            args: list[bytes | str | int] = [key, entries[-1][0], now]
-            for entry_id, fields in entries:
-                job = self._job(shard, entry_id.decode(), fields, now)
-                for t in wanted[kind, i] if job else ():
-                    jid = f"{t}:{job.event}"
-                    args += [entry_id, jid, _enc.encode(msgspec.structs.replace(job, target=t))]
-            calls.append(([keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], args, ()))
-            consumed += len(entries)
-        if calls:
-            await self._store._run_many("webhook_enqueue", calls)
-        return consumed
+        now = _ms()
+        moves: list[tuple[StreamNews, list[tuple[str, Job]]]] = []
+        for news in await self._store.news(self.read_count):
+            jobs = []
+            for entry_id, fields in news.entries:
+                job = self._job(news.shard, entry_id, fields, now)
+                jobs += [(entry_id, msgspec.structs.replace(job, target=t)) for t in news.listeners if job]
+            moves.append((news, jobs))
+        await self._store.enqueue(moves, now)
+        return sum(len(news.entries) for news, _ in moves)
 
     @staticmethod
-    def _job(shard: str, entry_id: str, fields: dict[bytes, bytes], now: int) -> _Job | None:
+    def _job(shard: str, entry_id: str, fields: dict[bytes, bytes], now: int) -> Job | None:
         event = f"{shard}:{entry_id}"
         try:
             e = decode_event(entry_id, fields)
@@ -256,7 +193,7 @@ class Webhooks:
             return None
         body = _json.encode({"id": event, "type": e.type, "entity": e.entity, "version": e.version,
                              "at": e.at.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "data": e.data})
-        return _Job("", event, e.type, e.entity, e.version, body, now)
+        return Job("", event, e.type, e.entity, e.version, body, now)
 
     # ---- jobs -> HTTP -----------------------------------------------------------------
     async def deliver_due(self) -> int:
@@ -264,25 +201,21 @@ class Webhooks:
         Returns the number of jobs sent (whatever their outcome)."""
         now = _ms()
         lease = now + self.lease_ms
-        flat = await self._store._run("webhook_claim", [keys.WEBHOOK_DUE, keys.WEBHOOK_JOBS], [now, lease, self.batch])
-        if not flat:
+        jobs = await self._store.claim(now, lease, self.batch)
+        if not jobs:
             return 0
-        jobs = [(flat[k].decode(), _dec_job.decode(flat[k + 1])) for k in range(0, len(flat), 2)]
-        names = sorted({j.target for _, j in jobs})
-        with translated():
-            raw = await self._store.client.hmget(keys.WEBHOOK_TARGETS, names)
-        targets = {name: self._open(name, r) for name, r in zip(names, raw) if r is not None}
+        targets = {name: self._open(name, t)
+                   for name, t in (await self._store.targets(sorted({j.target for _, j in jobs}))).items()}
         sends = [self._send(jid, job, targets.get(job.target), lease) for jid, job in jobs]
         for r in await asyncio.gather(*sends, return_exceptions=True):
             if isinstance(r, BaseException):
                 raise r  # a store failure: those jobs are sent again when their lease ends
         return len(jobs)
 
-    def _open(self, name: str, raw: bytes) -> tuple[str, bytes]:
-        t = _dec_target.decode(raw)
+    def _open(self, name: str, t: Target) -> tuple[str, bytes]:
         return t.url, self._vault.decrypt(t.secret, aad=b"webhook:" + name.encode())
 
-    async def _send(self, jid: str, job: _Job, target: tuple[str, bytes] | None, lease: int) -> None:
+    async def _send(self, jid: str, job: Job, target: tuple[str, bytes] | None, lease: int) -> None:
         error = "target removed"
         if target is not None:
             url, secret = target
@@ -300,7 +233,7 @@ class Webhooks:
                 except Exception as e:
                     error = f"{type(e).__name__}: {e}"[:500]
         if not error:
-            await self._store._run("webhook_settle", [keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE, keys.WEBHOOK_FAILED], [jid, lease, "done", b"", 0])
+            await self._store.settle(jid, lease, "done")
             return
         now = _ms()
         job.attempts += 1
@@ -313,8 +246,7 @@ class Webhooks:
             outcome, job.next_at = "retry", now + int(delay * random.uniform(0.8, 1.2) * 1000)
             log.info("webhooks: delivery %s attempt %d failed (%s), retry in %.1f s",
                      jid, job.attempts, error, (job.next_at - now) / 1000)
-        await self._store._run("webhook_settle", [keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE, keys.WEBHOOK_FAILED], [jid, lease, outcome, _enc.encode(job),
-                                                                       job.next_at])
+        await self._store.settle(jid, lease, outcome, job)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Pump and deliver until *stop* is set (or the task is cancelled), resting
@@ -332,49 +264,22 @@ class Webhooks:
 
     async def backlog(self) -> tuple[int, int]:
         """(deliveries waiting for a try, deliveries failed for good)."""
-        with translated():
-            async with self._store.client.pipeline(transaction=False) as p:
-                p.zcard(keys.WEBHOOK_DUE)
-                p.zcard(keys.WEBHOOK_FAILED)
-                due, failed = await p.execute()
-        return due, failed
+        return await self._store.backlog()
 
     # ---- failed deliveries --------------------------------------------------------------
     async def failed(self, limit: int = 100) -> list[FailedDelivery]:
         """Deliveries that failed for good, the most recent first."""
-        c = self._store.client
-        with translated():
-            pairs = await c.zrevrange(keys.WEBHOOK_FAILED, 0, limit - 1, withscores=True) if limit > 0 else []
-            raw = await c.hmget(keys.WEBHOOK_JOBS, [jid for jid, _ in pairs]) if pairs else []
-        out = []
-        for (jid, at), r in zip(pairs, raw):
-            if r is not None:
-                j = _dec_job.decode(r)
-                out.append(FailedDelivery(jid.decode(), j.target, j.type, j.entity, j.version, j.attempts,
-                                          j.last_error, ms_to_dt(at)))
-        return out
+        return [FailedDelivery(jid, j.target, j.type, j.entity, j.version, j.attempts, j.last_error, ms_to_dt(at))
+                for jid, j, at in await self._store.failed(limit)]
 
     async def replay(self, job_id: str) -> bool:
         """Send a job (usually a failed one) again now, its attempts reset.
         NotFoundError if there is no such job (or it was delivered meanwhile)."""
-        if not await self._replay([job_id]):
+        if not await self._store.replay([job_id], _ms()):
             raise NotFoundError(f"no webhook delivery {job_id!r}")
         return True
 
     async def replay_all(self) -> int:
         """:meth:`replay` every failed delivery; returns how many were put back."""
-        with translated():
-            ids = [i.decode() for i in await self._store.client.zrange(keys.WEBHOOK_FAILED, 0, -1)]
-        return sum([await self._replay(ids[k:k + 500]) for k in range(0, len(ids), 500)])
-
-    async def _replay(self, ids: list[str]) -> int:
-        if not ids:
-            return 0
-        with translated():
-            raw = await self._store.client.hmget(keys.WEBHOOK_JOBS, ids)
-        now, calls = _ms(), []
-        for jid, r in zip(ids, raw):
-            if r is not None:
-                job = msgspec.structs.replace(_dec_job.decode(r), attempts=0, next_at=now)
-                calls.append(([keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE, keys.WEBHOOK_FAILED], [jid, _enc.encode(job), now], ()))
-        return sum(await self._store._run_many("webhook_replay", calls)) if calls else 0
+        ids = await self._store.failed_ids()
+        return sum([await self._store.replay(ids[k:k + 500], _ms()) for k in range(0, len(ids), 500)])

@@ -180,8 +180,8 @@ async def test_interrupted_approval_is_finished_by_the_sweep(shop: Engine) -> No
     order = await shop.purchase("acme", "g100", 1, "o1")
     t = await shop.open_ticket("acme", order.order_id, order.codes[0].code, "bad")
     # a crash right after the decision: only step 1 of the approval ran
-    reply = await shop.store.account_script("ticket_decide", "acme", t.ticket_id, "approve", 0, "")
-    assert reply[0] == b"ok"
+    decided = await shop.store.aftersales.decide_ticket("acme", t.ticket_id, "approve", False, "")
+    assert decided.result == "ok"
     assert (await shop.get_ticket(t.ticket_id)).status == "approving"
     await shop.sweep(grace_s=0)
     done = await shop.get_ticket(t.ticket_id)

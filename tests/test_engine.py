@@ -9,7 +9,8 @@ import msgspec
 import pytest
 
 from dispatch import errors
-from dispatch.engine import Engine, buy_item
+from dispatch.engine import Engine
+from dispatch.orders import buy_item
 from dispatch.store import keys
 
 from .conftest import codes_text, dump
@@ -127,14 +128,14 @@ async def test_a_purchase_cut_between_take_and_buy_is_undone_once(shop: Engine) 
     """A crash after the codes were taken and before the account bought them: the sweep
     fences the order (a late buy cannot record it) and gives the codes back."""
     await stock_up(shop, 5)
-    taken = await shop.store.step("take", "g100", [("01JLOSTORDER0000000000000A", 2, 0, "deliver", "acme")])
-    assert taken[0][0] == b"ok" and (await shop.stock("g100")).available == 3
+    taken = await shop.store.orders.step("take", "g100", [("01JLOSTORDER0000000000000A", 2, 0, "deliver", "acme")])
+    assert taken[0].ok and (await shop.stock("g100")).available == 3
     assert await shop.sweep(grace_s=0) == (0, 1)
     assert (await shop.stock("g100")).available == 5
     _, item = buy_item("01JLOSTORDER0000000000000A", "late", "d" * 32, "g100", 2, 9025, "CNY", False, "ok",
-                       taken[0][1:])
-    late = await shop.store.step("buy", "acme", [item])
-    assert late[0] == [b"gone"]
+                       taken[0].codes)
+    late = await shop.store.orders.step("buy", "acme", [item])
+    assert isinstance(late[0], errors.StoreUnavailableError) and "abandoned" in late[0].message  # gone
     assert await shop.sweep(grace_s=0) == (0, 0)
     assert (await shop.balance("acme")).balance == 1_000_000
     assert (await shop.supplier_report("sup")).delivered == 0
@@ -144,10 +145,10 @@ async def test_a_purchase_cut_between_take_and_buy_is_undone_once(shop: Engine) 
 async def test_a_bought_purchase_whose_keep_was_lost_stays_sold(shop: Engine) -> None:
     await stock_up(shop, 5)
     oid = "01JBOUGHT00000000000000000"
-    taken = await shop.store.step("take", "g100", [(oid, 1, 0, "deliver", "acme")])
-    _, item = buy_item(oid, "kept", "d" * 32, "g100", 1, 9025, "CNY", False, "ok", taken[0][1:])
-    bought = await shop.store.step("buy", "acme", [item])
-    assert bought[0][0] == b"ok"  # ... and the process died before telling the SKU shard
+    taken = await shop.store.orders.step("take", "g100", [(oid, 1, 0, "deliver", "acme")])
+    _, item = buy_item(oid, "kept", "d" * 32, "g100", 1, 9025, "CNY", False, "ok", taken[0].codes)
+    bought = await shop.store.orders.step("buy", "acme", [item])
+    assert bought[0] is None  # bought now ... and the process died before telling the SKU shard
     assert await shop.sweep(grace_s=0) == (0, 1)
     assert await shop.store.client.zcard(keys.SkuKeys("g100").prov) == 0
     stock = await shop.stock("g100")
@@ -286,12 +287,12 @@ async def test_leases_expire_exactly_once(shop: Engine) -> None:
 
 async def test_background_sweep_expires(shop: Engine, flushed_redis_url: str) -> None:
     await stock_up(shop, 1)
-    shop._sweeper = asyncio.create_task(shop._sweep_forever())
-    r = await shop.purchase("acme", "g100", 1, "bg", mode="reserve", reserve_ttl_s=1)
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        if (await shop.get_order("acme", r.order_id)).status == "expired":
-            break
+    async with Engine(shop.config):  # another engine on the same store, sweeping in the background
+        r = await shop.purchase("acme", "g100", 1, "bg", mode="reserve", reserve_ttl_s=1)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if (await shop.get_order("acme", r.order_id)).status == "expired":
+                break
     assert (await shop.get_order("acme", r.order_id)).status == "expired"
     assert (await shop.stock("g100")).available == 1
 
@@ -365,7 +366,7 @@ async def test_no_plaintext_code_in_redis(shop: Engine, flushed_redis_url: str) 
 async def test_tampered_ciphertext_is_refused(shop: Engine) -> None:
     await stock_up(shop, 2)
     k = keys.SkuKeys("g100")
-    seq = next(iter(await shop.store.pool_lengths("g100")))
+    seq = next(iter(await shop.store.inventory.pools("g100")))
     c = await shop.store.client.lindex(k.pool(seq), 0)
     await shop.store.client.lset(k.pool(seq), 0, c[:-1] + bytes([c[-1] ^ 1]))
     with pytest.raises(errors.DispatchError, match="authentication"):
@@ -392,11 +393,12 @@ async def test_one_order_twice_in_one_take_call(shop: Engine) -> None:
     """A sweep racing the request can put one order twice into one coalesced call:
     both get the same codes, and only one set leaves the pool."""
     await stock_up(shop, 5)
-    replies = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver", "acme"), ("o2", 1, 0, "deliver", "acme"),
-                                                     ("o1", 2, 0, "deliver", "acme")])
-    assert replies[0] == replies[2] and len(replies[0]) == 3 and replies[0][0] == b"ok"
-    assert set(replies[0][1:]).isdisjoint(replies[1][1:])
-    again = await shop.store.step("take", "g100", [("o1", 2, 0, "deliver", "acme")])
+    replies = await shop.store.orders.step("take", "g100", [("o1", 2, 0, "deliver", "acme"),
+                                                            ("o2", 1, 0, "deliver", "acme"),
+                                                            ("o1", 2, 0, "deliver", "acme")])
+    assert replies[0] == replies[2] and len(replies[0].codes) == 2 and replies[0].ok
+    assert set(replies[0].codes).isdisjoint(replies[1].codes)
+    again = await shop.store.orders.step("take", "g100", [("o1", 2, 0, "deliver", "acme")])
     assert again[0] == replies[0]
     stock = await shop.stock("g100")
     assert (stock.available, stock.sold) == (2, 3)
@@ -412,14 +414,14 @@ async def test_close_lets_orders_in_flight_finish(shop: Engine, flushed_redis_ur
     import redis.asyncio as aioredis
 
     await stock_up(shop, 50)
-    started, saga = 0, shop._saga
+    started, saga = 0, shop._sagas.run
 
     def counted(steps):  # type: ignore[no-untyped-def]
         nonlocal started
         started += 1
         return saga(steps)
 
-    shop._saga = counted  # type: ignore[method-assign]
+    shop._sagas.run = counted  # type: ignore[method-assign]
     calls = [asyncio.create_task(shop.purchase("acme", "g100", 1, f"gone-{i}")) for i in range(40)]
     for _ in range(100_000):      # every order has begun its saga ...
         if started == 40:

@@ -236,9 +236,9 @@ async def test_repump_never_duplicates_and_workers_never_overlap(engine: Engine,
     assert await c.hlen(keys.WEBHOOK_JOBS) == 20 and await c.zcard(keys.WEBHOOK_DUE) == 20
     # the script run again with an entry already consumed (a redis-py retry) adds nothing
     enqueue = [stream, entries[0], 0, entries[0], f"admin:s:g100:{entries[0]}", b"x"]
-    assert await engine.store._run("webhook_enqueue", [keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], enqueue) == 0
+    assert await engine.store.run("webhook_enqueue", [keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], enqueue) == 0
     await c.hdel(keys.WEBHOOK_CURSOR, stream)
-    assert await engine.store._run("webhook_enqueue", [keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], enqueue) == 0  # HSETNX
+    assert await engine.store.run("webhook_enqueue", [keys.WEBHOOK_CURSOR, keys.WEBHOOK_JOBS, keys.WEBHOOK_DUE], enqueue) == 0  # HSETNX
     assert await c.hget(keys.WEBHOOK_CURSOR, stream) == entries[0].encode()
     assert await w1.pump() == 19  # the cursor only moves forward
     assert await c.hlen(keys.WEBHOOK_JOBS) == 20
@@ -256,7 +256,7 @@ async def test_repump_never_duplicates_and_workers_never_overlap(engine: Engine,
     # a worker whose lease ran out (the job was claimed again) has its outcome dropped
     await emit(engine, "sku", "g100", "stock.out", "stock:g100")
     await w1.pump()
-    run = engine.store._run
+    run = engine.store.run
     [jid, _] = await run("webhook_claim", [keys.WEBHOOK_DUE, keys.WEBHOOK_JOBS], [2**42, 2**42 + 10, 5])
     [jid2, _] = await run("webhook_claim", [keys.WEBHOOK_DUE, keys.WEBHOOK_JOBS], [2**42 + 10, 2**42 + 20, 5])
     assert jid2 == jid

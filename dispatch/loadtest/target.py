@@ -21,7 +21,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import msgspec
-import redis
 
 from .client import Pool
 from .scenario import Scenario
@@ -98,11 +97,15 @@ class Spawned:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        # A daemon killed mid-shutdown may leave its embedded Redis running: stop it too.
+        # A daemon killed mid-shutdown may leave its embedded Redis running: stop it too
+        # (SHUTDOWN NOSAVE in Redis's own protocol; the load tester imports no client).
         sock = self.dir / "data" / "redis.sock"
         if sock.exists():
-            with contextlib.suppress(Exception), redis.Redis(unix_socket_path=str(sock), socket_timeout=5) as r:
-                r.shutdown(nosave=True)
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(sock))
+                s.sendall(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n")
+                s.recv(64)
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -2,8 +2,8 @@
 -- Pops codes for orders, oldest active batch first (lowest score in the queue).
 -- mode "deliver": the first step of a purchase; the codes count as sold and the order
 -- is provisional (in `prov`, with its account) until the account step has bought them:
--- an item of mode "keep" (its order_id: ids joined by ",") then clears it, or
--- sku_settle "undo" gives the codes back. mode "reserve": after the account's begin.
+-- keep.lua then clears it, or sku_settle "undo" gives the codes back. mode "reserve":
+-- after the account's begin.
 -- The decision is recorded per order in the delivery records, so the step is safe
 -- to run twice (and a recovery sweep racing the original request gets the same
 -- answer): a second run returns the same codes, or the same refusal.
@@ -19,7 +19,7 @@ local n = tonumber(ARGV[2])
 
 -- 1. decide, in order
 local ids, want, modes, accounts, out = {}, {}, {}, {}, {}
-local kept, provisional = {}, {}  -- ZREM prov ..., ZADD prov ms id ...
+local provisional = {}  -- ZADD prov ms id ...
 local first, again = {}, {}  -- an order twice in one call (a sweep racing its request)
 local total = 0
 local records = {}   -- HSET dlv field value ...
@@ -29,11 +29,8 @@ for k = 1, n do
                                          ARGV[i + 4]
   i = i + 5
   ids[k], want[k], modes[k], accounts[k] = id, 0, mode, account
-  local raw = mode ~= 'keep' and redis.call('HGET', KEYS[4], id)
-  if mode == 'keep' then  -- id: order ids joined by ","
-    for kept_id in string.gmatch(id, '[^,]+') do kept[#kept + 1] = kept_id end
-    out[k] = 'kept'
-  elseif first[id] then
+  local raw = redis.call('HGET', KEYS[4], id)
+  if first[id] then
     again[k] = first[id]
   elseif raw then
     local r = cmsgpack.unpack(raw)
@@ -61,7 +58,7 @@ for k = 1, n do
       total = total + want[k]
     end
   end
-  if mode ~= 'keep' then first[id] = first[id] or k end
+  first[id] = first[id] or k
 end
 
 -- 2. take every code the call needs, batch by batch
@@ -108,7 +105,6 @@ for k, f in pairs(again) do out[k] = out[f] end
 if #records > 0 then push('HSET', KEYS[4], records) end
 if #packed > 0 then push('HSET', KEYS[7], packed) end
 if #provisional > 0 then push('ZADD', KEYS[13], provisional) end
-if #kept > 0 then push('ZREM', KEYS[13], kept) end
 if total > 0 then
   redis.call('HINCRBY', KEYS[2], 'available', -total)
   for st, c in pairs(counted) do

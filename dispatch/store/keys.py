@@ -149,7 +149,7 @@ def fingerprint_buckets() -> list[str]:
     return _BUCKET_KEYS
 
 
-# ---- daemon (issue 4): per-account keys outside the account scripts' KEYS ----------
+# ---- per-account keys outside the account scripts' KEYS --------------------------------
 
 
 def rate_bucket(dist: str) -> str:

@@ -15,15 +15,14 @@ _PRELUDE = {
     "begin": _ACCOUNT, "buy": _ACCOUNT, "fence": _ACCOUNT, "commit": _ACCOUNT, "settle": _ACCOUNT, "topup": _ACCOUNT,
     "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _ACCOUNT,
     "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,
-    "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
+    "take": _SKU, "keep": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
     "batch_park": _SKU, "sku_invalidate": _SKU, "sku_requeue": _SKU,
 }
-NAMES = ("begin", "buy", "fence", "commit", "settle", "topup", "put", "take", "sku_settle", "import_push",
-         "batch_void", "fp_claim", "rotate_key",
-         "rate_limit", "fpkey_swap",  # daemon (issue 4)
+NAMES = ("begin", "buy", "fence", "commit", "settle", "topup", "put", "take", "keep", "sku_settle", "import_push",
+         "batch_void", "fp_claim", "rotate_key", "rate_limit", "fpkey_swap",
          "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
-         "batch_park", "sku_invalidate", "sku_requeue")  # after-sales (issue 6)
-NAMES += ("webhook_enqueue", "webhook_claim", "webhook_settle", "webhook_replay")  # webhooks
+         "batch_park", "sku_invalidate", "sku_requeue",
+         "webhook_enqueue", "webhook_claim", "webhook_settle", "webhook_replay")
 
 
 def source(name: str) -> str:

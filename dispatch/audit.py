@@ -1,0 +1,101 @@
+"""The invariants of the design (docs/design.md), checked over the whole store.
+
+Reads everything: meant for tests, load-test verification and operators, not for the
+hot path. Each check names what it found wrong; tests/test_audit.py breaks the store
+in each of these ways and expects the check to say so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .records import PAID
+from .store import Store
+
+__all__ = ["audit"]
+
+
+async def audit(store: Store) -> list[str]:
+    """What is wrong in the store; an empty list when every invariant holds."""
+    problems: list[str] = []
+    owner: dict[bytes, str] = {}  # ciphertext -> where it is
+
+    def place(c: bytes, where: str) -> None:
+        if c in owner:
+            problems.append(f"a code is in two places: {owner[c]} and {where}")
+        owner[c] = where
+
+    sku_records: dict[str, dict[str, Any]] = {}
+    ids = await store.catalog.sku_ids()
+    for sku, state in zip(ids, await store.catalog.skus(ids)):
+        if not state.meta:
+            continue
+        _, parked_seqs = await store.inventory.batch_counts(sku)
+        pooled = {"available": 0, "parked": 0}
+        for seq, codes in (await store.inventory.pools(sku)).items():
+            for c in codes:
+                place(c, f"pool {sku}/{seq}")
+                pooled["parked" if seq in parked_seqs else "available"] += 1
+        reserved = sold = invalidated = 0
+        recs = await store.inventory.deliveries(sku)
+        sku_records[sku] = recs
+        for oid, (r, codes) in recs.items():
+            if r["st"] in ("reserved", "sold"):
+                for c in codes:
+                    place(c, f"order {oid}")
+                if r["st"] == "reserved":
+                    reserved += len(codes)
+                else:  # codes found invalid by an approved ticket are no longer counted sold
+                    sold += len(codes) - len(r.get("x", ()))
+                    invalidated += len(r.get("x", ()))
+        g = {f: state.stats.get(f, 0) for f in ("accepted", "available", "reserved", "sold", "voided",
+                                                "invalidated", "parked")}
+        for st, n in pooled.items():
+            if g[st] != n:
+                problems.append(f"{sku}: {st} counter {g[st]} != {n} codes in its pools")
+        if (g["reserved"], g["sold"], g["invalidated"]) != (reserved, sold, invalidated):
+            problems.append(f"{sku}: counters reserved/sold/invalidated {g['reserved']}/{g['sold']}/"
+                            f"{g['invalidated']} != delivery records {reserved}/{sold}/{invalidated}")
+        total = sum(g[f] for f in g if f != "accepted")
+        if g["accepted"] != total:
+            problems.append(f"{sku}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated"
+                            f"+parked {total}")
+
+    for dist in await store.accounts.ids():
+        a = await store.accounts.get(dist)
+        if a is None:
+            continue
+        entries = await store.accounts.ledger(dist)
+        bal = sum(int(e[2]) for e in entries)
+        held = sum(int(e[3]) for e in entries)
+        if (bal, held) != (a.balance, a.held):
+            problems.append(f"{dist}: balance/held {a.balance}/{a.held} != ledger sums {bal}/{held}")
+        if a.balance - a.held < -a.credit_limit:
+            problems.append(f"{dist}: balance {a.balance} - held {a.held} is below -credit_limit")
+        holds = 0
+        after = ""
+        while rows := await store.orders.order_records(dist, after, "~", 1000):
+            for r, got in rows:
+                after = r.id
+                holds += r.hold
+                if r.refunded > r.total:
+                    problems.append(f"{dist}/{r.id}: refunded {r.refunded} is more than its total {r.total}")
+                if r.status in ("reserved", *PAID):
+                    if r.status != "reserved" and len(got) != r.delivered:
+                        problems.append(f"{dist}/{r.id}: {len(got)} codes for {r.delivered} delivered")
+                    if not r.partial and len(got) != r.qty:
+                        problems.append(f"{dist}/{r.id}: {len(got)} codes for qty {r.qty}")
+                    if r.total != r.unit_price * len(got):
+                        problems.append(f"{dist}/{r.id}: total {r.total} != {len(got)} x {r.unit_price}")
+                    rec = sku_records.get(r.sku, {}).get(r.id)
+                    if rec is None or rec[1] != got:
+                        problems.append(f"{dist}/{r.id}: codes differ from the SKU's delivery record")
+        if holds != a.held:
+            problems.append(f"{dist}: held {a.held} != holds of open orders {holds}")
+
+    for supplier in await store.aftersales.supplier_ids():
+        s = await store.aftersales.supplier(supplier)
+        deposit = s.balance if s is not None else 0
+        if deposit != sum(int(e[2]) for e in await store.aftersales.supplier_ledger(supplier)):
+            problems.append(f"supplier {supplier}: deposit {deposit} != ledger sum")
+    return problems

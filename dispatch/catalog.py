@@ -1,0 +1,182 @@
+"""The catalog: SKUs, tiers, the price a distributor pays (cached), and stock figures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+
+from .config import Config
+from .errors import ConflictError, NotFoundError, UnknownSkuError
+from .forecast import forecast
+from .models import CatalogItem, Forecast, Sku, Stock, Tier
+from .records import check
+from .store import Store
+from .store.replies import SkuState
+
+__all__ = ["Catalog"]
+
+_UNSET: Any = msgspec.UNSET
+
+
+def stock_of(sku: str, state: SkuState) -> Stock:
+    """A SKU's codes by state, from its counters."""
+    stats = state.stats
+    available = stats.get("available", 0)
+    threshold = int(state.meta.get("low_stock_threshold", 0))
+    level = "out_of_stock" if available <= 0 else "low_stock" if available <= threshold else "in_stock"
+    return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
+                 reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
+                 invalidated=stats.get("invalidated", 0), stock_status=level, parked=stats.get("parked", 0))
+
+
+class Catalog:
+    """SKUs and tiers, and the (distributor, SKU) -> price cache of the purchase path.
+
+    Prices are cached for ``catalog_ttl_s``: a price or tier change reaches buyers
+    within it, while pausing a SKU or suspending a distributor acts at once (the
+    scripts check those)."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self._store = store
+        self._config = config
+        self._cache: dict[tuple[str, str], tuple[float, asyncio.Future[Any]]] = {}
+        self._prices: dict[tuple[str, str], tuple[float, tuple[int, str]]] = {}
+
+    # ---- SKUs ------------------------------------------------------------------------
+    async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
+                         low_stock_threshold: int = 0, *, sale_order: str = "oldest_first",
+                         after_sales: str = "refund") -> Sku:
+        s = check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
+                       low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales),
+                  Sku, "SKU")
+        fields = msgspec.structs.asdict(s)
+        del fields["sku"]
+        if not await self._store.catalog.create_sku(s.sku, fields):
+            raise ConflictError(f"SKU {s.sku} exists already")
+        return s
+
+    async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
+                         low_stock_threshold: int = _UNSET, status: str = _UNSET, sale_order: str = _UNSET,
+                         after_sales: str = _UNSET) -> Sku:
+        """Change a SKU; ``status="paused"`` stops its sales at once."""
+        current = await self.get_sku(sku)
+        changes = {k: v for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
+                                         status=status, sale_order=sale_order,
+                                         after_sales=after_sales).items() if v is not _UNSET}
+        s = check(msgspec.structs.asdict(current) | changes, Sku, "SKU")
+        if not await self._store.catalog.update_sku(sku, {k: getattr(s, k) for k in changes}):
+            raise UnknownSkuError(f"unknown SKU {sku}")
+        self._cache.pop(("sku", sku), None)
+        self._prices.clear()
+        return s
+
+    async def get_sku(self, sku: str) -> Sku:
+        meta = (await self._store.catalog.sku(sku)).meta
+        if not meta:
+            raise UnknownSkuError(f"unknown SKU {sku}")
+        return msgspec.convert({"sku": sku, **meta}, Sku, strict=False)
+
+    async def list_skus(self) -> list[Sku]:
+        ids = await self._store.catalog.sku_ids()
+        return [msgspec.convert({"sku": sku, **st.meta}, Sku, strict=False)
+                for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
+
+    # ---- tiers -----------------------------------------------------------------------
+    async def create_tier(self, tier: str, discount_bps: int = 0, prices: dict[str, int] | None = None) -> Tier:
+        t = check(dict(tier=tier, discount_bps=discount_bps, prices=prices or {}), Tier, "tier")
+        if not await self._store.catalog.create_tier(t):
+            raise ConflictError(f"tier {t.tier} exists already")
+        return t
+
+    async def get_tier(self, tier: str) -> Tier:
+        t = await self._store.catalog.tier(tier)
+        if t is None:
+            raise NotFoundError(f"unknown tier {tier}")
+        return t
+
+    async def list_tiers(self) -> list[Tier]:
+        return await self._store.catalog.tiers()
+
+    # ---- prices ----------------------------------------------------------------------
+    async def unit_price(self, distributor: str, sku: str) -> tuple[int, str]:
+        """(unit price, currency) of *sku* for *distributor*, by its tier."""
+        hit = self._prices.get((distributor, sku))
+        if hit is not None and hit[0] > time.monotonic():  # the hot path: one dict lookup
+            return hit[1]
+        s: Sku = await self._cached("sku", sku, self.get_sku)
+        tier_id: str | None = await self._cached("dist", distributor, self._tier_of)
+        price = (s.price, s.currency)
+        if tier_id is not None:
+            t: Tier = await self._cached("tier", tier_id, self.get_tier)
+            price = (t.price_of(s), s.currency)
+        if len(self._prices) > 100_000:
+            self._prices.clear()
+        self._prices[distributor, sku] = (time.monotonic() + self._config.catalog_ttl_s, price)
+        return price
+
+    def forget_distributor(self, distributor: str) -> None:
+        """Its tier changed (or its account did): its prices are looked up afresh."""
+        self._cache.pop(("dist", distributor), None)
+        self._prices.clear()
+
+    async def _tier_of(self, distributor: str) -> str | None:
+        a = await self._store.accounts.get(distributor)
+        if a is None:
+            raise NotFoundError(f"unknown distributor {distributor}")
+        return a.tier or None
+
+    async def _cached(self, kind: str, key: str, load: Any) -> Any:
+        # The cache holds the loading task: callers arriving while it loads share it
+        # (no stampede when an entry expires under load); a failed load is not kept.
+        k = (kind, key)
+        hit = self._cache.get(k)
+        now = time.monotonic()
+        if hit is None or hit[0] <= now:
+            task = asyncio.ensure_future(load(key))
+            hit = self._cache[k] = (now + self._config.catalog_ttl_s, task)
+
+            def forget_failure(t: asyncio.Future[Any], entry: Any = hit) -> None:
+                if (t.cancelled() or t.exception() is not None) and self._cache.get(k) is entry:
+                    del self._cache[k]
+
+            task.add_done_callback(forget_failure)
+        return await hit[1]
+
+    # ---- stock -----------------------------------------------------------------------
+    async def stock(self, sku: str) -> Stock:
+        """A SKU's codes by state, with a restock forecast from its recent sales."""
+        state = await self._store.catalog.sku(sku)
+        if not state.meta:
+            raise UnknownSkuError(f"unknown SKU {sku}")
+        stock = stock_of(sku, state)
+        stock.forecast = await self.forecast(sku, stock.available)
+        return stock
+
+    async def stocks(self) -> list[Stock]:
+        """The stock of every SKU, read in one round (for metrics)."""
+        ids = await self._store.catalog.sku_ids()
+        return [stock_of(sku, st) for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
+
+    async def forecast(self, sku: str, available: int) -> Forecast:
+        """Days of cover and a reorder quantity for *sku* from its hourly sales."""
+        return forecast(await self._store.catalog.hourly_sales(sku), time.time_ns() // 3_600_000_000_000, available,
+                        window_days=self._config.forecast_window_days,
+                        lead_time_days=self._config.restock_lead_time_days)
+
+    async def offer(self, tier: str | None, allowed: list[str] | None) -> list[CatalogItem]:
+        """The active SKUs among *allowed* (None: all), at the price of *tier* (None: the
+        base price), with their stock status."""
+        t = await self.get_tier(tier) if tier is not None else None
+        ids = [s for s in await self._store.catalog.sku_ids() if allowed is None or s in allowed]
+        out = []
+        for sku, st in zip(ids, await self._store.catalog.skus(ids)):
+            if not st.meta or st.meta.get("status") != "active":
+                continue
+            s = msgspec.convert({"sku": sku, **st.meta}, Sku, strict=False)
+            out.append(CatalogItem(sku=sku, name=s.name, face_value=s.face_value, currency=s.currency,
+                                   price=t.price_of(s) if t is not None else s.price,
+                                   stock_status=stock_of(sku, st).stock_status))
+        return out

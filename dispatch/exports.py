@@ -1,0 +1,118 @@
+"""What leaves the engine in bulk: orders and ledgers as CSV, and the event streams."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from . import imports
+from .errors import ValidationError
+from .models import EventPage
+from .records import PAID, ms_id_floor, ms_to_dt
+from .store import Store
+from .vault import Vault
+
+__all__ = ["Exports"]
+
+_EXPORT_PAGE = 1000
+
+
+def _mask(code: str) -> str:
+    """All but the last 4 characters starred (all of a short code)."""
+    return "*" * len(code) if len(code) < 8 else "*" * (len(code) - 4) + code[-4:]
+
+
+def _csv_safe(text: str) -> str:
+    """A value a spreadsheet would take for a formula gets a leading quote."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+class _CsvBlocks:
+    """Rows written to CSV text a block at a time."""
+
+    def __init__(self) -> None:
+        self._buf = io.StringIO()
+        self.writer = csv.writer(self._buf, lineterminator="\n")
+
+    def take(self) -> bytes:
+        out = self._buf.getvalue().encode()
+        self._buf.seek(0)
+        self._buf.truncate()
+        return out
+
+
+class Exports:
+    """Orders and ledgers for accounting, events for whoever follows them."""
+
+    ORDER_COLUMNS = ("order_id", "distributor", "external_ref", "sku", "qty", "delivered", "unit_price", "total",
+                     "refunded", "currency", "status", "mode", "created_at", "updated_at", "codes")
+    LEDGER_COLUMNS = ("party_type", "party", "entry", "kind", "ref", "amount", "held_delta", "balance", "held", "at")
+
+    def __init__(self, store: Store, vault: Vault) -> None:
+        self._store = store
+        self._vault = vault
+
+    async def export_orders(self, start: datetime | None = None, end: datetime | None = None, *,
+                            show_codes: bool = False, page: int = _EXPORT_PAGE) -> AsyncIterator[bytes]:
+        """Every distributor's orders created in [start, end) as CSV: the header line, then
+        blocks of up to *page* rows, distributor by distributor, oldest first.
+
+        The ``codes`` column holds a paid order's codes masked (``************7X2Q``),
+        or in clear with *show_codes* (an admin's explicit request).
+        """
+        lo = "" if start is None else ms_id_floor(int(start.timestamp() * 1000))[:-1] + "/"  # "/" < "0"
+        hi = "~" if end is None else ms_id_floor(int(end.timestamp() * 1000))  # "~" > any id
+        out = _CsvBlocks()
+        out.writer.writerow(self.ORDER_COLUMNS)
+        yield out.take()
+        for dist in await self._store.accounts.ids():
+            after = lo
+            while rows := await self._store.orders.order_records(dist, after, hi, page):
+                for r, ciphertexts in rows:
+                    after = r.id
+                    codes = ""
+                    if ciphertexts and r.status in PAID:
+                        plain = [imports.decode_secret(self._vault.decrypt(c, r.sku.encode()))[0]
+                                 for c in ciphertexts]
+                        codes = " ".join(plain if show_codes else map(_mask, plain))
+                    out.writer.writerow((r.id, dist, _csv_safe(r.ref), r.sku, r.qty, r.delivered, r.unit_price,
+                                         r.total, r.refunded, r.currency, r.status, r.mode,
+                                         ms_to_dt(r.created).isoformat(), ms_to_dt(r.updated).isoformat(), codes))
+                yield out.take()
+                if len(rows) < page:
+                    break
+
+    async def export_ledger(self, start: datetime | None = None, end: datetime | None = None, *,
+                            page: int = _EXPORT_PAGE) -> AsyncIterator[bytes]:
+        """Every ledger entry made in [start, end) as CSV: distributors' balances, then
+        suppliers' deposits. A party's ``amount`` column sums to its balance (deposit)."""
+        lo = 0 if start is None else int(start.timestamp() * 1000)
+        hi = 2 ** 62 if end is None else int(end.timestamp() * 1000)
+        out = _CsvBlocks()
+        out.writer.writerow(self.LEDGER_COLUMNS)
+        yield out.take()
+        parties = [("distributor", d, self._store.accounts.ledger) for d in await self._store.accounts.ids()]
+        parties += [("supplier", s, self._store.aftersales.supplier_ledger)
+                    for s in await self._store.aftersales.supplier_ids()]
+        for kind, party, read in parties:
+            start_at = 0
+            while entries := await read(party, start_at, start_at + page - 1):
+                for n, (what, ref, b, h, bal, held, ms) in enumerate(entries, start_at):
+                    if lo <= int(ms) < hi:
+                        out.writer.writerow((kind, party, n, what, _csv_safe(ref), b, h, bal, held,
+                                             ms_to_dt(int(ms)).isoformat()))
+                yield out.take()
+                start_at += len(entries)
+                if len(entries) < page:
+                    break
+
+    async def events(self, stream: str, after: str | None = None, limit: int = 100) -> EventPage:
+        """Events of one stream, oldest first: ``dist:<id>`` (orders, tickets),
+        ``sku:<id>`` (stock levels) or ``supplier:<id>`` (blacklisting)."""
+        kind, _, id_ = stream.partition(":")
+        if kind not in ("dist", "sku", "supplier") or not id_:
+            raise ValidationError('stream must be "dist:<id>", "sku:<id>" or "supplier:<id>"')
+        out = await self._store.events(kind, id_, after, limit)
+        return EventPage(events=out, next_after=out[-1].event_id if len(out) == limit else None)

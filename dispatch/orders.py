@@ -1,0 +1,299 @@
+"""Orders: purchases (delivered at once, or reserved until confirmed), their reads, and
+the saga steps the recovery sweep uses to finish them.
+
+An order is a short saga of idempotent steps, each one Lua script on one shard,
+coalesced per shard (sagas.py). A purchase in deliver mode takes two:
+
+1. ``take`` (SKU shard)      pop the codes, recorded under the order id and *provisional*
+2. ``buy``  (account shard)  claim the external_ref, check the distributor, debit the
+                             money and record the delivered order with its codes, at once
+
+If the account refuses (a replay, a conflict, no money), ``sku_settle undo`` puts the
+codes back; once bought, a ``keep`` (sent after the buyer has its answer) clears the
+provisional mark. The sweep settles a purchase left provisional by a crash: the account
+``fence``s it unless it was bought (so a late buy cannot record it), then the SKU side
+keeps or gives back its codes.
+
+A reservation takes three: ``begin`` (account: hold the money), ``take``, ``commit``
+(account: start the lease); ending it is ``settle`` (account, which fences) then
+``sku_settle`` (SKU). Until its last step is done a reservation sits in its account's
+``pending`` set; the sweep drives any left there by a crash to its end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, Literal, NamedTuple
+
+from . import imports
+from .catalog import Catalog
+from .config import Config
+from .errors import (ConflictError, DispatchError, IdempotencyConflictError, NotFoundError, PriceChangedError,
+                     ReservationExpiredError, ValidationError)
+from .models import Code, Order, OrderPage
+from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id
+from .sagas import Sagas
+from .store import Store
+from .store.replies import Existing, Settled, refusal
+from .vault import Vault
+
+__all__ = ["Orders", "buy_item"]
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class Purchase(NamedTuple):
+    """What a purchase asks for, checked; the order's item in the begin step."""
+
+    order_id: str
+    ref: str
+    digest: str
+    sku: str
+    qty: int
+    unit_price: int
+    currency: str
+    mode: str
+    ttl: int
+    partial: int
+
+
+def buy_item(order_id: str, ref: str, digest: str, sku: str, qty: int, unit_price: int, currency: str,
+             partial: bool, outcome: str, codes: list[bytes]) -> tuple[OrderRec, tuple[Any, ...]]:
+    """The order record a purchase in deliver mode will have once bought, and the item of
+    the buy step that stores it (lua/buy.lua): *outcome* and the encrypted *codes* are
+    what its take answered. The record is packed here, once, not rebuilt in Lua; it is
+    dated by this clock, like the order id."""
+    now = time.time_ns() // 1_000_000
+    rec = OrderRec(id=order_id, ref=ref, digest=digest, sku=sku, qty=qty, unit_price=unit_price, currency=currency,
+                   mode="deliver", ttl=0, partial=partial, status="delivered", hold=0,
+                   total=len(codes) * unit_price, delivered=len(codes), deadline=0, created=now, updated=now,
+                   dat=now, v=1)
+    ok = outcome == "ok"
+    return rec, (order_id, ref, digest, sku, unit_price, outcome, len(codes), encode(codes) if ok else b"",
+                 encode(rec) if ok else b"")
+
+
+class Orders:
+    """Purchases, reservations and order reads of distributors."""
+
+    def __init__(self, store: Store, config: Config, vault: Vault, catalog: Catalog, sagas: Sagas) -> None:
+        self._store = store
+        self._config = config
+        self._vault = vault
+        self._catalog = catalog
+        self._sagas = sagas
+
+    async def purchase(self, distributor: str, sku: str, qty: int, external_ref: str, *,
+                       mode: Literal["deliver", "reserve"] = "deliver", reserve_ttl_s: int | None = None,
+                       max_unit_price: int | None = None, allow_partial: bool = False) -> Order:
+        """Buy *qty* codes of *sku*: delivered now (``mode="deliver"``) or held until
+        :meth:`confirm` / :meth:`cancel` / the lease ends (``mode="reserve"``).
+
+        Idempotent by ``(distributor, external_ref)``: a repeat with the same
+        arguments returns the same order and codes (``replayed=True``); with other
+        arguments it raises IdempotencyConflictError.
+        """
+        cfg = self._config
+        if not isinstance(qty, int) or isinstance(qty, bool) or not 1 <= qty <= cfg.max_order_qty:
+            raise ValidationError(f"qty must be an integer from 1 to {cfg.max_order_qty}")
+        check_ref(external_ref)
+        if mode not in ("deliver", "reserve"):
+            raise ValidationError('mode must be "deliver" or "reserve"')
+        ttl = 0
+        if mode == "reserve":
+            ttl = cfg.reserve_ttl_s if reserve_ttl_s is None else reserve_ttl_s
+            if not isinstance(ttl, int) or not 1 <= ttl <= cfg.max_reserve_ttl_s:
+                raise ValidationError(f"reserve_ttl_s must be an integer from 1 to {cfg.max_reserve_ttl_s}")
+        elif reserve_ttl_s is not None:
+            raise ValidationError("reserve_ttl_s applies to mode reserve only")
+        if max_unit_price is not None and (not isinstance(max_unit_price, int) or max_unit_price < 0):
+            raise ValidationError("max_unit_price must be a non-negative integer")
+        digest = hashlib.sha256(encode((sku, qty, mode, ttl, max_unit_price, bool(allow_partial)))).hexdigest()[:32]
+
+        price, currency = await self._catalog.unit_price(distributor, sku)
+        if max_unit_price is not None and price > max_unit_price:
+            earlier = await self._replay(distributor, external_ref, digest)
+            if earlier is not None:
+                return earlier
+            raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
+                                    unit_price=price)
+        p = Purchase(new_id(), external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
+        if mode == "deliver":
+            return await self._sagas.run(self._deliver(distributor, p))
+        return await self._sagas.run(self._reserve(distributor, p))
+
+    async def _deliver(self, distributor: str, p: Purchase) -> Order:
+        """A purchase in deliver mode: take the codes (SKU shard), then buy them (account
+        shard) in one step; if the account refuses, the codes go back (sku_settle undo)."""
+        taken = await self._sagas.take.submit(p.sku, (p.order_id, p.qty, p.partial, "deliver", distributor))
+        rec, item = buy_item(p.order_id, p.ref, p.digest, p.sku, p.qty, p.unit_price, p.currency, bool(p.partial),
+                             taken.outcome, taken.codes)
+        try:
+            bought = await self._sagas.buy.submit(distributor, item)
+        except DispatchError:
+            if taken.ok:  # not bought: the codes go back on sale
+                await self._sagas.sku_settle.submit(p.sku, (p.order_id, "undo"))
+            raise
+        if isinstance(bought, Existing):
+            if taken.ok:
+                await self._sagas.sku_settle.submit(p.sku, (p.order_id, "undo"))
+            return await self._replayed(distributor, bought.rec)
+        self._sagas.later(self._sagas.keep.submit(p.sku, (p.order_id,)))
+        return self._present(bought or rec, taken.codes)
+
+    async def _reserve(self, distributor: str, p: Purchase) -> Order:
+        """A purchase in reserve mode: begin (hold the money), take, commit (start the lease)."""
+        begun = await self._sagas.begin.submit(distributor, p)
+        if isinstance(begun, Existing):
+            return await self._replayed(distributor, begun.rec)
+        return await self.drive(distributor, p.order_id, p.sku, p.qty, bool(p.partial), p.mode)
+
+    async def _replayed(self, distributor: str, rec: OrderRec) -> Order:
+        """The earlier order of the same external_ref, finished first if it is on its way
+        (or crashed)."""
+        if rec.status == "pending":
+            order = await self.drive(distributor, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
+        else:
+            order = await self.get_order(distributor, rec.id)
+        order.replayed = True
+        return order
+
+    async def drive(self, distributor: str, order_id: str, sku: str, qty: int, partial: bool, mode: str) -> Order:
+        """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
+        taken = await self._sagas.take.submit(sku, (order_id, qty, int(partial), mode, ""))
+        blob = encode(taken.codes) if taken.ok else b""
+        rec = await self._sagas.commit.submit(distributor, (order_id, taken.outcome, len(taken.codes), blob))
+        return self._present(rec, taken.codes)
+
+    def _present(self, rec: OrderRec, ciphertexts: Iterable[bytes]) -> Order:
+        # Codes are shown once paid for: not while reserved (a buyer could use one and
+        # cancel), never after a cancel or expiry (they are back on sale).
+        aad = rec.sku.encode()
+        codes = ([Code(*imports.decode_secret(self._vault.decrypt(c, aad))) for c in ciphertexts]
+                 if rec.status in PAID else [])
+        created = ms_to_dt(rec.created)
+        return Order(order_id=rec.id, external_ref=rec.ref, sku=rec.sku, qty=rec.qty, unit_price=rec.unit_price,
+                     total=rec.total, currency=rec.currency, status=rec.status,  # type: ignore[arg-type]
+                     codes=codes, created_at=created,
+                     updated_at=created if rec.updated == rec.created else ms_to_dt(rec.updated), mode=rec.mode,
+                     reserve_expires_at=ms_to_dt(rec.deadline) if rec.status == "reserved" else None,
+                     refunded=rec.refunded)
+
+    async def _replay(self, distributor: str, ref: str, digest: str) -> Order | None:
+        oid = await self._store.orders.order_id_by_ref(distributor, ref)
+        if oid is None:
+            return None
+        rec, codes = await self._store.orders.order(distributor, oid)
+        if rec is None:
+            return None
+        if rec.digest != digest:
+            raise IdempotencyConflictError(f"external_ref {ref!r} was used for another request (order {oid})")
+        order = self._present(rec, codes)
+        order.replayed = True
+        return order
+
+    # ---- reservations ----------------------------------------------------------------
+    async def confirm(self, distributor: str, order_id: str) -> Order:
+        """Confirm a reservation: its codes are sold and the money is taken."""
+        return await self._sagas.run(self._end_reservation(distributor, order_id, "confirm"))
+
+    async def cancel(self, distributor: str, order_id: str) -> Order:
+        """Cancel a reservation: its codes go back to stock and the hold is released."""
+        return await self._sagas.run(self._end_reservation(distributor, order_id, "cancel"))
+
+    async def _end_reservation(self, distributor: str, order_id: str, action: str) -> Order:
+        settled: Settled = await self._sagas.settle.submit(distributor, (order_id, action))
+        if settled.result in ("ok", "expired"):
+            await self.finish_sku_side(distributor, settled.rec)
+        if settled.result == "expired":
+            raise ReservationExpiredError(f"order {order_id} expired before it was confirmed")
+        if settled.result == "invalid_state":
+            raise refusal("settle", "invalid_state", order=order_id, state=settled.rec.status, action=action)
+        return await self.get_order(distributor, order_id)
+
+    async def finish_sku_side(self, distributor: str, rec: OrderRec) -> None:
+        """The SKU side of a reservation its account has ended: codes sold or returned."""
+        action = "sell" if rec.status == "delivered" else "return"
+        await self._sagas.sku_settle.submit(rec.sku, (rec.id, action))
+        await self._store.orders.clear_pending(distributor, [rec.id])
+
+    # ---- what the recovery sweep does ------------------------------------------------------
+    async def expire(self, distributor: str, order_id: str) -> bool:
+        """End a reservation whose lease is over; True if it expired now."""
+        settled: Settled = await self._sagas.settle.submit(distributor, (order_id, "expire"))
+        if settled.result not in ("ok", "expired"):
+            return False
+        await self.finish_sku_side(distributor, settled.rec)
+        return settled.result == "ok"
+
+    async def settle_provisional(self, sku: str, order_id: str, distributor: str) -> bool:
+        """A purchase whose codes were taken but whose buy was never confirmed (a crash,
+        a lost reply): the account fences it unless it was bought, then the SKU keeps
+        the codes sold or gives them back."""
+        if await self._sagas.fence.submit(distributor, (order_id,)):
+            await self._sagas.keep.submit(sku, (order_id,))
+        else:
+            await self._sagas.sku_settle.submit(sku, (order_id, "undo"))
+        return True
+
+    async def recover(self, distributor: str, order_id: str) -> bool:
+        """Finish an order left pending by a crash: drive it on, or finish its SKU side."""
+        rec, _ = await self._store.orders.order(distributor, order_id)
+        if rec is None:
+            await self._store.orders.clear_pending(distributor, [order_id])
+            return False
+        if rec.status == "pending":
+            try:
+                await self.drive(distributor, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
+            except DispatchError:  # a refusal (out of stock...) also ends it
+                pass
+        elif rec.mode == "reserve" and rec.status in ("delivered", "cancelled", "expired"):
+            await self.finish_sku_side(distributor, rec)
+        else:
+            await self._store.orders.clear_pending(distributor, [order_id])
+        return True
+
+    # ---- reads -----------------------------------------------------------------------
+    async def get_order(self, distributor: str, order_id: str) -> Order:
+        """One of the distributor's orders, with its codes (only its own: others are not found)."""
+        rec, codes = await self._store.orders.order(distributor, order_id)
+        if rec is None:
+            raise NotFoundError(f"no order {order_id}")
+        return self._present(rec, codes)
+
+    async def get_order_by_ref(self, distributor: str, external_ref: str) -> Order:
+        oid = await self._store.orders.order_id_by_ref(distributor, external_ref)
+        if oid is None:
+            raise NotFoundError(f"no order with external_ref {external_ref!r}")
+        return await self.get_order(distributor, oid)
+
+    async def list_orders(self, distributor: str, *, status: str | None = None, since: datetime | None = None,
+                          cursor: str | None = None, limit: int = 50) -> OrderPage:
+        """The distributor's orders, oldest first, a page at a time (pass ``next_cursor`` back)."""
+        if not isinstance(limit, int) or not 1 <= limit <= 500:
+            raise ValidationError("limit must be an integer from 1 to 500")
+        if cursor is not None and (len(cursor) != 26 or any(c not in _CROCKFORD for c in cursor)):
+            raise ValidationError("cursor is not one this API returned")
+        after = cursor
+        if since is not None:
+            floor = ms_id_floor(int(since.timestamp() * 1000))
+            after = max(after or "", floor[:-1] + "/")  # "/" sorts just below "0"
+        orders: list[Order] = []
+        while len(orders) < limit:
+            rows = await self._store.orders.order_records(distributor, after or "", "~", limit)
+            if not rows:
+                after = None
+                break
+            for rec, codes in rows:
+                after = rec.id
+                if status is None or rec.status == status:
+                    orders.append(self._present(rec, codes))
+                    if len(orders) == limit:
+                        break
+            if len(rows) < limit and len(orders) < limit:
+                after = None
+                break
+        return OrderPage(orders=orders, next_cursor=after)

@@ -1,0 +1,67 @@
+"""The recovery sweep: leases that ran out, and sagas a crash left half done.
+
+Every saga step is idempotent and every saga leaves a trace until its last step
+(a reservation or ticket in its account's ``pending`` set, a purchase in deliver
+mode *provisional* on its SKU), so the sweep only has to find those older than
+``recovery_grace_s`` and run their remaining steps. Several sweeps at once only
+race each other to the same answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .aftersales import AfterSales
+from .config import Config
+from .errors import DispatchError
+from .orders import Orders
+from .store import Store
+
+__all__ = ["Recovery"]
+
+log = logging.getLogger("dispatch.engine")
+
+
+class Recovery:
+    def __init__(self, store: Store, config: Config, orders: Orders, aftersales: AfterSales) -> None:
+        self._store = store
+        self._config = config
+        self._orders = orders
+        self._aftersales = aftersales
+
+    async def run(self) -> None:
+        """Sweep every ``sweep_interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(self._config.sweep_interval_s)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep failed; trying again in %ss", self._config.sweep_interval_s)
+
+    async def sweep(self, grace_s: float | None = None) -> tuple[int, int]:
+        """Expire lapsed reservations and finish orders left mid-saga for longer than
+        *grace_s* (default ``recovery_grace_s``). Returns (expired, recovered)."""
+        grace = self._config.recovery_grace_s if grace_s is None else grace_s
+        now = time.time_ns() // 1_000_000
+        before = now - int(grace * 1000)
+        dists = await self._store.accounts.ids()
+        due = await self._store.orders.due(dists, now, before)
+        expiries, recoveries = [], []
+        for dist, (leases, pending) in zip(dists, due):
+            expiries += [self._orders.expire(dist, oid) for oid in leases]
+            recoveries += [self._aftersales.recover_ticket(dist, oid) if oid.startswith("tk_")
+                           else self._orders.recover(dist, oid) for oid in pending]
+        provisional = await self._store.orders.provisional(await self._store.catalog.sku_ids(), before)
+        for sku, orders in provisional.items():
+            recoveries += [self._orders.settle_provisional(sku, oid, dist) for oid, dist in orders]
+        results = await asyncio.gather(*expiries, *recoveries, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, DispatchError):
+                log.error("sweep step failed: %r", r)
+        expired = sum(1 for r in results[:len(expiries)] if r is True)
+        recovered = sum(1 for r in results[len(expiries):] if r is True)
+        return expired, recovered

@@ -1,0 +1,157 @@
+"""Stock in Redis: batches, their pools (one LIST per batch on the SKU's shard), the
+fingerprints that dedupe every code ever imported, and the fingerprint key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from msgspec.msgpack import decode as msgpack_decode
+
+from .._core import group_fingerprints
+from ..records import BatchRec, decode_batch, encode
+from . import keys
+from .replies import refusal, translated
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["InventoryStore", "split_codes"]
+
+
+def split_codes(blob: bytes) -> list[bytes]:
+    """The codes of a delivery record (see pack_codes in lua/_sku.lua)."""
+    out, pos = [], 0
+    while pos < len(blob):
+        n = int.from_bytes(blob[pos:pos + 2], "big")
+        out.append(blob[pos + 2:pos + 2 + n])
+        pos += 2 + n
+    return out
+
+
+class InventoryStore:
+    def __init__(self, db: Store) -> None:
+        self._db = db
+
+    async def _sku_script(self, name: str, sku: str, *args: Any) -> Any:
+        k = keys.SkuKeys(sku)
+        return await self._db.run(name, k.all, [k.pool_prefix, *args])
+
+    # ---- batches -------------------------------------------------------------------
+    async def next_batch_seq(self) -> int:
+        with translated():
+            return int(await self._db.client.hincrby(keys.SEQ, "batch", 1))
+
+    async def create_batch(self, batch: BatchRec) -> bool:
+        """Record a new batch (and index it by seq and by supplier); False if its id exists."""
+        c = self._db.client
+        with translated():
+            if not await c.hsetnx(keys.BATCHES, batch.batch_id, encode(batch)):
+                return False
+            await c.hset(keys.BATCH_SEQ, str(batch.seq), batch.batch_id)
+            await c.sadd(keys.SupplierKeys(batch.supplier).batches, batch.batch_id)
+        return True
+
+    async def save_batch(self, batch: BatchRec) -> None:
+        with translated():
+            await self._db.client.hset(keys.BATCHES, batch.batch_id, encode(batch))
+
+    async def batch(self, batch_id: str) -> BatchRec | None:
+        with translated():
+            raw = await self._db.client.hget(keys.BATCHES, batch_id)
+        return None if raw is None else decode_batch(raw)
+
+    async def batch_id_of(self, seq: int) -> str | None:
+        with translated():
+            raw = await self._db.client.hget(keys.BATCH_SEQ, str(seq))
+        return None if raw is None else raw.decode()
+
+    async def batches(self) -> list[BatchRec]:
+        """Every batch of every SKU."""
+        with translated():
+            raw = await self._db.client.hgetall(keys.BATCHES)
+        return [decode_batch(r) for r in raw.values()]
+
+    async def supplier_batches(self, supplier: str) -> list[BatchRec]:
+        c = self._db.client
+        with translated():
+            ids = sorted(m.decode() for m in await c.smembers(keys.SupplierKeys(supplier).batches))
+            raws = await c.hmget(keys.BATCHES, ids) if ids else []
+        return [decode_batch(r) for r in raws if r is not None]
+
+    async def batch_counts(self, sku: str) -> tuple[dict[str, int], set[int]]:
+        """Per-batch counters of a SKU ("seq:d" codes delivered, "seq:i" invalidated),
+        and the seqs of its parked batches."""
+        k = keys.SkuKeys(sku)
+        with translated():
+            stats = await self._db.client.hgetall(k.batch_stats)
+            parked = await self._db.client.smembers(k.parked)
+        return {f.decode(): int(v) for f, v in stats.items()}, {int(p) for p in parked}
+
+    # ---- imports ---------------------------------------------------------------------
+    async def claim_fingerprints(self, seq: int, fps: list[bytes]) -> list[bool]:
+        """Claim the fingerprints of codes for batch *seq*, one script call per {f:XX}
+        shard in one pipelined round: True where the code is this batch's (claimed now,
+        or by this batch before), False where an earlier batch has it."""
+        groups = group_fingerprints(fps, keys.fingerprint_buckets())
+        replies = await self._db.run_many("fp_claim", [(g[0], [seq], (g[1],)) for g in groups.values()])
+        owned = [False] * len(fps)
+        for g, statuses in zip(groups.values(), replies):
+            for i, st in zip(g[2], statuses):
+                owned[i] = st != 2
+        return owned
+
+    async def push_chunk(self, batch: BatchRec, chunk: int, digest: bytes, codes: list[bytes]) -> None:
+        """Put one chunk's codes on sale in the batch's pool, once (a chunk sent again with
+        the same digest adds nothing). ConflictError if it differs or the batch is voided."""
+        reply = await self._sku_script("import_push", batch.sku, batch.seq, chunk, digest, *codes)
+        if reply[0] not in (b"ok", b"again"):
+            raise refusal("import_push", reply[0], sku=batch.sku, batch=batch.batch_id, chunk=chunk)
+
+    async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
+        """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""
+        with translated():
+            await self._db.client.set(keys.FPKEY, wrapped_candidate, nx=True)
+            return await self._db.client.get(keys.FPKEY)
+
+    async def wrapped_fingerprint_key(self) -> bytes | None:
+        with translated():
+            return await self._db.client.get(keys.FPKEY)
+
+    async def swap_fingerprint_key(self, expected: bytes, replacement: bytes) -> bool:
+        """Replace the wrapped key if it is still *expected*."""
+        return bool(await self._db.run("fpkey_swap", [keys.FPKEY], [expected, replacement]))
+
+    # ---- sale order, void, park -----------------------------------------------------
+    async def set_priorities(self, sku: str, scores: Sequence[tuple[int, int]]) -> None:
+        """Set the sale priority of batches (seq, score) of a SKU: lowest sold first."""
+        flat = [x for pair in scores for x in pair]
+        await self._sku_script("sku_requeue", sku, len(scores), *flat)
+
+    async def void_batch(self, batch: BatchRec) -> tuple[bool, int]:
+        """Withdraw the batch's unsold codes: (voided now, not before; codes withdrawn)."""
+        reply = await self._sku_script("batch_void", batch.sku, batch.seq)
+        return reply[0] == b"ok", int(reply[1])
+
+    async def park_batch(self, batch: BatchRec, park: bool) -> None:
+        """Take the batch's codes off sale but keep them (park), or put them back (unpark)."""
+        await self._sku_script("batch_park", batch.sku, batch.seq, "park" if park else "unpark")
+
+    # ---- what audit() reads ------------------------------------------------------------
+    async def pools(self, sku: str) -> dict[int, list[bytes]]:
+        """Every batch pool of a SKU that holds codes: seq -> its codes."""
+        k = keys.SkuKeys(sku)
+        c = self._db.client
+        with translated():
+            names = [n async for n in c.scan_iter(match=k.pool_prefix + "*", count=1000)]
+            return {int(n.decode().rsplit(":", 1)[1]): await c.lrange(n, 0, -1) for n in names}
+
+    async def deliveries(self, sku: str) -> dict[str, tuple[dict[str, Any], list[bytes]]]:
+        """Every delivery record of a SKU: order id -> (record, codes)."""
+        k = keys.SkuKeys(sku)
+        with translated():
+            async with self._db.client.pipeline(transaction=False) as p:
+                p.hgetall(k.dlv)
+                p.hgetall(k.dlv_codes)
+                recs, codes = await p.execute()
+        return {oid.decode(): (msgpack_decode(raw), split_codes(codes.get(oid, b""))) for oid, raw in recs.items()}
