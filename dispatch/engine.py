@@ -97,6 +97,7 @@ class Engine:
         self._webhooks: Webhooks | None = None
         self._sagas: Sagas | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
         self._parts: dict[str, Any] = {}  # the components, once started
 
     # ---- life cycle ------------------------------------------------------------------
@@ -126,13 +127,15 @@ class Engine:
         self._webhooks = Webhooks(store, vault, timeout_s=cfg.webhook_timeout_s, max_attempts=cfg.webhook_max_attempts,
                                   backoff_base_s=cfg.webhook_backoff_s, backoff_cap_s=cfg.webhook_backoff_cap_s)
         if self._sweep_enabled:
-            self._background = [asyncio.create_task(recovery.run(), name="dispatch-sweep"),
-                                asyncio.create_task(self._webhooks.run(), name="dispatch-webhooks")]
+            self._stop = asyncio.Event()
+            self._background = [asyncio.create_task(recovery.run(self._stop), name="dispatch-sweep"),
+                                asyncio.create_task(self._webhooks.run(self._stop), name="dispatch-webhooks")]
         return self
 
     async def close(self) -> None:
         """Stop the sweep and webhook deliveries, let orders in flight and queued calls
         finish, close Redis (stopping the embedded one)."""
+        self._stop.set()  # a cancel can be swallowed by a library mid-call; the stop cannot
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

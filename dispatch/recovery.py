@@ -10,6 +10,7 @@ race each other to the same answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -31,16 +32,18 @@ class Recovery:
         self._orders = orders
         self._aftersales = aftersales
 
-    async def run(self) -> None:
-        """Sweep every ``sweep_interval_s`` until cancelled."""
-        while True:
-            await asyncio.sleep(self._config.sweep_interval_s)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sweep every ``sweep_interval_s`` until *stop* is set (or the task is cancelled)."""
+        interval = self._config.sweep_interval_s
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+                    return
             try:
                 await self.sweep()
-            except asyncio.CancelledError:
-                raise
             except Exception:
-                log.exception("sweep failed; trying again in %ss", self._config.sweep_interval_s)
+                log.exception("sweep failed; trying again in %ss", interval)
 
     async def sweep(self, grace_s: float | None = None) -> tuple[int, int]:
         """Expire lapsed reservations and finish orders left mid-saga for longer than

@@ -260,7 +260,8 @@ class Webhooks:
                 busy = 0
             if not busy:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.poll_interval_s)
+                    async with asyncio.timeout(self.poll_interval_s):
+                        await stop.wait()
 
     async def backlog(self) -> tuple[int, int]:
         """(deliveries waiting for a try, deliveries failed for good)."""
