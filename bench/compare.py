@@ -1,6 +1,7 @@
 """Side-by-side figures, in one run on the embedded Redis (appendfsync always):
 the engine (coalesced, Cython core) against the straightforward implementation of
-the same work (one script call per order and step through redis-py, same Lua).
+the same work (Config(coalesce=False): one script call per order and saga step,
+same store, same Lua).
 
     .venv/bin/python bench/compare.py            # full run, a few minutes
     .venv/bin/python bench/compare.py --quick    # smaller, for a smoke check
