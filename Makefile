@@ -11,13 +11,14 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,loadtest]'
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 # Benchmarks (not part of the tests): pytest-benchmark groups, then the side-by-side script.
 bench: setup
+	$(BIN)/pip install -q -e '.[dev,loadtest,bench]'
 	$(BIN)/python -m pytest bench -q --benchmark-only
 	$(BIN)/python bench/compare.py --quick
 
