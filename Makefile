@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+CORE   := $(wildcard ext/dispatch/*.pyx ext/dispatch/*.pxd ext/dispatch/*.pxi)
 
 .PHONY: setup test serve bench clean
 
@@ -10,14 +11,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+# pip runs again only when the packaging or the compiled core's sources changed.
+$(VENV)/.installed: pyproject.toml setup.py $(CORE) | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,loadtest]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,loadtest,bench]'
+	touch $@
+
+setup: $(VENV)/.installed
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 # Benchmarks (not part of the tests): pytest-benchmark groups, then the side-by-side script.
-bench: setup
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m pytest bench -q --benchmark-only
 	$(BIN)/python bench/compare.py --quick
 

@@ -3,8 +3,8 @@
 Method, in days of 24 hours counted back from ``now_hour`` (day 0 holds hours
 ``now_hour - 23 .. now_hour``):
 
-1. Daily totals over the last ``window_days`` days, by ``np.bincount`` of each
-   bucket's age. Buckets after ``now_hour`` or older than the window are ignored.
+1. Daily totals over the last ``window_days`` days, each bucket added to the day
+   of its age. Buckets after ``now_hour`` or older than the window are ignored.
 2. If the first recorded sale is younger than the window, only the days since it
    count (``history_days``, at least 1), so a new SKU is not diluted by days it
    did not exist.
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-
-import numpy as np
 
 from .errors import ValidationError
 from .models import Forecast
@@ -48,20 +46,21 @@ def forecast(hourly: Mapping[int, int], now_hour: int, available: int, *, window
     _require(lead_time_days >= 0, "lead_time_days", ">= 0", lead_time_days)
     _require(review_days >= 0, "review_days", ">= 0", review_days)
     _require(half_life_days > 0, "half_life_days", "> 0", half_life_days)
-    hours = np.fromiter(hourly.keys(), np.int64, len(hourly))
-    sold = np.fromiter(hourly.values(), np.int64, len(hourly))
-    _require(not (sold < 0).any(), "codes sold per hour", ">= 0", int(sold.min(initial=0)))
+    least = min(hourly.values(), default=0)
+    _require(least >= 0, "codes sold per hour", ">= 0", least)
 
-    age = now_hour - hours  # in hours; negative is the future
-    sales = (age >= 0) & (sold > 0)
-    if not sales.any():
+    sales = [(now_hour - hour, n) for hour, n in hourly.items() if n and hour <= now_hour]  # (age in hours, sold)
+    if not sales:
         return Forecast(0.0, 0.0, None, 0, 0)
-    history_days = min(window_days, int(age[sales].max()) // 24 + 1)
-    kept = sales & (age < history_days * 24)
-    daily = np.bincount(age[kept] // 24, weights=sold[kept], minlength=history_days)
-    weights = 0.5 ** (np.arange(history_days) / half_life_days)
-    velocity = float(np.average(daily, weights=weights))
-    stddev = math.sqrt(float(np.average((daily - velocity) ** 2, weights=weights)))
+    history_days = min(window_days, max(age for age, _ in sales) // 24 + 1)
+    daily = [0] * history_days
+    for age, n in sales:
+        if age < history_days * 24:
+            daily[age // 24] += n
+    weights = [0.5 ** (day / half_life_days) for day in range(history_days)]
+    total = sum(weights)
+    velocity = sum(w * n for w, n in zip(weights, daily)) / total
+    stddev = math.sqrt(sum(w * (n - velocity) ** 2 for w, n in zip(weights, daily)) / total)
 
     shown_velocity, shown_stddev = round(velocity, 2), round(stddev, 2)
     horizon = lead_time_days + review_days

@@ -5,6 +5,7 @@ fails it; scenarios load from TOML; the CLI exits non-zero naming the failed che
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import msgspec
@@ -120,3 +121,16 @@ def test_scenarios_are_strict(tmp_path: Path) -> None:
 def test_cli_needs_a_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["loadtest", "--preset", "steady"]) == 1
     assert "--spawn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing, args", [("hdrh", []), ("matplotlib", ["--plot", "r.png"])])
+def test_without_the_extra_the_cli_names_it(missing: str, args: list[str], monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain `pip install card-dispatch` has no hdrhistogram or matplotlib: one line says what to install."""
+    for name in list(sys.modules):
+        if name.partition(".")[0] == missing or name in ("dispatch.loadtest.run", "dispatch.loadtest.report"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if not installed
+    assert cli(["loadtest", "--spawn", "--quiet", *args]) == 1
+    assert capsys.readouterr().err == (f"error: the load tester needs the loadtest extra (no module {missing!r}): "
+                                       "pip install 'card-dispatch[loadtest]'\n")

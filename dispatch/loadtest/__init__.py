@@ -4,6 +4,9 @@ the API that nothing was oversold, duplicated or lost.
 Modules: scenario (TOML scenarios and presets), client (the HTTP/1.1 pool), target
 (``--spawn`` and seeding), run (the open-loop driver and HDR statistics), verify (the
 checks), report (text, JSON, PNG), progress (the live view).
+
+The HDR statistics and the plot need the ``loadtest`` extra (hdrhistogram, matplotlib):
+``pip install 'card-dispatch[loadtest]'``. The engine and the daemon do without it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["main"]
+
+_EXTRA = ("hdrh", "matplotlib")  # the modules of the `loadtest` extra
 
 
 def main(*, scenario: str | None = None, preset: str | None = None, url: str | None = None,
@@ -23,9 +28,21 @@ def main(*, scenario: str | None = None, preset: str | None = None, url: str | N
     import msgspec
     import uvloop
 
-    from . import report, scenario as sc
+    from . import scenario as sc
     from .progress import live
-    from .run import loadtest
+    from .target import LoadtestError
+
+    try:
+        from . import report
+        from .run import loadtest
+        if plot_path:
+            import matplotlib  # noqa: F401
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").partition(".")[0]
+        if missing not in _EXTRA:
+            raise
+        raise LoadtestError(f"the load tester needs the loadtest extra (no module {missing!r}): "
+                            "pip install 'card-dispatch[loadtest]'") from None
 
     s = sc.load(scenario) if scenario else sc.preset(preset or "steady")
     if duration_s is not None or rate_scale != 1.0:
