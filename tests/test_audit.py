@@ -106,11 +106,11 @@ async def set_account_codes(r: aioredis.Redis, acct: keys.AcctKeys, order_id: st
     await r.hset(acct.codes, order_id, msgspec.msgpack.encode(codes))
 
 
-async def add_ledger_entry(r: aioredis.Redis, acct: keys.AcctKeys, amount: int) -> None:
-    """Move a balance by *amount* with a ledger entry: both stay in step."""
+async def add_ledger_entry(r: aioredis.Redis, acct: keys.AcctKeys, amount: int, held: int = 0) -> None:
+    """Move a balance (and held) by *amount* (and *held*) with a ledger entry: all stay in step."""
     balance = await r.hincrby(acct.acct, "balance", amount)
-    held = int(await r.hget(acct.acct, "held"))
-    entry = ("adjust", "raw", amount, 0, balance, held, time.time_ns() // 1_000_000)
+    now_held = await r.hincrby(acct.acct, "held", held)
+    entry = ("adjust", "raw", amount, held, balance, now_held, time.time_ns() // 1_000_000)
     await r.rpush(acct.ledger, "\x1f".join(map(str, entry)))
 
 
@@ -299,3 +299,51 @@ async def test_an_orders_codes_differ_from_its_delivery_record(shop: Engine, hea
         expected = ["g100: counters reserved/sold/invalidated 1/2/1 != delivery records 0/2/1",
                     f"beta/{h.held}: codes differ from the SKU's delivery record"]
     assert await shop.audit() == expected
+
+
+# ---- an order and its delivery record: the two sides of the saga agree ------------------------------
+
+@pytest.mark.parametrize("order", ["bought", "held"])
+async def test_an_order_in_another_state_than_its_delivery_record(shop: Engine, healthy: Shop, r: aioredis.Redis,
+                                                                  order: str) -> None:
+    """Counters, pools and codes all agree; only the states of the two sides differ."""
+    h = healthy
+    if order == "bought":  # acme holds its codes, and the SKU sells them again
+        codes = await delivered_codes(r, h.bought)
+        await edit_record(r, SKU.dlv, h.bought, st="returned")
+        await r.lpush(SKU.pool(h.seq1), *codes[::-1])
+        await r.hincrby(SKU.stats, "sold", -2)
+        await r.hincrby(SKU.stats, "available", 2)
+        expected = [f"acme/{h.bought}: delivered, but the SKU's delivery record is returned"]
+    else:  # beta may still cancel a reservation the SKU counts sold
+        await edit_record(r, SKU.dlv, h.held, st="sold")
+        await r.hincrby(SKU.stats, "reserved", -1)
+        await r.hincrby(SKU.stats, "sold", 1)
+        expected = [f"beta/{h.held}: reserved, but the SKU's delivery record is sold"]
+    assert await shop.audit() == expected
+
+
+@pytest.mark.parametrize("how", ["cancelled-by-the-account-only", "forgotten-by-the-account"])
+async def test_a_delivery_record_that_no_order_answers_for(shop: Engine, healthy: Shop, r: aioredis.Redis,
+                                                           how: str) -> None:
+    """Codes counted reserved or sold that no buyer has: lost to sale, with every counter right."""
+    h = healthy
+    if how == "cancelled-by-the-account-only":  # the hold is released, the code never comes back
+        await edit_record(r, BETA.orders, h.held, status="cancelled", hold=0)
+        await r.hdel(BETA.codes, h.held)
+        await add_ledger_entry(r, BETA, 0, held=-9500)
+        expected = [f"g100/{h.held}: delivery record is reserved, but no account has the order reserved or paid"]
+    else:
+        await r.hdel(ACME.orders, h.bought)
+        await r.hdel(ACME.codes, h.bought)
+        await r.zrem(ACME.index, h.bought)
+        await r.hdel(ACME.refs, "bought")
+        expected = [f"g100/{h.bought}: delivery record is sold, but no account has the order reserved or paid"]
+    assert await shop.audit() == expected
+
+
+async def test_a_cancelled_order_that_kept_its_codes(shop: Engine, healthy: Shop, r: aioredis.Redis) -> None:
+    """Its code is back on sale: a copy must not stay with the buyer who cancelled."""
+    h = healthy
+    await set_account_codes(r, BETA, h.cancelled, await delivered_codes(r, h.cancelled))
+    assert await shop.audit() == [f"beta/{h.cancelled}: 1 codes kept for a cancelled order"]
