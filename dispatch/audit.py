@@ -26,6 +26,7 @@ async def audit(store: Store) -> list[str]:
         owner[c] = where
 
     sku_records: dict[str, dict[str, Any]] = {}
+    answered: set[tuple[str, str]] = set()  # (sku, order id) of every order reserved or paid
     ids = await store.catalog.sku_ids()
     for sku, state in zip(ids, await store.catalog.skus(ids)):
         if not state.meta:
@@ -90,8 +91,24 @@ async def audit(store: Store) -> list[str]:
                     rec = sku_records.get(r.sku, {}).get(r.id)
                     if rec is None or rec[1] != got:
                         problems.append(f"{dist}/{r.id}: codes differ from the SKU's delivery record")
+                    # a paid order whose record was returned has its codes back on sale
+                    state = "reserved" if r.status == "reserved" else "sold"
+                    if rec is not None and rec[0]["st"] != state:
+                        problems.append(f"{dist}/{r.id}: {r.status}, but the SKU's delivery record is "
+                                        f"{rec[0]['st']}")
+                    answered.add((r.sku, r.id))
+                elif got:  # cancelled or expired: its codes went back on sale, the account keeps none
+                    problems.append(f"{dist}/{r.id}: {len(got)} codes kept for a {r.status} order")
         if holds != a.held:
             problems.append(f"{dist}: held {a.held} != holds of open orders {holds}")
+
+    # Codes counted reserved or sold that no buyer holds are lost to sale. A ticket's
+    # replacement (``of``: the batch of the code it replaces) is keyed by the ticket.
+    for sku, recs in sku_records.items():
+        for oid, (rec, _) in recs.items():
+            if rec["st"] in ("reserved", "sold") and "of" not in rec and (sku, oid) not in answered:
+                problems.append(f"{sku}/{oid}: delivery record is {rec['st']}, but no account has the order "
+                                f"reserved or paid")
 
     for supplier in await store.aftersales.supplier_ids():
         s = await store.aftersales.supplier(supplier)
