@@ -18,7 +18,6 @@ after a crash, is finished by the recovery sweep.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import multiprocessing
 import os
@@ -40,8 +39,8 @@ from ..vault import load_master_keys
 from . import openapi
 from .auth import Authenticator, load_admin_token
 from .metrics import Metrics
-from .protocol import ClientGone, HttpProtocol, Request
-from .responses import Reply, StreamReply, error_reply
+from .protocol import HttpProtocol, Limits, ServerState
+from .request import Request
 from .routes import ROUTES, Router
 
 __all__ = ["App", "serve"]
@@ -58,27 +57,30 @@ class App:
         self.config = config
         self.engine = engine
         self.worker = worker
-        self.router = Router(ROUTES)
         self.auth = Authenticator(engine, config)
         self.metrics = Metrics(engine)
-        self.openapi = _encode(openapi.document(ROUTES))
-        self.connections: set[HttpProtocol] = set()
-        self.draining = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.limits = Limits.from_config(config)
+        self.state = ServerState(on_reply=self._observe, on_timeout=self.metrics.timeout,
+                                 on_reject=self.metrics.rejected, on_connections=self.metrics.connections.set)
+        self.router = Router(ROUTES, engine, self.auth, metrics=self.metrics, state=self.state,
+                             openapi=_encode(openapi.document(ROUTES)))
         self._server: asyncio.AbstractServer | None = None
-        self._date = (0, b"")
         self._access = config.access_log
         if not config.admin_token:
             log.warning("no admin_token is configured: every admin endpoint answers 401")
 
-    # ---- life cycle --------------------------------------------------------------------
     async def start(self, host: str | None = None, port: int | None = None, *,
                     sock: socket.socket | None = None) -> asyncio.AbstractServer:
         """Listen on *sock*, or on *host*:*port* (default: the config's)."""
         loop = asyncio.get_running_loop()
+        limits, state, router = self.limits, self.state, self.router
+
+        def connection() -> HttpProtocol:
+            return HttpProtocol(limits, state, router)
+
         if sock is None:
             sock = bind(host or self.config.host, self.config.port if port is None else port)
-        self._server = await loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=2048)
+        self._server = await loop.create_server(connection, sock=sock, backlog=2048)
         return self._server
 
     @property
@@ -88,62 +90,12 @@ class App:
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, finish what was received (within *timeout*), close the engine."""
-        timeout = self.config.shutdown_timeout_s if timeout is None else timeout
-        self.draining = True
         if self._server is not None:
             self._server.close()
-        for conn in list(self.connections):
-            conn.shutdown()
-        deadline = time.monotonic() + timeout
-        while self._tasks and time.monotonic() < deadline:
-            await asyncio.wait(list(self._tasks), timeout=deadline - time.monotonic())
-        if self._tasks:
-            log.warning("shutdown: %d requests still running after %.1f s; cutting them off",
-                        len(self._tasks), timeout)
-        for conn in list(self.connections):
-            conn.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
+        await self.state.drain(self.config.shutdown_timeout_s if timeout is None else timeout)
         await self.engine.close()
 
-    # ---- connections -------------------------------------------------------------------
-    def admit(self, conn: HttpProtocol) -> bool:
-        if self.draining or len(self.connections) >= self.config.max_connections:
-            self.metrics.rejected()
-            return False
-        self.connections.add(conn)
-        self.metrics.connections.set(len(self.connections))
-        return True
-
-    def forget(self, conn: HttpProtocol) -> None:
-        self.connections.discard(conn)
-        self.metrics.connections.set(len(self.connections))
-
-    def track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def date_header(self) -> bytes:
-        now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, b"date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n")
-        return self._date[1]
-
-    # ---- requests ----------------------------------------------------------------------
-    async def handle(self, req: Request) -> Reply | StreamReply | None:
-        """The reply to *req*; None if the client went away first."""
-        try:
-            if req.error is not None:
-                raise req.error
-            return await self.router.call(self, req)
-        except ClientGone:
-            return None
-        except Exception as e:
-            return error_reply(e)
-
-    def observe(self, req: Request, status: int) -> None:
+    def _observe(self, req: Request, status: int) -> None:
         """Metrics and the access log line of an answered request (never a body, code or key)."""
         seconds = time.perf_counter() - req.started
         route = req.route.template if req.route is not None else "-"
