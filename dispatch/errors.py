@@ -1,8 +1,9 @@
 """Every exception the package raises, under one root.
 
-Each error carries a stable ``code`` (the HTTP contract's snake_case name), the
-HTTP ``status`` the server maps it to, and whether a client may ``retryable``
-try again. Messages never contain a plaintext card code.
+Each error carries a stable ``code`` (the HTTP contract's snake_case name) and
+whether a client may try again (``retryable``); the HTTP status of each is the
+server's business (``dispatch.server.responses.ERRORS``). Messages never contain a
+plaintext card code.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ class DispatchError(Exception):
     """Root of every error raised by card-dispatch."""
 
     code = "internal_error"
-    status = 500
     retryable = False
 
     def __init__(self, message: str = "", **details: object) -> None:
@@ -52,7 +52,6 @@ class ValidationError(DispatchError, ValueError):
     """The request or input is malformed."""
 
     code = "validation_error"
-    status = 422
 
 
 class ConfigError(DispatchError, ValueError):
@@ -65,7 +64,6 @@ class NotFoundError(DispatchError, LookupError):
     """No such object."""
 
     code = "not_found"
-    status = 404
 
 
 class UnknownSkuError(NotFoundError):
@@ -78,70 +76,60 @@ class OutOfStockError(DispatchError):
     """Not enough codes in stock for this order."""
 
     code = "out_of_stock"
-    status = 409
 
 
 class InsufficientBalanceError(DispatchError):
     """The balance (plus credit limit) does not cover this order."""
 
     code = "insufficient_balance"
-    status = 402
 
 
 class IdempotencyConflictError(DispatchError):
     """This external_ref was already used with a different request."""
 
     code = "idempotency_conflict"
-    status = 409
 
 
 class PriceChangedError(DispatchError):
     """The unit price is above the order's max_unit_price."""
 
     code = "price_changed"
-    status = 409
 
 
 class SkuNotAllowedError(DispatchError, PermissionError):
     """This distributor may not buy this SKU."""
 
     code = "sku_not_allowed"
-    status = 403
 
 
 class SkuPausedError(SkuNotAllowedError):
     """This SKU is paused and cannot be sold."""
 
     code = "sku_paused"
-    status = 409
 
 
 class DistributorSuspendedError(DispatchError, PermissionError):
     """This distributor is suspended."""
 
     code = "distributor_suspended"
-    status = 403
 
 
 class UnauthorizedError(DispatchError, PermissionError):
     """Missing or invalid credentials."""
 
     code = "unauthorized"
-    status = 401
 
 
 class ConflictError(DispatchError):
     """The object exists already, or is in a state that forbids this change."""
 
     code = "conflict"
-    status = 409
 
 
 class StoreUnavailableError(DispatchError, ConnectionError):
     """Redis is unreachable or failed; the request may be retried."""
 
     code = "store_unavailable"
-    status = 503
     retryable = True
 
 
@@ -157,39 +145,35 @@ class ReservationExpiredError(ConflictError):
     code = "reservation_expired"
 
 
-# ---- daemon (issue 4) ---------------------------------------------------------------
+# ---- the daemon ---------------------------------------------------------------------
 
 
 class BadRequestError(DispatchError):
     """The request is not valid HTTP."""
 
     code = "bad_request"
-    status = 400
 
 
 class MethodNotAllowedError(DispatchError):
     """The path exists but does not take this method (``details["allow"]`` lists the ones it takes)."""
 
     code = "method_not_allowed"
-    status = 405
 
 
 class PayloadTooLargeError(DispatchError):
     """The request headers or body are over the configured limit."""
 
     code = "payload_too_large"
-    status = 413
 
 
 class RateLimitedError(DispatchError):
     """Too many requests; ``details["retry_after"]`` says in how many seconds to try again."""
 
     code = "rate_limited"
-    status = 429
     retryable = True
 
 
-# ---- after-sales (issue 6) ------------------------------------------------------------
+# ---- after-sales --------------------------------------------------------------------
 
 
 class AlreadyClaimedError(ConflictError):

@@ -1,15 +1,21 @@
 """The HTTP protocol layer: keep-alive, pipelining, limits, timeouts and hostile clients.
 
-Most tests go through a real socket; a few feed raw bytes to the protocol object.
+Most tests go through a real socket; a few feed raw bytes to the protocol object,
+built from its limits, a shared state and a small handler.
 Timeouts are configured small and only bound how long a test waits."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
-from dispatch.server.protocol import HttpProtocol
+from dispatch.config import Config
+from dispatch.errors import NotFoundError
+from dispatch.server.protocol import HttpProtocol, Limits, ServerState
+from dispatch.server.request import Request
+from dispatch.server.responses import Reply, json_reply
 
 from .httpkit import ADMIN, Conn, Server, build, make_server, server  # noqa: F401  (fixtures)
 
@@ -237,8 +243,23 @@ async def _answered(t: FakeTransport, n: int) -> list[bytes]:
     return [b"HTTP/1.1 " + part for part in bytes(t.out).split(b"HTTP/1.1 ")[1:]]
 
 
-async def test_protocol_byte_by_byte(server: Server) -> None:
-    proto = HttpProtocol(server.app)
+class Health:
+    """The smallest handler: GET /healthz is ok, any other path a 404 (no engine, no App)."""
+
+    route = SimpleNamespace(stream=False)
+
+    def match(self, method: str, path: str) -> tuple[Any, dict[str, str]]:
+        if path != "/healthz":
+            raise NotFoundError(f"no such endpoint: {method} {path}")
+        return self.route, {}
+
+    async def __call__(self, req: Request) -> Reply:
+        return json_reply(200, {"status": "ok"})
+
+
+async def test_protocol_byte_by_byte() -> None:
+    state = ServerState()
+    proto = HttpProtocol(Limits.from_config(Config()), state, Health())
     t = FakeTransport()
     proto.connection_made(t)  # type: ignore[arg-type]
     for b in HEALTH * 3 + build("GET", "/nope"):
@@ -252,11 +273,11 @@ async def test_protocol_byte_by_byte(server: Server) -> None:
     assert got[4].startswith(b"HTTP/1.1 400 Bad Request") and b'"code":"bad_request"' in got[4]
     assert t.closed
     proto.connection_lost(None)
-    assert proto not in server.app.connections
+    assert proto not in state.connections
 
 
-async def test_protocol_pauses_reading_for_a_deep_pipeline(server: Server) -> None:
-    proto = HttpProtocol(server.app)
+async def test_protocol_pauses_reading_for_a_deep_pipeline() -> None:
+    proto = HttpProtocol(Limits.from_config(Config()), ServerState(), Health())
     t = FakeTransport()
     proto.connection_made(t)  # type: ignore[arg-type]
     proto.data_received(HEALTH * 100)  # all at once: more than the pipeline holds

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from dispatch import Config, Engine
 from dispatch.errors import DispatchError
+from dispatch.server.responses import lookup
 
 config = msgspec.structs.replace(Config.from_env(), coalesce=False)
 engine = Engine(config, sweep=False)
@@ -48,8 +49,9 @@ class OrderRequest(BaseModel):
 
 
 def _error(e: DispatchError) -> JSONResponse:
+    hit = lookup(e)  # the daemon's statuses, so both answer alike
     return JSONResponse({"error": {"code": e.code, "message": e.message, "retryable": e.retryable}},
-                        status_code=e.status)
+                        status_code=hit[0] if hit else 500)
 
 
 @app.post("/v1/orders")

@@ -30,7 +30,7 @@ from ..errors import UnauthorizedError
 from ..models import Access
 
 if TYPE_CHECKING:
-    from .protocol import Request
+    from .request import Request
 
 __all__ = ["Authenticator", "sign", "load_admin_token", "ADMIN_TOKEN_FILE"]
 

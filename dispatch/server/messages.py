@@ -19,7 +19,7 @@ __all__ = [
     "Empty", "OrderRequest", "OrderQuery", "SkuCreate", "SkuPatch", "SupplierCreate", "TierCreate",
     "DistributorCreate", "DistributorPatch", "TopupRequest", "BatchQuery", "ExportQuery",
     "ErrorBody", "ErrorDetail", "Status", "NewKey", "AdminDistributor", "CreatedDistributor", "VoidReport",
-    # after-sales (issue 6)
+    # after-sales
     "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
     "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "WebhookSet", "WebhookSecret",
     "FailedQuery", "FailedList", "Replayed",
@@ -149,7 +149,7 @@ class OrderExportQuery(ExportQuery):
     codes: Literal["masked", "plain"] = "masked"
 
 
-# ---- after-sales (issue 6) -------------------------------------------------------------
+# ---- after-sales -----------------------------------------------------------------------
 
 class TicketCreate(_In):
     order_id: OrderId

@@ -1,4 +1,7 @@
-"""One HTTP/1.1 connection: an asyncio.Protocol over httptools' parser.
+"""One HTTP/1.1 connection: an asyncio.Protocol over httptools' parser, built (as
+uvicorn's is) from three things: its :class:`Limits`, the :class:`ServerState` every
+connection of the server shares, and a :class:`Handler` that turns a request into a
+reply. It knows nothing of routes, the engine or the App.
 
 Requests on a connection are answered one at a time, in the order they arrived
 (pipelining); a request is queued as soon as its headers are in, so a streamed
@@ -6,7 +9,7 @@ upload reaches its handler while its body is still arriving. Flow control works
 both ways: reading pauses while too many requests wait or an upload's consumer
 falls behind, and the next request waits while the client does not read.
 
-Limits and hostile clients, all from the Config:
+Limits and hostile clients:
 
 - request line + headers over ``max_header_bytes``, a body over ``max_body_bytes``
   (``max_import_bytes`` for uploads): 413 and close;
@@ -17,160 +20,141 @@ Limits and hostile clients, all from the Config:
   the connection is closed (nothing reached the engine); a client that reads
   none of its answers for ``body_timeout_s`` is cut off;
 - beyond ``max_connections`` open connections a new one is closed at once.
+
+Whatever the handler raises is answered by the error table (responses.py); a
+client that left (:class:`ClientGone`) gets no answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
+import msgspec
 
 from ..errors import BadRequestError, DispatchError, PayloadTooLargeError
+from .request import BodyStream, ClientGone, Request
 from .responses import STATUS_LINES, Reply, StreamReply, error_reply
 
 if TYPE_CHECKING:
-    from .app import App
-    from .routes import Route
+    from ..config import Config
 
-__all__ = ["HttpProtocol", "Request", "BodyStream", "ClientGone"]
+__all__ = ["HttpProtocol", "Limits", "ServerState", "Handler"]
 
 log = logging.getLogger("dispatch.server")
 
-_PIPELINE_MAX = 32             # requests queued on one connection before reading pauses
-_STREAM_HIGH = 1 << 20         # upload bytes buffered before reading pauses ...
-_STREAM_LOW = 1 << 18          # ... and resumes
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class ClientGone(Exception):
-    """The connection closed before the request was answered."""
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """What a connection allows its client (see the module docstring); sizes in bytes."""
 
-
-class Request:
-    """One parsed request; ``body`` is bytes, or ``stream`` an upload being received."""
-
-    __slots__ = ("method", "target", "path", "query", "headers", "http11", "keep_alive", "route", "params",
-                 "error", "body", "stream", "complete", "expect_continue", "distributor", "started", "_waiter",
-                 "_parts", "_size")
-
-    def __init__(self) -> None:
-        self.method = ""
-        self.target = b""
-        self.path = ""
-        self.query = b""
-        self.headers: dict[bytes, bytes] = {}
-        self.http11 = True
-        self.keep_alive = True
-        self.route: Route | None = None
-        self.params: dict[str, str] = {}
-        self.error: DispatchError | None = None
-        self.body = b""
-        self.stream: BodyStream | None = None
-        self.complete = False
-        self.expect_continue = False
-        self.distributor: str | None = None
-        self.started = time.perf_counter()
-        self._waiter: asyncio.Future[None] | None = None
-        self._parts: list[bytes] = []
-        self._size = 0
+    max_header_bytes: int
+    max_body_bytes: int
+    max_import_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keepalive_timeout_s: float
+    max_connections: int
+    #: Requests queued on one connection before reading pauses.
+    max_pipeline: int = 32
 
     @classmethod
-    def failed(cls, error: DispatchError) -> Request:
-        req = cls()
-        req.error, req.complete, req.keep_alive = error, True, False
-        return req
-
-    def finish(self, error: BaseException | None = None) -> None:
-        """The body is all in (or never will be, with *error*)."""
-        if self.complete:
-            return
-        self.complete = True
-        if self._parts:
-            self.body = b"".join(self._parts)
-            self._parts = []
-        if self.stream is not None:
-            self.stream.end(error)
-        w = self._waiter
-        if w is not None and not w.done():
-            if error is None:
-                w.set_result(None)
-            else:
-                w.set_exception(error)
-
-    async def wait(self) -> None:
-        if not self.complete:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+    def from_config(cls, config: Config) -> Limits:
+        return cls(max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
+                   max_import_bytes=config.max_import_bytes, header_timeout_s=config.header_timeout_s,
+                   body_timeout_s=config.body_timeout_s, keepalive_timeout_s=config.keepalive_timeout_s,
+                   max_connections=config.max_connections)
 
 
-class BodyStream:
-    """An upload as an async iterator of byte blocks, with backpressure on the socket."""
+class Handler(Protocol):
+    """What answers requests. ``match`` is called as soon as a request's headers are in
+    (its route says whether the body is an upload, and so its size limit); it raises a
+    DispatchError for a path or method it does not serve. Then the handler is called
+    with the request, body complete or streaming, for the reply."""
 
-    __slots__ = ("_proto", "_req", "_blocks", "_buffered", "_error", "_done", "_waiter", "_started")
+    def match(self, method: str, path: str) -> tuple[Any, dict[str, str]]:
+        """The route for *method* and *path* (kept as ``req.route``), and its path parameters."""
+        ...
 
-    def __init__(self, proto: HttpProtocol, req: Request) -> None:
-        self._proto = proto
-        self._req = req
-        self._blocks: deque[bytes] = deque()
-        self._buffered = 0
-        self._error: BaseException | None = None
-        self._done = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._started = False
+    async def __call__(self, req: Request) -> Reply | StreamReply:
+        ...
 
-    def feed(self, data: bytes) -> None:
-        self._blocks.append(data)
-        self._buffered += len(data)
-        if self._buffered > _STREAM_HIGH:
-            self._proto.pause("stream")
-        self._wake()
 
-    def end(self, error: BaseException | None = None) -> None:
-        if error is not None and self._error is None:
-            self._error = error
-        self._done = True
-        self._wake()
+def _ignore(*args: Any) -> None:
+    pass
 
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
 
-    def __aiter__(self) -> BodyStream:
-        return self
+class ServerState:
+    """What every connection of one server shares: the open connections, the requests
+    being answered, whether the server is draining, the date header of this second,
+    and hooks told what happens (for metrics; they do nothing unless given):
 
-    async def __anext__(self) -> bytes:
-        if not self._started:
-            self._started = True
-            self._proto.send_continue(self._req)
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._blocks:
-                block = self._blocks.popleft()
-                self._buffered -= len(block)
-                if self._buffered < _STREAM_LOW:
-                    self._proto.resume("stream")
-                return block
-            if self._done:
-                raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+    - ``on_reply(request, status)`` after each answer is written;
+    - ``on_timeout(phase)`` when a connection is closed by a timer (header, body, idle, write);
+    - ``on_reject()`` when a connection is closed at once (over max_connections, or draining);
+    - ``on_connections(count)`` when the number of open connections changes.
+    """
+
+    def __init__(self, *, on_reply: Callable[[Request, int], None] = _ignore,
+                 on_timeout: Callable[[str], None] = _ignore, on_reject: Callable[[], None] = _ignore,
+                 on_connections: Callable[[int], None] = _ignore) -> None:
+        self.connections: set[HttpProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.on_reply = on_reply
+        self.on_timeout = on_timeout
+        self.on_reject = on_reject
+        self.on_connections = on_connections
+        self._date = (0, b"")
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def date_header(self) -> bytes:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, b"date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n")
+        return self._date[1]
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful stop: read nothing new, answer what was received (within *timeout*),
+        then close every connection and cancel what still runs."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = time.monotonic() + timeout
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self.tasks), timeout=deadline - time.monotonic())
+        if self.tasks:
+            log.warning("shutdown: %d requests still running after %.1f s; cutting them off",
+                        len(self.tasks), timeout)
+        for conn in list(self.connections):
+            conn.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)
 
 
 class HttpProtocol(asyncio.Protocol):
-    """Parses requests, queues them in order, and writes the App's replies."""
+    """Parses requests, queues them in order, and writes the handler's replies."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        cfg = app.config
-        self._max_header = cfg.max_header_bytes
-        self._max_body = cfg.max_body_bytes
-        self._max_import = cfg.max_import_bytes
+    def __init__(self, limits: Limits, state: ServerState, handler: Handler) -> None:
+        self._limits = limits
+        self._state = state
+        self._handler = handler
+        self._match = handler.match
+        self._max_header = limits.max_header_bytes
+        self._max_body = limits.max_body_bytes
+        self._max_import = limits.max_import_bytes
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -191,16 +175,22 @@ class HttpProtocol(asyncio.Protocol):
     # ---- connection ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
-        if not self.app.admit(self):
+        state = self._state
+        if state.draining or len(state.connections) >= self._limits.max_connections:
+            state.on_reject()
             self.closed, self._parsing = True, False
             transport.close()
             return
+        state.connections.add(self)
+        state.on_connections(len(state.connections))
         self._rearm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed, self._parsing = True, False
         self._disarm()
-        self.app.forget(self)
+        state = self._state
+        state.connections.discard(self)
+        state.on_connections(len(state.connections))
         gone = ClientGone()
         for req in self._queue:
             req.finish(gone)
@@ -270,9 +260,9 @@ class HttpProtocol(asyncio.Protocol):
         if self._write_paused and not self.closed:
             self._drain_waiter = self._loop.create_future()
             try:
-                await asyncio.wait_for(self._drain_waiter, self.app.config.body_timeout_s)
+                await asyncio.wait_for(self._drain_waiter, self._limits.body_timeout_s)
             except asyncio.TimeoutError:
-                self.app.metrics.timeout("write")
+                self._state.on_timeout("write")
                 log.info("closing a connection: its client stopped reading")
                 self.close(abort=True)  # a plain close would wait for the unread buffer forever
 
@@ -287,20 +277,20 @@ class HttpProtocol(asyncio.Protocol):
         self._disarm()
         if self.closed or self._paused:
             return
-        cfg = self.app.config
+        limits = self._limits
         if self._phase == "headers":
-            delay, kind = cfg.header_timeout_s, "header"
+            delay, kind = limits.header_timeout_s, "header"
         elif self._phase == "body":
-            delay, kind = cfg.body_timeout_s, "body"
+            delay, kind = limits.body_timeout_s, "body"
         elif self.idle:
-            delay, kind = cfg.keepalive_timeout_s, "idle"
+            delay, kind = limits.keepalive_timeout_s, "idle"
         else:
             return  # a request is being answered: the client waits for us
         self._timer = self._loop.call_later(delay, self._timed_out, kind)
 
     def _timed_out(self, kind: str) -> None:
         self._timer = None
-        self.app.metrics.timeout(kind)
+        self._state.on_timeout(kind)
         if kind != "idle":
             log.info("closing a connection: %s timeout", kind)
         self.close()
@@ -371,7 +361,7 @@ class HttpProtocol(asyncio.Protocol):
             self._reject(BadRequestError("the request path is not UTF-8"))
             return
         try:
-            req.route, req.params = self.app.router.match(req.method, req.path)
+            req.route, req.params = self._match(req.method, req.path)
         except DispatchError as e:
             req.error = e
         streamed = req.route is not None and req.route.stream and req.error is None
@@ -414,7 +404,7 @@ class HttpProtocol(asyncio.Protocol):
         req.finish()
         if not req.keep_alive or self._draining:
             self._stop_reading("close")  # nothing after this request will be answered
-        elif len(self._queue) >= _PIPELINE_MAX:
+        elif len(self._queue) >= self._limits.max_pipeline:
             self.pause("pipeline")
         self._rearm()
 
@@ -434,7 +424,7 @@ class HttpProtocol(asyncio.Protocol):
     def _kick(self) -> None:
         if self._runner is None and self._queue and not self.closed:
             self._runner = self._loop.create_task(self._run())
-            self.app.track(self._runner)
+            self._state.track(self._runner)
 
     async def _run(self) -> None:
         try:
@@ -452,11 +442,11 @@ class HttpProtocol(asyncio.Protocol):
                 else:
                     self._send(req, reply, keep)
                 self._queue.popleft()
-                self.app.observe(req, reply.status)
+                self._state.on_reply(req, reply.status)
                 if not keep:
                     self.close()
                     break
-                if len(self._queue) < _PIPELINE_MAX // 2:
+                if len(self._queue) < self._limits.max_pipeline // 2:
                     self.resume("pipeline")
                 await self._drain()
         finally:
@@ -469,17 +459,18 @@ class HttpProtocol(asyncio.Protocol):
                     self._kick()
 
     async def _answer(self, req: Request) -> Reply | StreamReply | None:
-        if req.error is not None and req.route is None:
+        """The reply to *req*; None if the client went away first."""
+        if req.error is not None:
             return error_reply(req.error)
-        if req.stream is None and not req.complete:
-            self.send_continue(req)
-            try:
-                await req.wait()
-            except ClientGone:
-                return None
-            except DispatchError as e:  # stopped at a limit
-                return error_reply(e)
-        return await self.app.handle(req)
+        try:
+            if req.stream is None and not req.complete:
+                self.send_continue(req)
+                await req.wait()  # raises the error of a body stopped at a limit
+            return await self._handler(req)
+        except ClientGone:
+            return None
+        except Exception as e:
+            return error_reply(e)
 
     def send_continue(self, req: Request) -> None:
         """``100 Continue`` for a client that waits for it before sending the body."""
@@ -490,7 +481,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _head(self, req: Request, status: int, content_type: bytes, length: int | None,
               headers: list[tuple[bytes, bytes]], keep: bool) -> list[bytes]:
-        parts = [STATUS_LINES[status], b"content-type: ", content_type, b"\r\n", self.app.date_header()]
+        parts = [STATUS_LINES[status], b"content-type: ", content_type, b"\r\n", self._state.date_header()]
         if length is not None:
             parts += [b"content-length: ", str(length).encode(), b"\r\n"]
         elif req.http11:

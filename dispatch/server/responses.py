@@ -20,7 +20,7 @@ import msgspec
 from .. import errors
 from .messages import ErrorBody, ErrorDetail
 
-__all__ = ["Reply", "StreamReply", "STATUS_LINES", "ERRORS", "error_reply", "json_reply", "encode"]
+__all__ = ["Reply", "StreamReply", "STATUS_LINES", "ERRORS", "lookup", "error_reply", "json_reply", "encode"]
 
 log = logging.getLogger("dispatch.server")
 
@@ -28,32 +28,32 @@ STATUS_LINES: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
 }
 
-#: Every error a client may see, as (status, code). Anything else is a 500 internal_error.
-ERRORS: dict[type[errors.DispatchError], tuple[int, str]] = {
-    cls: (cls.status, cls.code) for cls in (
-        errors.BadRequestError,              # 400 malformed HTTP (the connection is closed)
-        errors.UnauthorizedError,            # 401
-        errors.InsufficientBalanceError,     # 402
-        errors.SkuNotAllowedError,           # 403
-        errors.DistributorSuspendedError,    # 403
-        errors.NotFoundError,                # 404 (also unknown routes)
-        errors.UnknownSkuError,              # 404
-        errors.MethodNotAllowedError,        # 405 (with Allow)
-        errors.OutOfStockError,              # 409
-        errors.IdempotencyConflictError,     # 409
-        errors.PriceChangedError,            # 409
-        errors.ConflictError,                # 409 exists already / wrong state
-        errors.ReservationExpiredError,      # 409
-        errors.SkuPausedError,               # 409
-        errors.AlreadyClaimedError,          # 409 a ticket holds the code already
-        errors.TicketWindowClosedError,      # 409
-        errors.SupplierBlacklistedError,     # 409
-        errors.PayloadTooLargeError,         # 413
-        errors.ValidationError,              # 422 (also bad JSON and bad query strings)
-        errors.RateLimitedError,             # 429 (with Retry-After)
-        errors.StoreUnavailableError,        # 503, retryable
-    )
-}
+#: Every error a client may see, as (status, code): the one place an error's HTTP status is
+#: given. An error not listed takes the entry of its nearest listed base class; anything
+#: else is a 500 internal_error.
+ERRORS: dict[type[errors.DispatchError], tuple[int, str]] = {cls: (status, cls.code) for cls, status in (
+    (errors.BadRequestError, 400),              # malformed HTTP (the connection is closed)
+    (errors.UnauthorizedError, 401),
+    (errors.InsufficientBalanceError, 402),
+    (errors.SkuNotAllowedError, 403),
+    (errors.DistributorSuspendedError, 403),
+    (errors.NotFoundError, 404),                # also unknown routes
+    (errors.UnknownSkuError, 404),
+    (errors.MethodNotAllowedError, 405),        # with Allow
+    (errors.OutOfStockError, 409),
+    (errors.IdempotencyConflictError, 409),
+    (errors.PriceChangedError, 409),
+    (errors.ConflictError, 409),                # exists already / wrong state
+    (errors.ReservationExpiredError, 409),
+    (errors.SkuPausedError, 409),               # not SkuNotAllowedError's 403: the SKU, not the buyer
+    (errors.AlreadyClaimedError, 409),          # a ticket holds the code already
+    (errors.TicketWindowClosedError, 409),
+    (errors.SupplierBlacklistedError, 409),
+    (errors.PayloadTooLargeError, 413),
+    (errors.ValidationError, 422),              # also bad JSON and bad query strings
+    (errors.RateLimitedError, 429),             # with Retry-After
+    (errors.StoreUnavailableError, 503),        # retryable
+)}
 
 # Messages that would tell a client about the inside (Redis addresses, replies).
 _PUBLIC_MESSAGE = {errors.StoreUnavailableError: "the store is unavailable; try again"}
@@ -92,7 +92,8 @@ def json_reply(status: int, payload: Any) -> Reply:
     return Reply(status, encode(payload))
 
 
-def _lookup(exc: BaseException) -> tuple[int, str] | None:
+def lookup(exc: BaseException) -> tuple[int, str] | None:
+    """(status, code) of *exc* by :data:`ERRORS`, or None if it has no entry (a 500)."""
     for cls in type(exc).__mro__:
         hit = ERRORS.get(cls)  # type: ignore[call-overload]
         if hit is not None:
@@ -102,7 +103,7 @@ def _lookup(exc: BaseException) -> tuple[int, str] | None:
 
 def error_reply(exc: BaseException) -> Reply:
     """The response for *exc*, by the table above."""
-    hit = _lookup(exc) if isinstance(exc, errors.DispatchError) else None
+    hit = lookup(exc) if isinstance(exc, errors.DispatchError) else None
     if hit is None:
         log.error("internal error: %s: %s", type(exc).__name__, exc,
                   exc_info=(type(exc), exc, exc.__traceback__))

@@ -1,10 +1,15 @@
-"""The route table: every endpoint of HTTP API v1, one small handler each.
+"""The route table: every endpoint of HTTP API v1, one small handler each, and the
+:class:`Router` that is the protocol's handler.
 
 A route declares who may call it (``auth``), the Struct its JSON body and query
-string decode into, and what it answers; the generic code in :meth:`Router.call`
+string decode into, and what it answers; the generic code in :meth:`Router.__call__`
 does the checking and decoding, so a handler only calls the engine and returns a
 Struct (sent with the route's status), ``(status, Struct)``, or a Reply. Errors are
 raised, never built here (see responses.py).
+
+Handlers get a :class:`Call`: the request, the engine, and the few things of the
+server they need (its metrics, its shared state, the OpenAPI document), all given to
+the Router when it is built.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .responses import Reply, StreamReply, json_reply
 
 if TYPE_CHECKING:
-    from .app import App
-    from .protocol import Request
+    from ..engine import Engine
+    from .auth import Authenticator
+    from .metrics import Metrics
+    from .protocol import ServerState
+    from .request import Request
 
 __all__ = ["Route", "Router", "ROUTES", "Catalog"]
 
@@ -130,13 +138,16 @@ def route(method: str, template: str, *, auth: Auth, body: type | None = None, q
 
 
 class Call:
-    """What a handler gets: the engine, the decoded request, and who is asking."""
+    """What a handler gets: the engine, the decoded request, who is asking, and the
+    server's metrics, shared state (``draining``) and OpenAPI document."""
 
-    __slots__ = ("app", "engine", "request", "params", "body", "query", "distributor")
+    __slots__ = ("engine", "metrics", "state", "openapi", "request", "params", "body", "query", "distributor")
 
-    def __init__(self, app: App, request: Request) -> None:
-        self.app = app
-        self.engine = app.engine
+    def __init__(self, router: Router, request: Request) -> None:
+        self.engine = router.engine
+        self.metrics = router.metrics
+        self.state = router.state
+        self.openapi = router.openapi
         self.request = request
         self.params = request.params
         self.body: Any = None
@@ -145,8 +156,18 @@ class Call:
 
 
 class Router:
-    def __init__(self, routes: list[Route]) -> None:
+    """The protocol's handler: :meth:`match` finds a request's route when its headers are
+    in; calling the router with the request checks who is asking, decodes the query
+    and body, and runs the route's handler."""
+
+    def __init__(self, routes: list[Route], engine: Engine, auth: Authenticator, *, metrics: Metrics,
+                 state: ServerState, openapi: bytes) -> None:
         self.routes = routes
+        self.engine = engine
+        self.auth = auth
+        self.metrics = metrics
+        self.state = state
+        self.openapi = openapi
         self._static: dict[str, dict[str, Route]] = {}
         self._dynamic: list[Route] = []
         for r in routes:
@@ -175,17 +196,17 @@ class Router:
             raise MethodNotAllowedError(f"{method} is not allowed here; use {', '.join(allow)}", allow=allow)
         return r, params
 
-    async def call(self, app: App, req: Request) -> Reply | StreamReply:
-        route = req.route
-        assert route is not None
-        c = Call(app, req)
+    async def __call__(self, req: Request) -> Reply | StreamReply:
+        """The reply to *req*, whose route :meth:`match` found; errors are raised."""
+        route: Route = req.route
+        c = Call(self, req)
         if route.auth == "admin":
-            app.auth.admin(req)
+            self.auth.admin(req)
         elif route.auth == "distributor":
-            access = await app.auth.distributor(req)
+            access = await self.auth.distributor(req)
             req.distributor = c.distributor = access.distributor
             if access.rate_limit:
-                wait = await app.engine.throttle(access.distributor, access.rate_limit)
+                wait = await self.engine.throttle(access.distributor, access.rate_limit)
                 if wait:
                     raise RateLimitedError(f"over {access.rate_limit} requests a second", retry_after=wait)
         c.query = route.decode_query(req.query)
@@ -212,12 +233,12 @@ async def create_order(c: Call) -> Any:
                                         reserve_ttl_s=b.reserve_ttl_s, max_unit_price=b.max_unit_price,
                                         allow_partial=b.allow_partial)
     except Exception as e:
-        c.app.metrics.order(getattr(e, "code", "internal_error"))
+        c.metrics.order(getattr(e, "code", "internal_error"))
         raise
     if order.replayed:
-        c.app.metrics.order("replayed")
+        c.metrics.order("replayed")
         return 200, order
-    c.app.metrics.order(order.status, len(order.codes))
+    c.metrics.order(order.status, len(order.codes))
     return 201, order
 
 
@@ -225,7 +246,7 @@ async def create_order(c: Call) -> Any:
 async def confirm_order(c: Call) -> Order:
     """Confirm a reservation: its codes are sold (and shown), the money is taken."""
     order = await c.engine.confirm(c.distributor, c.params["order_id"])
-    c.app.metrics.delivered(len(order.codes))
+    c.metrics.delivered(len(order.codes))
     return order
 
 
@@ -548,7 +569,7 @@ async def healthz(c: Call) -> m.Status:
 @route("GET", "/readyz", auth="none", out=m.Status)
 async def readyz(c: Call) -> Any:
     """Redis answers and the scripts are loaded (503 while shutting down or when it does not)."""
-    if c.app.draining:
+    if c.state.draining:
         return 503, m.Status("shutting_down")
     try:
         await c.engine.ready()
@@ -560,10 +581,10 @@ async def readyz(c: Call) -> Any:
 @route("GET", "/metrics", auth="none", out=str)
 async def metrics(c: Call) -> Reply:
     """Prometheus metrics of this process."""
-    return Reply(200, await c.app.metrics.render(), METRICS_TYPE)
+    return Reply(200, await c.metrics.render(), METRICS_TYPE)
 
 
 @route("GET", "/openapi.json", auth="none", out=dict)
 async def openapi(c: Call) -> Reply:
     """This API's OpenAPI 3.1 document."""
-    return Reply(200, c.app.openapi)
+    return Reply(200, c.openapi)
