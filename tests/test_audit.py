@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from dispatch.engine import Engine
 from dispatch.records import decode_batch
 from dispatch.store import keys
-from dispatch.store.store import split_codes
+from dispatch.store.inventory import split_codes
 
 from .conftest import codes_text
 
