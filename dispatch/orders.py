@@ -26,17 +26,18 @@ import hashlib
 import time
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 from . import imports
 from .catalog import Catalog
 from .config import Config
 from .errors import (ConflictError, DispatchError, IdempotencyConflictError, NotFoundError, PriceChangedError,
-                     ReservationExpiredError, ValidationError)
+                     ReservationExpiredError, StoreUnavailableError, ValidationError)
 from .models import Code, Order, OrderPage
 from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id
 from .sagas import Sagas
 from .store import Store
+from .store.orders import BeginItem, BuyItem, CommitItem, OrderRef, SettleItem, TakeItem
 from .store.replies import Existing, Settled, refusal
 from .vault import Vault
 
@@ -45,23 +46,8 @@ __all__ = ["Orders", "buy_item"]
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-class Purchase(NamedTuple):
-    """What a purchase asks for, checked; the order's item in the begin step."""
-
-    order_id: str
-    ref: str
-    digest: str
-    sku: str
-    qty: int
-    unit_price: int
-    currency: str
-    mode: str
-    ttl: int
-    partial: int
-
-
 def buy_item(order_id: str, ref: str, digest: str, sku: str, qty: int, unit_price: int, currency: str,
-             partial: bool, outcome: str, codes: list[bytes]) -> tuple[OrderRec, tuple[Any, ...]]:
+             partial: bool, outcome: str, codes: list[bytes]) -> tuple[OrderRec, BuyItem]:
     """The order record a purchase in deliver mode will have once bought, and the item of
     the buy step that stores it (lua/buy.lua): *outcome* and the encrypted *codes* are
     what its take answered. The record is packed here, once, not rebuilt in Lua; it is
@@ -72,8 +58,8 @@ def buy_item(order_id: str, ref: str, digest: str, sku: str, qty: int, unit_pric
                    total=len(codes) * unit_price, delivered=len(codes), deadline=0, created=now, updated=now,
                    dat=now, v=1)
     ok = outcome == "ok"
-    return rec, (order_id, ref, digest, sku, unit_price, outcome, len(codes), encode(codes) if ok else b"",
-                 encode(rec) if ok else b"")
+    return rec, BuyItem(order_id, ref, digest, sku, unit_price, outcome, len(codes), encode(codes) if ok else b"",
+                        encode(rec) if ok else b"")
 
 
 class Orders:
@@ -120,31 +106,33 @@ class Orders:
                 return earlier
             raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
                                     unit_price=price)
-        p = Purchase(new_id(), external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
+        p = BeginItem(new_id(), external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
         if mode == "deliver":
             return await self._sagas.run(self._deliver(distributor, p))
         return await self._sagas.run(self._reserve(distributor, p))
 
-    async def _deliver(self, distributor: str, p: Purchase) -> Order:
+    async def _deliver(self, distributor: str, p: BeginItem) -> Order:
         """A purchase in deliver mode: take the codes (SKU shard), then buy them (account
         shard) in one step; if the account refuses, the codes go back (sku_settle undo)."""
-        taken = await self._sagas.take.submit(p.sku, (p.order_id, p.qty, p.partial, "deliver", distributor))
+        taken = await self._sagas.take.submit(p.sku, TakeItem(p.order_id, p.qty, p.partial, "deliver", distributor))
         rec, item = buy_item(p.order_id, p.ref, p.digest, p.sku, p.qty, p.unit_price, p.currency, bool(p.partial),
                              taken.outcome, taken.codes)
         try:
             bought = await self._sagas.buy.submit(distributor, item)
+        except StoreUnavailableError:
+            raise  # buy may have run and its reply been lost: the sweep fences, then settles
         except DispatchError:
-            if taken.ok:  # not bought: the codes go back on sale
-                await self._sagas.sku_settle.submit(p.sku, (p.order_id, "undo"))
+            if taken.ok:  # refused, so not bought: the codes go back on sale
+                await self._sagas.sku_settle.submit(p.sku, SettleItem(p.order_id, "undo"))
             raise
         if isinstance(bought, Existing):
             if taken.ok:
-                await self._sagas.sku_settle.submit(p.sku, (p.order_id, "undo"))
+                await self._sagas.sku_settle.submit(p.sku, SettleItem(p.order_id, "undo"))
             return await self._replayed(distributor, bought.rec)
-        self._sagas.later(self._sagas.keep.submit(p.sku, (p.order_id,)))
+        self._sagas.later(self._sagas.keep.submit(p.sku, OrderRef(p.order_id)))
         return self._present(bought or rec, taken.codes)
 
-    async def _reserve(self, distributor: str, p: Purchase) -> Order:
+    async def _reserve(self, distributor: str, p: BeginItem) -> Order:
         """A purchase in reserve mode: begin (hold the money), take, commit (start the lease)."""
         begun = await self._sagas.begin.submit(distributor, p)
         if isinstance(begun, Existing):
@@ -163,9 +151,9 @@ class Orders:
 
     async def drive(self, distributor: str, order_id: str, sku: str, qty: int, partial: bool, mode: str) -> Order:
         """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
-        taken = await self._sagas.take.submit(sku, (order_id, qty, int(partial), mode, ""))
+        taken = await self._sagas.take.submit(sku, TakeItem(order_id, qty, int(partial), mode, ""))
         blob = encode(taken.codes) if taken.ok else b""
-        rec = await self._sagas.commit.submit(distributor, (order_id, taken.outcome, len(taken.codes), blob))
+        rec = await self._sagas.commit.submit(distributor, CommitItem(order_id, taken.outcome, len(taken.codes), blob))
         return self._present(rec, taken.codes)
 
     def _present(self, rec: OrderRec, ciphertexts: Iterable[bytes]) -> Order:
@@ -205,7 +193,7 @@ class Orders:
         return await self._sagas.run(self._end_reservation(distributor, order_id, "cancel"))
 
     async def _end_reservation(self, distributor: str, order_id: str, action: str) -> Order:
-        settled: Settled = await self._sagas.settle.submit(distributor, (order_id, action))
+        settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, action))
         if settled.result in ("ok", "expired"):
             await self.finish_sku_side(distributor, settled.rec)
         if settled.result == "expired":
@@ -217,13 +205,13 @@ class Orders:
     async def finish_sku_side(self, distributor: str, rec: OrderRec) -> None:
         """The SKU side of a reservation its account has ended: codes sold or returned."""
         action = "sell" if rec.status == "delivered" else "return"
-        await self._sagas.sku_settle.submit(rec.sku, (rec.id, action))
+        await self._sagas.sku_settle.submit(rec.sku, SettleItem(rec.id, action))
         await self._store.orders.clear_pending(distributor, [rec.id])
 
     # ---- what the recovery sweep does ------------------------------------------------------
     async def expire(self, distributor: str, order_id: str) -> bool:
         """End a reservation whose lease is over; True if it expired now."""
-        settled: Settled = await self._sagas.settle.submit(distributor, (order_id, "expire"))
+        settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, "expire"))
         if settled.result not in ("ok", "expired"):
             return False
         await self.finish_sku_side(distributor, settled.rec)
@@ -233,10 +221,10 @@ class Orders:
         """A purchase whose codes were taken but whose buy was never confirmed (a crash,
         a lost reply): the account fences it unless it was bought, then the SKU keeps
         the codes sold or gives them back."""
-        if await self._sagas.fence.submit(distributor, (order_id,)):
-            await self._sagas.keep.submit(sku, (order_id,))
+        if await self._sagas.fence.submit(distributor, OrderRef(order_id)):
+            await self._sagas.keep.submit(sku, OrderRef(order_id))
         else:
-            await self._sagas.sku_settle.submit(sku, (order_id, "undo"))
+            await self._sagas.sku_settle.submit(sku, SettleItem(order_id, "undo"))
         return True
 
     async def recover(self, distributor: str, order_id: str) -> bool:

@@ -9,7 +9,7 @@ own caller.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from msgspec.msgpack import decode as msgpack_decode
 
@@ -21,7 +21,70 @@ from .replies import Existing, Settled, Taken, refusal, translated
 if TYPE_CHECKING:
     from .store import Call, Store
 
-__all__ = ["OrderStore", "STEPS"]
+__all__ = ["OrderStore", "STEPS", "BeginItem", "TakeItem", "BuyItem", "CommitItem", "SettleItem", "OrderRef"]
+
+
+# ---- the items of the saga steps: their fields are the script's, in order -------------
+
+class BeginItem(NamedTuple):
+    """begin.lua: hold the money of a reservation."""
+
+    order_id: str
+    ref: str
+    digest: str
+    sku: str
+    qty: int
+    unit_price: int
+    currency: str
+    mode: str
+    ttl: int
+    partial: int
+
+
+class TakeItem(NamedTuple):
+    """take.lua: pop an order's codes (*account*: the buyer of a deliver purchase)."""
+
+    order_id: str
+    qty: int
+    partial: int
+    mode: str
+    account: str
+
+
+class BuyItem(NamedTuple):
+    """buy.lua: what the take answered, and the record of the order once bought."""
+
+    order_id: str
+    ref: str
+    digest: str
+    sku: str
+    unit_price: int
+    outcome: str
+    delivered: int
+    codes: bytes
+    record: bytes
+
+
+class CommitItem(NamedTuple):
+    """commit.lua: what the take of a reservation answered."""
+
+    order_id: str
+    outcome: str
+    delivered: int
+    codes: bytes
+
+
+class SettleItem(NamedTuple):
+    """settle.lua (confirm, cancel, expire) and sku_settle.lua (sell, return, undo)."""
+
+    order_id: str
+    action: str
+
+
+class OrderRef(NamedTuple):
+    """keep.lua and fence.lua: just the order."""
+
+    order_id: str
 
 
 def _account_refusal(step: str, reply: list[Any], dist: str, ref: str, cost: int) -> DispatchError:
@@ -33,18 +96,18 @@ def _account_refusal(step: str, reply: list[Any], dist: str, ref: str, cost: int
     return refusal(step, status, dist=dist)
 
 
-def _begin(reply: list[Any], item: Sequence[Any], dist: str) -> Any:
+def _begin(reply: list[Any], item: BeginItem, dist: str) -> Any:
     """None (held now) | OrderRec (this very order, begun before) | Existing (a replay) | an error."""
     status = reply[0]
     if status == b"ok":
         return None
     if status == b"exists":
         rec = decode_order(reply[2])
-        return rec if reply[1].decode() == item[0] else Existing(rec)
-    return _account_refusal("begin", reply, dist, item[1], item[4] * item[5])
+        return rec if reply[1].decode() == item.order_id else Existing(rec)
+    return _account_refusal("begin", reply, dist, item.ref, item.qty * item.unit_price)
 
 
-def _buy(reply: list[Any], item: Sequence[Any], dist: str) -> Any:
+def _buy(reply: list[Any], item: BuyItem, dist: str) -> Any:
     """OrderRec (bought by a call sent before) | None (bought now) | Existing (a replay) | an error."""
     status = reply[0]
     if status == b"ok":
@@ -52,30 +115,32 @@ def _buy(reply: list[Any], item: Sequence[Any], dist: str) -> Any:
     if status == b"exists":
         return Existing(decode_order(reply[2]))
     if status == b"failed":
-        return refusal("buy", reply[1], sku=item[3])
-    return _account_refusal("buy", reply, dist, item[1], item[6] * item[4])
+        return refusal("buy", reply[1], sku=item.sku)
+    return _account_refusal("buy", reply, dist, item.ref, item.delivered * item.unit_price)
 
 
-def _commit(reply: list[Any], item: Sequence[Any], dist: str) -> Any:
+def _commit(reply: list[Any], item: CommitItem, dist: str) -> Any:
     status = reply[0]
     if status == b"ok":
         return decode_order(reply[1])
     if status == b"failed":
         return refusal("commit", reply[1])
-    return DispatchError(f"order {item[0]} vanished after its codes were taken")
+    if item.outcome != "ok":  # gone: a replay racing the first attempt, which was refused and forgotten
+        return refusal("commit", item.outcome)
+    return DispatchError(f"order {item.order_id} vanished after its codes were taken")
 
 
-def _settle(reply: list[Any], item: Sequence[Any], dist: str) -> Any:
+def _settle(reply: list[Any], item: SettleItem, dist: str) -> Any:
     if reply[0] == b"not_found":
-        return refusal("settle", reply[0], order=item[0])
+        return refusal("settle", reply[0], order=item.order_id)
     return Settled(reply[0].decode(), decode_order(reply[1]))
 
 
-def _take(reply: list[Any], item: Sequence[Any], sku: str) -> Taken:
+def _take(reply: list[Any], item: TakeItem, sku: str) -> Taken:
     return Taken(reply[0].decode(), reply[1:])
 
 
-def _fence(reply: bytes, item: Sequence[Any], dist: str) -> bool:
+def _fence(reply: bytes, item: OrderRef, dist: str) -> bool:
     return reply == b"bought"
 
 
