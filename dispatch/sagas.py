@@ -64,14 +64,14 @@ class Sagas:
         task.add_done_callback(relay)
         return answer
 
-    @staticmethod
-    def later(step: asyncio.Future[Any]) -> None:
-        """A step's call nobody waits for (close() drains it); one that fails is redone
-        by the sweep."""
-        step.add_done_callback(Sagas._forget)
+    def later(self, step: Awaitable[Any]) -> None:
+        """A step's call nobody waits for (close() does); one that fails is redone by the sweep."""
+        fut = asyncio.ensure_future(step)
+        self._tasks.add(fut)
+        fut.add_done_callback(self._forget)
 
-    @staticmethod
-    def _forget(fut: asyncio.Future[Any]) -> None:
+    def _forget(self, fut: asyncio.Future[Any]) -> None:
+        self._tasks.discard(fut)
         if not fut.cancelled() and fut.exception() is not None:
             log.warning("a background step failed (the sweep will redo it): %r", fut.exception())
 
