@@ -51,7 +51,7 @@ def pack_calls(sha: bytes,
     """The RESP encoding of one ``EVALSHA sha numkeys key... arg... field...`` per
     ``(keys, args, items)`` call, concatenated; the fields are every item's, in order."""
 
-# --- Order ids (used by dispatch/engine.py) -------------------------------------
+# --- Order ids (used by dispatch/records.py) -------------------------------------
 
 def ulid_at(ms: int, rnd: bytes) -> str:
     """The ULID of *ms* (48 bits) and 10 random bytes: 26 Crockford base-32 characters."""
@@ -59,7 +59,7 @@ def ulid_at(ms: int, rnd: bytes) -> str:
 def new_ulid() -> str:
     """A fresh ULID (now, 80 random bits): ids that sort by creation time."""
 
-# --- Import (used by dispatch/vault.py and dispatch/engine.py) -------------------
+# --- Import (used by dispatch/vault.py and dispatch/store/inventory.py) -------------------
 
 def fingerprint_chunk(key: bytes, codes: list[bytes], secrets: list[bytes],
                       seen: set[bytes]) -> tuple[list[bytes], list[bytes], int]:

@@ -1,6 +1,6 @@
 """Import files: a stream of card codes, plain text or CSV, parsed into bounded chunks.
 
-Rules (DESIGN.md, "Import format"):
+Rules:
 
 - A line ends at ``\\n`` or ``\\r\\n``; a lone ``\\r`` inside a line is a
   control character. A UTF-8 BOM at the very start is ignored. Line numbers

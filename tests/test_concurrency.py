@@ -1,4 +1,4 @@
-"""Invariants 1-6 of DESIGN.md under real concurrency, and after a crash of Redis.
+"""Invariants 1-6 of docs/design.md under real concurrency, and after a crash of Redis.
 
 Hundreds of buyers place thousands of orders at once (deliver and reserve, retries
 of the same external_ref, cancels, leases left to expire) against less stock than
