@@ -9,7 +9,6 @@ straightforward implementation.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import sys

@@ -31,7 +31,7 @@ from typing import Literal
 from . import imports
 from .catalog import Catalog
 from .config import Config
-from .errors import (ConflictError, DispatchError, IdempotencyConflictError, NotFoundError, PriceChangedError,
+from .errors import (DispatchError, IdempotencyConflictError, NotFoundError, PriceChangedError,
                      ReservationExpiredError, StoreUnavailableError, ValidationError)
 from .models import Code, Order, OrderPage
 from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id

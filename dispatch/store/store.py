@@ -17,7 +17,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
-from msgspec.msgpack import decode as msgpack_decode
 from redis import exceptions as rex
 
 from .._core import pack_calls
