@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import compare  # noqa: E402
 
 from dispatch._core import new_ulid  # noqa: E402
-from dispatch.orders import buy_item  # noqa: E402
+from dispatch.records import OrderRec  # noqa: E402
+from dispatch.store.orders import NODE, DeliverItem, TakeItem  # noqa: E402
 from dispatch.records import encode as _encode  # noqa: E402
 from dispatch.store.embedded import EmbeddedRedis  # noqa: E402
 
@@ -35,17 +36,17 @@ async def main(url: str, data_dir: str) -> None:
         await compare.seed(engine, 1, 2 * ORDERS + 1000)
         st = engine.store.orders
         client = aioredis.from_url(url)
-        code = b"x" * 45
-        blob = _encode([code])
+        blob = _encode([b"x" * 45])
+        record = _encode(OrderRec(id="o", ref="r", digest="digest", sku="s0", qty=1, unit_price=100, currency="CNY",
+                                  mode="deliver", ttl=0, partial=False, status="delivered", hold=0, total=100,
+                                  delivered=1, deadline=0, created=0, updated=0, dat=0, v=1))
         sagas = {
             "deliver": [
-                ("take", "s0", lambda o: (o, 1, 0, "deliver", "d0")),
-                ("buy", "d0", lambda o: buy_item(o, "r" + o, "digest", "s0", 1, 100, "CNY", False, "ok", [code])[1]),
-                ("keep", "s0", lambda o: (o,)),
+                ("deliver", NODE, lambda o: DeliverItem(o, "r" + o, "digest", "s0", "d0", 1, 0, 100, record)),
             ],
             "reserve": [
                 ("begin", "d0", lambda o: (o, "r" + o, "digest", "s0", 1, 100, "CNY", "reserve", 60, 0)),
-                ("take", "s0", lambda o: (o, 1, 0, "reserve", "")),
+                ("take", "s0", lambda o: TakeItem(o, 1, 0)),
                 ("commit", "d0", lambda o: (o, "ok", 1, blob)),
             ],
         }

@@ -1,20 +1,14 @@
 """Orders: purchases (delivered at once, or reserved until confirmed), their reads, and
 the saga steps the recovery sweep uses to finish them.
 
-An order is a short saga of idempotent steps, each one Lua script on one shard,
-coalesced per shard (sagas.py). A purchase in deliver mode takes two:
+A purchase in deliver mode is one script (``deliver``) on the node that holds every
+shard, coalesced with every other purchase of its round: it checks the external_ref,
+the distributor, the SKU and the money before taking a code, then takes, debits and
+records at once. A refused order never touches stock, and nothing is ever half done:
+a retry of the same external_ref finds the order, or makes it.
 
-1. ``take`` (SKU shard)      pop the codes, recorded under the order id and *provisional*
-2. ``buy``  (account shard)  claim the external_ref, check the distributor, debit the
-                             money and record the delivered order with its codes, at once
-
-If the account refuses (a replay, a conflict, no money), ``sku_settle undo`` puts the
-codes back; once bought, a ``keep`` (sent after the buyer has its answer) clears the
-provisional mark. The sweep settles a purchase left provisional by a crash: the account
-``fence``s it unless it was bought (so a late buy cannot record it), then the SKU side
-keeps or gives back its codes.
-
-A reservation takes three: ``begin`` (account: hold the money), ``take``, ``commit``
+A reservation is a short saga of idempotent steps, each one Lua script on one shard,
+coalesced per shard (sagas.py). It takes three: ``begin`` (account: hold the money), ``take``, ``commit``
 (account: start the lease); ending it is ``settle`` (account, which fences) then
 ``sku_settle`` (SKU). Until its last step is done a reservation sits in its account's
 ``pending`` set; the sweep drives any left there by a crash to its end.
@@ -32,34 +26,18 @@ from . import imports
 from .catalog import Catalog
 from .config import Config
 from .errors import (DispatchError, IdempotencyConflictError, NotFoundError, PriceChangedError,
-                     ReservationExpiredError, StoreUnavailableError, ValidationError)
+                     ReservationExpiredError, ValidationError)
 from .models import Code, Order, OrderPage
 from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id
 from .sagas import Sagas
 from .store import Store
-from .store.orders import BeginItem, BuyItem, CommitItem, OrderRef, SettleItem, TakeItem
+from .store.orders import NODE, BeginItem, CommitItem, DeliverItem, SettleItem, TakeItem
 from .store.replies import Existing, Settled, refusal
 from .vault import Vault
 
-__all__ = ["Orders", "buy_item"]
+__all__ = ["Orders"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def buy_item(order_id: str, ref: str, digest: str, sku: str, qty: int, unit_price: int, currency: str,
-             partial: bool, outcome: str, codes: list[bytes]) -> tuple[OrderRec, BuyItem]:
-    """The order record a purchase in deliver mode will have once bought, and the item of
-    the buy step that stores it (lua/buy.lua): *outcome* and the encrypted *codes* are
-    what its take answered. The record is packed here, once, not rebuilt in Lua; it is
-    dated by this clock, like the order id."""
-    now = time.time_ns() // 1_000_000
-    rec = OrderRec(id=order_id, ref=ref, digest=digest, sku=sku, qty=qty, unit_price=unit_price, currency=currency,
-                   mode="deliver", ttl=0, partial=partial, status="delivered", hold=0,
-                   total=len(codes) * unit_price, delivered=len(codes), deadline=0, created=now, updated=now,
-                   dat=now, v=1)
-    ok = outcome == "ok"
-    return rec, BuyItem(order_id, ref, digest, sku, unit_price, outcome, len(codes), encode(codes) if ok else b"",
-                        encode(rec) if ok else b"")
 
 
 class Orders:
@@ -107,30 +85,26 @@ class Orders:
             raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
                                     unit_price=price)
         p = BeginItem(new_id(), external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
-        if mode == "deliver":
-            return await self._sagas.run(self._deliver(distributor, p))
+        if mode == "deliver":  # one atomic step: no saga task needed to see it through
+            return await self._deliver(distributor, p)
         return await self._sagas.run(self._reserve(distributor, p))
 
     async def _deliver(self, distributor: str, p: BeginItem) -> Order:
-        """A purchase in deliver mode: take the codes (SKU shard), then buy them (account
-        shard) in one step; if the account refuses, the codes go back (sku_settle undo)."""
-        taken = await self._sagas.take.submit(p.sku, TakeItem(p.order_id, p.qty, p.partial, "deliver", distributor))
-        rec, item = buy_item(p.order_id, p.ref, p.digest, p.sku, p.qty, p.unit_price, p.currency, bool(p.partial),
-                             taken.outcome, taken.codes)
-        try:
-            bought = await self._sagas.buy.submit(distributor, item)
-        except StoreUnavailableError:
-            raise  # buy may have run and its reply been lost: the sweep fences, then settles
-        except DispatchError:
-            if taken.ok:  # refused, so not bought: the codes go back on sale
-                await self._sagas.sku_settle.submit(p.sku, SettleItem(p.order_id, "undo"))
-            raise
-        if isinstance(bought, Existing):
-            if taken.ok:
-                await self._sagas.sku_settle.submit(p.sku, SettleItem(p.order_id, "undo"))
-            return await self._replayed(distributor, bought.rec)
-        self._sagas.later(self._sagas.keep.submit(p.sku, OrderRef(p.order_id)))
-        return self._present(bought or rec, taken.codes)
+        """A purchase in deliver mode: one script does it all (or refuses it)."""
+        now = time.time_ns() // 1_000_000  # dated by this clock, like its id
+        rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
+                       currency=p.currency, mode="deliver", ttl=0, partial=bool(p.partial), status="delivered",
+                       hold=0, total=p.qty * p.unit_price, delivered=p.qty, deadline=0, created=now, updated=now,
+                       dat=now, v=1)
+        got = await self._sagas.deliver.submit(NODE, DeliverItem(p.order_id, p.ref, p.digest, p.sku, distributor,
+                                                                 p.qty, p.partial, p.unit_price, encode(rec)))
+        if isinstance(got, Existing):
+            order = self._present(got.rec, got.codes)
+            order.replayed = True
+            return order
+        if len(got) < p.qty:  # allow_partial
+            rec.delivered, rec.total = len(got), len(got) * p.unit_price
+        return self._present(rec, got)
 
     async def _reserve(self, distributor: str, p: BeginItem) -> Order:
         """A purchase in reserve mode: begin (hold the money), take, commit (start the lease)."""
@@ -151,7 +125,7 @@ class Orders:
 
     async def drive(self, distributor: str, order_id: str, sku: str, qty: int, partial: bool, mode: str) -> Order:
         """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
-        taken = await self._sagas.take.submit(sku, TakeItem(order_id, qty, int(partial), mode, ""))
+        taken = await self._sagas.take.submit(sku, TakeItem(order_id, qty, int(partial)))
         blob = encode(taken.codes) if taken.ok else b""
         rec = await self._sagas.commit.submit(distributor, CommitItem(order_id, taken.outcome, len(taken.codes), blob))
         return self._present(rec, taken.codes)
@@ -216,16 +190,6 @@ class Orders:
             return False
         await self.finish_sku_side(distributor, settled.rec)
         return settled.result == "ok"
-
-    async def settle_provisional(self, sku: str, order_id: str, distributor: str) -> bool:
-        """A purchase whose codes were taken but whose buy was never confirmed (a crash,
-        a lost reply): the account fences it unless it was bought, then the SKU keeps
-        the codes sold or gives them back."""
-        if await self._sagas.fence.submit(distributor, OrderRef(order_id)):
-            await self._sagas.keep.submit(sku, OrderRef(order_id))
-        else:
-            await self._sagas.sku_settle.submit(sku, SettleItem(order_id, "undo"))
-        return True
 
     async def recover(self, distributor: str, order_id: str) -> bool:
         """Finish an order left pending by a crash: drive it on, or finish its SKU side."""

@@ -1,9 +1,8 @@
 """The recovery sweep: leases that ran out, and sagas a crash left half done.
 
 Every saga step is idempotent and every saga leaves a trace until its last step
-(a reservation or ticket in its account's ``pending`` set, a purchase in deliver
-mode *provisional* on its SKU), so the sweep only has to find those older than
-``recovery_grace_s`` and run their remaining steps. Several sweeps at once only
+(a reservation or ticket in its account's ``pending`` set), so the sweep only has to
+find those older than ``recovery_grace_s`` and run their remaining steps. Several sweeps at once only
 race each other to the same answers.
 """
 
@@ -58,9 +57,6 @@ class Recovery:
             expiries += [self._orders.expire(dist, oid) for oid in leases]
             recoveries += [self._aftersales.recover_ticket(dist, oid) if oid.startswith("tk_")
                            else self._orders.recover(dist, oid) for oid in pending]
-        provisional = await self._store.orders.provisional(await self._store.catalog.sku_ids(), before)
-        for sku, orders in provisional.items():
-            recoveries += [self._orders.settle_provisional(sku, oid, dist) for oid, dist in orders]
         results = await asyncio.gather(*expiries, *recoveries, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, DispatchError):

@@ -34,8 +34,8 @@ class Sagas:
 
         self.steps = {name: batcher(name) for name in STEPS}
         s = self.steps
-        self.begin, self.take, self.buy, self.keep = s["begin"], s["take"], s["buy"], s["keep"]
-        self.commit, self.settle, self.sku_settle, self.fence = s["commit"], s["settle"], s["sku_settle"], s["fence"]
+        self.deliver, self.begin, self.take = s["deliver"], s["begin"], s["take"]
+        self.commit, self.settle, self.sku_settle = s["commit"], s["settle"], s["sku_settle"]
         self._tasks: set[asyncio.Future[Any]] = set()
 
     def run(self, steps: Coroutine[Any, Any, T]) -> Awaitable[T]:

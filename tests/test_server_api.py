@@ -418,7 +418,7 @@ async def test_health_openapi_and_metrics(server: Server) -> None:
                  'dispatch_stock_codes{sku="g100",state="sold"} 2.0',
                  'dispatch_stock_codes{sku="g100",state="parked"} 0.0',
                  'dispatch_webhook_deliveries{state="due"} 0.0', 'dispatch_webhook_deliveries{state="failed"} 0.0',
-                 'dispatch_coalescer_batches_total{step="buy"}', 'dispatch_coalescer_items_total{step="take"}'):
+                 'dispatch_coalescer_batches_total{step="deliver"}', 'dispatch_coalescer_items_total{step="take"}'):
         assert line in text, line
     assert 'dispatch_http_request_duration_seconds_bucket{le="0.5",method="POST",route="/v1/orders",status="201"}' \
         in text

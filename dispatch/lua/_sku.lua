@@ -2,7 +2,7 @@
 -- KEYS of every SKU script, in order (dispatch.store.keys.SkuKeys):
 --   1 meta  2 stats  3 queue (active batches)  4 dlv (delivery records)  5 chunks  6 void
 --   7 dlv_codes (the codes of each delivery record)  8 batch_stats  9 parked  10 sales
---   11 scores (sale priority per batch)  12 events  13 prov (deliver orders not yet bought)
+--   11 scores (sale priority per batch)  12 events
 -- ARGV[1] is always the pool prefix: a batch's pool is the LIST pool_prefix .. seq.
 
 local POOL = ARGV[1]
@@ -70,16 +70,6 @@ local function count_sold(runs)
   end
   for seq, c in pairs(per) do redis.call('HINCRBY', KEYS[8], seq .. ':d', c) end
   if n > 0 then redis.call('HINCRBY', KEYS[10], math.floor(now_ms() / 3600000), n) end
-end
-
--- The reverse of count_sold, for codes of hour `hour` given back.
-local function uncount_sold(runs, hour)
-  local n = 0
-  for j = 1, #runs, 2 do
-    redis.call('HINCRBY', KEYS[8], runs[j] .. ':d', -runs[j + 1])
-    n = n + runs[j + 1]
-  end
-  redis.call('HINCRBY', KEYS[10], hour, -n)
 end
 
 -- The stock level (in, low, out) with hysteresis: once low, a SKU is back "in" only

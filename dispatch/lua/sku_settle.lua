@@ -1,12 +1,10 @@
--- sku_settle(keys=SKU keys, args=[pool_prefix, n, n x (order_id, action)])   action: sell | return | undo
+-- sku_settle(keys=SKU keys, args=[pool_prefix, n, n x (order_id, action)])   action: sell | return
 -- The SKU side of ending a reservation, after the account side decided (settle.lua):
 -- sell: reserved codes become sold. return: they go back to the head of their batch's
 -- pool (or count as voided if the batch was voided meanwhile, parked if it was parked).
--- undo: a purchase its account did not buy (refused, or fenced by the sweep) gives its
--- codes back the same way; only while it is provisional (in `prov`), never after.
 -- Safe to run twice: the delivery record's state says what was done.
 -- returns per order: "ok" | "again" | "not_found" | "invalid_state"
-local DONE = {sell = 'sold', ['return'] = 'returned', undo = 'undone'}
+local DONE = {sell = 'sold', ['return'] = 'returned'}
 local out = {}
 local i = 3
 for _ = 1, tonumber(ARGV[2]) do
@@ -18,10 +16,10 @@ for _ = 1, tonumber(ARGV[2]) do
     result = 'not_found'
   else
     local r = cmsgpack.unpack(raw)
-    local was = (action == 'undo') and 'sold' or 'reserved'
+    local was = 'reserved'
     if r.st == DONE[action] then
       result = 'again'
-    elseif r.st ~= was or (action == 'undo' and not redis.call('ZSCORE', KEYS[13], id)) then
+    elseif r.st ~= was then
       result = 'invalid_state'
     else
       local codes = unpack_codes(redis.call('HGET', KEYS[7], id))
@@ -47,10 +45,6 @@ for _ = 1, tonumber(ARGV[2]) do
             end
           end
           k = k + count
-        end
-        if action == 'undo' then
-          uncount_sold(r.b, r.h)
-          redis.call('ZREM', KEYS[13], id)
         end
       end
       redis.call('HINCRBY', KEYS[2], was, -n)

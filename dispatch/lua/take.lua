@@ -1,14 +1,10 @@
--- take(keys=SKU keys, args=[pool_prefix, n, n x (order_id, qty, allow_partial, mode, account)])
--- Pops codes for orders, oldest active batch first (lowest score in the queue).
--- mode "deliver": the first step of a purchase; the codes count as sold and the order
--- is provisional (in `prov`, with its account) until the account step has bought them:
--- keep.lua then clears it, or sku_settle "undo" gives the codes back. mode "reserve":
--- after the account's begin.
+-- take(keys=SKU keys, args=[pool_prefix, n, n x (order_id, qty, allow_partial)])
+-- The SKU step of a reservation, after its account's begin: pops its codes, oldest
+-- active batch first (lowest score in the queue), and counts them reserved.
 -- The decision is recorded per order in the delivery records, so the step is safe
 -- to run twice (and a recovery sweep racing the original request gets the same
 -- answer): a second run returns the same codes, or the same refusal.
 -- An order takes exactly qty codes or none; with allow_partial, 1..qty.
--- Deliver mode counts the codes sold at once; reserve mode counts them reserved.
 -- The work is done once per call, not per order: one pass decides, one run of
 -- LPOPs takes every code the call needs, one HSET records every decision.
 -- Stock crossing its low or out level is told on the SKU's event stream.
@@ -18,17 +14,15 @@ local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
 local n = tonumber(ARGV[2])
 
 -- 1. decide, in order
-local ids, want, modes, accounts, out = {}, {}, {}, {}, {}
-local provisional = {}  -- ZADD prov ms id ...
+local ids, want, out = {}, {}, {}
 local first, again = {}, {}  -- an order twice in one call (a sweep racing its request)
 local total = 0
 local records = {}   -- HSET dlv field value ...
 local i = 3
 for k = 1, n do
-  local id, qty, partial, mode, account = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1', ARGV[i + 3],
-                                         ARGV[i + 4]
-  i = i + 5
-  ids[k], want[k], modes[k], accounts[k] = id, 0, mode, account
+  local id, qty, partial = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1'
+  i = i + 3
+  ids[k], want[k] = id, 0
   local raw = redis.call('HGET', KEYS[4], id)
   if first[id] then
     again[k] = first[id]
@@ -36,8 +30,6 @@ for k = 1, n do
     local r = cmsgpack.unpack(raw)
     if r.st == 'failed' then
       out[k] = {r.why}
-    elseif r.st == 'undone' then
-      out[k] = {'undone'}
     else
       out[k] = unpack_codes(redis.call('HGET', KEYS[7], id))
       table.insert(out[k], 1, 'ok')
@@ -66,8 +58,6 @@ local codes, seqs = take_codes(total)
 
 -- 3. hand them out, in order
 local packed = {}    -- HSET dlv_codes field value ...
-local counted = {sold = 0, reserved = 0}
-local sold_runs = {}
 local at = 1
 for k = 1, n do
   if want[k] > 0 then
@@ -82,19 +72,8 @@ for k = 1, n do
       end
     end
     at = at + want[k]
-    local st = (modes[k] == 'reserve') and 'reserved' or 'sold'
-    counted[st] = counted[st] + want[k]
-    if st == 'sold' then
-      for j = 1, #runs do sold_runs[#sold_runs + 1] = runs[j] end
-    end
     records[#records + 1] = ids[k]
-    if st == 'sold' then
-      records[#records + 1] = cmsgpack.pack({st = st, b = runs, a = accounts[k], h = math.floor(now_ms() / 3600000)})
-      provisional[#provisional + 1] = now_ms()
-      provisional[#provisional + 1] = ids[k]
-    else
-      records[#records + 1] = cmsgpack.pack({st = st, b = runs})
-    end
+    records[#records + 1] = cmsgpack.pack({st = 'reserved', b = runs})
     packed[#packed + 1] = ids[k]
     packed[#packed + 1] = pack_codes(mine)
     table.insert(mine, 1, 'ok')
@@ -104,13 +83,9 @@ end
 for k, f in pairs(again) do out[k] = out[f] end
 if #records > 0 then push('HSET', KEYS[4], records) end
 if #packed > 0 then push('HSET', KEYS[7], packed) end
-if #provisional > 0 then push('ZADD', KEYS[13], provisional) end
 if total > 0 then
   redis.call('HINCRBY', KEYS[2], 'available', -total)
-  for st, c in pairs(counted) do
-    if c > 0 then redis.call('HINCRBY', KEYS[2], st, c) end
-  end
-  count_sold(sold_runs)
+  redis.call('HINCRBY', KEYS[2], 'reserved', total)
   check_level()
 end
 return out

@@ -64,7 +64,7 @@ class SkuKeys:
     """Keys of one SKU shard, in the order the SKU scripts take them."""
 
     __slots__ = ("meta", "stats", "queue", "dlv", "dlv_codes", "chunks", "void", "pool_prefix", "batch_stats",
-                 "parked", "sales", "scores", "events", "prov", "all")
+                 "parked", "sales", "scores", "events", "all")
 
     def __init__(self, sku: str) -> None:
         t = sku_tag(sku)
@@ -81,9 +81,8 @@ class SkuKeys:
         self.sales = t + "sales"        # HASH hour (unix ms // 3600000) -> codes sold in it
         self.scores = t + "bscore"      # HASH seq -> sale priority of the batch (absent: seq, oldest first)
         self.events = t + "events"      # STREAM stock.low, stock.out, stock.restored
-        self.prov = t + "prov"          # ZSET order id -> ms: taken for a purchase its account has not confirmed
         self.all = [self.meta, self.stats, self.queue, self.dlv, self.chunks, self.void, self.dlv_codes,
-                    self.batch_stats, self.parked, self.sales, self.scores, self.events, self.prov]
+                    self.batch_stats, self.parked, self.sales, self.scores, self.events]
 
     def pool(self, seq: int) -> str:
         return self.pool_prefix + str(seq)
@@ -93,7 +92,7 @@ class AcctKeys:
     """Keys of one distributor account, in the order the account scripts take them."""
 
     __slots__ = ("acct", "ledger", "refs", "orders", "codes", "index", "leases", "pending", "topups", "events",
-                 "tickets", "claims", "fenced", "all")
+                 "tickets", "claims", "all")
 
     def __init__(self, dist: str) -> None:
         t = acct_tag(dist)
@@ -109,9 +108,8 @@ class AcctKeys:
         self.events = t + "events"      # STREAM order.delivered, order.expired, ticket.* ...
         self.tickets = t + "tickets"    # HASH ticket id -> cmsgpack ticket
         self.claims = t + "claims"      # HASH "order_id:code index" -> ticket id (a code is claimed once)
-        self.fenced = t + "fenced"      # SET of purchase ids the sweep gave up on: they can no longer be bought
         self.all = [self.acct, self.ledger, self.refs, self.orders, self.codes, self.index, self.leases,
-                    self.pending, self.topups, self.events, self.tickets, self.claims, self.fenced]
+                    self.pending, self.topups, self.events, self.tickets, self.claims]
 
 
 class SupplierKeys:

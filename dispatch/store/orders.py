@@ -1,5 +1,9 @@
-"""Orders in Redis: the saga steps (batches of order items, one script call per shard),
-order reads, and what the recovery sweep looks for.
+"""Orders in Redis: the steps of purchases (batches of order items, one script call per
+shard and round), order reads, and what the recovery sweep looks for.
+
+A purchase in deliver mode is one step, ``deliver``, on the node that holds every
+shard: its round is one script call for every SKU and account in it. A reservation
+is a saga of one-shard steps (begin, take, commit; settle, sku_settle).
 
 Each step's replies are decoded here, item by item, into a typed result or the
 exception that item's caller gets (see replies.py); the coalescer hands each to its
@@ -11,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from msgspec.msgpack import decode as msgpack_decode
-
 from ..errors import DispatchError
 from ..records import OrderRec, decode_codes, decode_order
 from . import keys
@@ -21,7 +23,10 @@ from .replies import Existing, Settled, Taken, refusal, translated
 if TYPE_CHECKING:
     from .store import Call, Store
 
-__all__ = ["OrderStore", "STEPS", "BeginItem", "TakeItem", "BuyItem", "CommitItem", "SettleItem", "OrderRef"]
+__all__ = ["OrderStore", "STEPS", "NODE", "DeliverItem", "BeginItem", "TakeItem", "CommitItem", "SettleItem"]
+
+#: The shard of the steps that run on the node holding every shard.
+NODE = ""
 
 
 # ---- the items of the saga steps: their fields are the script's, in order -------------
@@ -41,28 +46,26 @@ class BeginItem(NamedTuple):
     partial: int
 
 
-class TakeItem(NamedTuple):
-    """take.lua: pop an order's codes (*account*: the buyer of a deliver purchase)."""
-
-    order_id: str
-    qty: int
-    partial: int
-    mode: str
-    account: str
-
-
-class BuyItem(NamedTuple):
-    """buy.lua: what the take answered, and the record of the order once bought."""
+class DeliverItem(NamedTuple):
+    """deliver.lua: a purchase in deliver mode, and its record once delivered."""
 
     order_id: str
     ref: str
     digest: str
     sku: str
+    distributor: str
+    qty: int
+    partial: int
     unit_price: int
-    outcome: str
-    delivered: int
-    codes: bytes
     record: bytes
+
+
+class TakeItem(NamedTuple):
+    """take.lua: pop a reservation's codes."""
+
+    order_id: str
+    qty: int
+    partial: int
 
 
 class CommitItem(NamedTuple):
@@ -79,12 +82,6 @@ class SettleItem(NamedTuple):
 
     order_id: str
     action: str
-
-
-class OrderRef(NamedTuple):
-    """keep.lua and fence.lua: just the order."""
-
-    order_id: str
 
 
 def _account_refusal(step: str, reply: list[Any], dist: str, ref: str, cost: int) -> DispatchError:
@@ -107,16 +104,16 @@ def _begin(reply: list[Any], item: BeginItem, dist: str) -> Any:
     return _account_refusal("begin", reply, dist, item.ref, item.qty * item.unit_price)
 
 
-def _buy(reply: list[Any], item: BuyItem, dist: str) -> Any:
-    """OrderRec (bought by a call sent before) | None (bought now) | Existing (a replay) | an error."""
+def _deliver(reply: list[Any], item: DeliverItem, node: str) -> Any:
+    """The codes (encrypted) | Existing (a replay, with its codes) | an error."""
     status = reply[0]
     if status == b"ok":
-        return decode_order(reply[1]) if len(reply) > 1 else None
+        return reply[1:]
     if status == b"exists":
-        return Existing(decode_order(reply[2]))
-    if status == b"failed":
-        return refusal("buy", reply[1], sku=item.sku)
-    return _account_refusal("buy", reply, dist, item.ref, item.delivered * item.unit_price)
+        return Existing(decode_order(reply[2]), decode_codes(reply[3]) if reply[3] else [])
+    if status in (b"unknown_sku", b"paused", b"out_of_stock"):
+        return refusal("deliver", status, sku=item.sku)
+    return _account_refusal("deliver", reply, item.distributor, item.ref, item.qty * item.unit_price)
 
 
 def _commit(reply: list[Any], item: CommitItem, dist: str) -> Any:
@@ -140,10 +137,6 @@ def _take(reply: list[Any], item: TakeItem, sku: str) -> Taken:
     return Taken(reply[0].decode(), reply[1:])
 
 
-def _fence(reply: bytes, item: OrderRef, dist: str) -> bool:
-    return reply == b"bought"
-
-
 def _as_str(reply: bytes, item: Sequence[Any], shard: str) -> str:
     return reply.decode()
 
@@ -153,26 +146,52 @@ Decode = Callable[[Any, Sequence[Any], str], Any]
 #: Every saga step: (the shard it runs on, how one item's reply is decoded).
 #: An item's fields follow the script's header (dispatch/lua/<step>.lua).
 STEPS: dict[str, tuple[str, Decode]] = {
+    "deliver": ("node", _deliver),         # check, take, debit, record: a purchase at once
     "begin": ("account", _begin),          # hold the money of a reservation
-    "take": ("sku", _take),                # pop an order's codes
-    "buy": ("account", _buy),              # check, debit, record a delivered order
-    "keep": ("sku", _as_str),              # a bought order is no longer provisional
+    "take": ("sku", _take),                # pop a reservation's codes
     "commit": ("account", _commit),        # start a reservation's lease
     "settle": ("account", _settle),        # the account side of ending a reservation
-    "sku_settle": ("sku", _as_str),        # the SKU side: sell, return or undo its codes
-    "fence": ("account", _fence),          # the sweep: was a provisional purchase bought?
+    "sku_settle": ("sku", _as_str),        # the SKU side: sell or return its codes
 }
 
 
 class OrderStore:
     def __init__(self, db: Store) -> None:
         self._db = db
+        self._sku_keys: dict[str, keys.SkuKeys] = {}
+        self._acct_keys: dict[str, list[str]] = {}
 
-    def _call(self, step: str, shard: str, items: Sequence[Sequence[Any]]) -> Call:
-        if STEPS[step][0] == "account":
-            return keys.AcctKeys(shard).all, [len(items)], items
-        k = keys.SkuKeys(shard)
-        return k.all, [k.pool_prefix, len(items)], items
+    def _sku(self, sku: str) -> keys.SkuKeys:
+        k = self._sku_keys.get(sku)
+        if k is None:
+            if len(self._sku_keys) > 100_000:
+                self._sku_keys.clear()
+            k = self._sku_keys[sku] = keys.SkuKeys(sku)
+        return k
+
+    def _acct(self, dist: str) -> list[str]:
+        k = self._acct_keys.get(dist)
+        if k is None:
+            if len(self._acct_keys) > 100_000:
+                self._acct_keys.clear()
+            k = self._acct_keys[dist] = keys.AcctKeys(dist).all
+        return k
+
+    def _call(self, step: str, shard: str, items: Sequence[Any]) -> Call:
+        kind = STEPS[step][0]
+        if kind == "account":
+            return self._acct(shard), [len(items)], items
+        if kind == "sku":
+            k = self._sku(shard)
+            return k.all, [k.pool_prefix, len(items)], items
+        skus = list(dict.fromkeys(item.sku for item in items))
+        dists = list(dict.fromkeys(item.distributor for item in items))
+        keys_: list[str] = []
+        for sku in skus:
+            keys_ += self._sku(sku).all
+        for dist in dists:
+            keys_ += self._acct(dist)
+        return keys_, [len(skus), len(dists), *skus, *dists, len(items)], items
 
     async def step(self, step: str, shard: str, items: Sequence[Sequence[Any]]) -> list[Any]:
         """Run saga *step* for *items* of one shard (a distributor's account, or a SKU):
@@ -231,22 +250,6 @@ class OrderStore:
                 flat = await p.execute()
         ids = [[i.decode() for i in found] for found in flat]
         return list(zip(ids[0::2], ids[1::2]))
-
-    async def provisional(self, skus: Sequence[str], before_ms: int) -> dict[str, list[tuple[str, str]]]:
-        """Per SKU: (order id, distributor) of purchases taken before *before_ms* and not
-        yet confirmed bought (at most 1000 a SKU)."""
-        client = self._db.client
-        with translated():
-            async with client.pipeline(transaction=False) as p:
-                for sku in skus:
-                    p.zrangebyscore(keys.SkuKeys(sku).prov, "-inf", before_ms, 0, 1000)
-                ids = await p.execute()
-            out = {}
-            for sku, found in zip(skus, ids):
-                if found:
-                    recs = await client.hmget(keys.SkuKeys(sku).dlv, found)
-                    out[sku] = [(i.decode(), msgpack_decode(r)["a"]) for i, r in zip(found, recs) if r is not None]
-        return out
 
     async def clear_pending(self, dist: str, ids: Sequence[str]) -> None:
         """Orders (or tickets) whose saga is done leave the account's pending set."""

@@ -96,9 +96,10 @@ def refusal(script: str, status: bytes | str, **context: Any) -> e.DispatchError
 
 class Existing(NamedTuple):
     """An account step found the order's external_ref used before, by this request body:
-    the earlier order (a replay)."""
+    the earlier order (a replay), and its codes when the step read them."""
 
     rec: OrderRec
+    codes: list[bytes] | None = None
 
 
 class Taken(NamedTuple):

@@ -12,13 +12,13 @@ from importlib import resources
 _ACCOUNT = ("_events", "_account")
 _SKU = ("_events", "_sku")
 _PRELUDE = {
-    "begin": _ACCOUNT, "buy": _ACCOUNT, "fence": _ACCOUNT, "commit": _ACCOUNT, "settle": _ACCOUNT, "topup": _ACCOUNT,
+    "deliver": ("_events",), "begin": _ACCOUNT, "commit": _ACCOUNT, "settle": _ACCOUNT, "topup": _ACCOUNT,
     "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _ACCOUNT,
     "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,
-    "take": _SKU, "keep": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
+    "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
     "batch_park": _SKU, "sku_invalidate": _SKU, "sku_requeue": _SKU,
 }
-NAMES = ("begin", "buy", "fence", "commit", "settle", "topup", "put", "take", "keep", "sku_settle", "import_push",
+NAMES = ("deliver", "begin", "commit", "settle", "topup", "put", "take", "sku_settle", "import_push",
          "batch_void", "fp_claim", "rotate_key", "rate_limit", "fpkey_swap",
          "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
          "batch_park", "sku_invalidate", "sku_requeue",
