@@ -239,3 +239,37 @@ async def test_crash_of_redis_mid_load_loses_nothing(tmp_path) -> None:
             assert (sum(e.amount for e in ledger), sum(e.held_delta for e in ledger)) == (bal.balance, bal.held)
             assert bal.held == 0
         assert await engine.audit() == []
+
+
+async def test_refused_buyers_never_make_stock_look_sold_out(engine: Engine) -> None:
+    """A distributor with an API key and no money floods a flash-sale SKU with orders it
+    cannot pay for, while a funded one buys: every code goes to a funded order, and the
+    stock level never flaps (a refused order never takes a code, not even for a moment)."""
+    await engine.create_supplier("sup", "Supplier")
+    await engine.create_sku("flash", "Flash", 1000, "CNY", 1000)
+    await engine.import_codes(codes_text("FLASH", 2), sku="flash", supplier="sup", unit_cost=500)
+    await engine.create_distributor("broke", "Broke")
+    await engine.create_distributor("funded", "Funded")
+    await engine.topup("funded", 1_000_000, "seed")
+    before = (await engine.events("sku:flash")).events  # the import put it in stock
+
+    async def attempt(dist: str, ref: str, qty: int) -> object:
+        try:
+            return await engine.purchase(dist, "flash", qty, ref)
+        except errors.DispatchError as e:
+            return e
+
+    tries = [attempt("broke", f"b{i}", 2) for i in range(300)] + [attempt("funded", f"f{i}", 1) for i in range(150)]
+    random.Random(7).shuffle(tries)
+    results = await asyncio.gather(*tries)
+    funded = [r for r in results if isinstance(r, Order)]
+    assert len(funded) == 2 and {r.external_ref[0] for r in funded} == {"f"}
+    refused = collections.Counter(r.code for r in results
+                                  if isinstance(r, errors.DispatchError))
+    assert set(refused) <= {"insufficient_balance", "out_of_stock"}
+    assert sum(refused.values()) == 448
+    levels = [e.type for e in (await engine.events("sku:flash", after=before[-1].event_id, limit=1000)).events]
+    assert levels == ["stock.out"], levels  # out once, when the last code went; never restored
+    assert (await engine.stock("flash")).sold == 2
+    assert (await engine.balance("broke")).balance == 0
+    assert await engine.audit() == []
