@@ -189,3 +189,69 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("DISPATCH_"):
             monkeypatch.delenv(name)
+
+
+async def test_a_retry_after_a_crash_finds_its_order_and_stock_stays_true(flushed_redis_url: str,
+                                                                          tmp_path: Path) -> None:
+    """kill -9 of the daemon mid-load, with thin stock: after a restart every buyer re-sends
+    the orders it had no answer for; each completes as its own order (or is refused for its
+    own reason), and no buyer is told out_of_stock while a code is on sale."""
+    stock = 300
+    config = make_config(tmp_path, redis_url=flushed_redis_url)
+    async with Engine(config, sweep=False) as engine:
+        await engine.create_sku("g100", "Game card 100", 10000, "CNY", 9500)
+        await engine.create_supplier("sup", "Supplier")
+        await engine.import_codes(codes_text("KILL", stock), sku="g100", supplier="sup", unit_cost=9000)
+        key = (await engine.create_distributor("acme", "Acme")).api_key
+        await engine.topup("acme", 10**9, "seed")
+    env = {"DISPATCH_REDIS_URL": flushed_redis_url, "DISPATCH_MASTER_KEY": config.master_key or "",
+           "DISPATCH_DATA_DIR": str(tmp_path / "d")}
+    refs = [f"k{i}" for i in range(stock + 100)]  # more orders than codes
+    answers: dict[str, Response] = {}
+
+    async def buy(port: int, todo: list[str]) -> None:
+        try:
+            conn = await Conn.open(port)
+            while todo:
+                ref = todo[0]
+                answers[ref] = await conn.request("POST", "/v1/orders", token=key,
+                                                  json={"sku": "g100", "qty": 1, "external_ref": ref})
+                todo.pop(0)
+        except (OSError, AssertionError, asyncio.TimeoutError):
+            return  # the daemon died under it: the ref stays to do
+
+    queues = [refs[i::8] for i in range(8)]
+    daemon = Daemon(tmp_path, env)
+    try:
+        await daemon.ready()
+        clients = [asyncio.create_task(buy(daemon.port, q)) for q in queues]
+        while len(answers) < stock // 3:
+            await asyncio.sleep(0.002)
+        daemon.proc.kill()  # SIGKILL mid-load
+        daemon.proc.wait()
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+    finally:
+        daemon.kill()
+    cut = sum(len(q) for q in queues)
+    assert 0 < cut < len(refs), "the crash did not land mid-load"
+
+    (tmp_path / "again").mkdir()
+    daemon = Daemon(tmp_path / "again", env)
+    try:
+        await daemon.ready()
+        await asyncio.wait_for(asyncio.gather(*(buy(daemon.port, q) for q in queues)), 120)
+    finally:
+        daemon.kill()
+
+    assert set(answers) == set(refs)
+    delivered = {ref: r for ref, r in answers.items() if r.status in (200, 201)}
+    sold_out = [ref for ref, r in answers.items() if r.status == 409]
+    assert {r.status for r in answers.values()} <= {200, 201, 409}
+    assert all(answers[ref].json()["error"]["code"] == "out_of_stock" for ref in sold_out)
+    assert len(delivered) == stock and len(sold_out) == len(refs) - stock  # nothing sold out early
+    async with Engine(config, sweep=False) as engine:
+        for ref, r in delivered.items():
+            order = await engine.get_order_by_ref("acme", ref)
+            assert order.order_id == r.json()["order_id"]
+        assert (await engine.stock("g100")).sold == stock
+        assert await engine.audit() == []
