@@ -1,7 +1,8 @@
 """Every Redis key the engine uses, in one place.
 
 Keys are grouped by *hash tag* so that each Lua script touches one tag only and
-runs unchanged on Redis Cluster:
+runs unchanged on Redis Cluster (all but ``deliver``, which spans the SKUs and
+accounts of a round on the node that holds them all):
 
 ``{g}``        global catalog: SKU/distributor registries, suppliers, tiers, API keys, batches
 ``{s:SKU}``    one SKU's shard: metadata, counters, per-batch pools, delivery records
