@@ -98,10 +98,6 @@ class Store:
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
-    async def ping(self) -> bool:
-        with translated():
-            return bool(await self.client.ping())
-
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
         """A connection of the script path's own small pool: a coalesced call needs one
