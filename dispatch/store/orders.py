@@ -78,7 +78,7 @@ class CommitItem(NamedTuple):
 
 
 class SettleItem(NamedTuple):
-    """settle.lua (confirm, cancel, expire) and sku_settle.lua (sell, return, undo)."""
+    """settle.lua (confirm, cancel, expire) and sku_settle.lua (sell, return)."""
 
     order_id: str
     action: str
