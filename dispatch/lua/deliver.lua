@@ -73,6 +73,25 @@ local function acct(a)
   return st
 end
 
+-- 0. every external_ref of the call, looked up with one HMGET per account
+local earlier_id = {}
+do
+  local asked = {}
+  local j = 4 + nS + nA
+  for _ = 1, n do
+    local a = acct_at[ARGV[j + 4]]
+    asked[a] = asked[a] or {}
+    asked[a][#asked[a] + 1] = ARGV[j + 1]
+    j = j + 9
+  end
+  for a, list in pairs(asked) do
+    local found = redis.call('HMGET', ak(a, 3), unpack(list))
+    local mine = {}
+    for x = 1, #list do mine[list[x]] = found[x] end
+    earlier_id[a] = mine
+  end
+end
+
 -- 1. decide, in order
 local out, want, again = {}, {}, {}
 local ids, refs, records, prices, owners, partials, qtys = {}, {}, {}, {}, {}, {}, {}
@@ -89,7 +108,7 @@ for k = 1, n do
   if first then  -- the same external_ref twice in one call: the second is told of the first
     if first.digest == digest then again[k] = first.k else out[k] = {'conflict', ids[first.k]} end
   else
-    local earlier = redis.call('HGET', ak(a, 3), ref)
+    local earlier = earlier_id[a][ref]
     if earlier then
       local rec = redis.call('HGET', ak(a, 4), earlier)
       if cmsgpack.unpack(rec).digest == digest then
