@@ -1,7 +1,7 @@
 """What this host allows at best: the purchase path stripped to the writes the
 invariants need, measured the way bench/compare.py measures the engine.
 
-A purchase here is two Lua calls, as in the engine's deliver mode, with nothing but:
+A purchase here is two Lua calls (the shape of a two-shard saga), with nothing but:
   take  (SKU shard)     LPOP the codes of every order of the call; one HSET marks them
                         provisional (order -> account); one HINCRBY counts them sold.
   buy   (account shard) per order: HGET of its external_ref (idempotency) and, with
@@ -9,8 +9,8 @@ A purchase here is two Lua calls, as in the engine's deliver mode, with nothing 
                         (strings made by the client), HSET codes, RPUSH ledger entries,
                         HINCRBY balance.
   keep  (SKU shard)     one HDEL of the provisional marks, riding with the next take.
-And the whole purchase as one Lua call per batch (account shard, the SKU's keys passed
-along: fine on one node, not on a cluster):
+Or one Lua call per batch, as the engine's deliver mode is (account shard, the SKU's
+keys passed along: fine on one node, not on a cluster):
   deliver               per order: HGET of its external_ref; per call: LPOP of the codes,
                         HSET refs, order records and codes, RPUSH ledger entries,
                         HINCRBY balance and sold count, with events one XADD.
