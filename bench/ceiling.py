@@ -1,14 +1,19 @@
 """What this host allows at best: the purchase path stripped to the writes the
 invariants need, measured the way bench/compare.py measures the engine.
 
-A purchase here is two Lua calls, as in the engine's deliver mode, with nothing but:
+A purchase here is two Lua calls (the shape of a two-shard saga), with nothing but:
   take  (SKU shard)     LPOP the codes of every order of the call; one HSET marks them
                         provisional (order -> account); one HINCRBY counts them sold.
   buy   (account shard) per order: HGET of its external_ref (idempotency) and, with
-                        --events, one XADD; per call: HSET refs, HSET order records
+                        events, one XADD; per call: HSET refs, HSET order records
                         (strings made by the client), HSET codes, RPUSH ledger entries,
                         HINCRBY balance.
   keep  (SKU shard)     one HDEL of the provisional marks, riding with the next take.
+Or one Lua call per batch, as the engine's deliver mode is (account shard, the SKU's
+keys passed along: fine on one node, not on a cluster):
+  deliver               per order: HGET of its external_ref; per call: LPOP of the codes,
+                        HSET refs, order records and codes, RPUSH ledger entries,
+                        HINCRBY balance and sold count, with events one XADD.
 No checks, no stock levels, no encryption, no order objects: a floor, not an engine.
 
 And an import stripped the same way: chunks of 10,000 ready-made 46-byte values (the
@@ -16,14 +21,16 @@ size of an encrypted 16-character code) RPUSHed, with one global-dedupe claim pe
 (HSETNX of a 16-byte fingerprint, in a Lua loop as the engine's fp_claim does), two
 chunks in flight. The values and fingerprints are made before the clock starts.
 
-Two drivers, each on a fresh embedded Redis (appendfsync always, unix socket):
+Three drivers, on one embedded Redis flushed before each row (appendfsync always, unix socket):
   redis-only  one client pipelines take/buy/keep calls of 256 orders, 4 in flight: the
               Redis process alone is the limit.
   callers     256 asyncio callers (uvloop) each awaiting take then buy for one order at
               a time, through dispatch.coalescer (group commit per shard, as the engine
               does): the Python process is in the loop, doing almost nothing per order.
+  one_call    the same callers awaiting one deliver call per order, coalesced per
+              account: the floor bench/compare.py prints beside the engine.
 
-    .venv/bin/python bench/ceiling.py    # 1,000,000 codes, then 100,000 orders per driver: ~1 minute
+    .venv/bin/python bench/ceiling.py    # 1,000,000 codes, then 100,000 orders a row: ~1 minute
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis.asyncio as aredis
 
@@ -107,6 +113,41 @@ end
 return out
 """
 
+DELIVER = """
+-- KEYS: acct_keys(account), pool, stats; ARGV: n, events, n x (order id, external_ref, record)
+local n, events = tonumber(ARGV[1]), ARGV[2] == '1'
+local fresh, refs, recs, codes, ledger, out = {}, {}, {}, {}, {}, {}
+for k = 1, n do
+  local earlier = redis.call('HGET', KEYS[2], ARGV[3 * k + 1])
+  if earlier then out[k] = earlier else fresh[#fresh + 1] = k end
+end
+local popped = #fresh > 0 and redis.call('LPOP', KEYS[7], #fresh) or false
+if not popped then popped = {} end
+for c = #popped + 1, #fresh do out[fresh[c]] = 'out_of_stock' end
+if #popped == 0 then return out end
+local t = redis.call('TIME')
+local now = t[1] .. string.format('%03d', math.floor(t[2] / 1000))
+for c = 1, #popped do
+  local k = fresh[c]
+  local id, ref, rec = ARGV[3 * k], ARGV[3 * k + 1], ARGV[3 * k + 2]
+  refs[#refs + 1] = ref; refs[#refs + 1] = id
+  recs[#recs + 1] = id; recs[#recs + 1] = rec
+  codes[#codes + 1] = id; codes[#codes + 1] = popped[c]
+  ledger[#ledger + 1] = 'purchase\\31' .. id .. '\\31-100\\31' .. now
+  out[k] = popped[c]
+end
+redis.call('HSET', KEYS[2], unpack(refs))
+redis.call('HSET', KEYS[3], unpack(recs))
+redis.call('HSET', KEYS[4], unpack(codes))
+redis.call('RPUSH', KEYS[5], unpack(ledger))
+redis.call('HINCRBY', KEYS[1], 'balance', -100 * #popped)
+redis.call('HINCRBY', KEYS[8], 'sold', #popped)
+if events then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', '100000', '*', 'type', 'orders.delivered', 'data', table.concat(recs, '|'))
+end
+return out
+"""
+
 
 def sku_keys(s: str) -> list[str]:
     return [f"c:{{{s}}}:pool", f"c:{{{s}}}:prov", f"c:{{{s}}}:stats"]
@@ -117,8 +158,10 @@ def acct_keys(d: str) -> list[str]:
 
 
 def redis_cpu(pid: int) -> float:
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system, every thread) of process *pid* so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        v = f.read().rsplit(")", 1)[1].split()
+    return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def seed(r: aredis.Redis, n: int) -> None:
@@ -132,8 +175,9 @@ def record(oid: str, ref: str) -> bytes:
     return f"{oid}|{ref}|0123456789abcdef0123456789abcdef|s0|1|100|CNY|deliver|delivered|100".encode()
 
 
-async def redis_only(r: aredis.Redis, take: str, buy: str, n: int, events: bool, batch: int = 256) -> None:
+async def redis_only(r: aredis.Redis, shas: dict[str, str], n: int, events: bool, batch: int = 256) -> None:
     """take, buy, keep for *batch* orders at a time, 4 such chains in flight."""
+    take, buy = shas["take"], shas["buy"]
     async def chain(w: int) -> None:
         for k in range(w * batch, n, 4 * batch):
             ids = [f"{k + j:026d}" for j in range(min(batch, n - k))]
@@ -145,19 +189,22 @@ async def redis_only(r: aredis.Redis, take: str, buy: str, n: int, events: bool,
     await asyncio.gather(*(chain(w) for w in range(4)))
 
 
-async def callers(r: aredis.Redis, take: str, buy: str, n: int, events: bool) -> None:
-    """CALLERS tasks, each awaiting take then buy per order, coalesced per shard."""
-    def sender(sha: str, nkeys: int, keys_of: Callable[[str], list[str]], extra: list[int]) -> Callable[..., Any]:
-        async def round_(batches: dict[str, list]) -> dict[str, list]:
-            async with r.pipeline(transaction=False) as p:
-                for shard, items in batches.items():
-                    p.evalsha(sha, nkeys, *keys_of(shard), len(items), *extra, *[x for it in items for x in it])
-                replies = await p.execute()
-            return dict(zip(batches, replies))
-        return round_
+def coalesced(r: aredis.Redis, sha: str, keys_of: Callable[[str], list[str]], extra: list[int]) -> Coalescer:
+    """A Coalescer sending each round as one pipeline of one script call per shard."""
+    async def round_(batches: dict[str, list]) -> dict[str, list]:
+        async with r.pipeline(transaction=False) as p:
+            for shard, items in batches.items():
+                keys = keys_of(shard)
+                p.evalsha(sha, len(keys), *keys, len(items), *extra, *[x for it in items for x in it])
+            replies = await p.execute()
+        return dict(zip(batches, replies))
+    return Coalescer(round_)
 
-    takes = Coalescer(sender(take, 3, sku_keys, []))
-    buys = Coalescer(sender(buy, 6, acct_keys, [int(events)]))
+
+async def callers(r: aredis.Redis, shas: dict[str, str], n: int, events: bool) -> None:
+    """CALLERS tasks, each awaiting take then buy per order, coalesced per shard."""
+    takes = coalesced(r, shas["take"], sku_keys, [])
+    buys = coalesced(r, shas["buy"], acct_keys, [int(events)])
     keeps: list[str] = []
     nxt = iter(range(n))
 
@@ -175,6 +222,29 @@ async def callers(r: aredis.Redis, take: str, buy: str, n: int, events: bool) ->
     await asyncio.gather(*(caller(c) for c in range(CALLERS)))
     await takes.submit("s0", (",".join(keeps), "keep"))
     await takes.drain()
+
+
+async def one_call(r: aredis.Redis, shas: dict[str, str], n: int, events: bool,
+                   latencies: list[float] | None = None) -> Coalescer:
+    """CALLERS tasks, each awaiting one deliver call per order, coalesced per account
+    (with *events*, one XADD per call). Each order's seconds go to *latencies* if given;
+    returns the coalescer, whose items / batches is the mean batch."""
+    pool, _, stats = sku_keys("s0")
+    delivers = coalesced(r, shas["deliver"], lambda d: [*acct_keys(d), pool, stats], [int(events)])
+    nxt = iter(range(n))
+    clock = time.perf_counter
+
+    async def caller(c: int) -> None:
+        d = f"d{c % DISTS}"
+        for i in nxt:
+            oid = f"{i:026d}"
+            t = clock()
+            await delivers.submit(d, (oid, "r" + oid, record(oid, "r" + oid)))
+            if latencies is not None:
+                latencies.append(clock() - t)
+
+    await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+    return delivers
 
 
 CLAIM = """
@@ -207,22 +277,31 @@ async def import_floor(r: aredis.Redis, pid: int, n: int, chunk: int = 10_000) -
           f"redis {1e6 * rc / n:.1f} us/code, {per_code:.0f} bytes/code")
 
 
+async def load_scripts(r: aredis.Redis) -> dict[str, str]:
+    return {name: await r.script_load(src) for name, src in (("take", TAKE), ("buy", BUY), ("deliver", DELIVER))}
+
+
+async def check(r: aredis.Redis, n: int) -> None:
+    """Every one of *n* orders took a code, was kept and left one external_ref."""
+    _, prov, stats = sku_keys("s0")
+    sold, left = int(await r.hget(stats, "sold")), await r.hlen(prov)
+    refs = sum([await r.hlen(acct_keys(f"d{d}")[1]) for d in range(DISTS)])
+    assert sold == n and left == 0 and refs == n, (sold, left, refs)
+
+
 async def main(url: str, pid: int, n: int, n_import: int) -> None:
     r = aredis.Redis.from_url(url)
     await import_floor(r, pid, n_import)
-    take, buy = await r.script_load(TAKE), await r.script_load(BUY)
+    shas = await load_scripts(r)
     print(f"{'driver':12} {'events':6} {'orders/s':>9} {'python us/order':>16} {'redis us/order':>15}")
-    for driver in (redis_only, callers):
-        for events in (False, True):
-            await seed(r, n)
-            c0, r0, t0 = time.process_time(), redis_cpu(pid), time.perf_counter()
-            await driver(r, take, buy, n, events)
-            t, c, rc = time.perf_counter() - t0, time.process_time() - c0, redis_cpu(pid) - r0
-            sold = int(await r.hget(sku_keys("s0")[2], "sold"))
-            left = await r.hlen(sku_keys("s0")[1])
-            assert sold == n and left == 0, (sold, left)  # every order took a code and was kept
-            print(f"{driver.__name__:12} {'yes' if events else 'no':6} {n / t:9,.0f} {1e6 * c / n:16.1f} "
-                  f"{1e6 * rc / n:15.1f}")
+    for driver, events, per in ((redis_only, False, "no"), (redis_only, True, "order"), (callers, False, "no"),
+                                (callers, True, "order"), (one_call, False, "no"), (one_call, True, "call")):
+        await seed(r, n)
+        c0, r0, t0 = time.process_time(), redis_cpu(pid), time.perf_counter()
+        await driver(r, shas, n, events)
+        t, c, rc = time.perf_counter() - t0, time.process_time() - c0, redis_cpu(pid) - r0
+        await check(r, n)
+        print(f"{driver.__name__:12} {per:6} {n / t:9,.0f} {1e6 * c / n:16.1f} {1e6 * rc / n:15.1f}")
     await r.aclose()
 
 

@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest bench -q --benchmark-only
 
 Each round of a purchase benchmark is ORDERS orders by 256 concurrent callers
-(``extra_info`` gives orders/s); bench/compare.py prints the same work beside the
+(``extra_info`` gives orders/s and the CPU per order of this process and of Redis,
+averaged over the rounds); bench/compare.py prints the same work beside the
 straightforward implementation.
 """
 
@@ -73,10 +74,15 @@ def test_orders(benchmark, loop, server, tmp_path, label, skus, zipf_s, mode):
     per_sku = (ORDERS * (ROUNDS + 1)) if skus == 1 else int(ORDERS * (ROUNDS + 1) * 0.3) + 50
     engine = _engine(loop, server, tmp_path, skus, per_sku)
 
+    rows = []
+
     def one() -> None:
-        loop.run_until_complete(compare.closed_loop(engine, ORDERS, skus, zipf_s, mode))
+        row = compare.closed_loop(engine, ORDERS, skus, zipf_s, mode, server.url, server.pid)
+        rows.append(loop.run_until_complete(row))
 
     benchmark.pedantic(one, rounds=ROUNDS, iterations=1)
     benchmark.extra_info["orders_per_s"] = ORDERS / benchmark.stats.stats.mean
+    benchmark.extra_info["python_us_per_order"] = sum(r.py_us for r in rows) / len(rows)
+    benchmark.extra_info["redis_us_per_order"] = sum(r.redis_us for r in rows) / len(rows)
     assert loop.run_until_complete(engine.audit()) == []
     loop.run_until_complete(engine.close())

@@ -61,6 +61,16 @@ class Figures:
     wrk_cpu_s: float
     other_cpu_s: float
 
+    @property
+    def server_us(self) -> float:
+        """CPU us of the server's process group per delivered order."""
+        return 1e6 * self.server_cpu_s / max(self.delivered, 1)
+
+    @property
+    def redis_us(self) -> float:
+        """CPU us of the Redis process per delivered order."""
+        return 1e6 * self.redis_cpu_s / max(self.delivered, 1)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -68,8 +78,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """user + system CPU time of *pid* and its reaped children (0 if unknown)."""
+def cpu_seconds(pid: int | None, children: bool = True) -> float:
+    """user + system CPU time of *pid* (every thread) and, with *children*, of its
+    reaped children (0 if unknown)."""
     if not pid:
         return 0.0
     try:
@@ -77,7 +88,7 @@ def cpu_seconds(pid: int | None) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15 if children else 13]) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_seconds() -> float:
@@ -227,11 +238,11 @@ def run_one(name: str, server: EmbeddedRedis, tmp: str, args: argparse.Namespace
         wait_ready(proc, port, ready, log_path)
         if args.warmup:
             wrk(args.wrk, port, api_key, args.warmup, args.connections, args.threads)
-        cpu0, rcpu0 = group_cpu_seconds(proc.pid), cpu_seconds(server.pid)
+        cpu0, rcpu0 = group_cpu_seconds(proc.pid), cpu_seconds(server.pid, children=False)
         wcpu0, busy0 = children_cpu_seconds(), machine_busy_seconds()
         out, cmd_run = wrk(args.wrk, port, api_key, args.duration, args.connections, args.threads)
         wcpu1, busy1 = children_cpu_seconds(), machine_busy_seconds()
-        cpu1, rcpu1 = group_cpu_seconds(proc.pid), cpu_seconds(server.pid)
+        cpu1, rcpu1 = group_cpu_seconds(proc.pid), cpu_seconds(server.pid, children=False)
         if proc.poll() is not None:
             raise RuntimeError(f"{name} died during the run:\n{open(log_path).read()[-3000:]}")
     finally:
@@ -280,23 +291,24 @@ def main() -> None:
             results[name] = run_one(name, server, tmp, args)
 
     print()
-    print(f"{'server':20} {'delivered/s':>12} {'requests/s':>11} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'server CPU':>10} {'redis CPU':>9} {'wrk CPU':>8} {'other CPU':>9}")
+    print(f"{'server':18} {'delivered/s':>11} {'requests/s':>10} {'p50 ms':>6} {'p99 ms':>6} "
+          f"{'server us':>9} {'redis us':>8}  {'server%':>7} {'redis%':>6} {'wrk%':>5} {'other%':>6}")
     for name, f in results.items():
-        print(f"{name:20} {f.delivered_s:>12,.0f} {f.requests_s:>11,.0f} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} "
-              f"{f.server_cpu_s / f.seconds:>10.0%} {f.redis_cpu_s / f.seconds:>9.0%} "
-              f"{f.wrk_cpu_s / f.seconds:>8.0%} {f.other_cpu_s / f.seconds:>9.0%}")
+        print(f"{name:18} {f.delivered_s:>11,.0f} {f.requests_s:>10,.0f} {f.p50_ms:>6.2f} {f.p99_ms:>6.2f} "
+              f"{f.server_us:>9,.1f} {f.redis_us:>8,.1f}  "
+              f"{f.server_cpu_s / f.seconds:>7.0%} {f.redis_cpu_s / f.seconds:>6.0%} "
+              f"{f.wrk_cpu_s / f.seconds:>5.0%} {f.other_cpu_s / f.seconds:>6.0%}")
     if len(results) == 2:
         a, b = results["dispatch serve"], results["fastapi + uvicorn"]
-        print(f"{'ratio':20} {a.delivered_s / max(b.delivered_s, 1e-9):>11.1f}x "
-              f"{a.requests_s / max(b.requests_s, 1e-9):>10.1f}x "
-              f"{a.p50_ms / max(b.p50_ms, 1e-9):>6.2f}x {a.p99_ms / max(b.p99_ms, 1e-9):>6.2f}x")
-    print(f"(CPU: share of one core during the measured run, of {os.cpu_count()} cores in all; "
-          "other = the rest of the machine, kernel included, and should be small for a clean run)\n")
-    for name, f in results.items():
-        if f.delivered:
-            print(f"{name}: {1e6 * f.server_cpu_s / f.delivered:,.0f} us of server CPU, "
-                  f"{1e6 * f.redis_cpu_s / f.delivered:,.0f} us of Redis CPU per delivered order")
+        ratio = [getattr(a, c) / max(getattr(b, c), 1e-9)
+                 for c in ("delivered_s", "requests_s", "p50_ms", "p99_ms", "server_us", "redis_us")]
+        print(f"{'ratio':18} {ratio[0]:>10.2f}x {ratio[1]:>9.2f}x {ratio[2]:>5.2f}x {ratio[3]:>5.2f}x "
+              f"{ratio[4]:>8.2f}x {ratio[5]:>7.2f}x")
+    print("\nserver us, redis us: CPU (user + system, from /proc) per delivered order of the server's process\n"
+          "group and of the Redis process; server% ... other%: their share of one core during the measured\n"
+          f"run, of {os.cpu_count()} cores in all (other: the rest of the machine, kernel included)")
+    if any(f.other_cpu_s / f.seconds > 0.25 for f in results.values()):
+        print("other% is above 25%: the host was busy during the run; read the CPU per order and the ratios")
 
 
 if __name__ == "__main__":
