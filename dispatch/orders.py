@@ -31,7 +31,7 @@ from .models import Code, Order, OrderPage
 from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id
 from .sagas import Sagas
 from .store import Store
-from .store.orders import NODE, BeginItem, CommitItem, DeliverItem, SettleItem, TakeItem
+from .store.orders import NODE, BeginItem, CommitItem, DeliverItem, OrderRef, SettleItem, TakeItem
 from .store.replies import Existing, Settled, refusal
 from .vault import Vault
 
@@ -174,13 +174,13 @@ class Orders:
             raise ReservationExpiredError(f"order {order_id} expired before it was confirmed")
         if settled.result == "invalid_state":
             raise refusal("settle", "invalid_state", order=order_id, state=settled.rec.status, action=action)
-        return await self.get_order(distributor, order_id)
+        return self._present(settled.rec, settled.codes)
 
     async def finish_sku_side(self, distributor: str, rec: OrderRec) -> None:
         """The SKU side of a reservation its account has ended: codes sold or returned."""
         action = "sell" if rec.status == "delivered" else "return"
         await self._sagas.sku_settle.submit(rec.sku, SettleItem(rec.id, action))
-        await self._store.orders.clear_pending(distributor, [rec.id])
+        await self._sagas.unpend.submit(distributor, OrderRef(rec.id))
 
     # ---- what the recovery sweep does ------------------------------------------------------
     async def expire(self, distributor: str, order_id: str) -> bool:

@@ -35,7 +35,7 @@ class Sagas:
         self.steps = {name: batcher(name) for name in STEPS}
         s = self.steps
         self.deliver, self.begin, self.take = s["deliver"], s["begin"], s["take"]
-        self.commit, self.settle, self.sku_settle = s["commit"], s["settle"], s["sku_settle"]
+        self.commit, self.settle, self.sku_settle, self.unpend = s["commit"], s["settle"], s["sku_settle"], s["unpend"]
         self._tasks: set[asyncio.Future[Any]] = set()
 
     def run(self, steps: Coroutine[Any, Any, T]) -> Awaitable[T]:

@@ -6,7 +6,7 @@
 -- The order is left in `pending` until the SKU side is done (dispatch clears it).
 -- Each ending is told on the account's event stream: order.delivered, order.cancelled,
 -- order.expired.
--- returns per order: {result, order}, result one of
+-- returns per order: {result, order, codes (of a delivered order, else "")}, result one of
 --   "ok" (done now), "again" (was already so), "expired", "not_due", "invalid_state", "not_found"
 local now = now_ms()
 local target = {confirm = 'delivered', cancel = 'cancelled', expire = 'expired'}
@@ -55,7 +55,8 @@ for _ = 1, tonumber(ARGV[1]) do
     else
       result = 'invalid_state'
     end
-    out[#out + 1] = {result, raw}
+    -- a delivered order's codes, so the caller can show them without reading them back
+    out[#out + 1] = {result, raw, o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''}
   end
 end
 settle_money()

@@ -23,7 +23,8 @@ from .replies import Existing, Settled, Taken, refusal, translated
 if TYPE_CHECKING:
     from .store import Call, Store
 
-__all__ = ["OrderStore", "STEPS", "NODE", "DeliverItem", "BeginItem", "TakeItem", "CommitItem", "SettleItem"]
+__all__ = ["OrderStore", "STEPS", "NODE", "DeliverItem", "BeginItem", "TakeItem", "CommitItem", "SettleItem",
+           "OrderRef"]
 
 #: The shard of the steps that run on the node holding every shard.
 NODE = ""
@@ -75,6 +76,12 @@ class CommitItem(NamedTuple):
     outcome: str
     delivered: int
     codes: bytes
+
+
+class OrderRef(NamedTuple):
+    """unpend.lua: just the order."""
+
+    order_id: str
 
 
 class SettleItem(NamedTuple):
@@ -130,7 +137,7 @@ def _commit(reply: list[Any], item: CommitItem, dist: str) -> Any:
 def _settle(reply: list[Any], item: SettleItem, dist: str) -> Any:
     if reply[0] == b"not_found":
         return refusal("settle", reply[0], order=item.order_id)
-    return Settled(reply[0].decode(), decode_order(reply[1]))
+    return Settled(reply[0].decode(), decode_order(reply[1]), decode_codes(reply[2]) if reply[2] else [])
 
 
 def _take(reply: list[Any], item: TakeItem, sku: str) -> Taken:
@@ -152,6 +159,7 @@ STEPS: dict[str, tuple[str, Decode]] = {
     "commit": ("account", _commit),        # start a reservation's lease
     "settle": ("account", _settle),        # the account side of ending a reservation
     "sku_settle": ("sku", _as_str),        # the SKU side: sell or return its codes
+    "unpend": ("account", _as_str),        # a saga done: off the account's pending set
 }
 
 

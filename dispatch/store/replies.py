@@ -116,10 +116,12 @@ class Taken(NamedTuple):
 
 class Settled(NamedTuple):
     """The account side of ending a reservation: ``ok`` (done now), ``again`` (was done),
-    ``expired`` (the lease ended first), ``not_due``, ``invalid_state``; and the order."""
+    ``expired`` (the lease ended first), ``not_due``, ``invalid_state``; the order, and
+    its codes once delivered."""
 
     result: str
     rec: OrderRec
+    codes: list[bytes]
 
 
 class SkuState(NamedTuple):

@@ -18,7 +18,7 @@ _PRELUDE = {
     "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
     "batch_park": _SKU, "sku_invalidate": _SKU, "sku_requeue": _SKU,
 }
-NAMES = ("deliver", "begin", "commit", "settle", "topup", "put", "take", "sku_settle", "import_push",
+NAMES = ("deliver", "begin", "commit", "settle", "unpend", "topup", "put", "take", "sku_settle", "import_push",
          "batch_void", "fp_claim", "rotate_key", "rate_limit", "fpkey_swap",
          "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
          "batch_park", "sku_invalidate", "sku_requeue",
