@@ -59,7 +59,48 @@ def ulid_at(ms: int, rnd: bytes) -> str:
 def new_ulid() -> str:
     """A fresh ULID (now, 80 random bits): ids that sort by creation time."""
 
-# --- Import (used by dispatch/vault.py and dispatch/store/inventory.py) -------------------
+# --- Import (used by dispatch/vault.py, dispatch/inventory.py, dispatch/store/inventory.py) ---
+#
+# An import of a million codes moves them in packed form: secrets and fingerprints
+# concatenated in bytes, with "ends" (native uint32 offsets, array("I") layout) where
+# the lengths vary. Nothing makes a Python object per code but seal's results.
+
+class Fingerprints:
+    """Keyed BLAKE2b-128 of codes (``hashlib.blake2b(code, key=key, digest_size=16)``),
+    and the set of the fingerprints this object has seen: one per import, to drop
+    the repeats within it. *key* has 1 to 64 bytes (ValueError otherwise)."""
+
+    def __init__(self, key: bytes) -> None: ...
+    def __len__(self) -> int:
+        """How many distinct fingerprints :meth:`fresh` has seen."""
+    def fingerprint(self, code: bytes) -> bytes:
+        """The 16-byte fingerprint of *code* (not added to the set)."""
+    def fresh(self, codes: list[bytes], secrets: list[bytes]) -> tuple[bytes, bytes, bytes, int]:
+        """Fingerprint each code, in order, and keep the ones not seen before (adding
+        them to the set): ``(secrets, ends, fingerprints, repeats)`` where *secrets* is
+        the kept codes' secrets (``secrets[i]`` goes with ``codes[i]``) concatenated,
+        *ends* the offset in it where each ends, *fingerprints* their 16-byte
+        fingerprints concatenated, and *repeats* how many codes were dropped."""
+
+def group_claims(fps: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The fp_claim arguments of packed 16-byte fingerprints: ``(shard, entries,
+    positions)`` for each shard (``fp[0]``) that has any, by shard. *entries* is runs
+    of: the bucket (``fp[1]``) as two lowercase hex digits, a count byte n (1..255),
+    then n fields (``fp[2:]``, 14 bytes each); buckets in order, a bucket's
+    fingerprints in the order of *fps*, more than 255 in one bucket as several runs.
+    *positions* holds, as native uint32, the index in *fps* of each entry's field."""
+
+def seal(key: bytes, key_id: int, aad: bytes, secrets: bytes, ends: bytes, keep: bytes | None,
+         nonces: bytes) -> list[bytes]:
+    """AES-GCM through OpenSSL, as ``Vault.encrypt`` does one at a time: for each
+    secret in the packed *secrets* (ending at the uint32 offsets *ends*) whose *keep*
+    byte is not 0 (all of them when None), ``key_id || nonce || ciphertext || tag``
+    with the next 12 bytes of *nonces* and *aad* as associated data. *key* has 16, 24
+    or 32 bytes. The encryption runs without the GIL. ValueError for arguments that do
+    not fit together."""
+
+# The per-code forms of Fingerprints.fresh and group_claims: a Python object per code,
+# plainer; the reference the packed forms are tested against (tests/test_core.py).
 
 def fingerprint_chunk(key: bytes, codes: list[bytes], secrets: list[bytes],
                       seen: set[bytes]) -> tuple[list[bytes], list[bytes], int]:

@@ -23,11 +23,32 @@ __all__ = ["Inventory", "rating"]
 
 _MALFORMED_SHOWN = 1000
 _RATING_PRIOR = 10  # a new supplier starts as if it had delivered this many good codes
+#: Codes whose fingerprints are claimed together. fp_claim reads and writes a bucket's
+#: fingerprints with one call each, so the more a window brings to each of the 65,536
+#: buckets, the fewer calls a code costs Redis; a window holds about 40 bytes a code.
+_CLAIM_WINDOW = 1 << 20
+#: Chunks pushed in one pipelined write, while the next ones are encrypted.
+_PUSH_GROUP = 4
 
 
 def rating(delivered: int, invalidated: int) -> float:
     """0-100: the share of a supplier's good codes, smoothed toward 100 while the sample is small."""
     return round(100 * (delivered - invalidated + _RATING_PRIOR) / (delivered + _RATING_PRIOR), 1)
+
+
+class _Window:
+    """Consecutive chunks of an import waiting for their claims: per chunk, its number
+    and its fresh codes as Fingerprints.fresh packs them (secrets, ends, fingerprints)."""
+
+    __slots__ = ("chunks", "codes")
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[int, bytes, bytes, bytes]] = []
+        self.codes = 0
+
+    def add(self, chunk_no: int, secrets_: bytes, ends: bytes, fps: bytes) -> None:
+        self.chunks.append((chunk_no, secrets_, ends, fps))
+        self.codes += len(fps) // 16
 
 
 class Inventory:
@@ -59,47 +80,74 @@ class Inventory:
         batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
         batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
 
-        vault = self._vault
-        seen: set[bytes] = set()
+        fingerprints = self._vault.fingerprints()
         accepted = duplicate = malformed = 0
         bad: list[MalformedLine] = []
-        chunk_no = 0
-        # Two chunks in flight: the next one is read and fingerprinted while Redis
-        # claims and stores the last one.
-        inflight: list[asyncio.Future[tuple[int, int]]] = []
+        window, chunk_no = _Window(), 0
+        # One window in flight (claimed, then encrypted and pushed) while the next is read.
+        storing: asyncio.Future[tuple[int, int]] | None = None
         try:
             async for chunk in imports.parse_codes(source, format=format, max_length=self._config.max_code_length,
                                                   chunk_lines=self._config.import_chunk):
                 malformed += len(chunk.malformed)
                 for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
                     bad.append(MalformedLine(line=line, reason=reason))
-                fresh, fps, again = vault.fingerprint_chunk(chunk.codes, chunk.secrets, seen)
+                secrets_, ends, fps, again = fingerprints.fresh(chunk.codes, chunk.secrets)
                 duplicate += again
-                if len(inflight) == 2:
-                    stored, taken = await inflight.pop(0)
-                    accepted, duplicate = accepted + stored, duplicate + taken
-                inflight.append(asyncio.ensure_future(self._store_chunk(batch, chunk_no, fresh, fps)))
+                window.add(chunk_no, secrets_, ends, fps)
                 chunk_no += 1
-            for done in inflight:
-                stored, taken = await done
+                if window.codes >= _CLAIM_WINDOW:
+                    if storing is not None:
+                        stored, taken = await storing
+                        accepted, duplicate = accepted + stored, duplicate + taken
+                    storing, window = asyncio.ensure_future(self._store_window(batch, window)), _Window()
+                await asyncio.sleep(0)  # the window in flight sends and reads between chunks
+            if storing is not None:
+                stored, taken = await storing
                 accepted, duplicate = accepted + stored, duplicate + taken
+            stored, taken = await self._store_window(batch, window)
+            accepted, duplicate = accepted + stored, duplicate + taken
         finally:
-            for left in inflight:
-                left.cancel()
+            if storing is not None:
+                storing.cancel()
         batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
         await self._store.inventory.save_batch(batch)
         return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
                            malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad))
 
-    async def _store_chunk(self, batch: BatchRec, chunk_no: int, secrets_: list[bytes],
-                           fps: list[bytes]) -> tuple[int, int]:
-        """Claim the fingerprints of one chunk, encrypt the codes this batch owns, push them:
-        (codes stored, duplicates of earlier batches)."""
-        owned = await self._store.inventory.claim_fingerprints(batch.seq, fps)
-        digest = hashlib.sha256(b"".join(fp for fp, ok in zip(fps, owned) if ok)).digest()
-        ciphertexts = self._vault.encrypt_many([s for s, ok in zip(secrets_, owned) if ok], batch.sku.encode())
-        await self._store.inventory.push_chunk(batch, chunk_no, digest, ciphertexts)
-        return len(ciphertexts), len(fps) - len(ciphertexts)
+    async def _store_window(self, batch: BatchRec, window: _Window) -> tuple[int, int]:
+        """Claim the fingerprints of a window, then encrypt the codes this batch owns and
+        push them chunk by chunk: (codes stored, duplicates of earlier batches)."""
+        if not window.chunks:
+            return 0, 0
+        owned = await self._store.inventory.claim_fingerprints(batch.seq, b"".join(c[3] for c in window.chunks))
+        aad = batch.sku.encode()
+        stored = at = 0
+        group: list[tuple[int, bytes, list[bytes]]] = []
+        pushing: asyncio.Future[None] | None = None
+        try:
+            for chunk_no, secrets_, ends, fps in window.chunks:
+                n = len(fps) // 16
+                keep = bytes(owned[at:at + n])
+                at += n
+                if keep.count(0):
+                    fps = b"".join(fps[16 * i:16 * i + 16] for i in range(n) if keep[i])
+                # off the event loop (the core lets go of the GIL), which meanwhile writes the group in flight
+                ciphertexts = await asyncio.to_thread(self._vault.encrypt_chunk, secrets_, ends, keep, aad)
+                stored += len(ciphertexts)
+                group.append((chunk_no, hashlib.sha256(fps).digest(), ciphertexts))
+                if len(group) == _PUSH_GROUP:
+                    if pushing is not None:
+                        await pushing
+                    pushing, group = asyncio.ensure_future(self._store.inventory.push_chunks(batch, group)), []
+            if pushing is not None:
+                await pushing
+            if group:
+                await self._store.inventory.push_chunks(batch, group)
+        finally:
+            if pushing is not None:
+                pushing.cancel()
+        return stored, window.codes - stored
 
     async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> BatchRec:
         fresh = BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,

@@ -7,6 +7,9 @@ The key id lets old keys keep decrypting after a rotation.
 Fingerprints are keyed ``BLAKE2b(code, key=fingerprint_key, digest_size=16)``. The fingerprint key is
 random, made once per deployment and stored in Redis wrapped (encrypted) under the
 master key, so rotating the master key never changes a fingerprint.
+
+Imports go through the compiled core (``Fingerprints``, ``seal``), which computes the
+same values a chunk at a time; the methods here are their reference.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._core import fingerprint_chunk
+from ._core import Fingerprints, seal
 from .config import Config
 from .errors import ConfigError, DispatchError
 
@@ -67,7 +70,7 @@ def load_master_keys(config: Config) -> list[bytes]:
 class Vault:
     """Encrypts, decrypts and fingerprints codes with the deployment's keys."""
 
-    __slots__ = ("_current_id", "_current", "_keys", "_fp_key")
+    __slots__ = ("_current_id", "_current", "_current_key", "_keys", "_fp_key")
 
     def __init__(self, master_keys: list[bytes], fingerprint_key: bytes | None = None) -> None:
         if not master_keys:
@@ -80,6 +83,7 @@ class Vault:
             self._keys[kid] = AESGCM(key)
         self._current_id = self.key_id(master_keys[0])
         self._current = self._keys[self._current_id]
+        self._current_key = master_keys[0]
         self._fp_key = fingerprint_key
 
     @staticmethod
@@ -117,22 +121,15 @@ class Vault:
         # keyed BLAKE2b is a PRF like HMAC, at a fraction of its cost per call
         return blake2b(code, key=self._fp_key, digest_size=16).digest()
 
-    def fingerprint_chunk(self, codes: list[bytes], secrets_: list[bytes],
-                          seen: set[bytes]) -> tuple[list[bytes], list[bytes], int]:
-        """:meth:`fingerprint` of many codes in the core, skipping those in *seen*:
-        (the other codes' secrets, their fingerprints, how many were skipped)."""
+    def fingerprints(self) -> Fingerprints:
+        """A fresh :class:`~dispatch._core.Fingerprints` of the fingerprint key: what one
+        import fingerprints its codes with and remembers them in."""
         if self._fp_key is None:
             raise DispatchError("fingerprint key not loaded (engine not started)")
-        return fingerprint_chunk(self._fp_key, codes, secrets_, seen)
+        return Fingerprints(self._fp_key)
 
-    def encrypt_many(self, secrets_: list[bytes], aad: bytes) -> list[bytes]:
-        """:meth:`encrypt` of each, drawing all the nonces at once."""
-        n = len(secrets_)
-        nonces = os.urandom(_NONCE * n)
-        prefix = bytes((self._current_id,))
-        enc = self._current.encrypt
-        out = []
-        for i, secret in enumerate(secrets_):
-            nonce = nonces[i * _NONCE:(i + 1) * _NONCE]
-            out.append(prefix + nonce + enc(nonce, secret, aad))
-        return out
+    def encrypt_chunk(self, secrets_: bytes, ends: bytes, keep: bytes | None, aad: bytes) -> list[bytes]:
+        """:meth:`encrypt` of each secret packed in *secrets_* (ending at the uint32
+        offsets *ends*) whose *keep* flag is set (all when None), in the core."""
+        kept = len(ends) // 4 if keep is None else len(keep) - keep.count(0)
+        return seal(self._current_key, self._current_id, aad, secrets_, ends, keep, os.urandom(_NONCE * kept))

@@ -3,12 +3,16 @@ report and the stock agree with a plain model of the rules."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dispatch import inventory
 from dispatch.engine import Engine
+
+from .conftest import make_config
 
 _salt = itertools.count()
 
@@ -67,3 +71,35 @@ async def test_reports_and_stock_follow_the_rules(shop: Engine, first, second) -
     if distinct1:
         order = await shop.purchase("beta", sku_a, len(distinct1), f"all-{n}")
         assert [c.code for c in order.codes] == list(dict.fromkeys(codes1))
+
+
+async def test_windows_and_chunks_of_any_size_give_the_same_import(flushed_redis_url, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(inventory, "_CLAIM_WINDOW", 7)  # claims go out every 7 fresh codes
+    monkeypatch.setattr(inventory, "_PUSH_GROUP", 2)
+    async with Engine(make_config(tmp_path, redis_url=flushed_redis_url, import_chunk=5), sweep=False) as e:
+        for sku in ("a", "b"):
+            await e.create_sku(sku, sku, 100, "CNY", 100)
+        await e.create_supplier("sup", "S")
+        await e.create_distributor("d", "D")
+        await e.topup("d", 1_000_000, "seed")
+        codes1 = [f"W{i % 45:03d}" for i in range(60)]  # the last 15 repeat earlier ones, across windows
+        body1 = "\n".join(codes1[:30] + ["bad\x07"] + codes1[30:]).encode()
+        r1 = await e.import_codes(body1, sku="a", supplier="sup", unit_cost=1, batch_id="w1")
+        again = await e.import_codes(body1, sku="a", supplier="sup", unit_cost=1, batch_id="w1")
+        assert (r1.accepted, r1.duplicate, r1.malformed) == (again.accepted, again.duplicate, again.malformed) == (45, 15, 1)
+        assert (await e.stock("a")).accepted == 45
+        body2 = "\n".join(f"W{i:03d}" for i in range(30, 90)).encode()
+        r2 = await e.import_codes(body2, sku="b", supplier="sup", unit_cost=1, batch_id="w2")
+        assert (r2.accepted, r2.duplicate) == (45, 15)
+        order = await e.purchase("d", "a", 45, "all-a")
+        assert [c.code for c in order.codes] == list(dict.fromkeys(codes1))
+
+
+async def test_fp_claim_tells_each_fingerprint_whose_it_is(shop: Engine) -> None:
+    crowded = [bytes((3, 4)) + i.to_bytes(14, "big") for i in range(300)]  # one bucket, two runs
+    spread = [hashlib.blake2b(b"%d" % i, digest_size=16).digest() for i in range(200)]
+    claim = shop.store.inventory.claim_fingerprints
+    assert await claim(1, b"".join(crowded[:200] + spread[:100])) == bytearray(b"\x01" * 300)
+    assert await claim(1, b"".join(crowded[:200] + spread[:100])) == bytearray(b"\x01" * 300)  # a resumed import
+    mixed = await claim(2, b"".join(crowded + spread))
+    assert mixed == bytearray(b"\x00" * 200 + b"\x01" * 100 + b"\x00" * 100 + b"\x01" * 100)

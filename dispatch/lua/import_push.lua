@@ -12,11 +12,10 @@ if earlier then
   if earlier == digest then return {'again', 0} end
   return {'mismatch'}
 end
-local codes = {}
-for k = 5, #ARGV do codes[#codes + 1] = ARGV[k] end
-local n = #codes
+local n = #ARGV - 4
 if n > 0 then
-  push('RPUSH', POOL .. seq, codes)
+  -- straight from ARGV, in slices unpack() can take (its limit is 8000 values)
+  for k = 5, #ARGV, 7000 do redis.call('RPUSH', POOL .. seq, unpack(ARGV, k, math.min(k + 6999, #ARGV))) end
   redis.call('HINCRBY', KEYS[2], 'accepted', n)
   if redis.call('SISMEMBER', KEYS[9], seq) == 1 then  -- its supplier was blacklisted meanwhile
     redis.call('HINCRBY', KEYS[2], 'parked', n)

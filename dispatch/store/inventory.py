@@ -3,12 +3,13 @@ fingerprints that dedupe every code ever imported, and the fingerprint key."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from msgspec.msgpack import decode as msgpack_decode
 
-from .._core import group_fingerprints
+from .._core import group_claims
 from ..records import BatchRec, decode_batch, encode
 from . import keys
 from .replies import refusal, translated
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from .store import Store
 
 __all__ = ["InventoryStore", "split_codes"]
+
+_CLAIM_LANES = 8  # connections an import's claims are spread over (see claim_fingerprints)
 
 
 def split_codes(blob: bytes) -> list[bytes]:
@@ -89,24 +92,40 @@ class InventoryStore:
         return {f.decode(): int(v) for f, v in stats.items()}, {int(p) for p in parked}
 
     # ---- imports ---------------------------------------------------------------------
-    async def claim_fingerprints(self, seq: int, fps: list[bytes]) -> list[bool]:
-        """Claim the fingerprints of codes for batch *seq*, one script call per {f:XX}
-        shard in one pipelined round: True where the code is this batch's (claimed now,
-        or by this batch before), False where an earlier batch has it."""
-        groups = group_fingerprints(fps, keys.fingerprint_buckets())
-        replies = await self._db.run_many("fp_claim", [(g[0], [seq], (g[1],)) for g in groups.values()])
-        owned = [False] * len(fps)
-        for g, statuses in zip(groups.values(), replies):
-            for i, st in zip(g[2], statuses):
-                owned[i] = st != 2
+    async def claim_fingerprints(self, seq: int, fps: bytes) -> bytearray:
+        """Claim packed 16-byte fingerprints (all distinct) for batch *seq*: a flag per
+        fingerprint, 1 where the code is this batch's (claimed now, or by this batch
+        before), 0 where an earlier batch has it.
+
+        One fp_claim call per {f:XX} shard. Redis reads at most 16 KB of a connection per
+        event-loop turn and, with appendfsync always, fsyncs after every turn that wrote,
+        so the calls are spread over _CLAIM_LANES connections: each turn then reads (and
+        one fsync covers) that many times more claims.
+        """
+        groups = group_claims(fps)
+        calls = [([keys.fingerprint_shard(shard)], [seq, entries], ()) for shard, entries, _ in groups]
+        lanes = [calls[k::_CLAIM_LANES] for k in range(_CLAIM_LANES)]
+        answers = await asyncio.gather(*(self._db.run_many("fp_claim", lane) for lane in lanes if lane))
+        owned = bytearray(b"\x01") * (len(fps) // 16)
+        for k, replies in enumerate(answers):
+            for (_, _, positions), reply in zip(groups[k::_CLAIM_LANES], replies):
+                if reply:
+                    where = memoryview(positions).cast("I")
+                    for j in range(0, len(reply), 2):
+                        if reply[j + 1] == 2:
+                            owned[where[reply[j] - 1]] = 0
         return owned
 
-    async def push_chunk(self, batch: BatchRec, chunk: int, digest: bytes, codes: list[bytes]) -> None:
-        """Put one chunk's codes on sale in the batch's pool, once (a chunk sent again with
-        the same digest adds nothing). ConflictError if it differs or the batch is voided."""
-        reply = await self._sku_script("import_push", batch.sku, batch.seq, chunk, digest, *codes)
-        if reply[0] not in (b"ok", b"again"):
-            raise refusal("import_push", reply[0], sku=batch.sku, batch=batch.batch_id, chunk=chunk)
+    async def push_chunks(self, batch: BatchRec, chunks: Sequence[tuple[int, bytes, list[bytes]]]) -> None:
+        """Put chunks ``(chunk number, digest, codes)`` on sale in the batch's pool, in
+        order and once each (a chunk sent again with the same digest adds nothing), in
+        one pipelined write. ConflictError if one differs or the batch is voided."""
+        k = keys.SkuKeys(batch.sku)
+        replies = await self._db.run_many(
+            "import_push", [(k.all, [k.pool_prefix, batch.seq, chunk, digest], (codes,)) for chunk, digest, codes in chunks])
+        for (chunk, _, _), reply in zip(chunks, replies):
+            if reply[0] not in (b"ok", b"again"):
+                raise refusal("import_push", reply[0], sku=batch.sku, batch=batch.batch_id, chunk=chunk)
 
     async def fingerprint_key(self, wrapped_candidate: bytes) -> bytes:
         """The deployment's wrapped fingerprint key, set to the candidate if there is none yet."""

@@ -144,8 +144,14 @@ def fingerprint_buckets() -> list[str]:
     dedupe index to a few bytes per code.
     """
     if not _BUCKET_KEYS:
-        _BUCKET_KEYS.extend(PREFIX + "{f:%02x}:%02x" % divmod(i, 256) for i in range(65536))
+        _BUCKET_KEYS.extend(fingerprint_shard(shard) + "%02x" % bucket for shard in range(256) for bucket in range(256))
     return _BUCKET_KEYS
+
+
+def fingerprint_shard(shard: int) -> str:
+    """The prefix of the buckets of fingerprint shard *shard* (``fp[0]``): bucket
+    ``fp[1]`` is this prefix and two lowercase hex digits (what ``fp_claim`` builds)."""
+    return PREFIX + "{f:%02x}:" % shard
 
 
 # ---- per-account keys outside the account scripts' KEYS --------------------------------

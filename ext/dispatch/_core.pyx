@@ -325,43 +325,8 @@ def new_ulid():
     return ulid_at(_time_ns() // 1_000_000, rnd)
 
 
-# ---- import: fingerprints and their shards -------------------------------------------
+# ---------------------------------------------------------------------------
+# Imports: fingerprints, their claims, sealing (dispatch/vault.py, dispatch/inventory.py)
+# ---------------------------------------------------------------------------
 
-from hashlib import blake2b as _blake2b
-
-
-def fingerprint_chunk(bytes key, list codes, list secrets, set seen):
-    """(fresh secrets, their fingerprints, duplicates): the keyed BLAKE2b-128 of each
-    code, skipping the ones already in *seen* (which it adds the new ones to)."""
-    cdef list fresh = [], fps = []
-    cdef Py_ssize_t i, dup = 0
-    cdef bytes fp
-    for i in range(len(codes)):
-        fp = _blake2b(codes[i], key=key, digest_size=16).digest()
-        if fp in seen:
-            dup += 1
-        else:
-            seen.add(fp)
-            fresh.append(secrets[i])
-            fps.append(fp)
-    return fresh, fps, dup
-
-
-def group_fingerprints(list fps, list bucket_keys):
-    """{shard byte: (bucket keys, fields, indexes in fps)} of 16-byte fingerprints: the
-    shard is fp[0], the bucket ``bucket_keys[fp[0] * 256 + fp[1]]``, the field fp[2:]."""
-    cdef dict groups = {}
-    cdef Py_ssize_t i
-    cdef bytes fp
-    cdef const unsigned char* p
-    cdef tuple g
-    for i in range(len(fps)):
-        fp = fps[i]
-        p = <const unsigned char*>PyBytes_AS_STRING(fp)
-        g = groups.get(p[0])
-        if g is None:
-            g = groups[p[0]] = ([], [], [])
-        (<list>g[0]).append(bucket_keys[(p[0] << 8) | p[1]])
-        (<list>g[1]).append(PyBytes_FromStringAndSize(<const char*>p + 2, PyBytes_GET_SIZE(fp) - 2))
-        (<list>g[2]).append(i)
-    return groups
+include "_imports.pxi"
