@@ -26,21 +26,8 @@ local now = now_ms()
 
 local function int(x) return string.format('%d', x) end
 
--- Lua's unpack() is bounded by the C stack: long lists go out in slices.
-local function push(cmd, key, list)
-  for s = 1, #list, 1000 do
-    redis.call(cmd, key, unpack(list, s, math.min(s + 999, #list)))
-  end
-end
-
--- Codes as the SKU's delivery records keep them (see pack_codes in _sku.lua), and as
--- the account's orders keep them: a msgpack array of bin strings.
-local function pack_codes(codes)
-  local parts = {}
-  for k, c in ipairs(codes) do parts[k] = string.char(math.floor(#c / 256), #c % 256) .. c end
-  return table.concat(parts)
-end
-
+-- Codes as the account's orders keep them: a msgpack array of bin strings (the SKU's
+-- delivery records keep them as pack_codes does, _codes.lua).
 local function bin_list(codes)
   local parts = {#codes < 16 and string.char(0x90 + #codes)
                  or string.char(0xdc, math.floor(#codes / 256), #codes % 256)}
@@ -165,16 +152,10 @@ for s, S in pairs(skus) do
     local dlv, dlv_codes, per_batch = {}, {}, {}
     local at = 1
     for _, k in ipairs(S.orders) do
-      local mine, runs = {}, {}
+      local mine, runs = {}, runs_of(seqs, at, at + want[k] - 1)
       for c = at, at + want[k] - 1 do
         mine[#mine + 1] = codes[c]
         per_batch[seqs[c]] = (per_batch[seqs[c]] or 0) + 1
-        if runs[#runs - 1] == seqs[c] then
-          runs[#runs] = runs[#runs] + 1
-        else
-          runs[#runs + 1] = seqs[c]
-          runs[#runs + 1] = 1
-        end
       end
       at = at + want[k]
       dlv[#dlv + 1] = ids[k]

@@ -61,16 +61,8 @@ local packed = {}    -- HSET dlv_codes field value ...
 local at = 1
 for k = 1, n do
   if want[k] > 0 then
-    local mine, runs = {}, {}
-    for c = at, at + want[k] - 1 do
-      mine[#mine + 1] = codes[c]
-      if runs[#runs - 1] == seqs[c] then
-        runs[#runs] = runs[#runs] + 1
-      else
-        runs[#runs + 1] = seqs[c]
-        runs[#runs + 1] = 1
-      end
-    end
+    local mine, runs = {}, runs_of(seqs, at, at + want[k] - 1)
+    for c = at, at + want[k] - 1 do mine[#mine + 1] = codes[c] end
     at = at + want[k]
     records[#records + 1] = ids[k]
     records[#records + 1] = cmsgpack.pack({st = 'reserved', b = runs})

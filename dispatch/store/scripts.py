@@ -10,9 +10,9 @@ from importlib import resources
 
 # Scripts that share heads of helpers (their KEYS layout and little functions).
 _ACCOUNT = ("_events", "_account")
-_SKU = ("_events", "_sku")
+_SKU = ("_events", "_codes", "_sku")
 _PRELUDE = {
-    "deliver": ("_events",), "begin": _ACCOUNT, "commit": _ACCOUNT, "settle": _ACCOUNT, "topup": _ACCOUNT,
+    "deliver": ("_events", "_codes"), "begin": _ACCOUNT, "commit": _ACCOUNT, "settle": _ACCOUNT, "topup": _ACCOUNT,
     "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _ACCOUNT,
     "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,
     "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
