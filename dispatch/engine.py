@@ -6,7 +6,7 @@ webhook deliveries) and is a thin facade over its components, one per concept:
 ==============  ==========================================================  ==============
 ``catalog``     SKUs, tiers, prices and their cache, stock figures           catalog.py
 ``accounts``    distributors, API keys, top-ups, balances, rate limits       accounts.py
-``orders``      purchases and reservations (sagas), order reads              orders.py
+``orders``      purchases (one step) and reservations (sagas), order reads   orders.py
 ``inventory``   imports, batches, their sale order, void and park            inventory.py
 ``aftersales``  suppliers (deposits, ratings, blacklist) and tickets         aftersales.py
 ``exports``     orders and ledgers as CSV, event streams                     exports.py
@@ -252,7 +252,7 @@ class Engine:
         await self.store.ready()
 
     def coalescer_stats(self) -> dict[str, tuple[int, int]]:
-        """(script calls sent, items in them) per saga step since start: items / calls is the mean batch."""
+        """(script calls sent, items in them) per step since start: items / calls is the mean batch."""
         if self._sagas is None:
             raise DispatchError("the engine is not started")
         return self._sagas.stats()
