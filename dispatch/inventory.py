@@ -25,7 +25,7 @@ _MALFORMED_SHOWN = 1000
 _RATING_PRIOR = 10  # a new supplier starts as if it had delivered this many good codes
 #: Codes whose fingerprints are claimed together. fp_claim reads and writes a bucket's
 #: fingerprints with one call each, so the more a window brings to each of the 65,536
-#: buckets, the fewer calls a code costs Redis; a window holds about 40 bytes a code.
+#: buckets, the fewer calls a code costs Redis; a window holds 20 bytes a code and its secret.
 _CLAIM_WINDOW = 1 << 20
 #: Chunks pushed in one pipelined write, while the next ones are encrypted.
 _PUSH_GROUP = 4
