@@ -80,7 +80,10 @@ class Fingerprints:
         them to the set): ``(secrets, ends, fingerprints, repeats)`` where *secrets* is
         the kept codes' secrets (``secrets[i]`` goes with ``codes[i]``) concatenated,
         *ends* the offset in it where each ends, *fingerprints* their 16-byte
-        fingerprints concatenated, and *repeats* how many codes were dropped."""
+        fingerprints concatenated, and *repeats* how many codes were dropped.
+
+        Works without the GIL once it has read the lists (which must not change
+        meanwhile); RuntimeError if another thread is in ``fresh`` of this object."""
 
 def group_claims(fps: bytes) -> list[tuple[int, bytes, bytes]]:
     """The fp_claim arguments of packed 16-byte fingerprints: ``(shard, entries,

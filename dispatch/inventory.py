@@ -25,7 +25,7 @@ _MALFORMED_SHOWN = 1000
 _RATING_PRIOR = 10  # a new supplier starts as if it had delivered this many good codes
 #: Codes whose fingerprints are claimed together. fp_claim reads and writes a bucket's
 #: fingerprints with one call each, so the more a window brings to each of the 65,536
-#: buckets, the fewer calls a code costs Redis; a window holds about 40 bytes a code.
+#: buckets, the fewer calls a code costs Redis; a window holds 20 bytes a code and its secret.
 _CLAIM_WINDOW = 1 << 20
 #: Chunks pushed in one pipelined write, while the next ones are encrypted.
 _PUSH_GROUP = 4
@@ -92,7 +92,9 @@ class Inventory:
                 malformed += len(chunk.malformed)
                 for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
                     bad.append(MalformedLine(line=line, reason=reason))
-                secrets_, ends, fps, again = fingerprints.fresh(chunk.codes, chunk.secrets)
+                # Off the event loop (the core lets go of the GIL): the window in flight
+                # keeps sending and reading meanwhile.
+                secrets_, ends, fps, again = await asyncio.to_thread(fingerprints.fresh, chunk.codes, chunk.secrets)
                 duplicate += again
                 window.add(chunk_no, secrets_, ends, fps)
                 chunk_no += 1
@@ -101,7 +103,6 @@ class Inventory:
                         stored, taken = await storing
                         accepted, duplicate = accepted + stored, duplicate + taken
                     storing, window = asyncio.ensure_future(self._store_window(batch, window)), _Window()
-                await asyncio.sleep(0)  # the window in flight sends and reads between chunks
             if storing is not None:
                 stored, taken = await storing
                 accepted, duplicate = accepted + stored, duplicate + taken
@@ -132,7 +133,7 @@ class Inventory:
                 at += n
                 if keep.count(0):
                     fps = b"".join(fps[16 * i:16 * i + 16] for i in range(n) if keep[i])
-                # off the event loop (the core lets go of the GIL), which meanwhile writes the group in flight
+                # off the event loop too, which meanwhile writes the group in flight
                 ciphertexts = await asyncio.to_thread(self._vault.encrypt_chunk, secrets_, ends, keep, aad)
                 stored += len(ciphertexts)
                 group.append((chunk_no, hashlib.sha256(fps).digest(), ciphertexts))

@@ -10,31 +10,33 @@
 --          another batch (a duplicate). Safe to run twice: the second run answers 1 for
 --          what the first claimed.
 local seq, entries, prefix = ARGV[1], ARGV[2], KEYS[1]
-local out = {}
+local call, sub, byte = redis.call, string.sub, string.byte
+local out, nout = {}, 0
+local fields, new = {}, {}  -- reused by every run: only their first n / nnew slots count
 local at, pos = 1, 0
 while at <= #entries do
-  local key, n = prefix .. string.sub(entries, at, at + 1), string.byte(entries, at + 2)
+  local key, n = prefix .. sub(entries, at, at + 1), byte(entries, at + 2)
   at = at + 3
   if n == 1 then
-    local field = string.sub(entries, at, at + 13)
-    if redis.call('HSETNX', key, field, seq) == 0 then
-      out[#out + 1] = pos + 1
-      out[#out + 1] = redis.call('HGET', key, field) == seq and 1 or 2
+    local field = sub(entries, at, at + 13)
+    if call('HSETNX', key, field, seq) == 0 then
+      out[nout + 1], out[nout + 2] = pos + 1, call('HGET', key, field) == seq and 1 or 2
+      nout = nout + 2
     end
   else
-    local fields, new = {}, {}
-    for k = 1, n do fields[k] = string.sub(entries, at + 14 * (k - 1), at + 14 * k - 1) end
-    local owners = redis.call('HMGET', key, unpack(fields))
+    local nnew = 0
+    for k = 1, n do fields[k] = sub(entries, at + 14 * k - 14, at + 14 * k - 1) end
+    local owners = call('HMGET', key, unpack(fields, 1, n))
     for k = 1, n do
       if owners[k] then
-        out[#out + 1] = pos + k
-        out[#out + 1] = owners[k] == seq and 1 or 2
+        out[nout + 1], out[nout + 2] = pos + k, owners[k] == seq and 1 or 2
+        nout = nout + 2
       else
-        new[#new + 1] = fields[k]
-        new[#new + 1] = seq
+        new[nnew + 1], new[nnew + 2] = fields[k], seq
+        nnew = nnew + 2
       end
     end
-    if #new > 0 then redis.call('HSET', key, unpack(new)) end
+    if nnew > 0 then call('HSET', key, unpack(new, 1, nnew)) end
   end
   pos = pos + n
   at = at + 14 * n

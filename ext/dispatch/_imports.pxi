@@ -6,8 +6,8 @@
 # and claim entries travel as packed bytes.
 
 from cpython.bytes cimport PyBytes_Check
-from libc.stdint cimport uint8_t, uint32_t
-from libc.stdlib cimport calloc, free
+from libc.stdint cimport UINT32_MAX, uint8_t, uint32_t
+from libc.stdlib cimport calloc, free, malloc, realloc
 from hashlib import blake2b as _blake2b
 
 
@@ -109,8 +109,8 @@ cdef extern from *:
         for (i = 0; i < s->outlen; i++) out[i] = (uint8_t)(h[i / 8] >> (8 * (i % 8)));
     }
 
-    /* A set of 16-byte fingerprints: open addressing, linear probing, kept at most half
-       full. Fingerprints are uniform, so their first 8 bytes are the hash; an all-zero
+    /* A set of 16-byte fingerprints: open addressing, linear probing, kept at most three
+       quarters full. Fingerprints are uniform, so their first 8 bytes are the hash; an all-zero
        slot is empty (the all-zero fingerprint itself is a flag). */
     typedef struct { uint8_t* slots; size_t mask; size_t count; int has_zero; } dp_fpset;
 
@@ -129,6 +129,14 @@ cdef extern from *:
         memcpy(slots + 16 * i, fp, 16);
     }
 
+    /* Asks for the slot a fingerprint starts probing at, ahead of dp_fpset_add: the set
+       is large and read at random, so each add would otherwise wait on memory. */
+    static inline void dp_fpset_prefetch(const dp_fpset* s, const uint8_t* fp) {
+    #if defined(__GNUC__)
+        __builtin_prefetch(s->slots + 16 * ((size_t)dp_load64(fp) & s->mask));
+    #endif
+    }
+
     /* 1: added, 0: already there, -1: out of memory */
     static int dp_fpset_add(dp_fpset* s, const uint8_t* fp) {
         static const uint8_t zero[16] = {0};
@@ -144,7 +152,7 @@ cdef extern from *:
             if (memcmp(s->slots + 16 * i, fp, 16) == 0) return 0;
             i = (i + 1) & s->mask;
         }
-        if (2 * (s->count + 1) > s->mask + 1) {
+        if (4 * (s->count + 1) > 3 * (s->mask + 1)) {
             cap = 2 * (s->mask + 1);
             grown = (uint8_t*)calloc(cap, 16);
             if (!grown) return -1;
@@ -171,6 +179,7 @@ cdef extern from *:
     void dp_b2_digest(const dp_b2* s, const uint8_t* msg, size_t n, uint8_t* out) noexcept nogil
     int dp_fpset_init(dp_fpset* s, size_t cap) noexcept nogil
     int dp_fpset_add(dp_fpset* s, const uint8_t* fp) noexcept nogil
+    void dp_fpset_prefetch(const dp_fpset* s, const uint8_t* fp) noexcept nogil
 
 
 cdef inline const uint8_t* _bytes_of(object b, str what) except NULL:
@@ -186,11 +195,75 @@ cdef int _put(Out* o, const void* p, Py_ssize_t n) except -1:
     return 0
 
 
+cdef struct _Buf:  # a growing buffer that needs no GIL (libc's realloc, not PyMem's)
+    char* p
+    size_t n
+    size_t cap
+
+
+cdef int _buf_put(_Buf* b, const void* src, size_t n) noexcept nogil:
+    cdef size_t cap
+    cdef char* p
+    if b.n + n > b.cap:
+        cap = 2 * b.cap if 2 * b.cap > b.n + n + 4096 else b.n + n + 4096
+        p = <char*>realloc(b.p, cap)
+        if p == NULL:
+            return -1
+        b.p, b.cap = p, cap
+    memcpy(b.p + b.n, src, n)
+    b.n += n
+    return 0
+
+
+cdef struct _Code:
+    const uint8_t* code
+    size_t code_n
+    const char* secret
+    size_t secret_n
+
+
+cdef enum:
+    _BATCH = 16  # codes fingerprinted before their adds (see _fresh_all)
+
+
+cdef int _fresh_all(const dp_b2* b2, dp_fpset* seen, const _Code* codes, Py_ssize_t count,
+                    _Buf* s, _Buf* e, _Buf* f, Py_ssize_t* repeats) noexcept nogil:
+    """Fingerprints.fresh without the GIL: 0, -1 out of memory, -2 secrets over 4 GiB."""
+    cdef Py_ssize_t i, start = 0, stop
+    cdef uint8_t fps[_BATCH * 16]
+    cdef uint8_t* fp
+    cdef uint32_t end
+    cdef int added
+    # A batch's fingerprints first, their slots asked for, then the adds.
+    while start < count:
+        stop = start + _BATCH if start + _BATCH < count else count
+        for i in range(start, stop):
+            fp = fps + 16 * (i - start)
+            dp_b2_digest(b2, codes[i].code, codes[i].code_n, fp)
+            dp_fpset_prefetch(seen, fp)
+        for i in range(start, stop):
+            fp = fps + 16 * (i - start)
+            added = dp_fpset_add(seen, fp)
+            if added < 0:
+                return -1
+            if added == 0:
+                repeats[0] += 1
+                continue
+            if s.n + codes[i].secret_n > UINT32_MAX:
+                return -2
+            end = <uint32_t>(s.n + codes[i].secret_n)
+            if _buf_put(s, codes[i].secret, codes[i].secret_n) or _buf_put(e, &end, 4) or _buf_put(f, fp, 16):
+                return -1
+        start = stop
+    return 0
+
+
 cdef class Fingerprints:
     """Keyed BLAKE2b-128 of codes, and the set of those an import has seen (see _core.pyi)."""
 
     cdef dp_b2 _b2
     cdef dp_fpset _seen
+    cdef bint _busy
 
     def __cinit__(self, bytes key not None):
         if not 1 <= len(key) <= 64:
@@ -214,37 +287,36 @@ cdef class Fingerprints:
         """(secrets, ends, fingerprints, repeats) of the codes not seen before; see _core.pyi."""
         if len(codes) != len(secrets):
             raise ValueError(f"{len(codes)} codes but {len(secrets)} secrets")
-        cdef Out s = Out(NULL, 0, 0), e = Out(NULL, 0, 0), f = Out(NULL, 0, 0)
-        cdef Py_ssize_t i, repeats = 0
-        cdef uint8_t fp[16]
-        cdef uint32_t end
-        cdef const uint8_t* code
-        cdef object secret
-        cdef int added
+        if self._busy:
+            raise RuntimeError("Fingerprints.fresh is already running in another thread")
+        cdef Py_ssize_t i, count = len(codes), repeats = 0
+        cdef _Code* items = <_Code*>malloc((count + 1) * sizeof(_Code))
+        cdef _Buf s = _Buf(NULL, 0, 0), e = _Buf(NULL, 0, 0), f = _Buf(NULL, 0, 0)
+        cdef int rc
         try:
-            for i in range(len(codes)):
-                code = _bytes_of(codes[i], "a code")
-                secret = secrets[i]
-                _bytes_of(secret, "a secret")
-                dp_b2_digest(&self._b2, code, PyBytes_GET_SIZE(codes[i]), fp)
-                added = dp_fpset_add(&self._seen, fp)
-                if added < 0:
-                    raise MemoryError()
-                if added == 0:
-                    repeats += 1
-                    continue
-                if s.n + PyBytes_GET_SIZE(secret) > 0xFFFFFFFF:
-                    raise ValueError("the secrets of one chunk exceed 4 GiB")
-                _put(&s, PyBytes_AS_STRING(secret), PyBytes_GET_SIZE(secret))
-                end = <uint32_t>s.n
-                _put(&e, &end, 4)
-                _put(&f, fp, 16)
+            if items == NULL:
+                raise MemoryError()
+            for i in range(count):
+                items[i].code = _bytes_of(codes[i], "a code")
+                items[i].code_n = PyBytes_GET_SIZE(codes[i])
+                items[i].secret = <const char*>_bytes_of(secrets[i], "a secret")
+                items[i].secret_n = PyBytes_GET_SIZE(secrets[i])
+            # The lists keep every code alive meanwhile; _busy keeps out a second caller.
+            self._busy = True
+            with nogil:
+                rc = _fresh_all(&self._b2, &self._seen, items, count, &s, &e, &f, &repeats)
+            self._busy = False
+            if rc == -1:
+                raise MemoryError()
+            if rc == -2:
+                raise ValueError("the secrets of one chunk exceed 4 GiB")
             return (PyBytes_FromStringAndSize(s.p, s.n), PyBytes_FromStringAndSize(e.p, e.n),
                     PyBytes_FromStringAndSize(f.p, f.n), repeats)
         finally:
-            PyMem_Free(s.p)
-            PyMem_Free(e.p)
-            PyMem_Free(f.p)
+            free(items)
+            free(s.p)
+            free(e.p)
+            free(f.p)
 
 
 cdef const char* _HEX = b"0123456789abcdef"
