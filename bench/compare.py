@@ -230,7 +230,7 @@ async def purchase_figures(url: str, data_dir: str, redis_pid: int, n_fast: int,
 
 
 IMPORTER = r"""
-import asyncio, base64, json, resource, sys, time
+import asyncio, base64, json, sys, time
 url, data_dir, path, sku, redis_pid, bench_dir = sys.argv[1:7]
 sys.path.insert(0, bench_dir)
 from ceiling import redis_cpu
@@ -247,7 +247,9 @@ async def main():
         rep = await e.import_codes(path, sku=sku, supplier="sup", unit_cost=1)
         t, c, r = time.perf_counter() - t, time.process_time() - c, redis_cpu(int(redis_pid)) - r
     print(json.dumps({"accepted": rep.accepted, "seconds": t, "cpu_s": c, "redis_cpu_s": r,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak
+                      "rss_mb": next(int(line.split()[1]) for line in open("/proc/self/status")
+                                     if line.startswith("VmHWM:")) / 1024}))
 asyncio.run(main())
 """
 
