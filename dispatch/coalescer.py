@@ -27,17 +27,21 @@ SendOne = Callable[[str, list[Any]], Awaitable[list[Any]]]
 class Coalescer:
     """Batches ``submit(shard, item)`` calls into rounds of ``send``.
 
-    Each shard has at most one call in flight. Shards that are free and have calls
+    Each shard has at most *depth* calls in flight. Shards that have room and calls
     waiting are flushed together, as one round, on the next turn of the event loop.
+    A depth of 2 lets the next call of a shard reach Redis while the process is still
+    busy with the replies of the last one.
     """
 
-    __slots__ = ("_send", "_cap", "_queues", "_busy", "_flush_soon", "_tasks", "rounds", "batches", "items")
+    __slots__ = ("_send", "_cap", "_depth", "_queues", "_busy", "_flush_soon", "_tasks", "rounds", "batches",
+                 "items")
 
-    def __init__(self, send: SendRound, cap: int = 256) -> None:
+    def __init__(self, send: SendRound, cap: int = 256, depth: int = 1) -> None:
         self._send = send
         self._cap = cap
+        self._depth = depth
         self._queues: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
-        self._busy: set[str] = set()       # shards with a call in flight
+        self._busy: dict[str, int] = {}    # shard -> its calls in flight
         self._flush_soon = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.rounds = 0   # rounds sent,
@@ -52,7 +56,7 @@ class Coalescer:
         if queue is None:
             self._queues[shard] = queue = []
         queue.append((item, fut))
-        if shard not in self._busy:
+        if self._busy.get(shard, 0) < self._depth:
             self._schedule(loop)
         return fut
 
@@ -65,13 +69,14 @@ class Coalescer:
         self._flush_soon = False
         batches: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
         for shard, queue in list(self._queues.items()):
-            if shard in self._busy:
+            busy = self._busy.get(shard, 0)
+            if busy >= self._depth:
                 continue
             batches[shard] = queue[: self._cap]
             del queue[: self._cap]
             if not queue:
                 del self._queues[shard]
-            self._busy.add(shard)
+            self._busy[shard] = busy + 1
         if batches:
             task = asyncio.get_running_loop().create_task(self._round(batches))
             self._tasks.add(task)
@@ -108,7 +113,12 @@ class Coalescer:
                     else:  # a script answered the wrong number of items: a bug, not a hang
                         fut.set_exception(RuntimeError(f"{len(got)} replies for {len(b)} items"))
         finally:
-            self._busy.difference_update(batches)
+            for shard in batches:
+                left = self._busy[shard] - 1
+                if left:
+                    self._busy[shard] = left
+                else:
+                    del self._busy[shard]
             if any(s in self._queues for s in batches):
                 self._schedule(asyncio.get_running_loop())
 
