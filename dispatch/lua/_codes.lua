@@ -1,4 +1,4 @@
--- Shared head of the scripts that move codes (prepended by dispatch/store/scripts.py).
+-- Shared head of the scripts that move codes and stock (prepended by dispatch/store/scripts.py).
 
 -- Lua's unpack() is bounded by the C stack: push long lists in slices.
 local function push(cmd, key, list)
@@ -38,4 +38,52 @@ local function runs_of(seqs, from, to)
     end
   end
   return runs
+end
+
+-- Pops total codes from a SKU's batches on sale, best placed first: queue is its
+-- ZSET of batch seqs by sale priority, pool the prefix of its batch LISTs.
+-- returns the codes and, for each, its batch seq
+local function pop_codes(queue, pool, stats, total)
+  local codes, seqs = {}, {}
+  while #codes < total do
+    local head = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not head then
+      error({err = 'ERR stats.available of ' .. stats .. ' exceeds the pools'})
+    end
+    local need = total - #codes
+    local got = redis.call('LPOP', pool .. head, need)
+    if got then
+      local seq = tonumber(head)
+      for _, c in ipairs(got) do
+        codes[#codes + 1] = c
+        seqs[#seqs + 1] = seq
+      end
+    end
+    if not got or #got < need then redis.call('ZREM', queue, head) end
+  end
+  return codes, seqs
+end
+
+-- A SKU's stock level (in, low, out) with hysteresis: once low, it is back "in" only
+-- above threshold + 10% (at least 1), so stock wobbling around the threshold raises
+-- one alert per crossing, not one per order. Each change is an event on its stream.
+-- Kept in stats as a number (the counters there are all integers): 0 out, 1 low, 2 in.
+local LEVELS = {[0] = 'out', [1] = 'low', [2] = 'in'}
+local LEVEL_EVENT = {[0] = 'stock.out', [1] = 'stock.low', [2] = 'stock.restored'}
+local function set_level(meta, stats, events, avail)
+  local sku = string.match(meta, '{s:(.*)}')
+  local threshold = tonumber(redis.call('HGET', meta, 'low_stock_threshold') or '0')
+  local was = tonumber(redis.call('HGET', stats, 'level') or '0')
+  local now
+  if avail <= 0 then now = 0
+  elseif avail <= threshold then now = 1
+  elseif was == 2 or avail > threshold + math.max(1, math.floor(threshold / 10)) then now = 2
+  else now = 1  -- in the band above the threshold: not yet re-armed
+  end
+  if now ~= was then
+    redis.call('HSET', stats, 'level', now)
+    local v = redis.call('HINCRBY', stats, 'ver', 1)
+    emit(events, LEVEL_EVENT[now], 'stock:' .. sku, v,
+         {sku = sku, level = LEVELS[now], was = LEVELS[was], available = avail, threshold = threshold})
+  end
 end

@@ -134,21 +134,7 @@ for s, S in pairs(skus) do
   if S.total > 0 then
     local meta, stats = sk(s, 1), sk(s, 2)
     local pool = string.sub(meta, 1, -5) .. 'p:'
-    local codes, seqs = {}, {}
-    while #codes < S.total do
-      local head = redis.call('ZRANGE', sk(s, 3), 0, 0)[1]
-      if not head then error({err = 'ERR stats.available of ' .. stats .. ' exceeds the pools'}) end
-      local need = S.total - #codes
-      local got = redis.call('LPOP', pool .. head, need)
-      if got then
-        local seq = tonumber(head)
-        for _, c in ipairs(got) do
-          codes[#codes + 1] = c
-          seqs[#seqs + 1] = seq
-        end
-      end
-      if not got or #got < need then redis.call('ZREM', sk(s, 3), head) end
-    end
+    local codes, seqs = pop_codes(sk(s, 3), pool, stats, S.total)
     local dlv, dlv_codes, per_batch = {}, {}, {}
     local at = 1
     for _, k in ipairs(S.orders) do
@@ -185,24 +171,7 @@ for s, S in pairs(skus) do
     redis.call('HINCRBY', stats, 'sold', S.total)
     for seq, c in pairs(per_batch) do redis.call('HINCRBY', sk(s, 8), seq .. ':d', c) end
     redis.call('HINCRBY', sk(s, 10), hour, S.total)
-    -- the stock level, with hysteresis (see check_level in _sku.lua)
-    local threshold = tonumber(redis.call('HGET', meta, 'low_stock_threshold') or '0')
-    local was = tonumber(redis.call('HGET', stats, 'level') or '0')
-    local level
-    if S.avail <= 0 then level = 0
-    elseif S.avail <= threshold then level = 1
-    elseif was == 2 or S.avail > threshold + math.max(1, math.floor(threshold / 10)) then level = 2
-    else level = 1
-    end
-    if level ~= was then
-      local names = {[0] = 'out', [1] = 'low', [2] = 'in'}
-      local kinds = {[0] = 'stock.out', [1] = 'stock.low', [2] = 'stock.restored'}
-      local id = string.match(meta, '{s:(.*)}')
-      redis.call('HSET', stats, 'level', level)
-      local v = redis.call('HINCRBY', stats, 'ver', 1)
-      emit(sk(s, 12), kinds[level], 'stock:' .. id, v,
-           {sku = id, level = names[level], was = names[was], available = S.avail, threshold = threshold})
-    end
+    set_level(meta, stats, sk(s, 12), S.avail)
   end
 end
 
