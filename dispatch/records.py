@@ -133,14 +133,20 @@ def _order_event_data(data: dict[str, Any]) -> dict[str, Any]:
             "refunded": data.get("refunded", 0), "status": data["status"]}
 
 
-def decode_event(entry_id: str, fields: dict[bytes, bytes]) -> Event:
-    """An event from its stream entry (see lua/_events.lua); ValueError if it is malformed."""
+def decode_events(entry_id: str, fields: dict[bytes, bytes]) -> list[Event]:
+    """The events of a stream entry (see lua/_events.lua): one, or one per order record
+    of an entry that tells a round's orders at once, numbered ``<entry id>.<k>`` from 0.
+    ValueError if it is malformed."""
     try:
-        kind, entity = fields[b"type"].decode(), fields[b"entity"].decode()
+        kind, at = fields[b"type"].decode(), ms_to_dt(int(fields[b"at"]))
+        if b"records" in fields:
+            return [Event(event_id=f"{entry_id}.{k}", type=kind, entity="order:" + r["id"], version=int(r["v"]),
+                          at=at, data=_order_event_data(r))
+                    for k, r in enumerate(msgspec.msgpack.decode(fields[b"records"], type=list[dict[str, Any]]))]
+        entity = fields[b"entity"].decode()
         data = msgspec.msgpack.decode(fields[b"data"], type=dict[str, Any])
         if entity.startswith("order:"):
             data = _order_event_data(data)
-        return Event(event_id=entry_id, type=kind, entity=entity, version=int(fields[b"v"]),
-                     at=ms_to_dt(int(fields[b"at"])), data=data)
-    except (KeyError, UnicodeDecodeError, msgspec.DecodeError) as e:
+        return [Event(event_id=entry_id, type=kind, entity=entity, version=int(fields[b"v"]), at=at, data=data)]
+    except (KeyError, ValueError, UnicodeDecodeError, msgspec.DecodeError) as e:
         raise ValueError(f"malformed event {entry_id}: {type(e).__name__}: {e}") from None

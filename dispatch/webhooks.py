@@ -37,7 +37,7 @@ import httpx
 import msgspec
 
 from .errors import NotFoundError, StoreUnavailableError, ValidationError
-from .records import decode_event, ms_to_dt
+from .records import decode_events, ms_to_dt
 from .store import Store
 from .store.webhooks import Job, StreamNews, Target
 from .vault import Vault
@@ -177,23 +177,27 @@ class Webhooks:
         for news in await self._store.news(self.read_count):
             jobs = []
             for entry_id, fields in news.entries:
-                job = self._job(news.shard, entry_id, fields, now)
-                jobs += [(entry_id, msgspec.structs.replace(job, target=t)) for t in news.listeners if job]
+                for job in self._jobs(news.shard, entry_id, fields, now):
+                    jobs += [(entry_id, msgspec.structs.replace(job, target=t)) for t in news.listeners]
             moves.append((news, jobs))
         await self._store.enqueue(moves, now)
         return sum(len(news.entries) for news, _ in moves)
 
     @staticmethod
-    def _job(shard: str, entry_id: str, fields: dict[bytes, bytes], now: int) -> Job | None:
-        event = f"{shard}:{entry_id}"
+    def _jobs(shard: str, entry_id: str, fields: dict[bytes, bytes], now: int) -> list[Job]:
         try:
-            e = decode_event(entry_id, fields)
+            events = decode_events(entry_id, fields)
         except ValueError as exc:
-            log.error("webhooks: event %s is skipped: %s", event, exc)
-            return None
-        body = _json.encode({"id": event, "type": e.type, "entity": e.entity, "version": e.version,
-                             "at": e.at.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "data": e.data})
-        return Job("", event, e.type, e.entity, e.version, body, now)
+            log.error("webhooks: event %s:%s is skipped: %s", shard, entry_id, exc)
+            return []
+        jobs = []
+        for e in events:
+            event = f"{shard}:{e.event_id}"
+            at = e.at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            body = _json.encode({"id": event, "type": e.type, "entity": e.entity, "version": e.version, "at": at,
+                                 "data": e.data})
+            jobs.append(Job("", event, e.type, e.entity, e.version, body, now))
+        return jobs
 
     # ---- jobs -> HTTP -----------------------------------------------------------------
     async def deliver_due(self) -> int:

@@ -14,6 +14,7 @@ import redis
 
 from dispatch import errors
 from dispatch.engine import Engine
+from dispatch.records import decode_events
 from dispatch.store import keys
 
 from .conftest import codes_text, make_config
@@ -320,6 +321,30 @@ async def test_order_and_ticket_events_carry_versions_and_no_codes(shop: Engine,
                        for _, f in client.xrange(keys.events_key(kind, id_)) for v in f.values())
     for code in [*d.codes, *(await shop.get_order("acme", r.order_id)).codes]:
         assert code.code.encode() not in raw
+
+
+async def test_a_round_of_deliveries_is_one_entry_read_as_one_event_per_order(shop: Engine) -> None:
+    await stock_up(shop, 40)
+    orders = await asyncio.gather(*(shop.purchase("acme", "g100", 1, f"x{i}") for i in range(30)))
+    pages, after = [], None
+    while True:
+        page = await shop.events("dist:acme", after, 7)
+        pages.append(page.events)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    told = [e for p in pages for e in p]
+    assert all(len(p) == 7 for p in pages[:-1])
+    assert sorted(e.entity for e in told) == sorted(f"order:{o.order_id}" for o in orders)
+    assert len({e.event_id for e in told}) == 30
+    subs: dict[str, list[int]] = {}
+    for e in told:
+        entry, _, k = e.event_id.partition(".")
+        subs.setdefault(entry, []).append(int(k))
+    assert len(subs) < 30  # rounds of several orders: one entry each, told event by event
+    assert all(ks == list(range(len(ks))) for ks in subs.values())
+    with pytest.raises(ValueError):
+        decode_events("1-1", {b"type": b"order.delivered", b"at": b"1", b"records": b"\x91\xc1"})
 
 
 async def test_lease_expiry_is_an_event(shop: Engine) -> None:

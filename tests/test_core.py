@@ -59,10 +59,11 @@ def test_ulid_matches_its_definition(ms: int, rnd: bytes) -> None:
     assert ulid_at(ms, rnd) == "".join(_CROCKFORD[(n >> s) & 31] for s in range(125, -1, -5))
 
 
-def test_new_ulids_are_unique_and_sorted_by_time() -> None:
+def test_new_ulids_are_unique_and_sorted_in_the_order_made() -> None:
     ids = [new_ulid() for _ in range(20_000)]
     assert len(set(ids)) == len(ids)
-    assert [i[:10] for i in ids] == sorted(i[:10] for i in ids)  # the time part never goes back
+    assert ids == sorted(ids)  # many share a millisecond: those count up from the first
+    assert len({i[:10] for i in ids}) < len(ids)
 
 
 @given(st.lists(st.binary(min_size=1, max_size=40), max_size=60), st.binary(min_size=32, max_size=32))

@@ -4,6 +4,10 @@
 -- entity's version: receivers drop anything older than what they hold), at (ms), data
 -- (a msgpack map, or its packed bytes: cmsgpack costs a third of building JSON in Lua,
 -- and writes integers as integers). Events never carry a code.
+-- A script that tells many orders' news of one kind at once (a round of deliveries)
+-- writes them as one entry: type, at, and records (a msgpack array of the orders'
+-- records, each with its id and version), read as one event per record
+-- (dispatch/records.py, decode_events).
 
 local EVENTS_MAXLEN = '100000'  -- per stream, trimmed approximately
 
@@ -20,4 +24,13 @@ local function emit(stream, kind, entity, version, data)
   redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'entity', entity,
              'v', string.format('%d', version), 'at', string.format('%d', now_ms()),
              'data', type(data) == 'string' and data or cmsgpack.pack(data))
+end
+
+local function emit_records(stream, kind, records)
+  local n = #records
+  local head = n < 16 and string.char(0x90 + n)
+               or string.char(0xdd, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+                              math.floor(n / 256) % 256, n % 256)
+  redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind,
+             'at', string.format('%d', now_ms()), 'records', head .. table.concat(records))
 end

@@ -10,11 +10,13 @@
 -- The record (status delivered, version 1) is packed by the engine for qty codes;
 -- one that gets fewer (allow_partial) is repacked here.
 -- The work is done once per SKU and per account, not per order: the pops, the
--- counters, the ledger entries and the records go out in one command each.
+-- counters, the ledger entries, the records and the events go out in one command each.
 -- Safe to run twice: an order found by its external_ref is answered as it stands.
--- returns per order: {"ok", code...} | {"exists", id, record, codes} | {"conflict", id}
---   | {"unknown_distributor"} | {"suspended"} | {"not_allowed"}
---   | {"unknown_sku"} | {"paused"} | {"out_of_stock"} | {"insufficient_balance", spendable}
+-- returns one flat array, per order: its status, the count of the fields that follow, and
+-- those fields (a nested array per order costs Redis more than the order's other work):
+--   "ok", n, code x n | "exists", 3, id, record, codes | "conflict", 1, id
+--   | "unknown_distributor", 0 | "suspended", 0 | "not_allowed", 0 | "unknown_sku", 0
+--   | "paused", 0 | "out_of_stock", 0 | "insufficient_balance", 1, spendable
 local nS, nA = tonumber(ARGV[1]), tonumber(ARGV[2])
 local n = tonumber(ARGV[3 + nS + nA])
 local function sk(s, k) return KEYS[(s - 1) * 12 + k] end
@@ -28,12 +30,13 @@ local function int(x) return string.format('%d', x) end
 
 -- Codes as the account's orders keep them: a msgpack array of bin strings (the SKU's
 -- delivery records keep them as pack_codes does, _codes.lua).
-local function bin_list(codes)
-  local parts = {#codes < 16 and string.char(0x90 + #codes)
-                 or string.char(0xdc, math.floor(#codes / 256), #codes % 256)}
-  for k, c in ipairs(codes) do
-    parts[k + 1] = (#c < 256 and string.char(0xc4, #c) or string.char(0xc5, math.floor(#c / 256), #c % 256)) .. c
-  end
+local function bin(c)
+  return (#c < 256 and string.char(0xc4, #c) or string.char(0xc5, math.floor(#c / 256), #c % 256)) .. c
+end
+local function bin_list(codes, from, to)
+  local parts = {to - from < 15 and string.char(0x90 + to - from + 1)
+                 or string.char(0xdc, math.floor((to - from + 1) / 256), (to - from + 1) % 256)}
+  for c = from, to do parts[#parts + 1] = bin(codes[c]) end
   return table.concat(parts)
 end
 
@@ -48,6 +51,7 @@ local function sku(s)
   end
   return st
 end
+local now_s = int(now)
 local function acct(a)
   local st = accts[a]
   if not st then
@@ -55,6 +59,7 @@ local function acct(a)
     st = {status = h[1], allowed = h[2], credit = tonumber(h[3]) or 0, balance = tonumber(h[4]) or 0,
           held = tonumber(h[5]) or 0, moved = 0, entries = {}, records = {}, codes = {}, refs = {}, index = {},
           opened = {}}
+    st.tail = '\031' .. int(st.held) .. '\031' .. now_s  -- of its ledger entries: held, ms
     accts[a] = st
   end
   return st
@@ -79,21 +84,22 @@ do
   end
 end
 
--- 1. decide, in order
+-- 1. decide, in order. out[k]: the reply of an order refused or found; a taken one has none yet
 local out, want, again = {}, {}, {}
-local ids, refs, records, prices, owners, partials, qtys = {}, {}, {}, {}, {}, {}, {}
+local ids, refs, digests, records, prices, owners, qtys = {}, {}, {}, {}, {}, {}, {}
+local amounts = {}  -- amount -> its ledger text
 local i = 4 + nS + nA
 for k = 1, n do
   local id, ref, digest, sku_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local s, a = sku_at[sku_id], acct_at[ARGV[i + 4]]
-  local qty, partial, price, record = tonumber(ARGV[i + 5]), ARGV[i + 6] == '1', tonumber(ARGV[i + 7]), ARGV[i + 8]
+  local qty, partial, price = tonumber(ARGV[i + 5]), ARGV[i + 6] == '1', tonumber(ARGV[i + 7])
+  ids[k], refs[k], digests[k], records[k], prices[k], owners[k], qtys[k] = id, ref, digest, ARGV[i + 8], price, a, qty
   i = i + 9
-  ids[k], refs[k], records[k], prices[k], owners[k], partials[k], qtys[k] = id, ref, record, price, a, partial, qty
   want[k] = 0
   local A, S = acct(a), sku(s)
   local first = A.opened[ref]
   if first then  -- the same external_ref twice in one call: the second is told of the first
-    if first.digest == digest then again[k] = first.k else out[k] = {'conflict', ids[first.k]} end
+    if digests[first] == digest then again[k] = first else out[k] = {'conflict', ids[first]} end
   else
     local earlier = earlier_id[a][ref]
     if earlier then
@@ -113,16 +119,18 @@ for k = 1, n do
     else
       local take = math.min(qty, S.avail)
       local spendable = A.balance - A.held + A.credit
-      if take * price > spendable then
+      local cost = take * price
+      if cost > spendable then
         out[k] = {'insufficient_balance', int(spendable)}
       else
         want[k] = take
         S.avail, S.total = S.avail - take, S.total + take
         S.orders[#S.orders + 1] = k
-        A.balance, A.moved = A.balance - take * price, A.moved - take * price
-        A.entries[#A.entries + 1] = string.format('purchase\31%s\31%d\31%d\31%d\31%d\31%d', id, -take * price, 0,
-                                                  A.balance, A.held, now)
-        A.opened[ref] = {k = k, digest = digest}
+        A.balance, A.moved = A.balance - cost, A.moved - cost
+        local amount = amounts[cost]
+        if not amount then amount = int(-cost); amounts[cost] = amount end
+        A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
+        A.opened[ref] = k
       end
     end
   end
@@ -130,6 +138,9 @@ end
 
 -- 2. per SKU: take every code its orders need, oldest batch first, and hand them out
 local hour = math.floor(now / 3600000)
+local sold = {}         -- "seq:count" -> the delivery record of that many codes of batch seq, packed once
+local got, from = {}, {}  -- a taken order's codes: got[k][from[k]] on, want[k] of them
+local kept = {}         -- a taken order's codes as its account keeps them
 for s, S in pairs(skus) do
   if S.total > 0 then
     local meta, stats = sk(s, 1), sk(s, 2)
@@ -138,32 +149,47 @@ for s, S in pairs(skus) do
     local dlv, dlv_codes, per_batch = {}, {}, {}
     local at = 1
     for _, k in ipairs(S.orders) do
-      local mine, runs = {}, runs_of(seqs, at, at + want[k] - 1)
-      for c = at, at + want[k] - 1 do
-        mine[#mine + 1] = codes[c]
-        per_batch[seqs[c]] = (per_batch[seqs[c]] or 0) + 1
+      local w, id = want[k], ids[k]
+      local last = at + w - 1
+      local seq, rec = seqs[at]
+      if seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
+        local one = seq .. ':' .. w
+        rec = sold[one]
+        if not rec then
+          rec = cmsgpack.pack({st = 'sold', b = {seq, w}, h = hour})
+          sold[one] = rec
+        end
+        per_batch[seq] = (per_batch[seq] or 0) + w
+      else
+        for c = at, last do per_batch[seqs[c]] = (per_batch[seqs[c]] or 0) + 1 end
+        rec = cmsgpack.pack({st = 'sold', b = runs_of(seqs, at, last), h = hour})
       end
-      at = at + want[k]
-      dlv[#dlv + 1] = ids[k]
-      dlv[#dlv + 1] = cmsgpack.pack({st = 'sold', b = runs, h = hour})
-      dlv_codes[#dlv_codes + 1] = ids[k]
-      dlv_codes[#dlv_codes + 1] = pack_codes(mine)
+      dlv[#dlv + 1] = id
+      dlv[#dlv + 1] = rec
+      dlv_codes[#dlv_codes + 1] = id
+      if w == 1 then
+        local c = codes[at]
+        dlv_codes[#dlv_codes + 1] = string.char(math.floor(#c / 256), #c % 256) .. c
+        kept[k] = '\145' .. bin(c)
+      else
+        local mine = {}
+        for c = at, last do mine[#mine + 1] = codes[c] end
+        dlv_codes[#dlv_codes + 1] = pack_codes(mine)
+        kept[k] = bin_list(codes, at, last)
+      end
+      got[k], from[k] = codes, at
+      at = last + 1
       local A = accts[owners[k]]
-      if want[k] < qtys[k] then  -- allow_partial: fewer codes than asked for
+      if w < qtys[k] then  -- allow_partial: fewer codes than asked for
         local r = cmsgpack.unpack(records[k])
-        r.delivered, r.total = want[k], want[k] * prices[k]
+        r.delivered, r.total = w, w * prices[k]
         records[k] = cmsgpack.pack(r)
       end
-      A.records[#A.records + 1] = ids[k]
-      A.records[#A.records + 1] = records[k]
-      A.codes[#A.codes + 1] = ids[k]
-      A.codes[#A.codes + 1] = bin_list(mine)
-      A.refs[#A.refs + 1] = refs[k]
-      A.refs[#A.refs + 1] = ids[k]
-      A.index[#A.index + 1] = 0
-      A.index[#A.index + 1] = ids[k]
-      table.insert(mine, 1, 'ok')
-      out[k] = mine
+      local m = #A.records
+      A.records[m + 1], A.records[m + 2] = id, records[k]
+      A.codes[m + 1], A.codes[m + 2] = id, kept[k]
+      A.refs[m + 1], A.refs[m + 2] = refs[k], id
+      A.index[m + 1], A.index[m + 2] = 0, id
     end
     push('HSET', sk(s, 4), dlv)
     push('HSET', sk(s, 7), dlv_codes)
@@ -184,20 +210,32 @@ for a, A in pairs(accts) do
     push('HSET', ak(a, 5), A.codes)
     push('HSET', ak(a, 3), A.refs)
     push('ZADD', ak(a, 6), A.index)
-    for j = 1, #A.records, 2 do
-      emit(ak(a, 10), 'order.delivered', 'order:' .. A.records[j], 1, A.records[j + 1])
-    end
+    local recs = {}
+    for j = 2, #A.records, 2 do recs[#recs + 1] = A.records[j] end
+    emit_records(ak(a, 10), 'order.delivered', recs)
   end
 end
 
-for k, first in pairs(again) do
-  local o = out[first]
-  if o[1] == 'ok' then
-    local codes = {}
-    for c = 2, #o do codes[#codes + 1] = o[c] end
-    out[k] = {'exists', ids[first], records[first], bin_list(codes)}
+-- 4. the reply
+local reply = {}
+local function tell(o)
+  reply[#reply + 1] = o[1]
+  reply[#reply + 1] = #o - 1
+  for x = 2, #o do reply[#reply + 1] = o[x] end
+end
+for k = 1, n do
+  local f = again[k]
+  if f and got[f] then
+    tell({'exists', ids[f], records[f], kept[f]})
+  elseif f then
+    tell(out[f])
+  elseif got[k] then
+    local codes, w = got[k], want[k]
+    reply[#reply + 1] = 'ok'
+    reply[#reply + 1] = w
+    for c = from[k], from[k] + w - 1 do reply[#reply + 1] = codes[c] end
   else
-    out[k] = o
+    tell(out[k])
   end
 end
-return out
+return reply

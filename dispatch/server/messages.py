@@ -191,7 +191,7 @@ class EventQuery(_In):
     #: Whose events: ``dist:<id>``, ``sku:<id>`` or ``supplier:<id>``.
     stream: Annotated[str, msgspec.Meta(pattern=r"^(dist|sku|supplier):[A-Za-z0-9._-]{1,64}$")]
     #: The last event id you have; absent: from the oldest kept.
-    after: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")] | None = None
+    after: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}(\.[0-9]{1,6})?$")] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 
 

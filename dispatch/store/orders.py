@@ -111,6 +111,16 @@ def _begin(reply: list[Any], item: BeginItem, dist: str) -> Any:
     return _account_refusal("begin", reply, dist, item.ref, item.qty * item.unit_price)
 
 
+def _per_item(flat: list[Any]) -> list[list[Any]]:
+    """deliver.lua's flat reply (per order: status, count, fields) as one list per order."""
+    out, i = [], 0
+    while i < len(flat):
+        n = flat[i + 1]
+        out.append([flat[i], *flat[i + 2:i + 2 + n]])
+        i += 2 + n
+    return out
+
+
 def _deliver(reply: list[Any], item: DeliverItem, node: str) -> Any:
     """The codes (encrypted) | Existing (a replay, with its codes) | an error."""
     status = reply[0]
@@ -210,6 +220,8 @@ class OrderStore:
         """:meth:`step` for several shards in one pipelined round: {shard: results}."""
         decode = STEPS[step][1]
         replies = await self._db.run_many(step, [self._call(step, s, items) for s, items in batches.items()])
+        if step == "deliver":
+            replies = [_per_item(flat) for flat in replies]
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]
                 for (shard, items), got in zip(batches.items(), replies)}
 

@@ -23,7 +23,7 @@ from .._core import pack_calls
 from ..config import Config
 from ..errors import ConfigError
 from ..models import Event
-from ..records import decode_event
+from ..records import decode_events
 from . import keys, scripts
 from .accounts import AccountStore
 from .aftersales import AfterSalesStore
@@ -172,8 +172,15 @@ class Store:
                     await self.client.script_load(script.script)
 
     async def events(self, kind: str, id_: str, after: str | None, count: int) -> list[Event]:
-        """Events of the stream of a distributor (``dist``), a SKU (``sku``) or a supplier
-        (``supplier``) after entry *after* (exclusive; None: from the start), oldest first."""
+        """Up to *count* events of the stream of a distributor (``dist``), a SKU (``sku``)
+        or a supplier (``supplier``) after event *after* (exclusive; None: from the start),
+        oldest first. An entry that tells several orders' news holds events
+        ``<entry>.0``, ``<entry>.1``...: a page may end inside it."""
+        entry, _, sub = (after or "").partition(".")
+        start = entry if sub else "(" + entry if entry else "-"
         with translated():
-            rows = await self.client.xrange(keys.events_key(kind, id_), "(" + after if after else "-", "+", count)
-        return [decode_event(i.decode(), f) for i, f in rows]
+            rows = await self.client.xrange(keys.events_key(kind, id_), start, "+", count)
+        out = [e for i, f in rows for e in decode_events(i.decode(), f)]
+        if sub:  # the rest of the entry the last page ended in
+            out = [e for e in out if not e.event_id.startswith(entry + ".") or int(e.event_id[len(entry) + 1:]) > int(sub)]
+        return out[:count]

@@ -299,6 +299,14 @@ cdef inline unsigned _bits5(uint64_t hi, uint64_t lo, int s) noexcept:
     return ((lo >> s) | (hi << (64 - s))) & 31
 
 
+cdef str _ulid(uint64_t hi, uint64_t lo):
+    cdef char out[26]
+    cdef int k
+    for k in range(26):
+        out[k] = _CROCKFORD[_bits5(hi, lo, 125 - 5 * k)]
+    return PyBytes_FromStringAndSize(out, 26).decode("ascii")
+
+
 def ulid_at(long long ms, bytes rnd):
     """The ULID of *ms* (48 bits) and 10 random bytes: 26 Crockford base-32 characters."""
     if len(rnd) != 10:
@@ -309,20 +317,36 @@ def ulid_at(long long ms, bytes rnd):
     cdef int k
     for k in range(2, 10):
         lo = (lo << 8) | r[k]
-    cdef char out[26]
-    for k in range(26):
-        out[k] = _CROCKFORD[_bits5(hi, lo, 125 - 5 * k)]
-    return PyBytes_FromStringAndSize(out, 26).decode("ascii")
+    return _ulid(hi, lo)
+
+
+cdef uint64_t _last_hi = 0
+cdef uint64_t _last_lo = 0
 
 
 def new_ulid():
-    """A fresh ULID: now in milliseconds, then 80 random bits (drawn from the OS in bulk)."""
-    global _pool, _pool_at
+    """A fresh ULID: now in milliseconds, then 80 random bits (drawn from the OS in bulk).
+    Monotonic within the process: in the same millisecond as the last one (or if the
+    clock stepped back), the last one's random part plus one, so a process's ids sort
+    in the order it made them."""
+    global _pool, _pool_at, _last_hi, _last_lo
+    cdef uint64_t ms = _time_ns() // 1_000_000
+    cdef const unsigned char* r
+    cdef int k
+    if ms <= (_last_hi >> 16):
+        _last_lo += 1
+        if _last_lo == 0:
+            _last_hi += 1  # carry into the random part's top 16 bits
+        return _ulid(_last_hi, _last_lo)
     if _pool_at + 10 > len(_pool):
         _pool, _pool_at = _urandom(10 * 4096), 0
-    rnd = _pool[_pool_at:_pool_at + 10]
+    r = <const unsigned char*>PyBytes_AS_STRING(_pool) + _pool_at
     _pool_at += 10
-    return ulid_at(_time_ns() // 1_000_000, rnd)
+    _last_hi = (ms << 16) | (<uint64_t>r[0] << 8) | r[1]
+    _last_lo = 0
+    for k in range(2, 10):
+        _last_lo = (_last_lo << 8) | r[k]
+    return _ulid(_last_hi, _last_lo)
 
 
 # ---------------------------------------------------------------------------
