@@ -18,7 +18,8 @@ from dispatch.loadtest.client import Pool
 from dispatch.loadtest.run import loadtest
 from dispatch.loadtest.scenario import PRESETS, load, preset, scaled
 from dispatch.loadtest.target import Seeded, Spawned
-from dispatch.store.keys import SkuKeys
+from dispatch.records import decode_codes, decode_order
+from dispatch.store.keys import AcctKeys, SkuKeys
 
 # short forms: a few seconds each, at rates a shared 2-core CI box sustains
 SHORT = {"steady": (3, 0.5), "ramp": (4, 0.4), "flash-sale": (5, 0.5), "holiday-recharge": (5, 0.4)}
@@ -59,16 +60,18 @@ def test_a_sold_code_pushed_back_into_its_pool_is_caught() -> None:
         assert daemon is not None
         r = aioredis.Redis.from_url(daemon.redis_url)
         try:
-            for sku in seeded.skus:
-                k = SkuKeys(sku.sku)
-                sold = await r.hgetall(k.dlv_codes)
-                head = await r.zrange(k.queue, 0, 0)
-                if sold and head:
-                    blob = next(iter(sold.values()))
-                    n = blob[0] * 256 + blob[1]
-                    await r.lpush(k.pool(int(head[0])), blob[2:2 + n])
-                    await r.hincrby(k.stats, "available", 1)
-                    hit["sku"] = sku.sku
+            for dist in seeded.distributors:
+                a = AcctKeys(dist)
+                for oid, codes in (await r.hgetall(a.codes)).items():
+                    sku = decode_order(await r.hget(a.orders, oid)).sku
+                    k = SkuKeys(sku)
+                    head = await r.zrange(k.queue, 0, 0)
+                    if codes and head:
+                        await r.lpush(k.pool(int(head[0])), decode_codes(codes)[0])
+                        await r.hincrby(k.stats, "available", 1)
+                        hit["sku"] = sku
+                        break
+                if hit:
                     break
         finally:
             await r.aclose()

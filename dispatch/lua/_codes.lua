@@ -70,10 +70,11 @@ end
 -- Kept in stats as a number (the counters there are all integers): 0 out, 1 low, 2 in.
 local LEVELS = {[0] = 'out', [1] = 'low', [2] = 'in'}
 local LEVEL_EVENT = {[0] = 'stock.out', [1] = 'stock.low', [2] = 'stock.restored'}
-local function set_level(meta, stats, events, avail)
+-- threshold and was (the level before) are read here unless the caller has them.
+local function set_level(meta, stats, events, avail, threshold, was)
   local sku = string.match(meta, '{s:(.*)}')
-  local threshold = tonumber(redis.call('HGET', meta, 'low_stock_threshold') or '0')
-  local was = tonumber(redis.call('HGET', stats, 'level') or '0')
+  threshold = threshold or tonumber(redis.call('HGET', meta, 'low_stock_threshold') or '0')
+  was = was or tonumber(redis.call('HGET', stats, 'level') or '0')
   local now
   if avail <= 0 then now = 0
   elseif avail <= threshold then now = 1

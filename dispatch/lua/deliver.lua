@@ -28,8 +28,9 @@ local now = now_ms()
 
 local function int(x) return string.format('%d', x) end
 
--- Codes as the account's orders keep them: a msgpack array of bin strings (the SKU's
--- delivery records keep them as pack_codes does, _codes.lua).
+-- Codes as the account's orders keep them: a msgpack array of bin strings. The SKU's
+-- delivery record of a delivered order keeps its batches, not its codes: the account
+-- has them (a reservation's codes are kept on both sides, take.lua).
 local function bin(c)
   return (#c < 256 and string.char(0xc4, #c) or string.char(0xc5, math.floor(#c / 256), #c % 256)) .. c
 end
@@ -45,8 +46,10 @@ local skus, accts = {}, {}
 local function sku(s)
   local st = skus[s]
   if not st then
-    st = {status = redis.call('HGET', sk(s, 1), 'status'),
-          avail = tonumber(redis.call('HGET', sk(s, 2), 'available') or '0'), total = 0, orders = {}}
+    local m = redis.call('HMGET', sk(s, 1), 'status', 'low_stock_threshold')
+    local c = redis.call('HMGET', sk(s, 2), 'available', 'level')
+    st = {status = m[1], threshold = tonumber(m[2] or '0'), avail = tonumber(c[1] or '0'),
+          level = tonumber(c[2] or '0'), total = 0, orders = {}}
     skus[s] = st
   end
   return st
@@ -138,7 +141,7 @@ end
 
 -- 2. per SKU: take every code its orders need, oldest batch first, and hand them out
 local hour = math.floor(now / 3600000)
-local sold = {}         -- "seq:count" -> the delivery record of that many codes of batch seq, packed once
+local sold = {}         -- seq -> count -> the delivery record of that many codes of batch seq, packed once
 local got, from = {}, {}  -- a taken order's codes: got[k][from[k]] on, want[k] of them
 local kept = {}         -- a taken order's codes as its account keeps them
 for s, S in pairs(skus) do
@@ -146,18 +149,19 @@ for s, S in pairs(skus) do
     local meta, stats = sk(s, 1), sk(s, 2)
     local pool = string.sub(meta, 1, -5) .. 'p:'
     local codes, seqs = pop_codes(sk(s, 3), pool, stats, S.total)
-    local dlv, dlv_codes, per_batch = {}, {}, {}
+    local dlv, per_batch = {}, {}
     local at = 1
     for _, k in ipairs(S.orders) do
       local w, id = want[k], ids[k]
       local last = at + w - 1
       local seq, rec = seqs[at]
       if seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
-        local one = seq .. ':' .. w
-        rec = sold[one]
+        local of_batch = sold[seq] or {}
+        sold[seq] = of_batch
+        rec = of_batch[w]
         if not rec then
           rec = cmsgpack.pack({st = 'sold', b = {seq, w}, h = hour})
-          sold[one] = rec
+          of_batch[w] = rec
         end
         per_batch[seq] = (per_batch[seq] or 0) + w
       else
@@ -166,17 +170,7 @@ for s, S in pairs(skus) do
       end
       dlv[#dlv + 1] = id
       dlv[#dlv + 1] = rec
-      dlv_codes[#dlv_codes + 1] = id
-      if w == 1 then
-        local c = codes[at]
-        dlv_codes[#dlv_codes + 1] = string.char(math.floor(#c / 256), #c % 256) .. c
-        kept[k] = '\145' .. bin(c)
-      else
-        local mine = {}
-        for c = at, last do mine[#mine + 1] = codes[c] end
-        dlv_codes[#dlv_codes + 1] = pack_codes(mine)
-        kept[k] = bin_list(codes, at, last)
-      end
+      kept[k] = w == 1 and '\145' .. bin(codes[at]) or bin_list(codes, at, last)
       got[k], from[k] = codes, at
       at = last + 1
       local A = accts[owners[k]]
@@ -189,15 +183,14 @@ for s, S in pairs(skus) do
       A.records[m + 1], A.records[m + 2] = id, records[k]
       A.codes[m + 1], A.codes[m + 2] = id, kept[k]
       A.refs[m + 1], A.refs[m + 2] = refs[k], id
-      A.index[m + 1], A.index[m + 2] = 0, id
+      A.index[m + 1], A.index[m + 2] = '0', id
     end
     push('HSET', sk(s, 4), dlv)
-    push('HSET', sk(s, 7), dlv_codes)
     redis.call('HINCRBY', stats, 'available', -S.total)
     redis.call('HINCRBY', stats, 'sold', S.total)
     for seq, c in pairs(per_batch) do redis.call('HINCRBY', sk(s, 8), seq .. ':d', c) end
     redis.call('HINCRBY', sk(s, 10), hour, S.total)
-    set_level(meta, stats, sk(s, 12), S.avail)
+    set_level(meta, stats, sk(s, 12), S.avail, S.threshold, S.level)
   end
 end
 

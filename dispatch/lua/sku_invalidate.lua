@@ -15,7 +15,9 @@ local raw = redis.call('HGET', KEYS[4], order)
 if not raw then return {'not_found'} end
 local r = cmsgpack.unpack(raw)
 r.x = r.x or {}
-if r.st ~= 'sold' or index >= #unpack_codes(redis.call('HGET', KEYS[7], order)) then return {'invalid_state'} end
+local count = 0
+for j = 2, #r.b, 2 do count = count + r.b[j] end
+if r.st ~= 'sold' or index >= count then return {'invalid_state'} end
 for _, x in ipairs(r.x) do
   if x == index then return {'invalid_state'} end
 end

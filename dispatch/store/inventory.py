@@ -165,12 +165,14 @@ class InventoryStore:
             names = [n async for n in c.scan_iter(match=k.pool_prefix + "*", count=1000)]
             return {int(n.decode().rsplit(":", 1)[1]): await c.lrange(n, 0, -1) for n in names}
 
-    async def deliveries(self, sku: str) -> dict[str, tuple[dict[str, Any], list[bytes]]]:
-        """Every delivery record of a SKU: order id -> (record, codes)."""
+    async def deliveries(self, sku: str) -> dict[str, tuple[dict[str, Any], list[bytes] | None]]:
+        """Every delivery record of a SKU: order id -> (record, codes; None where the
+        SKU keeps none: a delivered order's codes are kept by its account)."""
         k = keys.SkuKeys(sku)
         with translated():
             async with self._db.client.pipeline(transaction=False) as p:
                 p.hgetall(k.dlv)
                 p.hgetall(k.dlv_codes)
                 recs, codes = await p.execute()
-        return {oid.decode(): (msgpack_decode(raw), split_codes(codes.get(oid, b""))) for oid, raw in recs.items()}
+        return {oid.decode(): (msgpack_decode(raw), split_codes(codes[oid]) if oid in codes else None)
+                for oid, raw in recs.items()}

@@ -73,7 +73,8 @@ class SkuKeys:
         self.stats = t + "stats"        # HASH accepted, available, reserved, sold, voided, invalidated
         self.queue = t + "bq"           # ZSET batch seq -> sale priority (lowest sold first)
         self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}}
-        self.dlv_codes = t + "dlvc"     # HASH order id -> its codes, each with a 2-byte length prefix
+        self.dlv_codes = t + "dlvc"     # HASH order id -> its codes, each with a 2-byte length prefix (reservations
+        #                                 and replacements; a delivered order's codes are its account's)
         self.chunks = t + "chunks"      # HASH "seq:chunk" -> digest (import idempotency)
         self.void = t + "void"          # SET of voided batch seqs
         self.pool_prefix = t + "p:"     # LIST per batch: pool_prefix .. seq
