@@ -5,8 +5,10 @@
 -- order is checked (its external_ref, its distributor, its SKU, its money) before it
 -- takes a code, then its codes are taken, paid for and recorded, all in this one
 -- script, so a refused order never touches stock and no order is ever half done.
--- KEYS come in blocks of 12, the SKUs' (dispatch.store.keys.SkuKeys) then the accounts'
--- (AcctKeys); an order names its SKU and distributor, found in the header's ids.
+-- KEYS come in blocks of 7, the SKUs' then the accounts' (the keys of SkuKeys and
+-- AcctKeys this script uses, in the order of DELIVER_SKU_KEYS and DELIVER_ACCT_KEYS,
+-- dispatch/store/orders.py); an order names its SKU and distributor, found in the
+-- header's ids.
 -- The record (status delivered, version 1) is packed by the engine for qty codes;
 -- one that gets fewer (allow_partial) is repacked here.
 -- The work is done once per SKU and per account, not per order: the pops, the
@@ -19,8 +21,10 @@
 --   | "paused", 0 | "out_of_stock", 0 | "insufficient_balance", 1, spendable
 local nS, nA = tonumber(ARGV[1]), tonumber(ARGV[2])
 local n = tonumber(ARGV[3 + nS + nA])
-local function sk(s, k) return KEYS[(s - 1) * 12 + k] end
-local function ak(a, k) return KEYS[(nS + a - 1) * 12 + k] end
+local META, STATS, QUEUE, DLV, BSTAT, SALES, SKU_EVENTS = 1, 2, 3, 4, 5, 6, 7
+local ACCT, LEDGER, REFS, ORDERS, CODES, INDEX, EVENTS = 1, 2, 3, 4, 5, 6, 7
+local function sk(s, k) return KEYS[(s - 1) * 7 + k] end
+local function ak(a, k) return KEYS[(nS + a - 1) * 7 + k] end
 local sku_at, acct_at = {}, {}
 for s = 1, nS do sku_at[ARGV[2 + s]] = s end
 for a = 1, nA do acct_at[ARGV[2 + nS + a]] = a end
@@ -46,10 +50,10 @@ local skus, accts = {}, {}
 local function sku(s)
   local st = skus[s]
   if not st then
-    local m = redis.call('HMGET', sk(s, 1), 'status', 'low_stock_threshold')
-    local c = redis.call('HMGET', sk(s, 2), 'available', 'level')
+    local m = redis.call('HMGET', sk(s, META), 'status', 'low_stock_threshold')
+    local c = redis.call('HMGET', sk(s, STATS), 'available', 'level', 'sold')
     st = {status = m[1], threshold = tonumber(m[2] or '0'), avail = tonumber(c[1] or '0'),
-          level = tonumber(c[2] or '0'), total = 0, orders = {}}
+          level = tonumber(c[2] or '0'), sold = tonumber(c[3] or '0'), total = 0, orders = {}}
     skus[s] = st
   end
   return st
@@ -58,7 +62,7 @@ local now_s = int(now)
 local function acct(a)
   local st = accts[a]
   if not st then
-    local h = redis.call('HMGET', ak(a, 1), 'status', 'allowed', 'credit_limit', 'balance', 'held')
+    local h = redis.call('HMGET', ak(a, ACCT), 'status', 'allowed', 'credit_limit', 'balance', 'held')
     st = {status = h[1], allowed = h[2], credit = tonumber(h[3]) or 0, balance = tonumber(h[4]) or 0,
           held = tonumber(h[5]) or 0, moved = 0, entries = {}, records = {}, codes = {}, refs = {}, index = {},
           opened = {}}
@@ -80,7 +84,7 @@ do
     j = j + 9
   end
   for a, list in pairs(asked) do
-    local found = redis.call('HMGET', ak(a, 3), unpack(list))
+    local found = redis.call('HMGET', ak(a, REFS), unpack(list))
     local mine = {}
     for x = 1, #list do mine[list[x]] = found[x] end
     earlier_id[a] = mine
@@ -106,9 +110,9 @@ for k = 1, n do
   else
     local earlier = earlier_id[a][ref]
     if earlier then
-      local rec = redis.call('HGET', ak(a, 4), earlier)
+      local rec = redis.call('HGET', ak(a, ORDERS), earlier)
       if cmsgpack.unpack(rec).digest == digest then
-        out[k] = {'exists', earlier, rec, redis.call('HGET', ak(a, 5), earlier) or ''}
+        out[k] = {'exists', earlier, rec, redis.call('HGET', ak(a, CODES), earlier) or ''}
       else
         out[k] = {'conflict', earlier}
       end
@@ -141,14 +145,15 @@ end
 
 -- 2. per SKU: take every code its orders need, oldest batch first, and hand them out
 local hour = math.floor(now / 3600000)
+local hour_s = int(hour)
 local sold = {}         -- seq -> count -> the delivery record of that many codes of batch seq, packed once
 local got, from = {}, {}  -- a taken order's codes: got[k][from[k]] on, want[k] of them
 local kept = {}         -- a taken order's codes as its account keeps them
 for s, S in pairs(skus) do
   if S.total > 0 then
-    local meta, stats = sk(s, 1), sk(s, 2)
+    local meta, stats = sk(s, META), sk(s, STATS)
     local pool = string.sub(meta, 1, -5) .. 'p:'
-    local codes, seqs = pop_codes(sk(s, 3), pool, stats, S.total)
+    local codes, seqs = pop_codes(sk(s, QUEUE), pool, stats, S.total)
     local dlv, per_batch = {}, {}
     local at = 1
     for _, k in ipairs(S.orders) do
@@ -185,27 +190,26 @@ for s, S in pairs(skus) do
       A.refs[m + 1], A.refs[m + 2] = refs[k], id
       A.index[m + 1], A.index[m + 2] = '0', id
     end
-    push('HSET', sk(s, 4), dlv)
-    redis.call('HINCRBY', stats, 'available', -S.total)
-    redis.call('HINCRBY', stats, 'sold', S.total)
-    for seq, c in pairs(per_batch) do redis.call('HINCRBY', sk(s, 8), seq .. ':d', c) end
-    redis.call('HINCRBY', sk(s, 10), hour, S.total)
-    set_level(meta, stats, sk(s, 12), S.avail, S.threshold, S.level)
+    push('HSET', sk(s, DLV), dlv)
+    redis.call('HSET', stats, 'available', int(S.avail), 'sold', int(S.sold + S.total))
+    for seq, c in pairs(per_batch) do redis.call('HINCRBY', sk(s, BSTAT), seq .. ':d', int(c)) end
+    redis.call('HINCRBY', sk(s, SALES), hour_s, int(S.total))
+    set_level(meta, stats, sk(s, SKU_EVENTS), S.avail, S.threshold, S.level)
   end
 end
 
 -- 3. per account: the money, the records, the events
 for a, A in pairs(accts) do
   if #A.entries > 0 then
-    redis.call('HINCRBY', ak(a, 1), 'balance', int(A.moved))
-    push('RPUSH', ak(a, 2), A.entries)
-    push('HSET', ak(a, 4), A.records)
-    push('HSET', ak(a, 5), A.codes)
-    push('HSET', ak(a, 3), A.refs)
-    push('ZADD', ak(a, 6), A.index)
+    redis.call('HINCRBY', ak(a, ACCT), 'balance', int(A.moved))
+    push('RPUSH', ak(a, LEDGER), A.entries)
+    push('HSET', ak(a, ORDERS), A.records)
+    push('HSET', ak(a, CODES), A.codes)
+    push('HSET', ak(a, REFS), A.refs)
+    push('ZADD', ak(a, INDEX), A.index)
     local recs = {}
     for j = 2, #A.records, 2 do recs[#recs + 1] = A.records[j] end
-    emit_records(ak(a, 10), 'order.delivered', recs)
+    emit_records(ak(a, EVENTS), 'order.delivered', recs)
   end
 end
 

@@ -28,6 +28,9 @@ __all__ = ["OrderStore", "STEPS", "NODE", "DeliverItem", "BeginItem", "TakeItem"
 
 #: The shard of the steps that run on the node holding every shard.
 NODE = ""
+#: The keys of a SKU and of an account that deliver.lua takes, in its order.
+DELIVER_SKU_KEYS = ("meta", "stats", "queue", "dlv", "batch_stats", "sales", "events")
+DELIVER_ACCT_KEYS = ("acct", "ledger", "refs", "orders", "codes", "index", "events")
 
 
 # ---- the items of the saga steps: their fields are the script's, in order -------------
@@ -178,6 +181,7 @@ class OrderStore:
         self._db = db
         self._sku_keys: dict[str, keys.SkuKeys] = {}
         self._acct_keys: dict[str, list[str]] = {}
+        self._node_keys: dict[tuple[str, str], list[str]] = {}
 
     def _sku(self, sku: str) -> keys.SkuKeys:
         k = self._sku_keys.get(sku)
@@ -206,10 +210,25 @@ class OrderStore:
         dists = list(dict.fromkeys(item.distributor for item in items))
         keys_: list[str] = []
         for sku in skus:
-            keys_ += self._sku(sku).all
+            keys_ += self._deliver_keys(sku, "sku")
         for dist in dists:
-            keys_ += self._acct(dist)
+            keys_ += self._deliver_keys(dist, "dist")
         return keys_, [len(skus), len(dists), *skus, *dists, len(items)], items
+
+    def _deliver_keys(self, id_: str, kind: str) -> list[str]:
+        """The keys of a SKU or an account that deliver.lua uses, in its order."""
+        k = self._node_keys.get((kind, id_))
+        if k is None:
+            if len(self._node_keys) > 100_000:
+                self._node_keys.clear()
+            if kind == "sku":
+                s = self._sku(id_)
+                k = [getattr(s, name) for name in DELIVER_SKU_KEYS]
+            else:
+                a = keys.AcctKeys(id_)
+                k = [getattr(a, name) for name in DELIVER_ACCT_KEYS]
+            self._node_keys[(kind, id_)] = k
+        return k
 
     async def step(self, step: str, shard: str, items: Sequence[Sequence[Any]]) -> list[Any]:
         """Run saga *step* for *items* of one shard (a distributor's account, or a SKU):
