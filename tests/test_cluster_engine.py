@@ -1,4 +1,4 @@
-"""The engine's own tests again, on a real Redis Cluster of three masters.
+"""The engine's own tests again (webhooks too), on a real Redis Cluster of three masters.
 
 The test functions are the single-node modules' own, collected here a second time,
 where ``engine`` (and so ``shop``) runs on the cluster, and ``r``, the raw client
@@ -33,6 +33,10 @@ from .test_engine import (  # noqa: F401
     test_refusals, test_replay_and_conflict, test_reserve_confirm_cancel, test_scripts_survive_script_flush,
     test_sku_lifecycle_and_validation, test_tampered_ciphertext_is_refused, test_tier_prices,
     test_topup_is_idempotent_by_reference, test_void_batch)
+from .test_webhooks import (  # noqa: F401
+    hooks, receivers, test_distributor_isolation_and_admin_sees_everything, test_engine_events_end_to_end,
+    test_failed_deliveries_are_listed_and_replayed, test_repump_never_duplicates_and_workers_never_overlap,
+    test_retries_with_backoff_until_accepted, test_timeout_counts_as_a_failed_attempt)
 
 pytestmark = pytest.mark.cluster
 
