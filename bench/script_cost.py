@@ -46,7 +46,7 @@ async def main(url: str, data_dir: str) -> None:
             ],
             "reserve": [
                 ("begin", "d0", lambda o: (o, "r" + o, "digest", "s0", 1, 100, "CNY", "reserve", 60, 0)),
-                ("take", "s0", lambda o: TakeItem(o, 1, 0)),
+                ("take", "s0", lambda o: TakeItem(o, 1, 0, 0)),
                 ("commit", "d0", lambda o: (o, "ok", 1, blob)),
             ],
         }

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import unquote
 
 import msgspec
 
 from .errors import ConfigError
 
-__all__ = ["Config"]
+__all__ = ["Config", "ClusterUrl", "cluster_url"]
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -25,7 +26,9 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Everything an engine or daemon needs to know; the defaults need no file."""
 
-    #: ``redis://``, ``rediss://`` or ``unix://`` URL; unset starts the embedded redis-server.
+    #: ``redis://``, ``rediss://`` or ``unix://`` URL of one Redis, or
+    #: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for TLS) naming
+    #: seed nodes of a Redis Cluster; unset starts the embedded redis-server.
     redis_url: str | None = None
     #: Where the embedded Redis keeps its AOF, socket and lock, and the generated master key.
     data_dir: str = "data"
@@ -117,6 +120,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     webhook_timeout_s: Seconds = 5.0
 
     def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            cluster_url(self.redis_url)  # a malformed cluster URL is refused here, by name
         if self.max_reserve_ttl_s < self.reserve_ttl_s:
             raise ConfigError(
                 f"max_reserve_ttl_s ({self.max_reserve_ttl_s}) is below reserve_ttl_s ({self.reserve_ttl_s})"
@@ -177,3 +182,59 @@ def _convert(data: dict[str, Any], *, source: str) -> Config:
         return msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as e:
         raise ConfigError(f"invalid configuration ({source}): {e}") from None
+
+
+class ClusterUrl(NamedTuple):
+    """A ``redis+cluster://`` URL taken apart: its seed nodes and how to log in."""
+
+    tls: bool
+    seeds: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+
+
+_CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+
+
+def cluster_url(url: str) -> ClusterUrl | None:
+    """The seed nodes of a ``redis+cluster://`` / ``rediss+cluster://`` URL
+    (``[user:password@]host:port[,host:port...][/0]``); None for any other URL (one
+    Redis). ConfigError, naming what is wrong, if a cluster URL is malformed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _CLUSTER_SCHEMES:
+        return None
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"redis_url {scheme}://...: {why}")
+
+    if "?" in rest or "#" in rest:
+        raise bad("a cluster URL takes no query or fragment")
+    where, _, db = rest.partition("/")
+    if db not in ("", "0"):
+        raise bad(f"a cluster has only database 0, not {db!r}")
+    login, at, hosts = where.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = login.partition(":")
+        username, password = unquote(user) or None, unquote(secret) if colon else None
+    if not hosts:
+        raise bad("no seed node (expected host:port[,host:port...])")
+    seeds = []
+    for seed in hosts.split(","):
+        if not seed:
+            raise bad(f"an empty seed node in {hosts!r}")
+        if seed.startswith("["):  # [IPv6]:port
+            host, close, port = seed[1:].partition("]")
+            if not close or not port.startswith(":"):
+                raise bad(f"seed node {seed!r} is not [ipv6]:port")
+            port = port[1:]
+        else:
+            host, colon, port = seed.rpartition(":")
+            if not colon:
+                raise bad(f"seed node {seed!r} has no port (expected host:port)")
+        if not host:
+            raise bad(f"seed node {seed!r} has no host")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise bad(f"seed node {seed!r}: the port must be a number from 1 to 65535")
+        seeds.append((host, int(port)))
+    return ClusterUrl(_CLUSTER_SCHEMES[scheme.lower()], tuple(seeds), username, password)

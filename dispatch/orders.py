@@ -1,16 +1,18 @@
 """Orders: purchases (delivered at once, or reserved until confirmed), their reads, and
 the saga steps the recovery sweep uses to finish them.
 
-A purchase in deliver mode is one script (``deliver``) on the node that holds every
-shard, coalesced with every other purchase of its round: it checks the external_ref,
-the distributor, the SKU and the money before taking a code, then takes, debits and
-records at once. A refused order never touches stock, and nothing is ever half done:
-a retry of the same external_ref finds the order, or makes it.
+On one Redis, a purchase in deliver mode is one script (``deliver``) on the node that
+holds every shard, coalesced with every other purchase of its round: it checks the
+external_ref, the distributor, the SKU and the money before taking a code, then
+takes, debits and records at once. A refused order never touches stock, and nothing
+is ever half done: a retry of the same external_ref finds the order, or makes it.
 
-A reservation is a short saga of idempotent steps, each one Lua script on one shard,
-coalesced per shard (sagas.py). It takes three: ``begin`` (account: hold the money), ``take``, ``commit``
-(account: start the lease); ending it is ``settle`` (account, which fences) then
-``sku_settle`` (SKU). Until its last step is done a reservation sits in its account's
+A reservation (and on a Redis Cluster, where no script may span shards, a purchase in
+deliver mode too) is a short saga of idempotent steps, each one Lua script on one
+shard, coalesced per shard (sagas.py). It takes three: ``begin`` (account: hold the
+money), ``take`` (SKU: codes reserved, or sold), ``commit`` (account: start the lease,
+or charge and deliver); ending a reservation is ``settle`` (account, which fences)
+then ``sku_settle`` (SKU). Until its last step is done an order sits in its account's
 ``pending`` set; the sweep drives any left there by a crash to its end.
 """
 
@@ -85,9 +87,9 @@ class Orders:
             raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
                                     unit_price=price)
         p = BeginItem(new_id(), external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
-        if mode == "deliver":  # one atomic step: no saga task needed to see it through
+        if mode == "deliver" and not self._store.cluster:  # one atomic step: no saga task needed
             return await self._deliver(distributor, p)
-        return await self._sagas.run(self._reserve(distributor, p))
+        return await self._sagas.run(self._saga(distributor, p))
 
     async def _deliver(self, distributor: str, p: BeginItem) -> Order:
         """A purchase in deliver mode: one script does it all (or refuses it)."""
@@ -106,8 +108,9 @@ class Orders:
             rec.delivered, rec.total = len(got), len(got) * p.unit_price
         return self._present(rec, got)
 
-    async def _reserve(self, distributor: str, p: BeginItem) -> Order:
-        """A purchase in reserve mode: begin (hold the money), take, commit (start the lease)."""
+    async def _saga(self, distributor: str, p: BeginItem) -> Order:
+        """A purchase as a saga: begin (hold the money), take, commit (start the lease,
+        or charge and deliver)."""
         begun = await self._sagas.begin.submit(distributor, p)
         if isinstance(begun, Existing):
             return await self._replayed(distributor, begun.rec)
@@ -125,7 +128,7 @@ class Orders:
 
     async def drive(self, distributor: str, order_id: str, sku: str, qty: int, partial: bool, mode: str) -> Order:
         """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
-        taken = await self._sagas.take.submit(sku, TakeItem(order_id, qty, int(partial)))
+        taken = await self._sagas.take.submit(sku, TakeItem(order_id, qty, int(partial), int(mode == "deliver")))
         blob = encode(taken.codes) if taken.ok else b""
         rec = await self._sagas.commit.submit(distributor, CommitItem(order_id, taken.outcome, len(taken.codes), blob))
         return self._present(rec, taken.codes)

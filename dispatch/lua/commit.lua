@@ -1,7 +1,9 @@
 -- commit(keys=account keys, args=[n, n x (order_id, outcome, delivered, codes_blob)])
--- Finishes the account side of a reservation after its codes were taken from the SKU
--- shard (a purchase in deliver mode is one step, buy.lua). outcome "ok": the hold
--- shrinks to delivered * unit_price and the lease starts.
+-- Finishes the account side of a purchase saga after its codes were taken from the SKU
+-- shard. outcome "ok", a reservation: the hold shrinks to delivered * unit_price and
+-- the lease starts; a purchase in deliver mode (the saga a cluster runs instead of
+-- deliver.lua): delivered * unit_price is charged, the hold released, the order
+-- delivered with its codes and told as order.delivered.
 -- Any other outcome (out_of_stock, paused, unknown_sku) releases the hold and forgets
 -- the order and its ref, so the ref can be used again.
 -- Safe to run twice: an order no longer pending is answered as it stands.
@@ -29,6 +31,18 @@ for _ = 1, tonumber(ARGV[1]) do
       finished[#finished + 1] = id
       done[id] = 'gone'
       out[#out + 1] = {'failed', outcome}
+    elseif o.mode == 'deliver' then
+      local cost = n * o.unit_price
+      ledger('purchase', id, -cost, -o.hold)
+      o.status, o.hold, o.delivered, o.total = 'delivered', 0, n, cost
+      o.updated, o.dat = now, now
+      done[id] = order_event(o, 'order.delivered')
+      saved[#saved + 1] = id
+      saved[#saved + 1] = done[id]
+      codes[#codes + 1] = id
+      codes[#codes + 1] = blob
+      finished[#finished + 1] = id
+      out[#out + 1] = {'ok', done[id]}
     else
       local cost = n * o.unit_price
       if cost < o.hold then ledger('release', id, 0, cost - o.hold) end

@@ -1,6 +1,8 @@
--- take(keys=SKU keys, args=[pool_prefix, n, n x (order_id, qty, allow_partial)])
--- The SKU step of a reservation, after its account's begin: pops its codes, oldest
--- active batch first (lowest score in the queue), and counts them reserved.
+-- take(keys=SKU keys, args=[pool_prefix, n, n x (order_id, qty, allow_partial, sell)])
+-- The SKU step of a purchase saga, after its account's begin: pops its codes, best
+-- placed batch first (lowest score in the queue), and counts them reserved (a
+-- reservation) or, with sell = 1 (a purchase in deliver mode on a cluster), sold at
+-- once, as deliver.lua does.
 -- The decision is recorded per order in the delivery records, so the step is safe
 -- to run twice (and a recovery sweep racing the original request gets the same
 -- answer): a second run returns the same codes, or the same refusal.
@@ -16,12 +18,14 @@ local n = tonumber(ARGV[2])
 -- 1. decide, in order
 local ids, want, out = {}, {}, {}
 local first, again = {}, {}  -- an order twice in one call (a sweep racing its request)
+local sells = {}
 local total = 0
 local records = {}   -- HSET dlv field value ...
 local i = 3
 for k = 1, n do
   local id, qty, partial = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1'
-  i = i + 3
+  sells[k] = ARGV[i + 3] == '1'
+  i = i + 4
   ids[k], want[k] = id, 0
   local raw = redis.call('HGET', KEYS[4], id)
   if first[id] then
@@ -58,6 +62,8 @@ local codes, seqs = take_codes(total)
 
 -- 3. hand them out, in order
 local packed = {}    -- HSET dlv_codes field value ...
+local sold, sold_runs = 0, {}
+local hour = math.floor(now_ms() / 3600000)
 local at = 1
 for k = 1, n do
   if want[k] > 0 then
@@ -65,7 +71,13 @@ for k = 1, n do
     for c = at, at + want[k] - 1 do mine[#mine + 1] = codes[c] end
     at = at + want[k]
     records[#records + 1] = ids[k]
-    records[#records + 1] = cmsgpack.pack({st = 'reserved', b = runs})
+    if sells[k] then
+      records[#records + 1] = cmsgpack.pack({st = 'sold', b = runs, h = hour})
+      sold = sold + want[k]
+      for r = 1, #runs do sold_runs[#sold_runs + 1] = runs[r] end
+    else
+      records[#records + 1] = cmsgpack.pack({st = 'reserved', b = runs})
+    end
     packed[#packed + 1] = ids[k]
     packed[#packed + 1] = pack_codes(mine)
     table.insert(mine, 1, 'ok')
@@ -77,7 +89,11 @@ if #records > 0 then push('HSET', KEYS[4], records) end
 if #packed > 0 then push('HSET', KEYS[7], packed) end
 if total > 0 then
   redis.call('HINCRBY', KEYS[2], 'available', -total)
-  redis.call('HINCRBY', KEYS[2], 'reserved', total)
+  if total > sold then redis.call('HINCRBY', KEYS[2], 'reserved', total - sold) end
+  if sold > 0 then
+    redis.call('HINCRBY', KEYS[2], 'sold', sold)
+    count_sold(sold_runs)
+  end
   check_level()
 end
 return out

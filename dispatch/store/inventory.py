@@ -162,7 +162,7 @@ class InventoryStore:
         k = keys.SkuKeys(sku)
         c = self._db.client
         with translated():
-            names = [n async for n in c.scan_iter(match=k.pool_prefix + "*", count=1000)]
+            names = [n async for n in self._db.scan(k.pool_prefix + "*", near=k.meta)]
             return {int(n.decode().rsplit(":", 1)[1]): await c.lrange(n, 0, -1) for n in names}
 
     async def deliveries(self, sku: str) -> dict[str, tuple[dict[str, Any], list[bytes] | None]]:

@@ -2,8 +2,9 @@
 shard and round), order reads, and what the recovery sweep looks for.
 
 A purchase in deliver mode is one step, ``deliver``, on the node that holds every
-shard: its round is one script call for every SKU and account in it. A reservation
-is a saga of one-shard steps (begin, take, commit; settle, sku_settle).
+shard: its round is one script call for every SKU and account in it. A reservation,
+and on a cluster a purchase in deliver mode too, is a saga of one-shard steps
+(begin, take, commit; then for a reservation settle, sku_settle).
 
 Each step's replies are decoded here, item by item, into a typed result or the
 exception that item's caller gets (see replies.py); the coalescer hands each to its
@@ -65,11 +66,12 @@ class DeliverItem(NamedTuple):
 
 
 class TakeItem(NamedTuple):
-    """take.lua: pop a reservation's codes."""
+    """take.lua: pop a purchase saga's codes (sold at once when ``sell``, else reserved)."""
 
     order_id: str
     qty: int
     partial: int
+    sell: int
 
 
 class CommitItem(NamedTuple):
@@ -166,10 +168,10 @@ Decode = Callable[[Any, Sequence[Any], str], Any]
 #: Every saga step: (the shard it runs on, how one item's reply is decoded).
 #: An item's fields follow the script's header (dispatch/lua/<step>.lua).
 STEPS: dict[str, tuple[str, Decode]] = {
-    "deliver": ("node", _deliver),         # check, take, debit, record: a purchase at once
-    "begin": ("account", _begin),          # hold the money of a reservation
-    "take": ("sku", _take),                # pop a reservation's codes
-    "commit": ("account", _commit),        # start a reservation's lease
+    "deliver": ("node", _deliver),         # check, take, debit, record: a purchase at once (one node)
+    "begin": ("account", _begin),          # hold the money of a saga's order
+    "take": ("sku", _take),                # pop its codes: sold, or reserved
+    "commit": ("account", _commit),        # charge a delivery, or start a reservation's lease
     "settle": ("account", _settle),        # the account side of ending a reservation
     "sku_settle": ("sku", _as_str),        # the SKU side: sell or return its codes
     "unpend": ("account", _as_str),        # a saga done: off the account's pending set

@@ -30,7 +30,7 @@ def translated() -> Iterator[None]:
         yield
     except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, OSError) as exc:
         raise e.StoreUnavailableError(f"redis is unavailable: {type(exc).__name__}: {exc}") from None
-    except rex.RedisError as exc:
+    except (rex.RedisError, rex.RedisClusterException) as exc:
         raise e.StoreUnavailableError(f"redis refused a command: {exc}") from None
 
 

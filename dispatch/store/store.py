@@ -1,7 +1,9 @@
 """The connection to Redis, and the store's parts, one per concept.
 
 Only ``dispatch/store/`` talks to Redis. :class:`Store` holds the connection and runs
-scripts (packed by the compiled core, pipelined, NOSCRIPT handled); its parts
+scripts (packed by the compiled core, pipelined, NOSCRIPT handled), on one Redis or
+on a Redis Cluster (``store.cluster``: each round split by the master owning each
+call's slot, MOVED and ASK followed); its parts
 (``store.catalog``, ``store.accounts``, ``store.orders``, ``store.inventory``,
 ``store.aftersales``, ``store.webhooks``) speak the engine's language (a distributor,
 a SKU, a list of order items), build keys and arguments, and turn replies into typed
@@ -16,12 +18,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
 from redis import exceptions as rex
 
 from .._core import pack_calls
-from ..config import Config
-from ..errors import ConfigError
+from ..config import Config, cluster_url
+from ..errors import ConfigError, StoreUnavailableError
 from ..models import Event
 from ..records import decode_events
 from . import keys, scripts
@@ -37,6 +40,10 @@ from .webhooks import WebhookStore
 __all__ = ["Store"]
 
 MIN_VERSION = (6, 2)
+CLUSTER_SLOTS = 16384
+#: Times a cluster round is re-sent for the calls redirected (MOVED, ASK, TRYAGAIN, NOSCRIPT).
+_REDIRECTS = 5
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 #: One script call: its keys, its arguments, then items whose fields follow the arguments.
 Call = tuple[list[str], list[Any], Sequence[Sequence[Any]]]
 
@@ -44,12 +51,17 @@ Call = tuple[list[str], list[Any], Sequence[Sequence[Any]]]
 class Store:
     """A connection to the Redis that holds everything (embedded or external)."""
 
-    def __init__(self, client: aioredis.Redis, embedded: EmbeddedRedis | None = None) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, embedded: EmbeddedRedis | None = None,
+                 pool_size: int = 64) -> None:
         self.client = client
         self.embedded = embedded
+        #: True on a Redis Cluster: a purchase then runs as a saga of one-shard steps.
+        self.cluster = isinstance(client, RedisCluster)
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
         self._idle: list[Connection] = []
-        self._slots = asyncio.Semaphore(client.connection_pool.max_connections)
+        self._pool_size = pool_size if self.cluster else client.connection_pool.max_connections
+        self._slots = asyncio.Semaphore(self._pool_size)
+        self._node_slots: dict[str, asyncio.Semaphore] = {}
         self.catalog = CatalogStore(self)
         self.accounts = AccountStore(self)
         self.orders = OrderStore(self)
@@ -67,28 +79,72 @@ class Store:
                                      appendfsync=config.appendfsync)
             await asyncio.to_thread(embedded.start)
             url = embedded.url
+        timeouts = dict(socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
+        seeds = cluster_url(url)
+        if seeds is not None:
+            # The script path takes at most redis_pool_size connections of a node; the
+            # rest are for plain commands, which redis-py's cluster client routes itself.
+            client: aioredis.Redis | RedisCluster = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in seeds.seeds], ssl=seeds.tls,
+                username=seeds.username, password=seeds.password, max_connections=2 * config.redis_pool_size,
+                **timeouts)
+        else:
+            try:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    url, max_connections=config.redis_pool_size, timeout=config.redis_timeout_s, **timeouts)
+            except ValueError as e:
+                if embedded:
+                    embedded.stop()
+                raise ConfigError(f"redis_url is not a valid Redis URL: {e}") from None
+            client = aioredis.Redis(connection_pool=pool)
+        store = cls(client, embedded, config.redis_pool_size)
         try:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=config.redis_pool_size, timeout=config.redis_timeout_s,
-                socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
-        except ValueError as e:
-            if embedded:
-                embedded.stop()
-            raise ConfigError(f"redis_url is not a valid Redis URL: {e}") from None
-        store = cls(aioredis.Redis(connection_pool=pool), embedded)
-        try:
+            if store.cluster:
+                await store._initialize_cluster()
             await store._check_server()
         except BaseException:
             await store.close()
             raise
         return store
 
+    async def _initialize_cluster(self) -> None:
+        """The slot map, from the first seed node that answers."""
+        assert isinstance(self.client, RedisCluster)
+        try:
+            with translated():
+                await self.client.initialize()
+        except StoreUnavailableError as e:
+            if "not enabled" in str(e):
+                raise ConfigError("redis_url names a Redis Cluster (redis+cluster://), but its seed nodes "
+                                  "are not in cluster mode: use redis:// for one Redis") from None
+            raise
+
+    async def _each_master(self, *command: Any) -> list[Any]:
+        """A command that is not about a key (INFO, PING, SCRIPT...) run on the one Redis,
+        or on every master of a cluster: their replies."""
+        if isinstance(self.client, RedisCluster):
+            return [await node.execute_command(*command) for node in self.client.get_primaries()]
+        return [await self.client.execute_command(*command)]
+
     async def _check_server(self) -> None:
+        """Every master is Redis >= 6.2, in the mode the URL says; a cluster serves every slot."""
         with translated():
-            info = await self.client.info("server")
-        version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
-        if version < MIN_VERSION:
-            raise ConfigError(f"Redis {info['redis_version']} is too old: card-dispatch needs >= 6.2")
+            infos = await self._each_master("INFO", "server")
+            for info in infos:
+                version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
+                if version < MIN_VERSION:
+                    raise ConfigError(f"Redis {info['redis_version']} is too old: card-dispatch needs >= 6.2")
+            if not self.cluster:
+                if str((await self.client.info("cluster")).get("cluster_enabled")) == "1":
+                    raise ConfigError("redis_url names one Redis (redis://), but it is a Redis Cluster node: "
+                                      "use redis+cluster://host:port[,host:port...]")
+                return
+            for state in await self._each_master("CLUSTER INFO"):
+                assigned = int(state.get("cluster_slots_assigned", 0))
+                if state.get("cluster_state") != "ok" or assigned != CLUSTER_SLOTS:
+                    raise StoreUnavailableError(
+                        f"the Redis Cluster is not ok: cluster_state {state.get('cluster_state')}, "
+                        f"{assigned} of {CLUSTER_SLOTS} slots assigned")
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -128,6 +184,9 @@ class Store:
         """
         script = self._scripts[name]
         sha = script.sha.encode()
+        if self.cluster:
+            with translated():
+                return await self._run_on_cluster(script, sha, calls)
         packed = pack_calls(sha, list(calls))
         with translated():
             for attempt in (1, 2):
@@ -140,6 +199,86 @@ class Store:
                         raise
                     await self.client.script_load(script.script)
         raise AssertionError("unreachable")
+
+    async def _run_on_cluster(self, script: Any, sha: bytes, calls: Sequence[Call]) -> list[Any]:
+        """:meth:`run_many` on a cluster: the calls grouped by the master owning the slot
+        of each call's first key, one pipelined write per master, at once. A call
+        answered MOVED is sent again where the refreshed slot map says, one answered
+        ASK is sent to the node named, after ASKING, one answered NOSCRIPT after the
+        script is loaded there, one answered TRYAGAIN (a slot half migrated) a moment
+        later: every script is safe to run twice."""
+        client = self.client
+        assert isinstance(client, RedisCluster)
+        replies: list[Any] = [None] * len(calls)
+        todo: Sequence[int] = range(len(calls))
+        asking: dict[int, ClusterNode] = {}
+        for attempt in range(_REDIRECTS):
+            by_node: dict[ClusterNode, list[int]] = {}
+            for i in todo:
+                node = asking.get(i) or client.get_node_from_key(calls[i][0][0])
+                by_node.setdefault(node, []).append(i)
+            answers = await asyncio.gather(*(self._send_to_node(node, sha, calls, idx, asking)
+                                             for node, idx in by_node.items()))
+            asking, again, unloaded = {}, [], set()
+            for (node, idx), got in zip(by_node.items(), answers):
+                for i, reply in zip(idx, got):
+                    if isinstance(reply, rex.MovedError):  # (a subclass of AskError)
+                        await client.nodes_manager.move_slot(reply)
+                    elif isinstance(reply, rex.AskError):
+                        target = client.get_node(reply.host, reply.port)
+                        if target is None:  # a node the map does not know yet
+                            await client.nodes_manager.initialize()
+                        else:
+                            asking[i] = target
+                    elif isinstance(reply, rex.NoScriptError):
+                        unloaded.add(node)
+                    elif isinstance(reply, rex.TryAgainError):
+                        pass
+                    elif isinstance(reply, rex.ResponseError):
+                        raise reply
+                    else:
+                        replies[i] = reply
+                        continue
+                    again.append(i)
+            for node in unloaded:
+                await node.execute_command("SCRIPT LOAD", script.script)
+            if not again:
+                return replies
+            todo = again
+            if attempt:
+                await asyncio.sleep(0.05 * attempt)
+        raise rex.ClusterError(f"{len(todo)} script calls were still redirected after {_REDIRECTS} tries")
+
+    async def _send_to_node(self, node: ClusterNode, sha: bytes, calls: Sequence[Call], idx: list[int],
+                            asking: dict[int, ClusterNode]) -> list[Any]:
+        """Calls *idx* sent to one node in one write, on a connection of that node's own
+        pool; each reply, or the error reply it got (a redirect is the caller's to follow)."""
+        slots = self._node_slots.get(node.name)
+        if slots is None:
+            slots = self._node_slots[node.name] = asyncio.Semaphore(self._pool_size)
+        if any(i in asking for i in idx):
+            packed = b"".join((_ASKING if i in asking else b"") + pack_calls(sha, [calls[i]]) for i in idx)
+        else:
+            packed = pack_calls(sha, [calls[i] for i in idx])
+        async with slots:
+            conn = node.acquire_connection()
+            try:
+                await node.disconnect_if_needed(conn)
+                await conn.send_packed_command(packed)
+                out: list[Any] = []
+                for i in idx:
+                    if i in asking:
+                        await conn.read_response()  # OK
+                    try:
+                        out.append(await conn.read_response())
+                    except rex.ResponseError as e:  # read whole: the connection stays in step
+                        out.append(e)
+                return out
+            except BaseException:
+                await conn.disconnect()  # a reply may still be on its way
+                raise
+            finally:
+                node.release(conn)
 
     # ---- small helpers of the parts ---------------------------------------------------
     async def put(self, key: str, mode: str, fields: dict[str, Any]) -> str:
@@ -161,15 +300,25 @@ class Store:
             raw = await self.client.lrange(key, start, stop)
         return [e.decode().split("\x1f") for e in raw]
 
+    def scan(self, match: str, near: str) -> AsyncIterator[bytes]:
+        """The keys matching *match*, all in the slot of key *near* (on a cluster, only
+        the master holding that slot is asked)."""
+        if isinstance(self.client, RedisCluster):
+            return self.client.scan_iter(match=match, count=1000, target_nodes=self.client.get_node_from_key(near))
+        return self.client.scan_iter(match=match, count=1000)
+
     async def ready(self) -> None:
-        """Redis answers and every script is in its script cache (loaded again if flushed)."""
+        """Redis answers (every master of a cluster, every slot served) and every script is
+        in its script cache (loaded again if flushed)."""
+        scripts_ = list(self._scripts.values())
         with translated():
-            await self.client.ping()
-            scripts_ = list(self._scripts.values())
-            present = await self.client.script_exists(*(s.sha for s in scripts_))
-            for script, ok in zip(scripts_, present):
-                if not ok:
-                    await self.client.script_load(script.script)
+            if self.cluster:
+                await self._check_server()
+            await self._each_master("PING")
+            for present in await self._each_master("SCRIPT EXISTS", *(s.sha for s in scripts_)):
+                for script, ok in zip(scripts_, present):
+                    if not ok:
+                        await self._each_master("SCRIPT LOAD", script.script)
 
     async def events(self, kind: str, id_: str, after: str | None, count: int) -> list[Event]:
         """Up to *count* events of the stream of a distributor (``dist``), a SKU (``sku``)
