@@ -43,11 +43,8 @@ async def audit(store: Store) -> list[str]:
         for oid, (r, codes) in recs.items():
             if r["st"] in ("reserved", "sold"):
                 n = sum(r["b"][1::2])  # its runs: {seq, count, ...}
-                if codes is not None:  # else its account has them (placed below)
-                    for c in codes:
-                        place(c, f"order {oid}")
-                    if len(codes) != n:
-                        problems.append(f"{sku}/{oid}: {len(codes)} codes in a delivery record of {n}")
+                if codes is not None and len(codes) != n:  # the codes are placed where their buyer has them
+                    problems.append(f"{sku}/{oid}: {len(codes)} codes in a delivery record of {n}")
                 if r["st"] == "reserved":
                     reserved += n
                 else:  # codes found invalid by an approved ticket are no longer counted sold
@@ -92,14 +89,14 @@ async def audit(store: Store) -> list[str]:
                         problems.append(f"{dist}/{r.id}: {len(got)} codes for qty {r.qty}")
                     if r.total != r.unit_price * len(got):
                         problems.append(f"{dist}/{r.id}: total {r.total} != {len(got)} x {r.unit_price}")
+                    for c in got:
+                        place(c, f"order {r.id}")
                     rec = sku_records.get(r.sku, {}).get(r.id)
                     if rec is None:
                         agree = False
-                    elif rec[1] is None:  # the SKU keeps its batches, the account its codes
-                        for c in got:
-                            place(c, f"order {r.id}")
+                    elif rec[1] is None:  # sold by one script: the SKU keeps its batches, the account its codes
                         agree = len(got) == sum(rec[0]["b"][1::2])
-                    else:
+                    else:  # a saga's: both sides keep the codes
                         agree = rec[1] == got
                     if not agree:
                         problems.append(f"{dist}/{r.id}: codes differ from the SKU's delivery record")
@@ -115,10 +112,15 @@ async def audit(store: Store) -> list[str]:
             problems.append(f"{dist}: held {a.held} != holds of open orders {holds}")
 
     # Codes counted reserved or sold that no buyer holds are lost to sale. A ticket's
-    # replacement (``of``: the batch of the code it replaces) is keyed by the ticket.
+    # replacement (``of``: the batch of the code it replaces) is keyed by the ticket, and
+    # its code is kept on the SKU's side only.
     for sku, recs in sku_records.items():
-        for oid, (rec, _) in recs.items():
-            if rec["st"] in ("reserved", "sold") and "of" not in rec and (sku, oid) not in answered:
+        for oid, (rec, codes) in recs.items():
+            if rec["st"] not in ("reserved", "sold") or (sku, oid) in answered:
+                continue
+            for c in codes or ():
+                place(c, f"order {oid}")
+            if "of" not in rec:
                 problems.append(f"{sku}/{oid}: delivery record is {rec['st']}, but no account has the order "
                                 f"reserved or paid")
 
