@@ -87,25 +87,36 @@ class Orders:
             raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
                                     unit_price=price)
         p = BeginItem(new_id(), external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
-        if mode == "deliver" and not self._store.cluster:  # one atomic step: no saga task needed
-            return await self._deliver(distributor, p)
+        if not self._store.cluster:  # one atomic step on the node: no saga task needed
+            return await self._at_once(distributor, p)
         return await self._sagas.run(self._saga(distributor, p))
 
-    async def _deliver(self, distributor: str, p: BeginItem) -> Order:
-        """A purchase in deliver mode: one script does it all (or refuses it)."""
-        now = time.time_ns() // 1_000_000  # dated by this clock, like its id
-        rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
-                       currency=p.currency, mode="deliver", ttl=0, partial=bool(p.partial), status="delivered",
-                       hold=0, total=p.qty * p.unit_price, delivered=p.qty, deadline=0, created=now, updated=now,
-                       dat=now, v=1)
+    async def _at_once(self, distributor: str, p: BeginItem) -> Order:
+        """A purchase where one node holds every shard: one script does it all (or
+        refuses it), delivered or reserved. Dated by this clock, like its id; a lease
+        ends by it too."""
+        now = time.time_ns() // 1_000_000
+        total = p.qty * p.unit_price
+        if p.mode == "deliver":
+            rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
+                           currency=p.currency, mode="deliver", ttl=0, partial=bool(p.partial), status="delivered",
+                           hold=0, total=total, delivered=p.qty, deadline=0, created=now, updated=now, dat=now, v=1)
+        else:
+            rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
+                           currency=p.currency, mode="reserve", ttl=p.ttl, partial=bool(p.partial), status="reserved",
+                           hold=total, total=total, delivered=p.qty, deadline=now + p.ttl * 1000, created=now,
+                           updated=now)
         got = await self._sagas.deliver.submit(NODE, DeliverItem(p.order_id, p.ref, p.digest, p.sku, distributor,
-                                                                 p.qty, p.partial, p.unit_price, encode(rec)))
+                                                                 p.qty, p.partial, p.unit_price, encode(rec),
+                                                                 rec.deadline))
         if isinstance(got, Existing):
             order = self._present(got.rec, got.codes)
             order.replayed = True
             return order
         if len(got) < p.qty:  # allow_partial
             rec.delivered, rec.total = len(got), len(got) * p.unit_price
+            if rec.status == "reserved":
+                rec.hold = rec.total
         return self._present(rec, got)
 
     async def _saga(self, distributor: str, p: BeginItem) -> Order:

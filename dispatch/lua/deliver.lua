@@ -1,16 +1,20 @@
 -- deliver(keys=[SKU keys x nS, account keys x nA],
 --         args=[nS, nA, SKU ids x nS, distributor ids x nA, n,
---               n x (order_id, external_ref, digest, sku, distributor, qty, allow_partial, unit_price, record)])
--- Every purchase in deliver mode of one round, where one node holds every shard: each
--- order is checked (its external_ref, its distributor, its SKU, its money) before it
--- takes a code, then its codes are taken, paid for and recorded, all in this one
--- script, so a refused order never touches stock and no order is ever half done.
--- KEYS come in blocks of 7, the SKUs' then the accounts' (the keys of SkuKeys and
+--               n x (order_id, external_ref, digest, sku, distributor, qty, allow_partial, unit_price, record,
+--                    deadline)])
+-- Every purchase of one round, where one node holds every shard, delivered at once
+-- (deadline 0) or reserved until deadline (ms): each order is checked (its
+-- external_ref, its distributor, its SKU, its money) before it takes a code, then its
+-- codes are taken and paid for (or its money held and its lease started) and
+-- recorded, all in this one script, so a refused order never touches stock and no
+-- order is ever half done. A reservation ends as on a cluster (settle, sku_settle):
+-- its codes are kept on both sides, as take.lua and commit.lua keep them.
+-- KEYS come in blocks of 8, the SKUs' then the accounts' (the keys of SkuKeys and
 -- AcctKeys this script uses, in the order of DELIVER_SKU_KEYS and DELIVER_ACCT_KEYS,
 -- dispatch/store/orders.py); an order names its SKU and distributor, found in the
 -- header's ids.
--- The record (status delivered, version 1) is packed by the engine for qty codes;
--- one that gets fewer (allow_partial) is repacked here.
+-- The record (delivered, version 1; or reserved, version 0) is packed by the engine for
+-- qty codes; one that gets fewer (allow_partial) is repacked here.
 -- The work is done once per SKU and per account, not per order: the pops, the
 -- counters, the ledger entries, the records and the events go out in one command each.
 -- Safe to run twice: an order found by its external_ref is answered as it stands.
@@ -21,10 +25,10 @@
 --   | "paused", 0 | "out_of_stock", 0 | "insufficient_balance", 1, spendable
 local nS, nA = tonumber(ARGV[1]), tonumber(ARGV[2])
 local n = tonumber(ARGV[3 + nS + nA])
-local META, STATS, QUEUE, DLV, BSTAT, SALES, SKU_EVENTS = 1, 2, 3, 4, 5, 6, 7
-local ACCT, LEDGER, REFS, ORDERS, CODES, INDEX, EVENTS = 1, 2, 3, 4, 5, 6, 7
-local function sk(s, k) return KEYS[(s - 1) * 7 + k] end
-local function ak(a, k) return KEYS[(nS + a - 1) * 7 + k] end
+local META, STATS, QUEUE, DLV, BSTAT, SALES, SKU_EVENTS, DLV_CODES = 1, 2, 3, 4, 5, 6, 7, 8
+local ACCT, LEDGER, REFS, ORDERS, CODES, INDEX, EVENTS, LEASES = 1, 2, 3, 4, 5, 6, 7, 8
+local function sk(s, k) return KEYS[(s - 1) * 8 + k] end
+local function ak(a, k) return KEYS[(nS + a - 1) * 8 + k] end
 local sku_at, acct_at = {}, {}
 for s = 1, nS do sku_at[ARGV[2 + s]] = s end
 for a = 1, nA do acct_at[ARGV[2 + nS + a]] = a end
@@ -51,9 +55,10 @@ local function sku(s)
   local st = skus[s]
   if not st then
     local m = redis.call('HMGET', sk(s, META), 'status', 'low_stock_threshold')
-    local c = redis.call('HMGET', sk(s, STATS), 'available', 'level', 'sold')
+    local c = redis.call('HMGET', sk(s, STATS), 'available', 'level', 'sold', 'reserved')
     st = {status = m[1], threshold = tonumber(m[2] or '0'), avail = tonumber(c[1] or '0'),
-          level = tonumber(c[2] or '0'), sold = tonumber(c[3] or '0'), total = 0, orders = {}}
+          level = tonumber(c[2] or '0'), sold = tonumber(c[3] or '0'), reserved = tonumber(c[4] or '0'),
+          total = 0, orders = {}}
     skus[s] = st
   end
   return st
@@ -64,8 +69,8 @@ local function acct(a)
   if not st then
     local h = redis.call('HMGET', ak(a, ACCT), 'status', 'allowed', 'credit_limit', 'balance', 'held')
     st = {status = h[1], allowed = h[2], credit = tonumber(h[3]) or 0, balance = tonumber(h[4]) or 0,
-          held = tonumber(h[5]) or 0, moved = 0, entries = {}, records = {}, codes = {}, refs = {}, index = {},
-          opened = {}}
+          held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, records = {}, codes = {}, refs = {},
+          index = {}, opened = {}, delivered = {}, leases = {}}
     st.tail = '\031' .. int(st.held) .. '\031' .. now_s  -- of its ledger entries: held, ms
     accts[a] = st
   end
@@ -81,7 +86,7 @@ do
     local a = acct_at[ARGV[j + 4]]
     asked[a] = asked[a] or {}
     asked[a][#asked[a] + 1] = ARGV[j + 1]
-    j = j + 9
+    j = j + 10
   end
   for a, list in pairs(asked) do
     local found = redis.call('HMGET', ak(a, REFS), unpack(list))
@@ -93,7 +98,7 @@ end
 
 -- 1. decide, in order. out[k]: the reply of an order refused or found; a taken one has none yet
 local out, want, again = {}, {}, {}
-local ids, refs, digests, records, prices, owners, qtys = {}, {}, {}, {}, {}, {}, {}
+local ids, refs, digests, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}, {}
 local amounts = {}  -- amount -> its ledger text
 local i = 4 + nS + nA
 for k = 1, n do
@@ -101,7 +106,8 @@ for k = 1, n do
   local s, a = sku_at[sku_id], acct_at[ARGV[i + 4]]
   local qty, partial, price = tonumber(ARGV[i + 5]), ARGV[i + 6] == '1', tonumber(ARGV[i + 7])
   ids[k], refs[k], digests[k], records[k], prices[k], owners[k], qtys[k] = id, ref, digest, ARGV[i + 8], price, a, qty
-  i = i + 9
+  deadlines[k] = ARGV[i + 9] ~= '0' and ARGV[i + 9]
+  i = i + 10
   want[k] = 0
   local A, S = acct(a), sku(s)
   local first = A.opened[ref]
@@ -133,10 +139,16 @@ for k = 1, n do
         want[k] = take
         S.avail, S.total = S.avail - take, S.total + take
         S.orders[#S.orders + 1] = k
-        A.balance, A.moved = A.balance - cost, A.moved - cost
-        local amount = amounts[cost]
-        if not amount then amount = int(-cost); amounts[cost] = amount end
-        A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
+        if deadlines[k] then  -- a reservation: its money is held
+          A.held, A.moved_held = A.held + cost, A.moved_held + cost
+          A.tail = '\031' .. int(A.held) .. '\031' .. now_s
+          A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. int(A.balance) .. A.tail
+        else
+          A.balance, A.moved = A.balance - cost, A.moved - cost
+          local amount = amounts[cost]
+          if not amount then amount = int(-cost); amounts[cost] = amount end
+          A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
+        end
         A.opened[ref] = k
       end
     end
@@ -154,13 +166,21 @@ for s, S in pairs(skus) do
     local meta, stats = sk(s, META), sk(s, STATS)
     local pool = string.sub(meta, 1, -5) .. 'p:'
     local codes, seqs = pop_codes(sk(s, QUEUE), pool, stats, S.total)
-    local dlv, per_batch = {}, {}
+    local dlv, dlv_codes, per_batch = {}, {}, {}
+    local held = 0  -- codes reserved
     local at = 1
     for _, k in ipairs(S.orders) do
       local w, id = want[k], ids[k]
       local last = at + w - 1
       local seq, rec = seqs[at]
-      if seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
+      if deadlines[k] then  -- reserved: the SKU keeps the codes too, to put them back on sale
+        rec = cmsgpack.pack({st = 'reserved', b = runs_of(seqs, at, last)})
+        local mine = {}
+        for c = at, last do mine[#mine + 1] = codes[c] end
+        dlv_codes[#dlv_codes + 1] = id
+        dlv_codes[#dlv_codes + 1] = pack_codes(mine)
+        held = held + w
+      elseif seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
         local of_batch = sold[seq] or {}
         sold[seq] = of_batch
         rec = of_batch[w]
@@ -182,6 +202,7 @@ for s, S in pairs(skus) do
       if w < qtys[k] then  -- allow_partial: fewer codes than asked for
         local r = cmsgpack.unpack(records[k])
         r.delivered, r.total = w, w * prices[k]
+        if deadlines[k] then r.hold = r.total end
         records[k] = cmsgpack.pack(r)
       end
       local m = #A.records
@@ -189,11 +210,19 @@ for s, S in pairs(skus) do
       A.codes[m + 1], A.codes[m + 2] = id, kept[k]
       A.refs[m + 1], A.refs[m + 2] = refs[k], id
       A.index[m + 1], A.index[m + 2] = '0', id
+      if deadlines[k] then
+        A.leases[#A.leases + 1] = deadlines[k]
+        A.leases[#A.leases + 1] = id
+      else
+        A.delivered[#A.delivered + 1] = records[k]
+      end
     end
     push('HSET', sk(s, DLV), dlv)
-    redis.call('HSET', stats, 'available', int(S.avail), 'sold', int(S.sold + S.total))
+    if held > 0 then push('HSET', sk(s, DLV_CODES), dlv_codes) end
+    redis.call('HSET', stats, 'available', int(S.avail), 'sold', int(S.sold + S.total - held),
+               'reserved', int(S.reserved + held))
     for seq, c in pairs(per_batch) do redis.call('HINCRBY', sk(s, BSTAT), seq .. ':d', int(c)) end
-    redis.call('HINCRBY', sk(s, SALES), hour_s, int(S.total))
+    if S.total > held then redis.call('HINCRBY', sk(s, SALES), hour_s, int(S.total - held)) end
     set_level(meta, stats, sk(s, SKU_EVENTS), S.avail, S.threshold, S.level)
   end
 end
@@ -201,15 +230,15 @@ end
 -- 3. per account: the money, the records, the events
 for a, A in pairs(accts) do
   if #A.entries > 0 then
-    redis.call('HINCRBY', ak(a, ACCT), 'balance', int(A.moved))
+    if A.moved ~= 0 then redis.call('HINCRBY', ak(a, ACCT), 'balance', int(A.moved)) end
+    if A.moved_held ~= 0 then redis.call('HINCRBY', ak(a, ACCT), 'held', int(A.moved_held)) end
     push('RPUSH', ak(a, LEDGER), A.entries)
     push('HSET', ak(a, ORDERS), A.records)
     push('HSET', ak(a, CODES), A.codes)
     push('HSET', ak(a, REFS), A.refs)
     push('ZADD', ak(a, INDEX), A.index)
-    local recs = {}
-    for j = 2, #A.records, 2 do recs[#recs + 1] = A.records[j] end
-    emit_records(ak(a, EVENTS), 'order.delivered', recs)
+    if #A.leases > 0 then push('ZADD', ak(a, LEASES), A.leases) end
+    if #A.delivered > 0 then emit_records(ak(a, EVENTS), 'order.delivered', A.delivered) end
   end
 end
 

@@ -30,8 +30,8 @@ __all__ = ["OrderStore", "STEPS", "NODE", "DeliverItem", "BeginItem", "TakeItem"
 #: The shard of the steps that run on the node holding every shard.
 NODE = ""
 #: The keys of a SKU and of an account that deliver.lua takes, in its order.
-DELIVER_SKU_KEYS = ("meta", "stats", "queue", "dlv", "batch_stats", "sales", "events")
-DELIVER_ACCT_KEYS = ("acct", "ledger", "refs", "orders", "codes", "index", "events")
+DELIVER_SKU_KEYS = ("meta", "stats", "queue", "dlv", "batch_stats", "sales", "events", "dlv_codes")
+DELIVER_ACCT_KEYS = ("acct", "ledger", "refs", "orders", "codes", "index", "events", "leases")
 
 
 # ---- the items of the saga steps: their fields are the script's, in order -------------
@@ -52,7 +52,8 @@ class BeginItem(NamedTuple):
 
 
 class DeliverItem(NamedTuple):
-    """deliver.lua: a purchase in deliver mode, and its record once delivered."""
+    """deliver.lua: a purchase on one node, delivered (deadline 0) or reserved until
+    deadline (ms), and its record once done."""
 
     order_id: str
     ref: str
@@ -63,6 +64,7 @@ class DeliverItem(NamedTuple):
     partial: int
     unit_price: int
     record: bytes
+    deadline: int = 0
 
 
 class TakeItem(NamedTuple):
