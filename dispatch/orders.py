@@ -1,19 +1,20 @@
 """Orders: purchases (delivered at once, or reserved until confirmed), their reads, and
 the saga steps the recovery sweep uses to finish them.
 
-On one Redis, a purchase in deliver mode is one script (``deliver``) on the node that
-holds every shard, coalesced with every other purchase of its round: it checks the
-external_ref, the distributor, the SKU and the money before taking a code, then
-takes, debits and records at once. A refused order never touches stock, and nothing
-is ever half done: a retry of the same external_ref finds the order, or makes it.
+On one Redis, a purchase is one script (``deliver``) on the node that holds every
+shard, coalesced with every other purchase of its round: it checks the external_ref,
+the distributor, the SKU and the money before taking a code, then takes and debits
+(or holds the money and starts the lease) and records at once; ending a reservation
+is one script too (``settle``, both sides). A refused order never touches stock, and
+nothing is ever half done: a retry of the same external_ref finds the order, or makes it.
 
-A reservation (and on a Redis Cluster, where no script may span shards, a purchase in
-deliver mode too) is a short saga of idempotent steps, each one Lua script on one
-shard, coalesced per shard (sagas.py). It takes three: ``begin`` (account: hold the
-money), ``take`` (SKU: codes reserved, or sold), ``commit`` (account: start the lease,
-or charge and deliver); ending a reservation is ``settle`` (account, which fences)
-then ``sku_settle`` (SKU). Until its last step is done an order sits in its account's
-``pending`` set; the sweep drives any left there by a crash to its end.
+On a Redis Cluster, where no script may span shards, a purchase is a short saga of
+idempotent steps, each one Lua script on one shard, coalesced per shard (sagas.py):
+``begin`` (account: hold the money), ``take`` (SKU: codes reserved, or sold),
+``commit`` (account: start the lease, or charge and deliver); ending a reservation is
+``settle`` (account, which fences) then ``sku_settle`` (SKU). Until its last step is
+done an order sits in its account's ``pending`` set; the sweep drives any left there
+by a crash to its end.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class Orders:
 
     async def _end_reservation(self, distributor: str, order_id: str, action: str) -> Order:
         settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, action))
-        if settled.result in ("ok", "expired"):
+        if settled.result in ("ok", "expired") and self._store.cluster:  # else settle did the SKU side too
             await self.finish_sku_side(distributor, settled.rec)
         if settled.result == "expired":
             raise ReservationExpiredError(f"order {order_id} expired before it was confirmed")
@@ -202,7 +203,8 @@ class Orders:
         settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, "expire"))
         if settled.result not in ("ok", "expired"):
             return False
-        await self.finish_sku_side(distributor, settled.rec)
+        if self._store.cluster:
+            await self.finish_sku_side(distributor, settled.rec)
         return settled.result == "ok"
 
     async def recover(self, distributor: str, order_id: str) -> bool:

@@ -88,3 +88,66 @@ local function set_level(meta, stats, events, avail, threshold, was)
          {sku = sku, level = LEVELS[now], was = LEVELS[was], available = avail, threshold = threshold})
   end
 end
+
+-- A SKU's keys by name, for code shared by the SKU scripts (KEYS) and the scripts of
+-- the node that holds every shard (which name a SKU's keys from its id).
+local SKU_KEY_NAMES = {'meta', 'stats', 'queue', 'dlv', 'chunks', 'void', 'dlv_codes', 'batch_stats', 'parked',
+                       'sales', 'scores', 'events'}
+local function sku_keys(list, pool)
+  local k = {pool = pool}
+  for j, name in ipairs(SKU_KEY_NAMES) do k[name] = list[j] end
+  return k
+end
+
+-- Codes sold, per batch ({seq, count, seq, count...}) and per hour (restock forecasts).
+local function count_sold_in(k, runs)
+  local n, per = 0, {}
+  for j = 1, #runs, 2 do
+    per[runs[j]] = (per[runs[j]] or 0) + runs[j + 1]
+    n = n + runs[j + 1]
+  end
+  for seq, c in pairs(per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', c) end
+  if n > 0 then redis.call('HINCRBY', k.sales, math.floor(now_ms() / 3600000), n) end
+end
+
+-- The SKU side of ending a reservation, after its account decided: sell (reserved codes
+-- become sold) or return (back to the head of their batch's pool, or counted voided if
+-- the batch was voided meanwhile, parked if it was parked). The delivery record's state
+-- says what was done, so it is safe to run twice.
+-- returns "ok" | "again" | "not_found" | "invalid_state"
+local SETTLED = {sell = 'sold', ['return'] = 'returned'}
+local function settle_codes(k, id, action)
+  local raw = redis.call('HGET', k.dlv, id)
+  if not raw then return 'not_found' end
+  local r = cmsgpack.unpack(raw)
+  if r.st == SETTLED[action] then return 'again' end
+  if r.st ~= 'reserved' then return 'invalid_state' end
+  local codes = unpack_codes(redis.call('HGET', k.dlv_codes, id))
+  if action == 'sell' then
+    redis.call('HINCRBY', k.stats, 'sold', #codes)
+    count_sold_in(k, r.b)
+  else
+    local at = 1
+    for j = 1, #r.b, 2 do
+      local seq, count = r.b[j], r.b[j + 1]
+      if redis.call('SISMEMBER', k.void, seq) == 1 then
+        redis.call('HINCRBY', k.stats, 'voided', count)
+      else
+        local back = {}
+        for c = at + count - 1, at, -1 do back[#back + 1] = codes[c] end
+        push('LPUSH', k.pool .. seq, back)
+        if redis.call('SISMEMBER', k.parked, seq) == 1 then
+          redis.call('HINCRBY', k.stats, 'parked', count)
+        else
+          redis.call('ZADD', k.queue, 'NX', redis.call('HGET', k.scores, seq) or seq, seq)
+          redis.call('HINCRBY', k.stats, 'available', count)
+        end
+      end
+      at = at + count
+    end
+  end
+  redis.call('HINCRBY', k.stats, 'reserved', -#codes)
+  r.st = SETTLED[action]
+  redis.call('HSET', k.dlv, id, cmsgpack.pack(r))
+  return 'ok'
+end

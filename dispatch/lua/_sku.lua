@@ -17,15 +17,10 @@ local function take_codes(total)
   return pop_codes(KEYS[3], POOL, KEYS[2], total)
 end
 
--- Codes sold, per batch ({seq, count, seq, count...}) and per hour (restock forecasts).
+local SKU = sku_keys(KEYS, POOL)
+
 local function count_sold(runs)
-  local n, per = 0, {}
-  for j = 1, #runs, 2 do
-    per[runs[j]] = (per[runs[j]] or 0) + runs[j + 1]
-    n = n + runs[j + 1]
-  end
-  for seq, c in pairs(per) do redis.call('HINCRBY', KEYS[8], seq .. ':d', c) end
-  if n > 0 then redis.call('HINCRBY', KEYS[10], math.floor(now_ms() / 3600000), n) end
+  count_sold_in(SKU, runs)
 end
 
 -- The SKU's stock level after a change (see set_level).

@@ -1,17 +1,35 @@
--- settle(keys=account keys, args=[n, n x (order_id, action)])   action: confirm | cancel | expire
--- The account side of ending a reservation; runs before the SKU side (sku_settle), so
--- the account is the fence: once it says cancelled or expired, no confirm can win.
+-- settle(keys=account keys, args=[n, sku_keys, n x (order_id, action)])   action: confirm | cancel | expire
+-- Ends reservations. On a cluster (sku_keys ""), the account side only; it runs before
+-- the SKU side (sku_settle), so the account is the fence: once it says cancelled or
+-- expired, no confirm can win; the order is left in `pending` until the SKU side is
+-- done (dispatch clears it). Where one node holds every shard, sku_keys is the
+-- template of a SKU's keys (SkuKeys of the SKU "\1", space-separated, then its pool
+-- prefix) and the SKU side is done here too (settle_codes, _codes.lua), at once: this
+-- form of the script names the keys of its orders' SKUs itself.
 -- A reservation past its deadline expires here, whatever the action asked for, so a
 -- lease ends exactly once whether the sweep or a late confirm gets there first.
--- The order is left in `pending` until the SKU side is done (dispatch clears it).
 -- Each ending is told on the account's event stream: order.delivered, order.cancelled,
 -- order.expired.
 -- returns per order: {result, order, codes (of a delivered order, else "")}, result one of
 --   "ok" (done now), "again" (was already so), "expired", "not_due", "invalid_state", "not_found"
+local template = ARGV[2]
+local sku_sides = {}  -- sku -> its keys, where this script does the SKU side
+local function sku_side(sku)
+  local k = sku_sides[sku]
+  if not k then
+    local list = {}
+    for name in string.gmatch(template, '%S+') do
+      list[#list + 1] = string.gsub(name, '\1', (string.gsub(sku, '%%', '%%%%')))
+    end
+    k = sku_keys(list, list[#list])
+    sku_sides[sku] = k
+  end
+  return k
+end
 local now = now_ms()
 local target = {confirm = 'delivered', cancel = 'cancelled', expire = 'expired'}
 local out = {}
-local i = 2
+local i = 3
 for _ = 1, tonumber(ARGV[1]) do
   local id, action = ARGV[i], ARGV[i + 1]
   i = i + 2
@@ -46,7 +64,11 @@ for _ = 1, tonumber(ARGV[1]) do
         raw = order_event(o, 'order.' .. o.status)
         redis.call('HSET', KEYS[4], id, raw)
         redis.call('ZREM', KEYS[7], id)
-        redis.call('ZADD', KEYS[8], now, id)
+        if template == '' then
+          redis.call('ZADD', KEYS[8], now, id)
+        else
+          settle_codes(sku_side(o.sku), id, o.status == 'delivered' and 'sell' or 'return')
+        end
       end
     elseif o.mode == 'reserve' and o.status == target[action] then
       result = 'again'
@@ -60,4 +82,7 @@ for _ = 1, tonumber(ARGV[1]) do
   end
 end
 settle_money()
+for _, k in pairs(sku_sides) do
+  set_level(k.meta, k.stats, k.events, tonumber(redis.call('HGET', k.stats, 'available') or '0'))
+end
 return out

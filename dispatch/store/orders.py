@@ -32,6 +32,8 @@ NODE = ""
 #: The keys of a SKU and of an account that deliver.lua takes, in its order.
 DELIVER_SKU_KEYS = ("meta", "stats", "queue", "dlv", "batch_stats", "sales", "events", "dlv_codes")
 DELIVER_ACCT_KEYS = ("acct", "ledger", "refs", "orders", "codes", "index", "events", "leases")
+#: The keys of a SKU named "\1" and its pool prefix: settle.lua names a SKU's keys from it.
+_SKU_TEMPLATE = " ".join([*keys.SkuKeys("\1").all, keys.SkuKeys("\1").pool_prefix])
 
 
 # ---- the items of the saga steps: their fields are the script's, in order -------------
@@ -206,6 +208,8 @@ class OrderStore:
     def _call(self, step: str, shard: str, items: Sequence[Any]) -> Call:
         kind = STEPS[step][0]
         if kind == "account":
+            if step == "settle":  # on one node, with the SKU side (see settle.lua)
+                return self._acct(shard), [len(items), "" if self._db.cluster else _SKU_TEMPLATE], items
             return self._acct(shard), [len(items)], items
         if kind == "sku":
             k = self._sku(shard)

@@ -12,7 +12,8 @@ from importlib import resources
 _ACCOUNT = ("_events", "_account")
 _SKU = ("_events", "_codes", "_sku")
 _PRELUDE = {
-    "deliver": ("_events", "_codes"), "begin": _ACCOUNT, "commit": _ACCOUNT, "settle": _ACCOUNT, "topup": _ACCOUNT,
+    "deliver": ("_events", "_codes"), "settle": ("_events", "_codes", "_account"),
+    "begin": _ACCOUNT, "commit": _ACCOUNT, "topup": _ACCOUNT,
     "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _ACCOUNT,
     "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,
     "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
