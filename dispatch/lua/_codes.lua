@@ -110,26 +110,39 @@ local function count_sold_in(k, runs)
   if n > 0 then redis.call('HINCRBY', k.sales, math.floor(now_ms() / 3600000), n) end
 end
 
--- The SKU side of ending a reservation, after its account decided: sell (reserved codes
--- become sold) or return (back to the head of their batch's pool, or counted voided if
--- the batch was voided meanwhile, parked if it was parked). The delivery record's state
--- says what was done, so it is safe to run twice.
+-- The SKU side of ending reservations, after their accounts decided: sell (reserved
+-- codes become sold) or return (back to the head of their batch's pool, or counted
+-- voided if the batch was voided meanwhile, parked if it was parked). The delivery
+-- record's state says what was done, so it is safe to run twice. The counters and the
+-- records of a call's orders are written once, by flush_settled(k, acc); acc is
+-- new_settled() of that SKU.
 -- returns "ok" | "again" | "not_found" | "invalid_state"
 local SETTLED = {sell = 'sold', ['return'] = 'returned'}
-local function settle_codes(k, id, action)
-  local raw = redis.call('HGET', k.dlv, id)
+local function new_settled()
+  return {sold = 0, reserved = 0, per = {}, records = {}, done = {}, memo = {}}
+end
+
+local function settle_codes(k, id, action, acc)
+  local raw = acc.done[id] or redis.call('HGET', k.dlv, id)
   if not raw then return 'not_found' end
-  local r = cmsgpack.unpack(raw)
-  if r.st == SETTLED[action] then return 'again' end
-  if r.st ~= 'reserved' then return 'invalid_state' end
-  local codes = unpack_codes(redis.call('HGET', k.dlv_codes, id))
+  local m = acc.memo[raw]  -- the same record (same batch and count) is read once a call
+  if not m then
+    m = cmsgpack.unpack(raw)
+    m.n = 0
+    for j = 2, #(m.b or {}), 2 do m.n = m.n + m.b[j] end
+    acc.memo[raw] = m
+  end
+  if m.st == SETTLED[action] then return 'again' end
+  if m.st ~= 'reserved' then return 'invalid_state' end
+  local b = m.b
   if action == 'sell' then
-    redis.call('HINCRBY', k.stats, 'sold', #codes)
-    count_sold_in(k, r.b)
+    acc.sold = acc.sold + m.n
+    for j = 1, #b, 2 do acc.per[b[j]] = (acc.per[b[j]] or 0) + b[j + 1] end
   else
+    local codes = unpack_codes(redis.call('HGET', k.dlv_codes, id))
     local at = 1
-    for j = 1, #r.b, 2 do
-      local seq, count = r.b[j], r.b[j + 1]
+    for j = 1, #b, 2 do
+      local seq, count = b[j], b[j + 1]
       if redis.call('SISMEMBER', k.void, seq) == 1 then
         redis.call('HINCRBY', k.stats, 'voided', count)
       else
@@ -146,8 +159,29 @@ local function settle_codes(k, id, action)
       at = at + count
     end
   end
-  redis.call('HINCRBY', k.stats, 'reserved', -#codes)
-  r.st = SETTLED[action]
-  redis.call('HSET', k.dlv, id, cmsgpack.pack(r))
+  acc.reserved = acc.reserved + m.n
+  local key = SETTLED[action] .. raw
+  local packed = acc.memo[key]
+  if not packed then
+    local r = {}
+    for f, v in pairs(m) do if f ~= 'n' then r[f] = v end end
+    r.st = SETTLED[action]
+    packed = cmsgpack.pack(r)
+    acc.memo[key] = packed
+  end
+  acc.done[id] = packed
+  acc.records[#acc.records + 1] = id
+  acc.records[#acc.records + 1] = packed
   return 'ok'
+end
+
+local function flush_settled(k, acc)
+  if #acc.records == 0 then return end
+  push('HSET', k.dlv, acc.records)
+  redis.call('HINCRBY', k.stats, 'reserved', string.format('%d', -acc.reserved))
+  if acc.sold > 0 then
+    redis.call('HINCRBY', k.stats, 'sold', string.format('%d', acc.sold))
+    for seq, c in pairs(acc.per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', string.format('%d', c)) end
+    redis.call('HINCRBY', k.sales, string.format('%d', math.floor(now_ms() / 3600000)), string.format('%d', acc.sold))
+  end
 end

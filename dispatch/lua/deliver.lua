@@ -158,7 +158,8 @@ end
 -- 2. per SKU: take every code its orders need, oldest batch first, and hand them out
 local hour = math.floor(now / 3600000)
 local hour_s = int(hour)
-local sold = {}         -- seq -> count -> the delivery record of that many codes of batch seq, packed once
+-- state -> seq -> count -> the delivery record of that many codes of batch seq, packed once
+local packed = {sold = {}, reserved = {}}
 local got, from = {}, {}  -- a taken order's codes: got[k][from[k]] on, want[k] of them
 local kept = {}         -- a taken order's codes as its account keeps them
 for s, S in pairs(skus) do
@@ -173,25 +174,36 @@ for s, S in pairs(skus) do
       local w, id = want[k], ids[k]
       local last = at + w - 1
       local seq, rec = seqs[at]
-      if deadlines[k] then  -- reserved: the SKU keeps the codes too, to put them back on sale
-        rec = cmsgpack.pack({st = 'reserved', b = runs_of(seqs, at, last)})
-        local mine = {}
-        for c = at, last do mine[#mine + 1] = codes[c] end
-        dlv_codes[#dlv_codes + 1] = id
-        dlv_codes[#dlv_codes + 1] = pack_codes(mine)
-        held = held + w
-      elseif seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
-        local of_batch = sold[seq] or {}
-        sold[seq] = of_batch
+      local st = deadlines[k] and 'reserved' or 'sold'
+      if seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
+        local of_batch = packed[st][seq] or {}
+        packed[st][seq] = of_batch
         rec = of_batch[w]
         if not rec then
-          rec = cmsgpack.pack({st = 'sold', b = {seq, w}, h = hour})
+          rec = cmsgpack.pack(st == 'sold' and {st = st, b = {seq, w}, h = hour} or {st = st, b = {seq, w}})
           of_batch[w] = rec
         end
-        per_batch[seq] = (per_batch[seq] or 0) + w
+        if st == 'sold' then per_batch[seq] = (per_batch[seq] or 0) + w end
       else
-        for c = at, last do per_batch[seqs[c]] = (per_batch[seqs[c]] or 0) + 1 end
-        rec = cmsgpack.pack({st = 'sold', b = runs_of(seqs, at, last), h = hour})
+        if st == 'sold' then
+          for c = at, last do per_batch[seqs[c]] = (per_batch[seqs[c]] or 0) + 1 end
+        end
+        rec = cmsgpack.pack(st == 'sold' and {st = st, b = runs_of(seqs, at, last), h = hour}
+                            or {st = st, b = runs_of(seqs, at, last)})
+      end
+      if st == 'reserved' then  -- the SKU keeps the codes too, to put them back on sale
+        local c = codes[at]
+        local kept_here
+        if w == 1 then
+          kept_here = string.char(math.floor(#c / 256), #c % 256) .. c
+        else
+          local mine = {}
+          for x = at, last do mine[#mine + 1] = codes[x] end
+          kept_here = pack_codes(mine)
+        end
+        dlv_codes[#dlv_codes + 1] = id
+        dlv_codes[#dlv_codes + 1] = kept_here
+        held = held + w
       end
       dlv[#dlv + 1] = id
       dlv[#dlv + 1] = rec

@@ -9,7 +9,7 @@
 -- A reservation past its deadline expires here, whatever the action asked for, so a
 -- lease ends exactly once whether the sweep or a late confirm gets there first.
 -- Each ending is told on the account's event stream: order.delivered, order.cancelled,
--- order.expired.
+-- order.expired (the orders of a call that ended alike, in one entry).
 -- returns per order: {result, order, codes (of a delivered order, else "")}, result one of
 --   "ok" (done now), "again" (was already so), "expired", "not_due", "invalid_state", "not_found"
 local template = ARGV[2]
@@ -22,6 +22,7 @@ local function sku_side(sku)
       list[#list + 1] = string.gsub(name, '\1', (string.gsub(sku, '%%', '%%%%')))
     end
     k = sku_keys(list, list[#list])
+    k.settled = new_settled()
     sku_sides[sku] = k
   end
   return k
@@ -29,11 +30,14 @@ end
 local now = now_ms()
 local target = {confirm = 'delivered', cancel = 'cancelled', expire = 'expired'}
 local out = {}
+local done = {}                 -- id -> the record saved by this call (an order twice in one call)
+local ended, pending = {}, {}   -- ids off their lease; (ms, id) pairs left pending
+local news = {}                 -- event kind -> the records it tells
 local i = 3
 for _ = 1, tonumber(ARGV[1]) do
   local id, action = ARGV[i], ARGV[i + 1]
   i = i + 2
-  local raw = redis.call('HGET', KEYS[4], id)
+  local raw = done[id] or redis.call('HGET', KEYS[4], id)
   if not raw then
     out[#out + 1] = {'not_found'}
   else
@@ -61,13 +65,20 @@ for _ = 1, tonumber(ARGV[1]) do
         o.hold = 0
         o.updated = now
         if o.status == 'delivered' then o.dat = now end
-        raw = order_event(o, 'order.' .. o.status)
-        redis.call('HSET', KEYS[4], id, raw)
-        redis.call('ZREM', KEYS[7], id)
+        o.v = (o.v or 0) + 1
+        save(o)
+        raw = saved[#saved]
+        done[id] = raw
+        local kind = 'order.' .. o.status
+        news[kind] = news[kind] or {}
+        news[kind][#news[kind] + 1] = raw
+        ended[#ended + 1] = id
         if template == '' then
-          redis.call('ZADD', KEYS[8], now, id)
+          pending[#pending + 1] = now
+          pending[#pending + 1] = id
         else
-          settle_codes(sku_side(o.sku), id, o.status == 'delivered' and 'sell' or 'return')
+          local k = sku_side(o.sku)
+          settle_codes(k, id, o.status == 'delivered' and 'sell' or 'return', k.settled)
         end
       end
     elseif o.mode == 'reserve' and o.status == target[action] then
@@ -81,8 +92,13 @@ for _ = 1, tonumber(ARGV[1]) do
     out[#out + 1] = {result, raw, o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''}
   end
 end
+flush_saved()
+push('ZREM', KEYS[7], ended)
+zadd_all(KEYS[8], pending)
+for kind, records in pairs(news) do emit_records(KEYS[10], kind, records) end
 settle_money()
 for _, k in pairs(sku_sides) do
+  flush_settled(k, k.settled)
   set_level(k.meta, k.stats, k.events, tonumber(redis.call('HGET', k.stats, 'available') or '0'))
 end
 return out

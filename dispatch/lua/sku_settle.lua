@@ -3,10 +3,12 @@
 -- see settle_codes (_codes.lua). Safe to run twice.
 -- returns per order: "ok" | "again" | "not_found" | "invalid_state"
 local out = {}
+local acc = new_settled()
 local i = 3
 for _ = 1, tonumber(ARGV[2]) do
-  out[#out + 1] = settle_codes(SKU, ARGV[i], ARGV[i + 1])
+  out[#out + 1] = settle_codes(SKU, ARGV[i], ARGV[i + 1], acc)
   i = i + 2
 end
+flush_settled(SKU, acc)
 check_level()
 return out
