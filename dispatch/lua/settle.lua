@@ -10,8 +10,9 @@
 -- lease ends exactly once whether the sweep or a late confirm gets there first.
 -- Each ending is told on the account's event stream: order.delivered, order.cancelled,
 -- order.expired (the orders of a call that ended alike, in one entry).
--- returns per order: {result, order, codes (of a delivered order, else "")}, result one of
---   "ok" (done now), "again" (was already so), "expired", "not_due", "invalid_state", "not_found"
+-- returns one flat array, per order: result, 2, order, codes (of a delivered order, else
+-- ""), result one of "ok" (done now), "again" (was already so), "expired", "not_due",
+-- "invalid_state"; or "not_found", 0
 local template = ARGV[2]
 local sku_sides = {}  -- sku -> its keys, where this script does the SKU side
 local function sku_side(sku)
@@ -39,7 +40,8 @@ for _ = 1, tonumber(ARGV[1]) do
   i = i + 2
   local raw = done[id] or redis.call('HGET', KEYS[4], id)
   if not raw then
-    out[#out + 1] = {'not_found'}
+    out[#out + 1] = 'not_found'
+    out[#out + 1] = 0
   else
     local o = cmsgpack.unpack(raw)
     local result
@@ -89,7 +91,10 @@ for _ = 1, tonumber(ARGV[1]) do
       result = 'invalid_state'
     end
     -- a delivered order's codes, so the caller can show them without reading them back
-    out[#out + 1] = {result, raw, o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''}
+    out[#out + 1] = result
+    out[#out + 1] = 2
+    out[#out + 1] = raw
+    out[#out + 1] = o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''
   end
 end
 flush_saved()

@@ -120,8 +120,13 @@ def _begin(reply: list[Any], item: BeginItem, dist: str) -> Any:
     return _account_refusal("begin", reply, dist, item.ref, item.qty * item.unit_price)
 
 
+#: Steps whose script answers one flat array (per order: status, count, fields): a nested
+#: array per order costs Redis more than much of the order's work.
+_FLAT = frozenset({"deliver", "settle"})
+
+
 def _per_item(flat: list[Any]) -> list[list[Any]]:
-    """deliver.lua's flat reply (per order: status, count, fields) as one list per order."""
+    """A flat reply (per order: status, count, fields) as one list per order."""
     out, i = [], 0
     while i < len(flat):
         n = flat[i + 1]
@@ -247,7 +252,7 @@ class OrderStore:
         """:meth:`step` for several shards in one pipelined round: {shard: results}."""
         decode = STEPS[step][1]
         replies = await self._db.run_many(step, [self._call(step, s, items) for s, items in batches.items()])
-        if step == "deliver":
+        if step in _FLAT:
             replies = [_per_item(flat) for flat in replies]
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]
                 for (shard, items), got in zip(batches.items(), replies)}
