@@ -7,8 +7,8 @@
 -- external_ref, its distributor, its SKU, its money) before it takes a code, then its
 -- codes are taken and paid for (or its money held and its lease started) and
 -- recorded, all in this one script, so a refused order never touches stock and no
--- order is ever half done. A reservation ends as on a cluster (settle, sku_settle):
--- its codes are kept on both sides, as take.lua and commit.lua keep them.
+-- order is ever half done. A reservation's codes are kept on both sides, as on a
+-- cluster (take.lua, commit.lua), and it ends with settle.lua, both sides at once.
 -- KEYS come in blocks of 8, the SKUs' then the accounts' (the keys of SkuKeys and
 -- AcctKeys this script uses, in the order of DELIVER_SKU_KEYS and DELIVER_ACCT_KEYS,
 -- dispatch/store/orders.py); an order names its SKU and distributor, found in the
@@ -19,7 +19,7 @@
 -- counters, the ledger entries, the records and the events go out in one command each.
 -- Safe to run twice: an order found by its external_ref is answered as it stands.
 -- returns one flat array, per order: its status, the count of the fields that follow, and
--- those fields (a nested array per order costs Redis more than the order's other work):
+-- those fields (a nested array per order costs Redis a tenth of the order's work):
 --   "ok", n, code x n | "exists", 3, id, record, codes | "conflict", 1, id
 --   | "unknown_distributor", 0 | "suspended", 0 | "not_allowed", 0 | "unknown_sku", 0
 --   | "paused", 0 | "out_of_stock", 0 | "insufficient_balance", 1, spendable

@@ -1,10 +1,11 @@
 """Orders in Redis: the steps of purchases (batches of order items, one script call per
 shard and round), order reads, and what the recovery sweep looks for.
 
-A purchase in deliver mode is one step, ``deliver``, on the node that holds every
-shard: its round is one script call for every SKU and account in it. A reservation,
-and on a cluster a purchase in deliver mode too, is a saga of one-shard steps
-(begin, take, commit; then for a reservation settle, sku_settle).
+Where one node holds every shard, a purchase (delivered or reserved) is one step,
+``deliver``: its round is one script call for every SKU and account in it; ending a
+reservation is one step too, ``settle`` with both sides. On a cluster a purchase is a
+saga of one-shard steps (begin, take, commit; a reservation ends with settle, then
+sku_settle).
 
 Each step's replies are decoded here, item by item, into a typed result or the
 exception that item's caller gets (see replies.py); the coalescer hands each to its
@@ -121,7 +122,7 @@ def _begin(reply: list[Any], item: BeginItem, dist: str) -> Any:
 
 
 #: Steps whose script answers one flat array (per order: status, count, fields): a nested
-#: array per order costs Redis more than much of the order's work.
+#: array per order costs Redis a tenth of the order's work.
 _FLAT = frozenset({"deliver", "settle"})
 
 
@@ -177,11 +178,11 @@ Decode = Callable[[Any, Sequence[Any], str], Any]
 #: Every saga step: (the shard it runs on, how one item's reply is decoded).
 #: An item's fields follow the script's header (dispatch/lua/<step>.lua).
 STEPS: dict[str, tuple[str, Decode]] = {
-    "deliver": ("node", _deliver),         # check, take, debit, record: a purchase at once (one node)
+    "deliver": ("node", _deliver),         # check, take, debit or hold, record: a purchase at once (one node)
     "begin": ("account", _begin),          # hold the money of a saga's order
     "take": ("sku", _take),                # pop its codes: sold, or reserved
     "commit": ("account", _commit),        # charge a delivery, or start a reservation's lease
-    "settle": ("account", _settle),        # the account side of ending a reservation
+    "settle": ("account", _settle),        # ending a reservation: the account side (one node: both)
     "sku_settle": ("sku", _as_str),        # the SKU side: sell or return its codes
     "unpend": ("account", _as_str),        # a saga done: off the account's pending set
 }
