@@ -27,6 +27,7 @@ from . import __version__
 from .config import Config
 from .engine import Engine
 from .errors import DispatchError, NotFoundError
+from .exports import Exports
 
 __all__ = ["main"]
 
@@ -290,6 +291,19 @@ def cmd_stock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_statement(args: argparse.Namespace) -> int:
+    s = _run(args, lambda e: e.statement(args.distributor, args.month))
+    if args.csv:
+        sys.stdout.write(Exports.statement_csv(s).decode())
+        return 0
+    rows = [("opening", "", "", "", s.opening_balance, s.opening_held),
+            *[(x.kind, x.count, x.amount, x.held_delta, "", "") for x in s.lines],
+            ("closing", "", "", "", s.closing_balance, s.closing_held)]
+    _table(f"{s.distributor} {s.month}" + ("" if s.reconciled else " (NOT reconciled: run audit)"),
+           ["line", "count", "amount", "held delta", "balance", "held"], rows)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     async def work(engine: Engine) -> int:
         rows = 0
@@ -469,6 +483,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("amount", type=int, help="minor units")
     s.add_argument("--reference", required=True, help="payment id: the same reference credits once")
     s.set_defaults(run=cmd_topup)
+
+    s = sub.add_parser("statement", parents=[common], help="a distributor's month from its ledger")
+    s.add_argument("distributor")
+    s.add_argument("month", help="YYYY-MM (UTC)")
+    s.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
+    s.set_defaults(run=cmd_statement)
 
     s = sub.add_parser("stock", parents=[common], help="a SKU's codes by state")
     s.add_argument("sku")

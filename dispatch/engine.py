@@ -228,6 +228,8 @@ class Engine:
 
     export_orders = _Via("exports", Exports.export_orders)
     export_ledger = _Via("exports", Exports.export_ledger)
+    statement = _Via("exports", Exports.statement)
+    statement_csv = _Via("exports", Exports.statement_csv)
     events = _Via("exports", Exports.events)
 
     sweep = _Via("recovery", Recovery.sweep)

@@ -1,15 +1,17 @@
-"""What leaves the engine in bulk: orders and ledgers as CSV, and the event streams."""
+"""What leaves the engine in bulk: orders and ledgers as CSV, monthly statements, and
+the event streams."""
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timezone
 
 from . import imports
-from .errors import ValidationError
-from .models import EventPage
+from .errors import NotFoundError, ValidationError
+from .models import EventPage, Statement, StatementLine
 from .records import PAID, ms_id_floor, ms_to_dt
 from .store import Store
 from .vault import Vault
@@ -27,6 +29,17 @@ def _mask(code: str) -> str:
 def _csv_safe(text: str) -> str:
     """A value a spreadsheet would take for a formula gets a leading quote."""
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+def _month_ms(month: str) -> tuple[int, int]:
+    """[start, end) of a ``YYYY-MM`` month (UTC), in ms."""
+    m = re.fullmatch(r"(\d{4})-(\d{2})", month) if isinstance(month, str) else None
+    if m is None or not 1 <= int(m[2]) <= 12 or int(m[1]) < 1970:
+        raise ValidationError(f"month must be YYYY-MM (a month from 1970-01 on), not {month!r}")
+    y, mo = int(m[1]), int(m[2])
+    start = datetime(y, mo, 1, tzinfo=timezone.utc)
+    end = datetime(y + mo // 12, mo % 12 + 1, 1, tzinfo=timezone.utc)
+    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
 class _CsvBlocks:
@@ -49,6 +62,7 @@ class Exports:
     ORDER_COLUMNS = ("order_id", "distributor", "external_ref", "sku", "qty", "delivered", "unit_price", "total",
                      "refunded", "currency", "status", "mode", "created_at", "updated_at", "codes")
     LEDGER_COLUMNS = ("party_type", "party", "entry", "kind", "ref", "amount", "held_delta", "balance", "held", "at")
+    STATEMENT_COLUMNS = ("distributor", "month", "line", "count", "amount", "held_delta", "balance", "held")
 
     def __init__(self, store: Store, vault: Vault) -> None:
         self._store = store
@@ -107,6 +121,50 @@ class Exports:
                 start_at += len(entries)
                 if len(entries) < page:
                     break
+
+    async def statement(self, distributor: str, month: str, *, page: int = _EXPORT_PAGE) -> Statement:
+        """*distributor*'s statement for *month* (``YYYY-MM``, UTC): the balance and held
+        amount it opened and closed with, and its ledger entries summed by kind."""
+        start, end = _month_ms(month)
+        if await self._store.accounts.get(distributor) is None:
+            raise NotFoundError(f"unknown distributor {distributor}")
+        balance = held = 0
+        opening: tuple[int, int] | None = None
+        lines: dict[str, list[int]] = {}
+        at = 0
+        while entries := await self._store.accounts.ledger(distributor, at, at + page - 1):
+            for kind, _, b, h, bal, hld, ms in entries:
+                if int(ms) >= end:
+                    break
+                if int(ms) >= start:
+                    if opening is None:
+                        opening = (balance, held)
+                    line = lines.setdefault(kind, [0, 0, 0])
+                    line[0] += 1
+                    line[1] += int(b)
+                    line[2] += int(h)
+                balance, held = int(bal), int(hld)
+            else:
+                at += len(entries)
+                if len(entries) == page:
+                    continue
+            break
+        opening = opening or (balance, held)
+        out = [StatementLine(kind=k, count=n, amount=b, held_delta=h) for k, (n, b, h) in sorted(lines.items())]
+        summed = (opening[0] + sum(x.amount for x in out), opening[1] + sum(x.held_delta for x in out))
+        return Statement(distributor=distributor, month=month, opening_balance=opening[0], opening_held=opening[1],
+                         lines=out, closing_balance=balance, closing_held=held, reconciled=summed == (balance, held))
+
+    @staticmethod
+    def statement_csv(s: Statement) -> bytes:
+        """A statement as CSV: its opening, a line per kind, its closing."""
+        out = _CsvBlocks()
+        out.writer.writerow(Exports.STATEMENT_COLUMNS)
+        out.writer.writerow((s.distributor, s.month, "opening", "", "", "", s.opening_balance, s.opening_held))
+        for x in s.lines:
+            out.writer.writerow((s.distributor, s.month, x.kind, x.count, x.amount, x.held_delta, "", ""))
+        out.writer.writerow((s.distributor, s.month, "closing", "", "", "", s.closing_balance, s.closing_held))
+        return out.take()
 
     async def events(self, stream: str, after: str | None = None, limit: int = 100) -> EventPage:
         """Events of one stream, oldest first: ``dist:<id>`` (orders, tickets),

@@ -12,7 +12,8 @@ import msgspec
 
 __all__ = [
     "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
-    "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
+    "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry", "Statement",
+    "StatementLine",
     "OrderStatus", "StockStatus",
     # after-sales
     "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
@@ -178,6 +179,34 @@ class LedgerEntry(_Model):
     balance: int
     held: int
     at: datetime
+
+
+class StatementLine(_Model, omit_defaults=False):
+    """The entries of one kind in a statement's month."""
+
+    kind: str
+    count: int
+    #: Their changes of the balance, and of the held amount, summed.
+    amount: int
+    held_delta: int
+
+
+class Statement(_Model, omit_defaults=False):
+    """A distributor's month (UTC), from its ledger: opening + lines = closing."""
+
+    distributor: str
+    #: ``YYYY-MM``
+    month: str
+    #: Balance and held amount before the month's first entry (0 before any).
+    opening_balance: int
+    opening_held: int
+    #: One line per kind of entry the month holds, by kind.
+    lines: list[StatementLine]
+    closing_balance: int
+    closing_held: int
+    #: The opening plus every line gives the closing, for both columns; false would
+    #: mean a ledger off its own sums (``audit()`` says where).
+    reconciled: bool
 
 
 # ---- after-sales ---------------------------------------------------------------------

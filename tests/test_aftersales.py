@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 
 import msgspec
 import pytest
@@ -14,6 +15,7 @@ import redis
 
 from dispatch import errors
 from dispatch.engine import Engine
+from dispatch.exports import Exports
 from dispatch.records import decode_events
 from dispatch.store import keys
 
@@ -358,6 +360,62 @@ async def test_lease_expiry_is_an_event(shop: Engine) -> None:
 
 
 # ---- exports and reconciliation ----------------------------------------------------------------
+
+def month_of(t: datetime) -> str:
+    return f"{t.year:04d}-{t.month:02d}"
+
+
+async def test_a_statement_sums_the_months_ledger_by_kind_and_reconciles(shop: Engine, flushed_redis_url: str) -> None:
+    await stock_up(shop, 20)
+    d = await shop.purchase("acme", "g100", 2, "d1")
+    r = await shop.purchase("acme", "g100", 1, "r1", mode="reserve")
+    await shop.confirm("acme", r.order_id)
+    c = await shop.purchase("acme", "g100", 1, "c1", mode="reserve")
+    await shop.cancel("acme", c.order_id)
+    t = await shop.open_ticket("acme", d.order_id, d.codes[0].code, "bad")
+    await shop.resolve_ticket(t.ticket_id, "approve")
+    await shop.topup("acme", 5_000, "more")
+
+    now = datetime.now(timezone.utc)
+    s = await shop.statement("acme", month_of(now))
+    ledger = await shop.ledger("acme")
+    balance = await shop.balance("acme")
+    assert (s.opening_balance, s.opening_held) == (0, 0)  # every entry of the shop was made this month
+    assert (s.closing_balance, s.closing_held) == (balance.balance, balance.held)
+    assert s.reconciled
+    by_kind: dict[str, list[int]] = {}
+    for e in ledger:
+        k = by_kind.setdefault(e.kind, [0, 0, 0])
+        k[0], k[1], k[2] = k[0] + 1, k[1] + e.amount, k[2] + e.held_delta
+    assert {x.kind: [x.count, x.amount, x.held_delta] for x in s.lines} == by_kind
+    assert {"topup", "purchase", "hold", "release", "refund"} <= by_kind.keys()
+    assert sum(x.amount for x in s.lines) == balance.balance
+
+    before = await shop.statement("acme", month_of(now.replace(day=1) - timedelta(days=1)))
+    assert (before.opening_balance, before.closing_balance, before.lines, before.reconciled) == (0, 0, [], True)
+    after = await shop.statement("acme", month_of(now.replace(day=28) + timedelta(days=7)))
+    assert (after.opening_balance, after.opening_held, after.lines) == (balance.balance, balance.held, [])
+    assert (after.closing_balance, after.closing_held) == (balance.balance, balance.held)
+
+    rows = list(csv.reader(io.StringIO(Exports.statement_csv(s).decode())))
+    assert rows[0] == list(Exports.STATEMENT_COLUMNS)
+    assert rows[1][2:] == ["opening", "", "", "", "0", "0"] and rows[-1][2] == "closing"
+    assert sum(int(row[4]) for row in rows[2:-1]) == int(rows[-1][6]) == balance.balance
+
+    for bad in ("2026-13", "26-01", "2026-1", "1969-12", "", "2026-01-01"):
+        with pytest.raises(errors.ValidationError, match="month must be YYYY-MM"):
+            await shop.statement("acme", bad)
+    with pytest.raises(errors.NotFoundError):
+        await shop.statement("nobody", month_of(now))
+
+    # a ledger off its own sums is told, not hidden: an entry's amount changed under the engine
+    with redis.Redis.from_url(flushed_redis_url) as client:
+        k = keys.AcctKeys("acme").ledger
+        fields = client.lindex(k, 0).decode().split("\x1f")
+        fields[2] = str(int(fields[2]) + 1)
+        client.lset(k, 0, "\x1f".join(fields))
+    assert not (await shop.statement("acme", month_of(now))).reconciled
+
 
 async def test_exports_reconcile_with_ledgers_and_balances(shop: Engine) -> None:
     await shop.deposit("sup", 1_000_000, "d1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 import secrets
 from pathlib import Path
 
@@ -69,6 +70,16 @@ def test_catalog_money_and_errors(env: dict[str, str], tmp_path: Path, capsys: p
         assert e.rate_limit("shop") == 20
         d = e.get_distributor("shop")
         assert (d.tier, d.credit_limit, d.balance, d.allowed_skus) == ("gold", 50, 5000, ["g100"])
+
+    t = time.gmtime()
+    month = f"{t.tm_year:04d}-{t.tm_mon:02d}"
+    rc, out, _ = run(capsys, "statement", "shop", month)
+    assert rc == 0 and "opening" in out and "topup" in out and "closing" in out and "5000" in out
+    assert "NOT reconciled" not in out
+    rc, out, _ = run(capsys, "statement", "shop", month, "--csv")
+    assert rc == 0 and out.splitlines()[-1] == f"shop,{month},closing,,,,5000,0"
+    rc, _, err = run(capsys, "statement", "shop", "2026-1")
+    assert rc == 1 and "month must be YYYY-MM" in err and "Traceback" not in err
 
     rc, out, err = run(capsys, "stock", "nope")
     assert (rc, out, err) == (1, "", "error: unknown SKU nope\n")

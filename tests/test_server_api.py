@@ -206,6 +206,35 @@ async def test_distributors_see_only_their_own(server: Server) -> None:
     assert (await server.admin("GET", "/v1/balance")).error == "unauthorized"
 
 
+async def test_statements_over_http(server: Server) -> None:
+    await server.shop()
+    assert (await server.as_("acme", "POST", "/v1/orders", json=ORDER)).status == 201
+    t = time.gmtime()
+    month = f"{t.tm_year:04d}-{t.tm_mon:02d}"
+    mine = await server.as_("acme", "GET", f"/v1/statements/{month}")
+    assert mine.status == 200
+    s = mine.json()
+    assert (s["distributor"], s["month"], s["opening_balance"], s["reconciled"]) == ("acme", month, 0, True)
+    assert s["closing_balance"] == (await server.engine.balance("acme")).balance
+    assert {x["kind"]: x["amount"] for x in s["lines"]} == {"topup": 1_000_000, "purchase": -2 * 9025}
+    assert (await server.admin("GET", f"/admin/distributors/acme/statements/{month}")).json() == s
+    theirs = await server.as_("beta", "GET", f"/v1/statements/{month}")
+    assert {x["kind"] for x in theirs.json()["lines"]} == {"topup"}  # beta reads its own month only
+    r = await server.as_("acme", "GET", f"/v1/statements/{month}?format=csv")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/csv")
+    lines = r.body.decode().splitlines()
+    assert lines[0] == "distributor,month,line,count,amount,held_delta,balance,held"
+    assert lines[-1] == f"acme,{month},closing,,,,{s['closing_balance']},0"
+    for path in ("/v1/statements/2026-13", "/v1/statements/last-month"):
+        r = await server.as_("acme", "GET", path)
+        assert (r.status, r.error) == (422, "validation_error") and "YYYY-MM" in r.json()["error"]["message"]
+    r = await server.as_("acme", "GET", f"/v1/statements/{month}?format=pdf")
+    assert (r.status, r.error) == (422, "validation_error")
+    r = await server.admin("GET", f"/admin/distributors/nobody/statements/{month}")
+    assert (r.status, r.error) == (404, "not_found")
+    assert (await server.as_("acme", "GET", f"/admin/distributors/acme/statements/{month}")).error == "unauthorized"
+
+
 # ---- every error code of the contract --------------------------------------------------------
 
 async def test_order_refusals(server: Server) -> None:

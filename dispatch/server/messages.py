@@ -21,7 +21,7 @@ __all__ = [
     "ErrorBody", "ErrorDetail", "Status", "NewKey", "AdminDistributor", "CreatedDistributor", "VoidReport",
     # after-sales
     "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
-    "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "WebhookSet", "WebhookSecret",
+    "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "StatementQuery", "WebhookSet", "WebhookSecret",
     "FailedQuery", "FailedList", "Replayed",
 ]
 
@@ -197,6 +197,11 @@ class EventQuery(_In):
 
 class WebhookSet(_In):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+
+
+class StatementQuery(_In):
+    #: ``json`` (the default) or ``csv``: its opening, a line per kind, its closing.
+    format: Literal["json", "csv"] = "json"
 
 
 class FailedQuery(_In):

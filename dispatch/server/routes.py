@@ -22,8 +22,8 @@ from urllib.parse import unquote
 import msgspec
 
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
-from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Order, OrderPage, Sku, Stock, Supplier,
-                      SupplierReport, Ticket, Tier)
+from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Order, OrderPage, Sku, Statement,
+                      Stock, Supplier, SupplierReport, Ticket, Tier)
 from ..webhooks import WebhookTarget
 from . import messages as m
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -286,6 +286,13 @@ async def balance(c: Call) -> Balance:
     return await c.engine.balance(c.distributor)
 
 
+@route("GET", "/v1/statements/{month}", auth="distributor", query=m.StatementQuery, out=Statement)
+async def statement(c: Call) -> Statement | Reply:
+    """Your statement for a month (YYYY-MM, UTC): opening and closing balance and held
+    amount, and your ledger entries summed by kind; format=csv for CSV."""
+    return await _statement(c, c.distributor)
+
+
 @route("POST", "/v1/tickets", auth="distributor", body=m.TicketCreate, status=201, out=Ticket)
 async def open_ticket(c: Call) -> Ticket:
     """Claim that a code you bought does not work (once per code, within the after-sales window)."""
@@ -426,6 +433,21 @@ async def update_distributor(c: Call) -> m.AdminDistributor:
     if b.rate_limit is not msgspec.UNSET:
         await c.engine.set_rate_limit(dist, b.rate_limit)
     return await _admin_view(c, d)
+
+
+@route("GET", "/admin/distributors/{distributor}/statements/{month}", auth="admin", query=m.StatementQuery,
+       out=Statement)
+async def admin_statement(c: Call) -> Statement | Reply:
+    """A distributor's statement for a month (YYYY-MM, UTC); format=csv for CSV."""
+    return await _statement(c, c.params["distributor"])
+
+
+async def _statement(c: Call, distributor: str) -> Statement | Reply:
+    s = await c.engine.statement(distributor, c.params["month"])
+    if c.query.format == "csv":
+        return Reply(200, c.engine.statement_csv(s), b"text/csv; charset=utf-8",
+                     [(b"content-disposition", b'attachment; filename="statement-%s.csv"' % s.month.encode())])
+    return s
 
 
 @route("POST", "/admin/distributors/{distributor}/keys", auth="admin", out=m.NewKey)
