@@ -16,6 +16,7 @@ import redis
 from dispatch import errors
 from dispatch.engine import Engine
 from dispatch.exports import Exports
+from dispatch.models import Order, Ticket
 from dispatch.records import decode_events
 from dispatch.store import keys
 
@@ -296,7 +297,9 @@ async def test_stock_alerts_have_hysteresis(shop: Engine) -> None:
     assert told[1]["data"] == {"sku": "g100", "level": "low", "was": "in", "available": 3, "threshold": 3}
 
 
-async def test_order_and_ticket_events_carry_versions_and_no_codes(shop: Engine, flushed_redis_url: str) -> None:
+async def a_bit_of_everything(shop: Engine) -> tuple[Order, Order, Order, Ticket]:
+    """On acme: a delivered order (2 codes), a reservation confirmed, one cancelled, and
+    an approved ticket on the delivered order's first code."""
     await stock_up(shop, 10)
     d = await shop.purchase("acme", "g100", 2, "d1")
     r = await shop.purchase("acme", "g100", 1, "r1", mode="reserve")
@@ -305,6 +308,11 @@ async def test_order_and_ticket_events_carry_versions_and_no_codes(shop: Engine,
     await shop.cancel("acme", c.order_id)
     t = await shop.open_ticket("acme", d.order_id, d.codes[0].code, "bad")
     await shop.resolve_ticket(t.ticket_id, "approve")
+    return d, r, c, t
+
+
+async def test_order_and_ticket_events_carry_versions_and_no_codes(shop: Engine, flushed_redis_url: str) -> None:
+    d, r, c, t = await a_bit_of_everything(shop)
     told = await events(shop, "dist", "acme")
     assert [(e["type"], e["entity"]) for e in told] == [
         ("order.delivered", f"order:{d.order_id}"), ("order.delivered", f"order:{r.order_id}"),
@@ -366,14 +374,7 @@ def month_of(t: datetime) -> str:
 
 
 async def test_a_statement_sums_the_months_ledger_by_kind_and_reconciles(shop: Engine, flushed_redis_url: str) -> None:
-    await stock_up(shop, 20)
-    d = await shop.purchase("acme", "g100", 2, "d1")
-    r = await shop.purchase("acme", "g100", 1, "r1", mode="reserve")
-    await shop.confirm("acme", r.order_id)
-    c = await shop.purchase("acme", "g100", 1, "c1", mode="reserve")
-    await shop.cancel("acme", c.order_id)
-    t = await shop.open_ticket("acme", d.order_id, d.codes[0].code, "bad")
-    await shop.resolve_ticket(t.ticket_id, "approve")
+    await a_bit_of_everything(shop)
     await shop.topup("acme", 5_000, "more")
 
     now = datetime.now(timezone.utc)
