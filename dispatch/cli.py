@@ -304,6 +304,30 @@ def cmd_statement(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_limits(args: argparse.Namespace) -> int:
+    given = {k: getattr(args, k) for k in ("max_order_qty", "max_order_amount", "daily", "monthly")
+             if getattr(args, k) is not None}
+    if given:  # every limit at once: those not given are none
+        _record(_run(args, lambda e: e.set_limits(args.distributor, **given)))
+    else:
+        _record(_run(args, lambda e: e.limits(args.distributor)))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.withdraw:
+        _record(_run(args, lambda e: e.unverify(args.distributor)))
+    elif args.legal_name is None:
+        _record(_run(args, lambda e: e.verification(args.distributor)))
+    else:
+        missing = [f"--{f.replace('_', '-')}" for f in ("id_type", "id_number", "by") if getattr(args, f) is None]
+        if missing:
+            raise DispatchError(f"verifying needs {', '.join(missing)} too")
+        _record(_run(args, lambda e: e.verify(args.distributor, args.legal_name, args.id_type, args.id_number,
+                                              args.by)))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     async def work(engine: Engine) -> int:
         rows = 0
@@ -489,6 +513,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("month", help="YYYY-MM (UTC)")
     s.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
     s.set_defaults(run=cmd_statement)
+
+    s = sub.add_parser("limits", parents=[common],
+                       help="a distributor's transaction limits: show them, or set them all (0 or absent: none)")
+    s.add_argument("distributor")
+    for flag, what in (("--max-order-qty", "codes an order"), ("--max-order-amount", "minor units an order"),
+                       ("--daily", "minor units a day (UTC)"), ("--monthly", "minor units a calendar month")):
+        s.add_argument(flag, type=int, help=what)
+    s.set_defaults(run=cmd_limits)
+
+    s = sub.add_parser("verify", parents=[common],
+                       help="a distributor's real-name verification: show, record (all four options) or withdraw")
+    s.add_argument("distributor")
+    s.add_argument("--legal-name")
+    s.add_argument("--id-type", choices=["national_id", "passport", "business_license", "other"])
+    s.add_argument("--id-number")
+    s.add_argument("--by", help="who checked the documents")
+    s.add_argument("--withdraw", action="store_true")
+    s.set_defaults(run=cmd_verify)
 
     s = sub.add_parser("stock", parents=[common], help="a SKU's codes by state")
     s.add_argument("sku")

@@ -69,6 +69,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     coalesce: bool = True
     #: Largest qty in one order.
     max_order_qty: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    #: Only distributors whose real name is verified may buy (the others: 403
+    #: ``verification_required``). Each distributor's own limits apply either way.
+    require_verification: bool = False
 
     # ---- daemon ---------------------------------------------------------------------
     #: Longest request line plus headers; more is refused with 413 and the connection closed.

@@ -6,10 +6,11 @@ webhook deliveries) and is a thin facade over its components, one per concept:
 ==============  ==========================================================  ==============
 ``catalog``     SKUs, tiers, prices and their cache, stock figures           catalog.py
 ``accounts``    distributors, API keys, top-ups, balances, rate limits       accounts.py
-``orders``      purchases (one step) and reservations (sagas), order reads   orders.py
+``compliance``  transaction limits, real-name verification                  compliance.py
+``orders``      purchases and reservations (one step, or sagas), reads       orders.py
 ``inventory``   imports, batches, their sale order, void and park            inventory.py
 ``aftersales``  suppliers (deposits, ratings, blacklist) and tickets         aftersales.py
-``exports``     orders and ledgers as CSV, event streams                     exports.py
+``exports``     orders and ledgers as CSV, statements, event streams         exports.py
 ``recovery``    the sweep: expired leases, sagas a crash left half done      recovery.py
 ``webhooks``    events delivered over HTTP                                   webhooks.py
 ==============  ==========================================================  ==============
@@ -35,6 +36,7 @@ from .accounts import Accounts
 from .aftersales import AfterSales
 from .audit import audit
 from .catalog import Catalog
+from .compliance import Compliance
 from .config import Config
 from .errors import ConfigError, ConflictError, DispatchError
 from .exports import Exports
@@ -123,7 +125,8 @@ class Engine:
         aftersales = AfterSales(store, cfg, vault, catalog, inventory, sagas)
         recovery = Recovery(store, cfg, orders, aftersales)
         self._parts = dict(catalog=catalog, accounts=Accounts(store, cfg, catalog), orders=orders, inventory=inventory,
-                           aftersales=aftersales, exports=Exports(store, vault), recovery=recovery)
+                           aftersales=aftersales, exports=Exports(store, vault), recovery=recovery,
+                           compliance=Compliance(store, vault))
         self._webhooks = Webhooks(store, vault, timeout_s=cfg.webhook_timeout_s, max_attempts=cfg.webhook_max_attempts,
                                   backoff_base_s=cfg.webhook_backoff_s, backoff_cap_s=cfg.webhook_backoff_cap_s)
         if self._sweep_enabled:
@@ -229,6 +232,11 @@ class Engine:
     export_orders = _Via("exports", Exports.export_orders)
     export_ledger = _Via("exports", Exports.export_ledger)
     statement = _Via("exports", Exports.statement)
+    limits = _Via("compliance", Compliance.limits)
+    set_limits = _Via("compliance", Compliance.set_limits)
+    verification = _Via("compliance", Compliance.verification)
+    verify = _Via("compliance", Compliance.verify)
+    unverify = _Via("compliance", Compliance.unverify)
     statement_csv = _Via("exports", Exports.statement_csv)
     events = _Via("exports", Exports.events)
 

@@ -114,6 +114,19 @@ class DistributorSuspendedError(DispatchError, PermissionError):
     code = "distributor_suspended"
 
 
+class LimitExceededError(DispatchError, PermissionError):
+    """The order would go past one of this distributor's transaction limits; the message
+    names the limit (max_order_qty, max_order_amount, daily, monthly) and what is left."""
+
+    code = "limit_exceeded"
+
+
+class VerificationRequiredError(DispatchError, PermissionError):
+    """Only distributors whose real name is verified may buy here."""
+
+    code = "verification_required"
+
+
 class UnauthorizedError(DispatchError, PermissionError):
     """Missing or invalid credentials."""
 

@@ -13,7 +13,7 @@ import msgspec
 __all__ = [
     "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry", "Statement",
-    "StatementLine",
+    "StatementLine", "Limits", "Verification",
     "OrderStatus", "StockStatus",
     # after-sales
     "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
@@ -179,6 +179,33 @@ class LedgerEntry(_Model):
     balance: int
     held: int
     at: datetime
+
+
+class Limits(_Model, omit_defaults=False):
+    """A distributor's transaction limits, in codes or minor units; 0 is no limit. They
+    are checked atomically with each purchase: concurrent orders cannot overshoot one."""
+
+    max_order_qty: Annotated[int, msgspec.Meta(ge=0, le=10**6)] = 0
+    max_order_amount: Amount = 0
+    #: Spend (paid or held) in a day and in a calendar month, UTC.
+    daily: Amount = 0
+    monthly: Amount = 0
+    #: What the current day and month have spent (reads only; counted while a daily or
+    #: monthly limit is set; a reservation that ends unpaid gives its spend back).
+    spent_today: int = 0
+    spent_this_month: int = 0
+
+
+class Verification(_Model, omit_defaults=False):
+    """A distributor's real-name verification (the ID number is stored encrypted and
+    shown only by its last 4 characters)."""
+
+    status: Literal["verified", "unverified"]
+    legal_name: str | None = None
+    id_type: str | None = None
+    id_number_last4: str | None = None
+    verified_at: datetime | None = None
+    verified_by: str | None = None
 
 
 class StatementLine(_Model, omit_defaults=False):

@@ -32,6 +32,10 @@ class Response:
         return jsonlib.loads(self.body)
 
     @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    @property
     def error(self) -> str | None:
         try:
             return self.json()["error"]["code"]

@@ -81,6 +81,20 @@ def test_catalog_money_and_errors(env: dict[str, str], tmp_path: Path, capsys: p
     rc, _, err = run(capsys, "statement", "shop", "2026-1")
     assert rc == 1 and "month must be YYYY-MM" in err and "Traceback" not in err
 
+    rc, out, _ = run(capsys, "limits", "shop", "--daily", "7000", "--max-order-qty", "2")
+    assert rc == 0 and "7000" in out and "max_order_qty" in out
+    rc, out, _ = run(capsys, "limits", "shop")
+    assert rc == 0 and "7000" in out and "spent_today" in out
+    rc, _, err = run(capsys, "limits", "shop", "--daily", "-5")
+    assert rc == 1 and "daily" in err and "Traceback" not in err
+    rc, out, _ = run(capsys, "verify", "shop", "--legal-name", "Zhao Liu", "--id-type", "passport",
+                     "--id-number", "P00011122", "--by", "ops")
+    assert rc == 0 and "verified" in out and "1122" in out and "P00011122" not in out
+    rc, _, err = run(capsys, "verify", "shop", "--legal-name", "Zhao Liu")
+    assert rc == 1 and "--id-type, --id-number, --by" in err
+    rc, out, _ = run(capsys, "verify", "shop", "--withdraw")
+    assert rc == 0 and "unverified" in out
+
     rc, out, err = run(capsys, "stock", "nope")
     assert (rc, out, err) == (1, "", "error: unknown SKU nope\n")
     rc, _, err = run(capsys, "topup", "shop", "6000", "--reference", "w-1")

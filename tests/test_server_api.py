@@ -235,6 +235,36 @@ async def test_statements_over_http(server: Server) -> None:
     assert (await server.as_("acme", "GET", f"/admin/distributors/acme/statements/{month}")).error == "unauthorized"
 
 
+async def test_limits_and_verification_over_http(server: Server) -> None:
+    await server.shop()
+    r = await server.admin("PUT", "/admin/distributors/acme/limits", json={"max_order_qty": 2, "daily": 3 * 9025})
+    assert r.status == 200 and r.json() == {"max_order_qty": 2, "max_order_amount": 0, "daily": 3 * 9025,
+                                            "monthly": 0, "spent_today": 0, "spent_this_month": 0}
+    r = await server.as_("acme", "POST", "/v1/orders", json={**ORDER, "qty": 3})
+    assert (r.status, r.error) == (403, "limit_exceeded")
+    assert r.json()["error"]["message"] == "the order goes past the max_order_qty limit of acme: 2 left"
+    assert (await server.as_("acme", "POST", "/v1/orders", json=ORDER)).status == 201
+    r = await server.as_("acme", "POST", "/v1/orders", json={**ORDER, "external_ref": "po-2"})
+    assert (r.status, r.error) == (403, "limit_exceeded") and "daily limit of acme: 9025 left" in r.text
+    mine = (await server.as_("acme", "GET", "/v1/limits")).json()
+    assert (mine["daily"], mine["spent_today"]) == (3 * 9025, 2 * 9025)
+    r = await server.admin("PUT", "/admin/distributors/acme/limits", json={"daily": -1})
+    assert (r.status, r.error) == (422, "validation_error") and "daily" in r.text
+    assert (await server.admin("GET", "/admin/distributors/nobody/limits")).status == 404
+
+    body = {"legal_name": "Wang Wu", "id_type": "passport", "id_number": "G98765432", "verified_by": "ops"}
+    r = await server.admin("PUT", "/admin/distributors/beta/verification", json=body)
+    assert r.status == 200 and r.json()["status"] == "verified" and r.json()["id_number_last4"] == "5432"
+    assert "G98765432" not in r.text
+    r = await server.admin("PUT", "/admin/distributors/beta/verification", json={**body, "id_type": "selfie"})
+    assert (r.status, r.error) == (422, "validation_error") and "id_type" in r.text
+    assert (await server.admin("GET", "/admin/distributors/beta/verification")).json()["legal_name"] == "Wang Wu"
+    r = await server.admin("DELETE", "/admin/distributors/beta/verification")
+    assert r.json() == {"status": "unverified", "legal_name": None, "id_type": None, "id_number_last4": None,
+                        "verified_at": None, "verified_by": None}
+    assert (await server.as_("beta", "GET", "/admin/distributors/beta/limits")).error == "unauthorized"
+
+
 # ---- every error code of the contract --------------------------------------------------------
 
 async def test_order_refusals(server: Server) -> None:

@@ -35,8 +35,21 @@ local function ledger(kind, ref, balance_delta, held_delta)
   return balance, held
 end
 
--- Must end every script that called ledger().
+-- The account's limits and spend (_limits.lua), read once; GATE: only verified
+-- distributors may buy (set by the scripts that open orders).
+local account_limits
+local GATE = false
+local function limits()
+  if account_limits == nil then
+    account_limits = limits_of(redis.call('HMGET', KEYS[1], unpack(LIMIT_FIELDS)), now_ms())
+  end
+  return account_limits
+end
+
+-- Must end every script that called ledger() or spend().
 local function settle_money()
+  local spent = account_limits and spent_fields(account_limits)
+  if spent then redis.call('HSET', KEYS[1], unpack(spent)) end
   if balance == nil then return end
   if moved_balance ~= 0 then redis.call('HINCRBY', KEYS[1], 'balance', int(moved_balance)) end
   if moved_held ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', int(moved_held)) end
@@ -123,6 +136,7 @@ local function refusal(ref, digest, sku)
   if distributor.allowed ~= '*' and not string.find(',' .. distributor.allowed .. ',', ',' .. sku .. ',', 1, true) then
     return {'not_allowed'}
   end
+  if GATE and not limits().verified then return {'verification_required'} end
   return nil
 end
 

@@ -1,25 +1,30 @@
--- begin(keys=account keys, args=[n, n x (order_id, external_ref, digest, sku, qty,
+-- begin(keys=account keys, args=[n, gate, n x (order_id, external_ref, digest, sku, qty,
 --                       unit_price, currency, mode, ttl_s, allow_partial)])
 -- Opens reservations: checks that the distributor may buy the SKU, holds qty * unit_price of
--- its balance (never below -credit_limit) and records the order as pending, keyed by
+-- its balance (never below -credit_limit, nor past its limits: _limits.lua; with gate
+-- "1", only if it is verified) and records the order as pending, keyed by
 -- external_ref. Safe to run twice: the second run finds the ref and answers "exists".
 -- returns per order: {"ok", id} | {"exists", id, order} | {"conflict", id}
 --   | {"unknown_distributor"} | {"suspended"} | {"not_allowed"} | {"insufficient_balance", spendable}
+--   | {"verification_required"} | {"limit_exceeded", limit, left}
 local now = now_ms()
 local out = {}
 local pending = {}
-local i = 2
+GATE = ARGV[2] == '1'
+local i = 3
 for _ = 1, tonumber(ARGV[1]) do
   local id, ref, digest, sku = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local qty, price = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   i = i + 10
   local refused = refusal(ref, digest, sku)
   local amount = qty * price
+  refused = refused or over_limit(limits(), qty, amount, false)
   if refused then
     out[#out + 1] = refused
   elseif amount > spendable() then
     out[#out + 1] = {'insufficient_balance', int(spendable())}
   else
+    spend(limits(), amount)
     ledger('hold', id, 0, amount)
     local o = {id = id, ref = ref, digest = digest, sku = sku, qty = qty, unit_price = price,
                currency = ARGV[i - 4], mode = ARGV[i - 3], ttl = tonumber(ARGV[i - 2]),

@@ -25,6 +25,7 @@ for _ = 1, tonumber(ARGV[1]) do
       out[#out + 1] = {'ok', raw}
     elseif outcome ~= 'ok' then
       ledger('release', id, 0, -o.hold)
+      spend(limits(), -o.hold, o.created)  -- its spend, counted at begin, given back
       redis.call('HDEL', KEYS[4], id)
       redis.call('HDEL', KEYS[3], o.ref)
       redis.call('ZREM', KEYS[6], id)
@@ -33,6 +34,7 @@ for _ = 1, tonumber(ARGV[1]) do
       out[#out + 1] = {'failed', outcome}
     elseif o.mode == 'deliver' then
       local cost = n * o.unit_price
+      if cost < o.hold then spend(limits(), cost - o.hold, o.created) end
       ledger('purchase', id, -cost, -o.hold)
       o.status, o.hold, o.delivered, o.total = 'delivered', 0, n, cost
       o.updated, o.dat = now, now
@@ -45,7 +47,10 @@ for _ = 1, tonumber(ARGV[1]) do
       out[#out + 1] = {'ok', done[id]}
     else
       local cost = n * o.unit_price
-      if cost < o.hold then ledger('release', id, 0, cost - o.hold) end
+      if cost < o.hold then
+        ledger('release', id, 0, cost - o.hold)
+        spend(limits(), cost - o.hold, o.created)
+      end
       o.status = 'reserved'
       o.deadline = now + o.ttl * 1000
       o.hold = cost

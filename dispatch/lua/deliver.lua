@@ -1,10 +1,10 @@
 -- deliver(keys=[SKU keys x nS, account keys x nA],
---         args=[nS, nA, SKU ids x nS, distributor ids x nA, n,
+--         args=[nS, nA, SKU ids x nS, distributor ids x nA, n, gate (1: only verified distributors buy),
 --               n x (order_id, external_ref, digest, sku, distributor, qty, allow_partial, unit_price, record,
 --                    deadline)])
 -- Every purchase of one round, where one node holds every shard, delivered at once
 -- (deadline 0) or reserved until deadline (ms): each order is checked (its
--- external_ref, its distributor, its SKU, its money) before it takes a code, then its
+-- external_ref, its distributor, its SKU, its limits, its money) before it takes a code, then its
 -- codes are taken and paid for (or its money held and its lease started) and
 -- recorded, all in this one script, so a refused order never touches stock and no
 -- order is ever half done. A reservation's codes are kept on both sides, as on a
@@ -23,8 +23,10 @@
 --   "ok", n, code x n | "exists", 3, id, record, codes | "conflict", 1, id
 --   | "unknown_distributor", 0 | "suspended", 0 | "not_allowed", 0 | "unknown_sku", 0
 --   | "paused", 0 | "out_of_stock", 0 | "insufficient_balance", 1, spendable
+--   | "verification_required", 0 | "limit_exceeded", 2, limit, left  (_limits.lua)
 local nS, nA = tonumber(ARGV[1]), tonumber(ARGV[2])
 local n = tonumber(ARGV[3 + nS + nA])
+local gate = ARGV[4 + nS + nA] == '1'  -- only verified distributors may buy (_limits.lua)
 local META, STATS, QUEUE, DLV, BSTAT, SALES, SKU_EVENTS, DLV_CODES = 1, 2, 3, 4, 5, 6, 7, 8
 local ACCT, LEDGER, REFS, ORDERS, CODES, INDEX, EVENTS, LEASES = 1, 2, 3, 4, 5, 6, 7, 8
 local function sk(s, k) return KEYS[(s - 1) * 8 + k] end
@@ -67,11 +69,15 @@ local now_s = int(now)
 local function acct(a)
   local st = accts[a]
   if not st then
-    local h = redis.call('HMGET', ak(a, ACCT), 'status', 'allowed', 'credit_limit', 'balance', 'held')
+    local h = redis.call('HMGET', ak(a, ACCT), 'status', 'allowed', 'credit_limit', 'balance', 'held',
+                         unpack(LIMIT_FIELDS))
     st = {status = h[1], allowed = h[2], credit = tonumber(h[3]) or 0, balance = tonumber(h[4]) or 0,
+          limits = limits_of({unpack(h, 6, 5 + #LIMIT_FIELDS)}, now),
+          limited = false,
           held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, records = {}, codes = {}, refs = {},
           index = {}, opened = {}, delivered = {}, leases = {}}
     st.tail = '\031' .. int(st.held) .. '\031' .. now_s  -- of its ledger entries: held, ms
+    st.limited = any_limit(st.limits)
     accts[a] = st
   end
   return st
@@ -81,7 +87,7 @@ end
 local earlier_id = {}
 do
   local asked = {}
-  local j = 4 + nS + nA
+  local j = 5 + nS + nA
   for _ = 1, n do
     local a = acct_at[ARGV[j + 4]]
     asked[a] = asked[a] or {}
@@ -100,7 +106,7 @@ end
 local out, want, again = {}, {}, {}
 local ids, refs, digests, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}, {}
 local amounts = {}  -- amount -> its ledger text
-local i = 4 + nS + nA
+local i = 5 + nS + nA
 for k = 1, n do
   local id, ref, digest, sku_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local s, a = sku_at[sku_id], acct_at[ARGV[i + 4]]
@@ -126,6 +132,7 @@ for k = 1, n do
     elseif A.status ~= 'active' then out[k] = {'suspended'}
     elseif A.allowed ~= '*' and not string.find(',' .. A.allowed .. ',', ',' .. sku_id .. ',', 1, true) then
       out[k] = {'not_allowed'}
+    elseif gate and not A.limits.verified then out[k] = {'verification_required'}
     elseif not S.status then out[k] = {'unknown_sku'}
     elseif S.status ~= 'active' then out[k] = {'paused'}
     elseif S.avail == 0 or (S.avail < qty and not partial) then out[k] = {'out_of_stock'}
@@ -133,9 +140,13 @@ for k = 1, n do
       local take = math.min(qty, S.avail)
       local spendable = A.balance - A.held + A.credit
       local cost = take * price
-      if cost > spendable then
+      local over = A.limited and over_limit(A.limits, take, cost, false)
+      if over then
+        out[k] = over
+      elseif cost > spendable then
         out[k] = {'insufficient_balance', int(spendable)}
       else
+        if A.limited then spend(A.limits, cost) end
         want[k] = take
         S.avail, S.total = S.avail - take, S.total + take
         S.orders[#S.orders + 1] = k
@@ -244,6 +255,8 @@ for a, A in pairs(accts) do
   if #A.entries > 0 then
     if A.moved ~= 0 then redis.call('HINCRBY', ak(a, ACCT), 'balance', int(A.moved)) end
     if A.moved_held ~= 0 then redis.call('HINCRBY', ak(a, ACCT), 'held', int(A.moved_held)) end
+    local spent = spent_fields(A.limits)
+    if spent then redis.call('HSET', ak(a, ACCT), unpack(spent)) end
     push('RPUSH', ak(a, LEDGER), A.entries)
     push('HSET', ak(a, ORDERS), A.records)
     push('HSET', ak(a, CODES), A.codes)

@@ -48,6 +48,7 @@ for _ = 1, tonumber(ARGV[1]) do
     if o.status == 'reserved' then
       if now >= o.deadline then
         ledger('expire', id, 0, -o.hold)
+        spend(limits(), -o.total, o.created)
         o.status = 'expired'
         result = (action == 'expire') and 'ok' or 'expired'
       elseif action == 'expire' then
@@ -58,6 +59,7 @@ for _ = 1, tonumber(ARGV[1]) do
         result = 'ok'
       else
         ledger('release', id, 0, -o.hold)
+        spend(limits(), -o.total, o.created)
         o.status = 'cancelled'
         result = 'ok'
       end

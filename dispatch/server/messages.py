@@ -21,7 +21,8 @@ __all__ = [
     "ErrorBody", "ErrorDetail", "Status", "NewKey", "AdminDistributor", "CreatedDistributor", "VoidReport",
     # after-sales
     "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
-    "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "StatementQuery", "WebhookSet", "WebhookSecret",
+    "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "StatementQuery",
+    "LimitsSet", "VerificationSet", "WebhookSet", "WebhookSecret",
     "FailedQuery", "FailedList", "Replayed",
 ]
 
@@ -197,6 +198,23 @@ class EventQuery(_In):
 
 class WebhookSet(_In):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+
+
+class LimitsSet(_In):
+    """Every limit at once; an absent one (or 0) is no limit."""
+
+    max_order_qty: Annotated[int, msgspec.Meta(ge=0, le=10**6)] = 0
+    max_order_amount: Amount = 0
+    daily: Amount = 0
+    monthly: Amount = 0
+
+
+class VerificationSet(_In):
+    legal_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    id_type: Literal["national_id", "passport", "business_license", "other"]
+    id_number: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    #: Who checked the documents.
+    verified_by: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
 class StatementQuery(_In):

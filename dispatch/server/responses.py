@@ -37,6 +37,8 @@ ERRORS: dict[type[errors.DispatchError], tuple[int, str]] = {cls: (status, cls.c
     (errors.InsufficientBalanceError, 402),
     (errors.SkuNotAllowedError, 403),
     (errors.DistributorSuspendedError, 403),
+    (errors.LimitExceededError, 403),
+    (errors.VerificationRequiredError, 403),
     (errors.NotFoundError, 404),                # also unknown routes
     (errors.UnknownSkuError, 404),
     (errors.MethodNotAllowedError, 405),        # with Allow

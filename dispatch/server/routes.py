@@ -22,8 +22,8 @@ from urllib.parse import unquote
 import msgspec
 
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
-from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Order, OrderPage, Sku, Statement,
-                      Stock, Supplier, SupplierReport, Ticket, Tier)
+from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, Order, OrderPage, Sku,
+                      Statement, Stock, Supplier, SupplierReport, Ticket, Tier, Verification)
 from ..webhooks import WebhookTarget
 from . import messages as m
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -293,6 +293,12 @@ async def statement(c: Call) -> Statement | Reply:
     return await _statement(c, c.distributor)
 
 
+@route("GET", "/v1/limits", auth="distributor", out=Limits)
+async def my_limits(c: Call) -> Limits:
+    """Your transaction limits (0: none) and what today and this month (UTC) have spent."""
+    return await c.engine.limits(c.distributor)
+
+
 @route("POST", "/v1/tickets", auth="distributor", body=m.TicketCreate, status=201, out=Ticket)
 async def open_ticket(c: Call) -> Ticket:
     """Claim that a code you bought does not work (once per code, within the after-sales window)."""
@@ -448,6 +454,40 @@ async def _statement(c: Call, distributor: str) -> Statement | Reply:
         return Reply(200, c.engine.statement_csv(s), b"text/csv; charset=utf-8",
                      [(b"content-disposition", b'attachment; filename="statement-%s.csv"' % s.month.encode())])
     return s
+
+
+@route("GET", "/admin/distributors/{distributor}/limits", auth="admin", out=Limits)
+async def limits(c: Call) -> Limits:
+    """A distributor's transaction limits and its spend today and this month."""
+    return await c.engine.limits(c.params["distributor"])
+
+
+@route("PUT", "/admin/distributors/{distributor}/limits", auth="admin", body=m.LimitsSet, out=Limits)
+async def set_limits(c: Call) -> Limits:
+    """Set every transaction limit of a distributor (absent or 0: none), checked with each purchase."""
+    b: m.LimitsSet = c.body
+    return await c.engine.set_limits(c.params["distributor"], max_order_qty=b.max_order_qty,
+                                     max_order_amount=b.max_order_amount, daily=b.daily, monthly=b.monthly)
+
+
+@route("GET", "/admin/distributors/{distributor}/verification", auth="admin", out=Verification)
+async def verification(c: Call) -> Verification:
+    """A distributor's real-name verification (the ID number by its last 4 characters)."""
+    return await c.engine.verification(c.params["distributor"])
+
+
+@route("PUT", "/admin/distributors/{distributor}/verification", auth="admin", body=m.VerificationSet,
+       out=Verification)
+async def verify(c: Call) -> Verification:
+    """Record a distributor's real name as verified (the identity is stored encrypted)."""
+    b: m.VerificationSet = c.body
+    return await c.engine.verify(c.params["distributor"], b.legal_name, b.id_type, b.id_number, b.verified_by)
+
+
+@route("DELETE", "/admin/distributors/{distributor}/verification", auth="admin", out=Verification)
+async def unverify(c: Call) -> Verification:
+    """Withdraw a distributor's verification; with require_verification it can no longer buy."""
+    return await c.engine.unverify(c.params["distributor"])
 
 
 @route("POST", "/admin/distributors/{distributor}/keys", auth="admin", out=m.NewKey)

@@ -45,6 +45,11 @@ class AccountStore:
         """False if there is no such account."""
         return await self._db.put(keys.AcctKeys(dist).acct, "update", fields) == "ok"
 
+    async def fields(self, dist: str, names: list[str]) -> list[bytes | None]:
+        """Fields *names* of the account's hash, as stored (None where absent)."""
+        with translated():
+            return await self._db.client.hmget(keys.AcctKeys(dist).acct, names)
+
     async def ids(self) -> list[str]:
         return await self._db.members(keys.DISTS)
 

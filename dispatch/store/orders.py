@@ -107,6 +107,8 @@ def _account_refusal(step: str, reply: list[Any], dist: str, ref: str, cost: int
         return refusal(step, status, cost=cost, available=int(reply[1]))
     if status == b"conflict":
         return refusal(step, status, ref=ref, order=reply[1].decode())
+    if status == b"limit_exceeded":
+        return refusal(step, status, dist=dist, limit=reply[1].decode(), left=int(reply[2]))
     return refusal(step, status, dist=dist)
 
 
@@ -216,6 +218,8 @@ class OrderStore:
         if kind == "account":
             if step == "settle":  # on one node, with the SKU side (see settle.lua)
                 return self._acct(shard), [len(items), "" if self._db.cluster else _SKU_TEMPLATE], items
+            if step == "begin":
+                return self._acct(shard), [len(items), int(self._db.require_verification)], items
             return self._acct(shard), [len(items)], items
         if kind == "sku":
             k = self._sku(shard)
@@ -227,7 +231,7 @@ class OrderStore:
             keys_ += self._deliver_keys(sku, "sku")
         for dist in dists:
             keys_ += self._deliver_keys(dist, "dist")
-        return keys_, [len(skus), len(dists), *skus, *dists, len(items)], items
+        return keys_, [len(skus), len(dists), *skus, *dists, len(items), int(self._db.require_verification)], items
 
     def _deliver_keys(self, id_: str, kind: str) -> list[str]:
         """The keys of a SKU or an account that deliver.lua uses, in its order."""

@@ -46,6 +46,8 @@ REFUSALS: dict[str, dict[str, tuple[type[e.DispatchError], str | None]]] = {
         "unknown_supplier": (e.NotFoundError, "unknown supplier {supplier}"),
         "suspended": (e.DistributorSuspendedError, None),
         "not_allowed": (e.SkuNotAllowedError, None),
+        "verification_required": (e.VerificationRequiredError, "distributor {dist}'s real name is not verified"),
+        "limit_exceeded": (e.LimitExceededError, "the order goes past the {limit} limit of {dist}: {left} left"),
         "insufficient_balance": (e.InsufficientBalanceError, "the order costs {cost}, {available} is available"),
         "conflict": (e.IdempotencyConflictError,
                      "external_ref {ref!r} was used for another request (order {order})"),

@@ -9,10 +9,10 @@ from __future__ import annotations
 from importlib import resources
 
 # Scripts that share heads of helpers (their KEYS layout and little functions).
-_ACCOUNT = ("_events", "_account")
+_ACCOUNT = ("_events", "_limits", "_account")
 _SKU = ("_events", "_codes", "_sku")
 _PRELUDE = {
-    "deliver": ("_events", "_codes"), "settle": ("_events", "_codes", "_account"),
+    "deliver": ("_events", "_codes", "_limits"), "settle": ("_events", "_codes", "_limits", "_account"),
     "begin": _ACCOUNT, "commit": _ACCOUNT, "topup": _ACCOUNT,
     "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _ACCOUNT,
     "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,

@@ -57,6 +57,8 @@ class Store:
         self.embedded = embedded
         #: True on a Redis Cluster: a purchase then runs as a saga of one-shard steps.
         self.cluster = isinstance(client, RedisCluster)
+        #: Only distributors whose real name is verified may buy (Config.require_verification).
+        self.require_verification = False
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
         self._idle: list[Connection] = []
         self._pool_size = pool_size if self.cluster else client.connection_pool.max_connections
@@ -98,6 +100,7 @@ class Store:
                 raise ConfigError(f"redis_url is not a valid Redis URL: {e}") from None
             client = aioredis.Redis(connection_pool=pool)
         store = cls(client, embedded, config.redis_pool_size)
+        store.require_verification = config.require_verification
         try:
             if store.cluster:
                 await store._initialize_cluster()
