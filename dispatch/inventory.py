@@ -14,8 +14,8 @@ from . import imports
 from .catalog import Catalog
 from .config import Config
 from .errors import ConflictError, NotFoundError, SupplierBlacklistedError
-from .models import Amount, BatchReport, Id, MalformedLine
-from .records import BatchRec, check, new_id
+from .models import Amount, BatchReport, BatchSummary, Id, MalformedLine
+from .records import BatchRec, check, ms_to_dt, new_id
 from .store import Store
 from .vault import Vault
 
@@ -188,6 +188,21 @@ class Inventory:
             for b in group:
                 out[b.batch_id] = (stats.get(f"{b.seq}:d", 0), stats.get(f"{b.seq}:i", 0), b.seq in parked)
         return out
+
+    async def summaries(self, batches: list[BatchRec]) -> list[BatchSummary]:
+        """Each of *batches* with its counts (delivered and invalidated read from its SKU)."""
+        counts = await self.batch_counts(batches)
+        return [BatchSummary(batch_id=b.batch_id, sku=b.sku, supplier=b.supplier, unit_cost=b.unit_cost,
+                             status="parked" if counts[b.batch_id][2] and b.status != "voided" else b.status,
+                             accepted=b.accepted, duplicate=b.duplicate, malformed=b.malformed, voided=b.voided,
+                             delivered=counts[b.batch_id][0], invalidated=counts[b.batch_id][1],
+                             created_at=ms_to_dt(b.created)) for b in batches]
+
+    async def sku_batches(self, sku: str) -> list[BatchSummary]:
+        """A SKU's batches, oldest first, with their counts."""
+        await self._catalog.get_sku(sku)
+        batches = sorted((b for b in await self._store.inventory.batches() if b.sku == sku), key=lambda b: b.seq)
+        return await self.summaries(batches)
 
     async def supplier_rating(self, supplier: str) -> float:
         counts = (await self.batch_counts(await self._store.inventory.supplier_batches(supplier))).values()

@@ -15,7 +15,8 @@ __all__ = [
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
     "OrderStatus", "StockStatus",
     # after-sales
-    "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
+    "Ticket", "TicketStatus", "SupplierStats", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
+    "SkuDetail",
     # daemon
     "Access", "CatalogItem", "KeyRotation", "RateLimit",
 ]
@@ -149,6 +150,12 @@ class Stock(_Model):
     forecast: Forecast | None = None
 
 
+class SkuDetail(Sku, kw_only=True):
+    """A SKU with its stock and restock forecast."""
+
+    stock: Stock
+
+
 class MalformedLine(_Model, frozen=True):
     line: int
     reason: str
@@ -224,6 +231,7 @@ class Forecast(_Model, omit_defaults=False):
 class BatchSummary(_Model, omit_defaults=False):
     batch_id: str
     sku: str
+    supplier: str
     unit_cost: int
     status: Literal["importing", "imported", "voided", "parked"]
     accepted: int
@@ -235,7 +243,9 @@ class BatchSummary(_Model, omit_defaults=False):
     created_at: datetime
 
 
-class SupplierReport(_Model, omit_defaults=False):
+class SupplierStats(_Model, omit_defaults=False):
+    """A supplier with the quality of what it delivered."""
+
     supplier: str
     name: str
     status: Literal["active", "blacklisted"]
@@ -248,6 +258,11 @@ class SupplierReport(_Model, omit_defaults=False):
     #: 0-100: the share of good codes, smoothed toward 100 for small samples.
     rating: float
     blacklist_reason: str | None
+
+
+class SupplierReport(SupplierStats):
+    """A supplier's stats and each of its batches."""
+
     batches: list[BatchSummary]
 
 
