@@ -68,7 +68,8 @@ class Inventory:
         *source* is a path, bytes, or a (sync or async) iterable of byte blocks, in
         the text or CSV format. Each code is encrypted; codes seen before in this
         file or in any earlier batch (any SKU) are counted as duplicates and
-        skipped. Sending the same *batch_id* again resumes it: nothing is added twice.
+        skipped. Sending the same *batch_id* again resumes it: nothing is added twice,
+        and a batch sent again whole once imported answers its report with ``replayed``.
         """
         await self._catalog.get_sku(sku)
         s = await self._store.aftersales.supplier(supplier)
@@ -79,6 +80,7 @@ class Inventory:
         unit_cost = check(unit_cost, Amount, "unit_cost")
         batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
         batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
+        before = (batch.status, batch.accepted, batch.duplicate, batch.malformed)
 
         fingerprints = self._vault.fingerprints()
         accepted = duplicate = malformed = 0
@@ -111,10 +113,13 @@ class Inventory:
         finally:
             if storing is not None:
                 storing.cancel()
-        batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
-        await self._store.inventory.save_batch(batch)
+        replayed = before == ("imported", accepted, duplicate, malformed)
+        if not replayed:
+            batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
+            await self._store.inventory.save_batch(batch)
         return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
-                           malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad))
+                           malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad),
+                           replayed=replayed)
 
     async def _store_window(self, batch: BatchRec, window: _Window) -> tuple[int, int]:
         """Claim the fingerprints of a window, then encrypt the codes this batch owns and

@@ -30,8 +30,8 @@ OrderStatus = Literal["pending", "reserved", "delivered", "cancelled", "expired"
 StockStatus = Literal["in_stock", "low_stock", "out_of_stock"]
 
 
-class _Model(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
-    pass
+class _Model(msgspec.Struct, omit_defaults=False, forbid_unknown_fields=True):
+    """Encoded with every field, nulls and zeros included: a reply always has the same keys."""
 
 
 class Code(_Model, frozen=True):
@@ -171,6 +171,8 @@ class BatchReport(_Model):
     malformed_lines: list[MalformedLine]
     #: True when malformed_lines was cut to its first entries.
     malformed_truncated: bool = False
+    #: True when this answers a batch sent before with the same id and content: nothing was added.
+    replayed: bool = False
 
 
 class LedgerEntry(_Model):
@@ -214,7 +216,7 @@ class Ticket(_Model):
     distributor: str | None = None
 
 
-class Forecast(_Model, omit_defaults=False):
+class Forecast(_Model):
     """Restock forecast of a SKU from its recent sales."""
 
     #: Codes sold a day, weighted toward recent days.
@@ -228,7 +230,7 @@ class Forecast(_Model, omit_defaults=False):
     history_days: int
 
 
-class BatchSummary(_Model, omit_defaults=False):
+class BatchSummary(_Model):
     batch_id: str
     sku: str
     supplier: str
@@ -243,7 +245,7 @@ class BatchSummary(_Model, omit_defaults=False):
     created_at: datetime
 
 
-class SupplierStats(_Model, omit_defaults=False):
+class SupplierStats(_Model):
     """A supplier with the quality of what it delivered."""
 
     supplier: str
@@ -266,7 +268,7 @@ class SupplierReport(SupplierStats):
     batches: list[BatchSummary]
 
 
-class Event(_Model, omit_defaults=False):
+class Event(_Model):
     """Something that happened, as its shard's event stream keeps it (never a code)."""
 
     #: The stream entry id: increases within one stream.

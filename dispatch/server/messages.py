@@ -246,7 +246,7 @@ class NewKey(_Out):
     api_key: str
 
 
-class AdminDistributor(Distributor, omit_defaults=False):
+class AdminDistributor(Distributor):
     #: Requests a second through the daemon (0: unlimited).
     rate_limit: int = 0
 

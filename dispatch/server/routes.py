@@ -527,16 +527,19 @@ async def topup(c: Call) -> Balance:
 _IMPORT_FORMATS = {b"text/plain": "text", b"text/csv": "csv", b"": "auto", b"application/octet-stream": "auto"}
 
 
-@route("POST", "/admin/batches", auth="admin", query=m.BatchQuery, stream=True, status=201, out=BatchReport)
-async def import_batch(c: Call) -> BatchReport:
-    """Upload a batch of codes (text/plain: one a line; text/csv: with a header naming `code`), streamed."""
+@route("POST", "/admin/batches", auth="admin", query=m.BatchQuery, stream=True, status=201,
+       out={201: BatchReport, 200: BatchReport})
+async def import_batch(c: Call) -> Any:
+    """Upload a batch of codes (text/plain: one a line; text/csv: with a header naming `code`), streamed:
+    201 with its report, 200 with ``replayed`` for the same batch sent again once imported."""
     q: m.BatchQuery = c.query
     ctype = c.request.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
     fmt = _IMPORT_FORMATS.get(ctype)
     if fmt is None:
         raise ValidationError("Content-Type must be text/plain (one code a line) or text/csv")
-    return await c.engine.import_codes(c.request.stream, sku=q.sku, supplier=q.supplier, unit_cost=q.unit_cost,
-                                       batch_id=q.batch_id, format=fmt)
+    report = await c.engine.import_codes(c.request.stream, sku=q.sku, supplier=q.supplier, unit_cost=q.unit_cost,
+                                         batch_id=q.batch_id, format=fmt)
+    return (200, report) if report.replayed else (201, report)
 
 
 @route("POST", "/admin/batches/{batch_id}/void", auth="admin", out=m.VoidReport)
