@@ -496,3 +496,20 @@ def test_one_json_log_stream(tmp_path: Any, capsys: pytest.CaptureFixture[str]) 
     assert lines[0]["msg"] == 'HTTP Request: POST http://127.0.0.1:9/hooks "HTTP/1.1 500"'
     assert (lines[1]["route"], lines[1]["status"]) == ("-", 404) and "msg" not in lines[1]
     assert "RuntimeError: boom" in lines[2]["exc"]
+
+
+async def test_console_files_are_served_with_a_strict_policy(server: Server) -> None:
+    r = await server.request("GET", "/console")
+    assert r.status == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+    assert b'<script type="module" src="/console/app.js">' in r.body
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    assert (r.headers["x-content-type-options"], r.headers["x-frame-options"]) == ("nosniff", "DENY")
+    for name, kind in (("app.js", "text/javascript"), ("pages.js", "text/javascript"), ("console.css", "text/css")):
+        r = await server.request("GET", f"/console/{name}")
+        assert r.status == 200 and r.headers["content-type"].startswith(kind), name
+        assert r.headers["content-security-policy"] == csp
+    for path in ("/console/nope.js", "/console/..%2Fapp.py", "/console/__init__.py", "/console/app.js/x"):
+        r = await server.request("GET", path)
+        assert (r.status, r.error) == (404, "not_found"), path
+    assert (await server.request("POST", "/console")).status == 405

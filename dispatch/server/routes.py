@@ -26,6 +26,7 @@ from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, Sto
 from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Order, OrderPage, Sku, SkuDetail, Stock,
                       Supplier, SupplierReport, SupplierStats, Ticket, Tier)
 from ..webhooks import WebhookTarget
+from . import console
 from . import messages as m
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .responses import Reply, StreamReply, json_reply
@@ -45,7 +46,7 @@ T = TypeVar("T")
 
 # Path parameters: order ids are ULIDs; every other id is an admin-chosen Id.
 _PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}", "ticket_id": r"tk_[0-9A-HJKMNP-TV-Z]{26}",
-          "job_id": r"[A-Za-z0-9._:-]{1,300}"}
+          "job_id": r"[A-Za-z0-9._:-]{1,300}", "asset": console.ASSET_PATTERN}
 _ID = r"[A-Za-z0-9._-]{1,64}"
 
 
@@ -667,6 +668,18 @@ async def readyz(c: Call) -> Any:
 async def metrics(c: Call) -> Reply:
     """Prometheus metrics of this process."""
     return Reply(200, await c.metrics.render(), METRICS_TYPE)
+
+
+@route("GET", "/console", auth="none", out=str)
+async def console_page(c: Call) -> Reply:
+    """The operator's console (sign in with the admin token)."""
+    return console.asset("index.html")
+
+
+@route("GET", "/console/{asset}", auth="none", out=str)
+async def console_asset(c: Call) -> Reply:
+    """A file of the console: its scripts and style sheet."""
+    return console.asset(c.params["asset"])
 
 
 @route("GET", "/openapi.json", auth="none", out=dict)
