@@ -1,11 +1,14 @@
 # From a fresh clone: `make test` sets everything up and runs the tests;
 # `make serve` sets up and runs the daemon (embedded Redis under ./data, port 8080).
+# The console's browser tests drive Debian's chromium headless: `make browser` (part of
+# `make test`) installs it with apt-get when it is missing.
 PYTHON ?= python3
+CHROMIUM ?= /usr/bin/chromium
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CORE   := $(wildcard ext/dispatch/*.pyx ext/dispatch/*.pxd ext/dispatch/*.pxi)
 
-.PHONY: setup test serve bench clean
+.PHONY: setup browser test screenshots serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +25,17 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
-test: setup
-	$(BIN)/python -m pytest -q
+browser:
+	@test -x $(CHROMIUM) || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) \
+	    || { echo "error: the console tests need chromium at $(CHROMIUM); install it as root with" \
+	              "'apt-get install -y chromium' (or set CHROMIUM=/path/to/chromium)" >&2; exit 1; }
+
+test: setup browser
+	DISPATCH_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q
+
+# The console's pages as the README shows them (docs/console/*.png), from its browser tests.
+screenshots: setup browser
+	DISPATCH_CHROMIUM=$(CHROMIUM) DISPATCH_CONSOLE_SHOTS=docs/console $(BIN)/python -m pytest -q tests/test_console.py
 
 # Benchmarks (not part of the tests): pytest-benchmark groups, then the side-by-side script.
 bench: $(VENV)/.installed-bench

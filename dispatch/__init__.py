@@ -47,9 +47,11 @@ from .models import (
     Order,
     OrderPage,
     Sku,
+    SkuDetail,
     Stock,
     Supplier,
     SupplierReport,
+    SupplierStats,
     Ticket,
     Tier,
 )
@@ -64,7 +66,7 @@ __all__ = [
     # data
     "Balance", "BatchReport", "Code", "Distributor", "LedgerEntry", "NewDistributor", "Order",
     "OrderPage", "Sku", "Stock", "Supplier", "Tier",
-    "Ticket", "SupplierReport", "Event", "EventPage", "Forecast",
+    "Ticket", "SupplierReport", "SupplierStats", "SkuDetail", "Event", "EventPage", "Forecast",
     # errors
     "DispatchError", "ConfigError", "ConflictError", "DistributorSuspendedError", "EmbeddedRedisError",
     "IdempotencyConflictError", "InsufficientBalanceError", "NotFoundError", "OutOfStockError",

@@ -13,6 +13,7 @@ from .catalog import Catalog
 from .config import Config
 from .errors import ConflictError, NotFoundError, UnauthorizedError, ValidationError
 from .models import Access, Balance, CatalogItem, Distributor, Id, LedgerEntry, NewDistributor, RateLimit
+from .paging import window
 from .records import check, check_ref, ledger_entries
 from .store import Store
 
@@ -87,8 +88,9 @@ class Accounts:
                            allowed_skus=None if a.allowed == "*" else [s for s in a.allowed.split(",") if s],
                            status=a.status, balance=a.balance, held=a.held)  # type: ignore[arg-type]
 
-    async def list_distributors(self) -> list[Distributor]:
-        return [await self.get_distributor(d) for d in await self._store.accounts.ids()]
+    async def list_distributors(self, *, after: str | None = None, limit: int | None = None) -> list[Distributor]:
+        """Distributors by id: those after *after*, at most *limit*."""
+        return [await self.get_distributor(d) for d in window(await self._store.accounts.ids(), after, limit)]
 
     async def catalog(self, distributor: str) -> list[CatalogItem]:
         """The active SKUs *distributor* may buy, at its tier's price, with their stock status."""

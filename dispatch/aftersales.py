@@ -28,7 +28,8 @@ from .catalog import Catalog
 from .config import Config
 from .errors import ConflictError, NotFoundError, ValidationError
 from .inventory import Inventory, rating
-from .models import Amount, BatchSummary, Code, LedgerEntry, Supplier, SupplierReport, Ticket
+from .models import Amount, Code, LedgerEntry, Supplier, SupplierReport, SupplierStats, Ticket
+from .paging import window
 from .records import TicketRec, check, check_ref, ledger_entries, ms_to_dt, new_id
 from .sagas import Sagas
 from .store import Store
@@ -79,8 +80,15 @@ class AfterSales:
             raise NotFoundError(f"unknown supplier {supplier}")
         return Supplier(supplier=supplier, name=a.name, deposit=a.balance, status=a.status)  # type: ignore[arg-type]
 
-    async def list_suppliers(self) -> list[Supplier]:
-        return [await self.get_supplier(s) for s in await self._store.aftersales.supplier_ids()]
+    async def list_suppliers(self, *, after: str | None = None, limit: int | None = None) -> list[SupplierStats]:
+        """Suppliers by id (those after *after*, at most *limit*), with their stats."""
+        ids = window(await self._store.aftersales.supplier_ids(), after, limit)
+        return [await self.supplier_stats(s) for s in ids]
+
+    async def supplier_stats(self, supplier: str) -> SupplierStats:
+        """Deposit, status, delivered and invalidated codes, invalid rate and rating."""
+        report = await self.supplier_report(supplier)
+        return SupplierStats(**{f: getattr(report, f) for f in SupplierStats.__struct_fields__})
 
     async def update_supplier(self, supplier: str, *, name: str = _UNSET, status: str = _UNSET,
                               reason: str = "manual") -> Supplier:
@@ -114,13 +122,7 @@ class AfterSales:
         a = await self._store.aftersales.supplier(supplier)
         if a is None:
             raise NotFoundError(f"unknown supplier {supplier}")
-        batches = await self._store.inventory.supplier_batches(supplier)
-        counts = await self._inventory.batch_counts(batches)
-        rows = [BatchSummary(batch_id=b.batch_id, sku=b.sku, unit_cost=b.unit_cost,
-                             status="parked" if counts[b.batch_id][2] and b.status != "voided" else b.status,
-                             accepted=b.accepted, duplicate=b.duplicate, malformed=b.malformed, voided=b.voided,
-                             delivered=counts[b.batch_id][0], invalidated=counts[b.batch_id][1],
-                             created_at=ms_to_dt(b.created)) for b in batches]
+        rows = await self._inventory.summaries(await self._store.inventory.supplier_batches(supplier))
         delivered = sum(r.delivered for r in rows)
         invalidated = sum(r.invalidated for r in rows)
         return SupplierReport(supplier=supplier, name=a.name, status=a.status,  # type: ignore[arg-type]
@@ -195,15 +197,17 @@ class AfterSales:
         dist, t = await self._ticket_rec(ticket_id, distributor)
         return self._ticket(dist, t, admin=distributor is None)
 
-    async def list_tickets(self, distributor: str | None = None, status: str | None = None) -> list[Ticket]:
-        """Tickets (of one distributor, or all), oldest first, optionally of one status."""
+    async def list_tickets(self, distributor: str | None = None, status: str | None = None, *,
+                           after: str | None = None, limit: int | None = None) -> list[Ticket]:
+        """Tickets (of one distributor, or all), oldest first, optionally of one status;
+        those after ticket id *after*, at most *limit*."""
         owners = {distributor} if distributor is not None else await self._store.aftersales.ticket_owners()
         out = []
         for dist in sorted(owners):
             for t in await self._store.aftersales.tickets(dist):
-                if status is None or t.status == status:
+                if (status is None or t.status == status) and (after is None or t.id > after):
                     out.append(self._ticket(dist, t, admin=distributor is None))
-        return sorted(out, key=lambda t: t.ticket_id)
+        return sorted(out, key=lambda t: t.ticket_id)[:limit]
 
     async def resolve_ticket(self, ticket_id: str, decision: Literal["approve", "reject"], *,
                              replace: bool | None = None, note: str | None = None) -> Ticket:

@@ -11,7 +11,8 @@ import msgspec
 from .config import Config
 from .errors import ConflictError, NotFoundError, UnknownSkuError
 from .forecast import forecast
-from .models import CatalogItem, Forecast, Sku, Stock, Tier
+from .models import CatalogItem, Forecast, Sku, SkuDetail, Stock, Tier
+from .paging import window
 from .records import check
 from .store import Store
 from .store.replies import SkuState
@@ -30,6 +31,10 @@ def stock_of(sku: str, state: SkuState) -> Stock:
     return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
                  reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
                  invalidated=stats.get("invalidated", 0), stock_status=level, parked=stats.get("parked", 0))
+
+
+def _sku(sku: str, meta: dict[str, Any]) -> Sku:
+    return msgspec.convert({"sku": sku, **meta}, Sku, strict=False)
 
 
 class Catalog:
@@ -77,12 +82,27 @@ class Catalog:
         meta = (await self._store.catalog.sku(sku)).meta
         if not meta:
             raise UnknownSkuError(f"unknown SKU {sku}")
-        return msgspec.convert({"sku": sku, **meta}, Sku, strict=False)
+        return _sku(sku, meta)
 
-    async def list_skus(self) -> list[Sku]:
-        ids = await self._store.catalog.sku_ids()
-        return [msgspec.convert({"sku": sku, **st.meta}, Sku, strict=False)
-                for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
+    async def list_skus(self, *, after: str | None = None, limit: int | None = None) -> list[Sku]:
+        """SKUs by id: those after *after*, at most *limit*."""
+        ids = window(await self._store.catalog.sku_ids(), after, limit)
+        return [_sku(sku, st.meta) for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
+
+    async def sku_details(self, *, after: str | None = None, limit: int | None = None) -> list[SkuDetail]:
+        """:meth:`list_skus` with each SKU's stock and restock forecast."""
+        ids = window(await self._store.catalog.sku_ids(), after, limit)
+        found = [(sku, st) for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
+        stocks = [stock_of(sku, st) for sku, st in found]
+        for stock, fc in zip(stocks, await asyncio.gather(*(self.forecast(s.sku, s.available) for s in stocks))):
+            stock.forecast = fc
+        return [SkuDetail(**msgspec.structs.asdict(_sku(sku, st.meta)), stock=stock)
+                for (sku, st), stock in zip(found, stocks)]
+
+    async def sku_detail(self, sku: str) -> SkuDetail:
+        """A SKU with its stock and restock forecast."""
+        s, stock = await asyncio.gather(self.get_sku(sku), self.stock(sku))
+        return SkuDetail(**msgspec.structs.asdict(s), stock=stock)
 
     # ---- tiers -----------------------------------------------------------------------
     async def create_tier(self, tier: str, discount_bps: int = 0, prices: dict[str, int] | None = None) -> Tier:
@@ -97,8 +117,10 @@ class Catalog:
             raise NotFoundError(f"unknown tier {tier}")
         return t
 
-    async def list_tiers(self) -> list[Tier]:
-        return await self._store.catalog.tiers()
+    async def list_tiers(self, *, after: str | None = None, limit: int | None = None) -> list[Tier]:
+        """Tiers by id: those after *after*, at most *limit*."""
+        tiers = {t.tier: t for t in await self._store.catalog.tiers()}
+        return [tiers[t] for t in window(tiers, after, limit)]
 
     # ---- prices ----------------------------------------------------------------------
     async def unit_price(self, distributor: str, sku: str) -> tuple[int, str]:
@@ -175,7 +197,7 @@ class Catalog:
         for sku, st in zip(ids, await self._store.catalog.skus(ids)):
             if not st.meta or st.meta.get("status") != "active":
                 continue
-            s = msgspec.convert({"sku": sku, **st.meta}, Sku, strict=False)
+            s = _sku(sku, st.meta)
             out.append(CatalogItem(sku=sku, name=s.name, face_value=s.face_value, currency=s.currency,
                                    price=t.price_of(s) if t is not None else s.price,
                                    stock_status=stock_of(sku, st).stock_status))

@@ -13,15 +13,17 @@ import fcntl
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .config import Config
@@ -70,12 +72,20 @@ def _run(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]) -> T:
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A table with every value whole and as it is: values are plain text (never rich
+    markup or :emoji: codes), and the table is as wide as its values need, even beyond
+    the terminal's width, so an id can be copied from it."""
     t = Table(title=title)
     for c in columns:
-        t.add_column(c, justify="right" if c in _NUMERIC else "left")
+        t.add_column(c, justify="right" if c in _NUMERIC else "left", no_wrap=True)
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
-    out.print(t)
+        t.add_row(*(Text("" if v is None else str(v)) for v in row))
+    width = out.width
+    out.width = max(width, Measurement.get(out, out.options.update_width(1 << 16), t).maximum)
+    try:
+        out.print(t)
+    finally:
+        out.width = width
 
 
 _NUMERIC = {"face_value", "price", "threshold", "deposit", "discount_bps", "credit_limit", "balance", "held",
@@ -84,6 +94,8 @@ _NUMERIC = {"face_value", "price", "threshold", "deposit", "discount_bps", "cred
 
 
 def _show(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.2f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
     if isinstance(value, list):
@@ -91,8 +103,17 @@ def _show(value: Any) -> Any:
     return value
 
 
+def _fields(obj: msgspec.Struct, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, value) of every field; a nested record's as ``name.field``."""
+    for k, v in msgspec.structs.asdict(obj).items():
+        if isinstance(v, msgspec.Struct):
+            yield from _fields(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, _show(v)
+
+
 def _record(obj: msgspec.Struct) -> None:
-    _table(type(obj).__name__, ["field", "value"], [(k, _show(v)) for k, v in msgspec.structs.asdict(obj).items()])
+    _table(type(obj).__name__, ["field", "value"], list(_fields(obj)))
 
 
 def _when(text: str) -> datetime:

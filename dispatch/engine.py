@@ -183,6 +183,8 @@ class Engine:
     create_sku = _Via("catalog", Catalog.create_sku)
     get_sku = _Via("catalog", Catalog.get_sku)
     list_skus = _Via("catalog", Catalog.list_skus)
+    sku_detail = _Via("catalog", Catalog.sku_detail)
+    sku_details = _Via("catalog", Catalog.sku_details)
     create_tier = _Via("catalog", Catalog.create_tier)
     get_tier = _Via("catalog", Catalog.get_tier)
     list_tiers = _Via("catalog", Catalog.list_tiers)
@@ -216,10 +218,12 @@ class Engine:
 
     import_codes = _Via("inventory", Inventory.import_codes)
     void_batch = _Via("inventory", Inventory.void_batch)
+    sku_batches = _Via("inventory", Inventory.sku_batches)
 
     create_supplier = _Via("aftersales", AfterSales.create_supplier)
     get_supplier = _Via("aftersales", AfterSales.get_supplier)
     list_suppliers = _Via("aftersales", AfterSales.list_suppliers)
+    supplier_stats = _Via("aftersales", AfterSales.supplier_stats)
     update_supplier = _Via("aftersales", AfterSales.update_supplier)
     deposit = _Via("aftersales", AfterSales.deposit)
     supplier_ledger = _Via("aftersales", AfterSales.supplier_ledger)

@@ -14,8 +14,8 @@ from . import imports
 from .catalog import Catalog
 from .config import Config
 from .errors import ConflictError, NotFoundError, SupplierBlacklistedError
-from .models import Amount, BatchReport, Id, MalformedLine
-from .records import BatchRec, check, new_id
+from .models import Amount, BatchReport, BatchSummary, Id, MalformedLine
+from .records import BatchRec, check, ms_to_dt, new_id
 from .store import Store
 from .vault import Vault
 
@@ -68,7 +68,8 @@ class Inventory:
         *source* is a path, bytes, or a (sync or async) iterable of byte blocks, in
         the text or CSV format. Each code is encrypted; codes seen before in this
         file or in any earlier batch (any SKU) are counted as duplicates and
-        skipped. Sending the same *batch_id* again resumes it: nothing is added twice.
+        skipped. Sending the same *batch_id* again resumes it: nothing is added twice,
+        and a batch sent again whole once imported answers its report with ``replayed``.
         """
         await self._catalog.get_sku(sku)
         s = await self._store.aftersales.supplier(supplier)
@@ -79,6 +80,7 @@ class Inventory:
         unit_cost = check(unit_cost, Amount, "unit_cost")
         batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
         batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
+        before = (batch.status, batch.accepted, batch.duplicate, batch.malformed)
 
         fingerprints = self._vault.fingerprints()
         accepted = duplicate = malformed = 0
@@ -111,10 +113,13 @@ class Inventory:
         finally:
             if storing is not None:
                 storing.cancel()
-        batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
-        await self._store.inventory.save_batch(batch)
+        replayed = before == ("imported", accepted, duplicate, malformed)
+        if not replayed:
+            batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
+            await self._store.inventory.save_batch(batch)
         return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
-                           malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad))
+                           malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad),
+                           replayed=replayed)
 
     async def _store_window(self, batch: BatchRec, window: _Window) -> tuple[int, int]:
         """Claim the fingerprints of a window, then encrypt the codes this batch owns and
@@ -188,6 +193,21 @@ class Inventory:
             for b in group:
                 out[b.batch_id] = (stats.get(f"{b.seq}:d", 0), stats.get(f"{b.seq}:i", 0), b.seq in parked)
         return out
+
+    async def summaries(self, batches: list[BatchRec]) -> list[BatchSummary]:
+        """Each of *batches* with its counts (delivered and invalidated read from its SKU)."""
+        counts = await self.batch_counts(batches)
+        return [BatchSummary(batch_id=b.batch_id, sku=b.sku, supplier=b.supplier, unit_cost=b.unit_cost,
+                             status="parked" if counts[b.batch_id][2] and b.status != "voided" else b.status,
+                             accepted=b.accepted, duplicate=b.duplicate, malformed=b.malformed, voided=b.voided,
+                             delivered=counts[b.batch_id][0], invalidated=counts[b.batch_id][1],
+                             created_at=ms_to_dt(b.created)) for b in batches]
+
+    async def sku_batches(self, sku: str) -> list[BatchSummary]:
+        """A SKU's batches, oldest first, with their counts."""
+        await self._catalog.get_sku(sku)
+        batches = sorted((b for b in await self._store.inventory.batches() if b.sku == sku), key=lambda b: b.seq)
+        return await self.summaries(batches)
 
     async def supplier_rating(self, supplier: str) -> float:
         counts = (await self.batch_counts(await self._store.inventory.supplier_batches(supplier))).values()

@@ -16,7 +16,8 @@ __all__ = [
     "StatementLine", "Limits", "Verification",
     "OrderStatus", "StockStatus",
     # after-sales
-    "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
+    "Ticket", "TicketStatus", "SupplierStats", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
+    "SkuDetail",
     # daemon
     "Access", "CatalogItem", "KeyRotation", "RateLimit",
 ]
@@ -30,8 +31,8 @@ OrderStatus = Literal["pending", "reserved", "delivered", "cancelled", "expired"
 StockStatus = Literal["in_stock", "low_stock", "out_of_stock"]
 
 
-class _Model(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
-    pass
+class _Model(msgspec.Struct, omit_defaults=False, forbid_unknown_fields=True):
+    """Encoded with every field, nulls and zeros included: a reply always has the same keys."""
 
 
 class Code(_Model, frozen=True):
@@ -150,6 +151,12 @@ class Stock(_Model):
     forecast: Forecast | None = None
 
 
+class SkuDetail(Sku, kw_only=True):
+    """A SKU with its stock and restock forecast."""
+
+    stock: Stock
+
+
 class MalformedLine(_Model, frozen=True):
     line: int
     reason: str
@@ -165,6 +172,8 @@ class BatchReport(_Model):
     malformed_lines: list[MalformedLine]
     #: True when malformed_lines was cut to its first entries.
     malformed_truncated: bool = False
+    #: True when this answers a batch sent before with the same id and content: nothing was added.
+    replayed: bool = False
 
 
 class LedgerEntry(_Model):
@@ -263,7 +272,7 @@ class Ticket(_Model):
     distributor: str | None = None
 
 
-class Forecast(_Model, omit_defaults=False):
+class Forecast(_Model):
     """Restock forecast of a SKU from its recent sales."""
 
     #: Codes sold a day, weighted toward recent days.
@@ -277,9 +286,10 @@ class Forecast(_Model, omit_defaults=False):
     history_days: int
 
 
-class BatchSummary(_Model, omit_defaults=False):
+class BatchSummary(_Model):
     batch_id: str
     sku: str
+    supplier: str
     unit_cost: int
     status: Literal["importing", "imported", "voided", "parked"]
     accepted: int
@@ -291,7 +301,9 @@ class BatchSummary(_Model, omit_defaults=False):
     created_at: datetime
 
 
-class SupplierReport(_Model, omit_defaults=False):
+class SupplierStats(_Model):
+    """A supplier with the quality of what it delivered."""
+
     supplier: str
     name: str
     status: Literal["active", "blacklisted"]
@@ -304,10 +316,15 @@ class SupplierReport(_Model, omit_defaults=False):
     #: 0-100: the share of good codes, smoothed toward 100 for small samples.
     rating: float
     blacklist_reason: str | None
+
+
+class SupplierReport(SupplierStats):
+    """A supplier's stats and each of its batches."""
+
     batches: list[BatchSummary]
 
 
-class Event(_Model, omit_defaults=False):
+class Event(_Model):
     """Something that happened, as its shard's event stream keeps it (never a code)."""
 
     #: The stream entry id: increases within one stream.

@@ -50,8 +50,8 @@ MAX_URL = 2048
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class _Model(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
-    pass
+class _Model(msgspec.Struct, forbid_unknown_fields=True):
+    """Encoded with every field, nulls included."""
 
 
 class WebhookTarget(_Model):

@@ -202,3 +202,31 @@ def test_webhook_commands(env: dict[str, str], tmp_path: Path, capsys: pytest.Ca
     assert run(capsys, "webhook", "remove", "--distributor", "shop")[0] == 0
     rc, _, err = run(capsys, "webhook", "remove", "--distributor", "shop")
     assert (rc, err) == (1, "error: no webhook is registered\n")
+
+
+def test_tables_show_whole_values_as_text(env: dict[str, str], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "sku", "create", "g100", "--name", "G", "--face-value", "100", "--currency", "CNY", "--price", "90")
+    run(capsys, "supplier", "create", "sup", "--name", "[bold]S[/bold] :a:")
+    with engine(env, tmp_path, webhook_max_attempts=1) as e:
+        e.import_codes(codes_text("TB", 10), sku="g100", supplier="sup", unit_cost=80, batch_id="b1")
+        e.create_distributor("shop-with-a-long-name", "Shop")
+        e.topup("shop-with-a-long-name", 10_000, "w")
+        e._call(e.engine.webhooks.set_target(None, "http://127.0.0.1:9/hooks"))  # nothing listens there
+        order = e.purchase("shop-with-a-long-name", "g100", 3, "po-1")
+        tickets = [e.open_ticket("shop-with-a-long-name", order.order_id, c.code, "does not work").ticket_id
+                   for c in order.codes]
+        hooks = e.engine.webhooks
+        e._call(hooks.pump())
+        e._call(hooks.deliver_due())
+        failed = [f.job_id for f in e._call(hooks.failed())]
+    assert sum(":a:" in j for j in failed) == 4  # the order and three tickets
+    rc, out, _ = run(capsys, "ticket", "list")  # wider than 80 columns: the table grows, ids stay whole
+    assert rc == 0 and all(t in out for t in tickets) and order.order_id in out and "…" not in out
+    rc, out, _ = run(capsys, "webhook", "failed")
+    assert rc == 0 and all(j in out for j in failed) and "🅰" not in out
+    rc, out, _ = run(capsys, "supplier", "list")
+    assert rc == 0 and "[bold]S[/bold] :a:" in out
+    rc, out, _ = run(capsys, "stock", "g100")
+    assert rc == 0 and "Forecast(" not in out
+    assert re.search(r"forecast\.daily_velocity\s*│\s*\d+\.\d\d\b", out) and "forecast.reorder_qty" in out

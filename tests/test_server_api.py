@@ -84,10 +84,15 @@ async def test_import_void_and_export(server: Server) -> None:
     rep = r.json()
     assert (rep["batch_id"], rep["accepted"], rep["duplicate"], rep["malformed"]) == ("up-1", 2, 1, 1)
     assert rep["malformed_lines"] == [{"line": 5, "reason": "control character"}]
-    # resending the same batch adds nothing twice
+    assert rep["replayed"] is False
+    # resending the same batch adds nothing twice, and says it is a replay
     r = await server.admin("POST", path, body=b"AAAA0001\nAAAA0002\n\nAAAA0001\nbad\x01line\n",
                            headers={"Content-Type": "text/plain"})
-    assert r.status == 201 and (await server.engine.stock("g100")).available == 2
+    assert r.status == 200 and r.json() == {**rep, "replayed": True}
+    assert (await server.engine.stock("g100")).available == 2
+    # other content under the same batch id is refused, not replayed
+    r = await server.admin("POST", path, body=b"AAAA0001\nAAAA0003\n", headers={"Content-Type": "text/plain"})
+    assert (r.status, r.error) == (409, "conflict")
     r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000",
                            body=b"code,pin\nCSV00001,1234\nCSV00002,\n", headers={"Content-Type": "text/csv"})
     assert r.status == 201 and r.json()["accepted"] == 2
@@ -132,7 +137,8 @@ async def test_order_replay_and_reads(server: Server) -> None:
     assert r.status == 201, r
     first = r.json()
     assert first["status"] == "delivered" and len(first["codes"]) == 2 and first["total"] == 2 * 9025
-    assert "replayed" not in first
+    assert (first["replayed"], first["refunded"], first["reserve_expires_at"], first["mode"]) == (
+        False, 0, None, "deliver")
     r = await server.as_("acme", "POST", "/v1/orders", json=ORDER)
     assert r.status == 200 and r.json()["replayed"] is True
     assert (r.json()["order_id"], r.json()["codes"]) == (first["order_id"], first["codes"])
@@ -347,7 +353,7 @@ async def test_unauthorized(server: Server) -> None:
     r = await server.request("DELETE", "/v1/orders/01M803FH5TSPEPDEGPXWW32DKT")
     assert (r.status, r.error, r.headers["allow"]) == (405, "method_not_allowed", "GET")
     r = await server.request("PUT", "/admin/skus")
-    assert (r.status, r.headers["allow"]) == (405, "POST")
+    assert (r.status, r.headers["allow"]) == (405, "GET, POST")
 
 
 async def test_admin_refused_without_a_token(make_server: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -493,15 +499,76 @@ async def test_access_log_has_no_code_and_no_key(server: Server, caplog: pytest.
         await server.as_("acme", "GET", f"/v1/orders/{order['order_id']}")
         await server.as_("acme", "POST", "/v1/orders", json={"bad": 1})
         await server.request("GET", "/nope")
-    lines = [rec.getMessage() for rec in caplog.records if rec.name == "dispatch.access"]
+    lines = [rec.access for rec in caplog.records if rec.name == "dispatch.access"]
     assert len(lines) == 4
-    import json
-    first = json.loads(lines[0])
+    first = lines[0]
     assert (first["method"], first["route"], first["status"], first["distributor"]) == ("POST", "/v1/orders", 201,
                                                                                          "acme")
-    assert json.loads(lines[1])["route"] == "/v1/orders/{order_id}"
-    assert json.loads(lines[3])["route"] == "-"
+    assert lines[1]["route"] == "/v1/orders/{order_id}"
+    assert lines[3]["route"] == "-"
     text = caplog.text
     for code in order["codes"]:
         assert code["code"] not in text
     assert server.keys["acme"] not in text and ADMIN not in text
+
+
+async def test_replies_carry_every_field(server: Server) -> None:
+    r = await server.admin("POST", "/admin/suppliers", json={"supplier": "bare", "name": "Bare"})
+    assert r.status == 201 and r.json() == {"supplier": "bare", "name": "Bare", "deposit": 0, "status": "active"}
+    r = await server.admin("POST", "/admin/skus", json={"sku": "s1", "name": "S", "face_value": 1, "currency": "USD",
+                                                        "price": 1})
+    r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 2})
+    assert r.json() == {"sku": "s1", "name": "S", "face_value": 1, "currency": "USD", "price": 2,
+                        "low_stock_threshold": 0, "status": "active", "sale_order": "oldest_first",
+                        "after_sales": "refund"}
+    r = await server.admin("POST", "/admin/distributors", json={"distributor": "d1", "name": "D"})
+    assert r.json()["distributor"] == {"distributor": "d1", "name": "D", "tier": None, "credit_limit": 0,
+                                       "allowed_skus": None, "status": "active", "balance": 0, "held": 0,
+                                       "rate_limit": 0}
+    stock = (await server.admin("GET", "/admin/skus/s1/stock")).json()
+    assert stock["parked"] == 0 and stock["forecast"]["days_of_cover"] is None
+
+
+def test_one_json_log_stream(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from dispatch.server.supervisor import setup_logging
+
+    from .conftest import make_config
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        setup_logging(make_config(tmp_path))
+        logging.getLogger("httpx").info('HTTP Request: %s %s "%s"', "POST", "http://127.0.0.1:9/hooks", "HTTP/1.1 500")
+        logging.getLogger("dispatch.access").info("GET / 404", extra={"access": {"route": "-", "status": 404}})
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("dispatch.server").exception("internal error")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(x["logger"], x["level"]) for x in lines] == [("httpx", "info"), ("dispatch.access", "info"),
+                                                          ("dispatch.server", "error")]
+    assert lines[0]["msg"] == 'HTTP Request: POST http://127.0.0.1:9/hooks "HTTP/1.1 500"'
+    assert (lines[1]["route"], lines[1]["status"]) == ("-", 404) and "msg" not in lines[1]
+    assert "RuntimeError: boom" in lines[2]["exc"]
+
+
+async def test_console_files_are_served_with_a_strict_policy(server: Server) -> None:
+    r = await server.request("GET", "/console")
+    assert r.status == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+    assert b'<script type="module" src="/console/app.js">' in r.body
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    assert (r.headers["x-content-type-options"], r.headers["x-frame-options"]) == ("nosniff", "DENY")
+    for name, kind in (("app.js", "text/javascript"), ("pages.js", "text/javascript"), ("console.css", "text/css")):
+        r = await server.request("GET", f"/console/{name}")
+        assert r.status == 200 and r.headers["content-type"].startswith(kind), name
+        assert r.headers["content-security-policy"] == csp
+    for path in ("/console/nope.js", "/console/..%2Fapp.py", "/console/__init__.py", "/console/app.js/x"):
+        r = await server.request("GET", path)
+        assert (r.status, r.error) == (404, "not_found"), path
+    assert (await server.request("POST", "/console")).status == 405

@@ -90,6 +90,7 @@ class App:
         method = req.method if req.route is not None else "-"
         self.metrics.request(route, method, status, seconds)
         if self._access:
-            access_log.info(_encode({"ts": round(time.time(), 3), "method": req.method or "-", "route": route,
-                                     "status": status, "ms": round(seconds * 1000, 3),
-                                     "distributor": req.distributor, "worker": self.worker}).decode())
+            access_log.info("%s %s %d", method, route, status,
+                            extra={"access": {"method": req.method or "-", "route": route, "status": status,
+                                              "ms": round(seconds * 1000, 3), "distributor": req.distributor,
+                                              "worker": self.worker}})

@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ..models import Amount, Distributor, Id, OrderStatus, RateLimit, Supplier, Ticket, TicketStatus
+from ..models import (Amount, BatchSummary, Distributor, Id, OrderStatus, RateLimit, SkuDetail, SupplierStats, Ticket,
+                      TicketStatus, Tier)
 from ..webhooks import FailedDelivery
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "StatementQuery",
     "LimitsSet", "VerificationSet", "WebhookSet", "WebhookSecret",
     "FailedQuery", "FailedList", "Replayed",
+    # admin reads
+    "PageQuery", "SkuList", "BatchList", "DistributorList", "TierList", "Live", "StoreHealth", "Overview",
 ]
 
 Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -37,6 +40,8 @@ SaleOrder = Literal["oldest_first", "best_rated"]
 #: What an approved ticket gives by default: the money back, or another code.
 AfterSalesDefault = Literal["refund", "replace"]
 OrderId = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
+TicketId = Annotated[str, msgspec.Meta(pattern=r"^tk_[0-9A-HJKMNP-TV-Z]{26}$")]
+PageSize = Annotated[int, msgspec.Meta(ge=1, le=500)]
 
 
 class _In(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -165,6 +170,17 @@ class TicketQuery(_In):
 
 class AdminTicketQuery(TicketQuery):
     distributor: Id | None = None
+    #: The next_cursor of the previous page; absent: the first page.
+    cursor: TicketId | None = None
+    limit: PageSize = 100
+
+
+class PageQuery(_In):
+    """A page of a list ordered by id."""
+
+    #: The next_cursor of the previous page; absent: the first page.
+    cursor: Id | None = None
+    limit: PageSize = 100
 
 
 class TicketResolve(_In):
@@ -228,8 +244,8 @@ class FailedQuery(_In):
 
 # ---- responses -------------------------------------------------------------------------
 
-class _Out(msgspec.Struct, omit_defaults=True):
-    pass
+class _Out(msgspec.Struct, omit_defaults=False):
+    """A reply: every field is sent, zeros and nulls included."""
 
 
 class ErrorDetail(msgspec.Struct):
@@ -253,7 +269,7 @@ class NewKey(_Out):
     api_key: str
 
 
-class AdminDistributor(Distributor, omit_defaults=False):
+class AdminDistributor(Distributor):
     #: Requests a second through the daemon (0: unlimited).
     rate_limit: int = 0
 
@@ -272,10 +288,72 @@ class VoidReport(_Out):
 
 class TicketList(_Out):
     tickets: list[Ticket]
+    #: Pass back as ``cursor`` for the next page (null: this is the last).
+    next_cursor: str | None = None
 
 
 class SupplierList(_Out):
-    suppliers: list[Supplier]
+    suppliers: list[SupplierStats]
+    #: Pass back as ``cursor`` for the next page (null: this is the last).
+    next_cursor: str | None = None
+
+
+class SkuList(_Out):
+    #: Each SKU with its stock and restock forecast.
+    skus: list[SkuDetail]
+    #: Pass back as ``cursor`` for the next page (null: this is the last).
+    next_cursor: str | None = None
+
+
+class DistributorList(_Out):
+    distributors: list[AdminDistributor]
+    #: Pass back as ``cursor`` for the next page (null: this is the last).
+    next_cursor: str | None = None
+
+
+class TierList(_Out):
+    tiers: list[Tier]
+    #: Pass back as ``cursor`` for the next page (null: this is the last).
+    next_cursor: str | None = None
+
+
+class BatchList(_Out):
+    #: Oldest first.
+    batches: list[BatchSummary]
+
+
+class Live(_Out):
+    """What this daemon process served lately (each worker counts its own)."""
+
+    #: The figures below are over this many seconds (or since the process started).
+    window_s: int
+    #: POST /v1/orders answered a second, refusals and replays included.
+    orders_per_s: float
+    #: Codes handed to buyers a second (deliveries and confirmed reservations).
+    codes_per_s: float
+    #: Median and 99th percentile time to answer POST /v1/orders (null: no order in the window).
+    p50_ms: float | None
+    p99_ms: float | None
+    #: Orders answered and codes delivered since the process started.
+    orders: int
+    codes: int
+    #: Orders refused since the process started, by error code.
+    refusals: dict[str, int]
+
+
+class StoreHealth(_Out):
+    #: ready: Redis answers and the scripts are loaded.
+    status: Literal["ready", "unavailable"]
+    #: How long that check took.
+    latency_ms: float
+    #: Webhook deliveries waiting for a try, and failed for good (null: the store did not answer).
+    webhooks_due: int | None
+    webhooks_failed: int | None
+
+
+class Overview(_Out):
+    live: Live
+    store: StoreHealth
 
 
 class WebhookSecret(_Out):

@@ -4,12 +4,18 @@ Requests by route template, method and status (counts and latency), orders by
 outcome, codes delivered, connections, timeouts; on every scrape the stock of each
 SKU and the webhook backlog are read afresh and the coalescers' counters are reported (items / batches is
 the mean batch size per saga step).
+
+:meth:`Metrics.live` reads the same counters as figures of the last minute (orders
+and codes a second, order latency percentiles, refusals by reason) for the console.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Iterator
+from typing import get_args
 
 from bisect import bisect_left
 
@@ -18,6 +24,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from ..engine import Engine
 from ..errors import DispatchError
+from ..models import OrderStatus
+from .messages import Live
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
 
@@ -26,6 +34,10 @@ log = logging.getLogger("dispatch.server")
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STATES = ("available", "reserved", "sold", "voided", "invalidated", "parked")
+#: Order outcomes that are not refusals.
+_SERVED = frozenset((*get_args(OrderStatus), "replayed"))
+WINDOW_S = 60
+_LATENCIES = 4096  # order latencies kept for the percentiles (the most recent)
 
 disable_created_metrics()  # the *_created series only double what a scraper sees
 
@@ -58,6 +70,7 @@ class _Requests:
         self.seen: dict[tuple[str, str, int], list[float]] = {}  # key -> [sum, per-bucket counts..., +Inf]
         self.orders: dict[str, int] = {}
         self.codes = 0
+        self.recent = _Recent()
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         row = self.seen.get((route, method, status))
@@ -65,6 +78,8 @@ class _Requests:
             row = self.seen[route, method, status] = [0.0] * (len(_BUCKETS) + 2)
         row[0] += seconds
         row[1 + bisect_left(_BUCKETS, seconds)] += 1
+        if route == "/v1/orders" and method == "POST":
+            self.recent.latencies.append((time.monotonic(), seconds))
 
     def describe(self) -> list[Metric]:
         return []
@@ -93,6 +108,42 @@ class _Requests:
         yield CounterMetricFamily("dispatch_codes_delivered", "Codes handed to buyers", value=self.codes)
 
 
+class _Recent:
+    """The last WINDOW_S seconds: orders and codes counted per second (a ring of
+    slots, each reset when its second comes round again) and the latencies of the
+    most recent orders."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.slots = [[-1, 0, 0] for _ in range(WINDOW_S)]  # [second, orders, codes]
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=_LATENCIES)
+
+    def count(self, orders: int, codes: int) -> None:
+        second = int(time.monotonic())
+        slot = self.slots[second % WINDOW_S]
+        if slot[0] != second:
+            slot[:] = [second, 0, 0]
+        slot[1] += orders
+        slot[2] += codes
+
+    def rates(self) -> tuple[float, float, float | None, float | None]:
+        """(orders/s, codes/s) over the last full seconds, and the p50 and p99 order latency
+        in ms over the window (None without orders)."""
+        now = time.monotonic()
+        current = int(now)
+        span = max(1, min(WINDOW_S - 1, int(now - self.started)))
+        orders = codes = 0
+        for second, n, c in self.slots:
+            if current - span <= second < current:
+                orders, codes = orders + n, codes + c
+        recent = sorted(s for t, s in self.latencies if now - t <= WINDOW_S)
+
+        def pct(p: float) -> float | None:
+            return round(recent[min(len(recent) - 1, int(p * len(recent)))] * 1000, 3) if recent else None
+
+        return round(orders / span, 3), round(codes / span, 3), pct(0.50), pct(0.99)
+
+
 class Metrics:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -115,9 +166,19 @@ class Metrics:
         orders = self._requests.orders
         orders[outcome] = orders.get(outcome, 0) + 1
         self._requests.codes += codes
+        self._requests.recent.count(1, codes)
 
     def delivered(self, codes: int) -> None:
         self._requests.codes += codes
+        self._requests.recent.count(0, codes)
+
+    def live(self) -> Live:
+        """This process's figures of the last WINDOW_S seconds, and its refusals since it started."""
+        r = self._requests
+        orders_s, codes_s, p50, p99 = r.recent.rates()
+        return Live(window_s=WINDOW_S, orders_per_s=orders_s, codes_per_s=codes_s, p50_ms=p50, p99_ms=p99,
+                    orders=sum(r.orders.values()), codes=r.codes,
+                    refusals={k: n for k, n in sorted(r.orders.items()) if k not in _SERVED})
 
     def rejected(self) -> None:
         self._rejected.inc()

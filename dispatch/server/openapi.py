@@ -69,7 +69,8 @@ def document(routes: list[Route]) -> dict[str, Any]:
         responses: dict[str, Any] = {}
         for status, t in r.out.items():
             if t is str:
-                ctype = "text/csv" if "export" in r.template else "text/plain"
+                ctype = ("text/csv" if "export" in r.template else
+                         "text/html" if r.template.startswith("/console") else "text/plain")
                 content = {ctype: {"schema": {"type": "string"}}}
             elif t is dict:
                 content = {"application/json": {"schema": {"type": "object"}}}

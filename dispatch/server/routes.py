@@ -15,16 +15,18 @@ the Router when it is built.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import unquote
 
 import msgspec
 
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
 from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, Order, OrderPage, Sku,
-                      Statement, Stock, Supplier, SupplierReport, Ticket, Tier, Verification)
+                      SkuDetail, Statement, Stock, Supplier, SupplierReport, SupplierStats, Ticket, Tier, Verification)
 from ..webhooks import WebhookTarget
+from . import console
 from . import messages as m
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .responses import Reply, StreamReply, json_reply
@@ -40,10 +42,11 @@ __all__ = ["Route", "Router", "ROUTES", "Catalog"]
 
 Auth = Literal["distributor", "admin", "none"]
 Handler = Callable[["Call"], Awaitable[Any]]
+T = TypeVar("T")
 
 # Path parameters: order ids are ULIDs; every other id is an admin-chosen Id.
 _PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}", "ticket_id": r"tk_[0-9A-HJKMNP-TV-Z]{26}",
-          "job_id": r"[A-Za-z0-9._:-]{1,300}"}
+          "job_id": r"[A-Za-z0-9._:-]{1,300}", "asset": console.ASSET_PATTERN}
 _ID = r"[A-Za-z0-9._-]{1,64}"
 
 
@@ -322,6 +325,51 @@ async def get_ticket(c: Call) -> Ticket:
 # admin endpoints
 # ============================================================================================
 
+async def _page(c: Call, read: Callable[..., Awaitable[list[T]]], key: Callable[[T], str],
+                **filters: Any) -> tuple[list[T], str | None]:
+    """The page the query asks for (``cursor``, ``limit``), read with one item more than
+    the limit, and its next_cursor: the id of its last item when more follow, else None."""
+    items = await read(**filters, after=c.query.cursor, limit=c.query.limit + 1)
+    if len(items) > c.query.limit:
+        items = items[:c.query.limit]
+        return items, key(items[-1])
+    return items, None
+
+
+@route("GET", "/admin/overview", auth="admin", out=m.Overview)
+async def overview(c: Call) -> m.Overview:
+    """This process's orders and codes a second, order latency and refusals over the last
+    minute, and the store's health."""
+    started = time.perf_counter()
+    try:
+        await c.engine.ready()
+        due, failed = await c.engine.webhooks.backlog()
+        status: Literal["ready", "unavailable"] = "ready"
+    except StoreUnavailableError:
+        status, due, failed = "unavailable", None, None
+    store = m.StoreHealth(status=status, latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                          webhooks_due=due, webhooks_failed=failed)
+    return m.Overview(live=c.metrics.live(), store=store)
+
+
+@route("GET", "/admin/skus", auth="admin", query=m.PageQuery, out=m.SkuList)
+async def list_skus(c: Call) -> m.SkuList:
+    """SKUs by id, a page at a time, each with its stock and restock forecast."""
+    skus, cursor = await _page(c, c.engine.sku_details, lambda s: s.sku)
+    return m.SkuList(skus=skus, next_cursor=cursor)
+
+
+@route("GET", "/admin/skus/{sku}", auth="admin", out=SkuDetail)
+async def get_sku(c: Call) -> SkuDetail:
+    """A SKU with its stock and restock forecast."""
+    return await c.engine.sku_detail(c.params["sku"])
+
+
+@route("GET", "/admin/skus/{sku}/batches", auth="admin", out=m.BatchList)
+async def sku_batches(c: Call) -> m.BatchList:
+    """A SKU's batches, oldest first: supplier, unit cost, status and counts."""
+    return m.BatchList(batches=await c.engine.sku_batches(c.params["sku"]))
+
 @route("POST", "/admin/skus", auth="admin", body=m.SkuCreate, status=201, out=Sku)
 async def create_sku(c: Call) -> Sku:
     """Create a SKU."""
@@ -353,10 +401,17 @@ async def create_supplier(c: Call) -> Supplier:
     return await c.engine.create_supplier(b.supplier, b.name, b.deposit)
 
 
-@route("GET", "/admin/suppliers", auth="admin", out=m.SupplierList)
+@route("GET", "/admin/suppliers", auth="admin", query=m.PageQuery, out=m.SupplierList)
 async def list_suppliers(c: Call) -> m.SupplierList:
-    """Every supplier, with its deposit and status."""
-    return m.SupplierList(suppliers=await c.engine.list_suppliers())
+    """Suppliers by id, a page at a time: deposit, status, delivered, invalid rate, rating."""
+    rows, cursor = await _page(c, c.engine.list_suppliers, lambda s: s.supplier)
+    return m.SupplierList(suppliers=rows, next_cursor=cursor)
+
+
+@route("GET", "/admin/suppliers/{supplier}", auth="admin", out=SupplierStats)
+async def get_supplier(c: Call) -> SupplierStats:
+    """A supplier: deposit, status, delivered, invalidated, invalid rate, rating."""
+    return await c.engine.supplier_stats(c.params["supplier"])
 
 
 @route("PATCH", "/admin/suppliers/{supplier}", auth="admin", body=m.SupplierPatch, out=Supplier)
@@ -381,9 +436,11 @@ async def supplier_report(c: Call) -> SupplierReport:
 
 @route("GET", "/admin/tickets", auth="admin", query=m.AdminTicketQuery, out=m.TicketList)
 async def admin_tickets(c: Call) -> m.TicketList:
-    """Tickets of every distributor (or one), oldest first."""
+    """Tickets of every distributor (or one), oldest first, a page at a time."""
     q: m.AdminTicketQuery = c.query
-    return m.TicketList(tickets=await c.engine.list_tickets(q.distributor, q.status))
+    rows, cursor = await _page(c, c.engine.list_tickets, lambda t: t.ticket_id, distributor=q.distributor,
+                               status=q.status)
+    return m.TicketList(tickets=rows, next_cursor=cursor)
 
 
 @route("GET", "/admin/tickets/{ticket_id}", auth="admin", out=Ticket)
@@ -413,6 +470,19 @@ async def create_tier(c: Call) -> Tier:
     return await c.engine.create_tier(b.tier, b.discount_bps, b.prices)
 
 
+@route("GET", "/admin/tiers", auth="admin", query=m.PageQuery, out=m.TierList)
+async def list_tiers(c: Call) -> m.TierList:
+    """Price tiers by id, a page at a time."""
+    tiers, cursor = await _page(c, c.engine.list_tiers, lambda t: t.tier)
+    return m.TierList(tiers=tiers, next_cursor=cursor)
+
+
+@route("GET", "/admin/tiers/{tier}", auth="admin", out=Tier)
+async def get_tier(c: Call) -> Tier:
+    """A price tier."""
+    return await c.engine.get_tier(c.params["tier"])
+
+
 async def _admin_view(c: Call, distributor: Distributor) -> m.AdminDistributor:
     rate = await c.engine.rate_limit(distributor.distributor)
     return m.AdminDistributor(**msgspec.structs.asdict(distributor), rate_limit=rate)
@@ -426,6 +496,19 @@ async def create_distributor(c: Call) -> m.CreatedDistributor:
     if b.rate_limit is not None:
         await c.engine.set_rate_limit(b.distributor, b.rate_limit)
     return m.CreatedDistributor(distributor=await _admin_view(c, new.distributor), api_key=new.api_key)
+
+
+@route("GET", "/admin/distributors", auth="admin", query=m.PageQuery, out=m.DistributorList)
+async def list_distributors(c: Call) -> m.DistributorList:
+    """Distributors by id, a page at a time: balance, held, credit limit, tier, status, rate limit."""
+    rows, cursor = await _page(c, c.engine.list_distributors, lambda d: d.distributor)
+    return m.DistributorList(distributors=[await _admin_view(c, d) for d in rows], next_cursor=cursor)
+
+
+@route("GET", "/admin/distributors/{distributor}", auth="admin", out=m.AdminDistributor)
+async def get_distributor(c: Call) -> m.AdminDistributor:
+    """A distributor: balance, held, credit limit, tier, status, allowed SKUs, rate limit."""
+    return await _admin_view(c, await c.engine.get_distributor(c.params["distributor"]))
 
 
 @route("PATCH", "/admin/distributors/{distributor}", auth="admin", body=m.DistributorPatch,
@@ -507,16 +590,19 @@ async def topup(c: Call) -> Balance:
 _IMPORT_FORMATS = {b"text/plain": "text", b"text/csv": "csv", b"": "auto", b"application/octet-stream": "auto"}
 
 
-@route("POST", "/admin/batches", auth="admin", query=m.BatchQuery, stream=True, status=201, out=BatchReport)
-async def import_batch(c: Call) -> BatchReport:
-    """Upload a batch of codes (text/plain: one a line; text/csv: with a header naming `code`), streamed."""
+@route("POST", "/admin/batches", auth="admin", query=m.BatchQuery, stream=True, status=201,
+       out={201: BatchReport, 200: BatchReport})
+async def import_batch(c: Call) -> Any:
+    """Upload a batch of codes (text/plain: one a line; text/csv: with a header naming `code`), streamed:
+    201 with its report, 200 with ``replayed`` for the same batch sent again once imported."""
     q: m.BatchQuery = c.query
     ctype = c.request.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
     fmt = _IMPORT_FORMATS.get(ctype)
     if fmt is None:
         raise ValidationError("Content-Type must be text/plain (one code a line) or text/csv")
-    return await c.engine.import_codes(c.request.stream, sku=q.sku, supplier=q.supplier, unit_cost=q.unit_cost,
-                                       batch_id=q.batch_id, format=fmt)
+    report = await c.engine.import_codes(c.request.stream, sku=q.sku, supplier=q.supplier, unit_cost=q.unit_cost,
+                                         batch_id=q.batch_id, format=fmt)
+    return (200, report) if report.replayed else (201, report)
 
 
 @route("POST", "/admin/batches/{batch_id}/void", auth="admin", out=m.VoidReport)
@@ -644,6 +730,18 @@ async def readyz(c: Call) -> Any:
 async def metrics(c: Call) -> Reply:
     """Prometheus metrics of this process."""
     return Reply(200, await c.metrics.render(), METRICS_TYPE)
+
+
+@route("GET", "/console", auth="none", out=str)
+async def console_page(c: Call) -> Reply:
+    """The operator's console (sign in with the admin token)."""
+    return console.asset("index.html")
+
+
+@route("GET", "/console/{asset}", auth="none", out=str)
+async def console_asset(c: Call) -> Reply:
+    """A file of the console: its scripts and style sheet."""
+    return console.asset(c.params["asset"])
 
 
 @route("GET", "/openapi.json", auth="none", out=dict)

@@ -37,7 +37,7 @@ from ..vault import load_master_keys
 from .app import App
 from .auth import load_admin_token
 
-__all__ = ["serve", "bind", "prepare", "setup_logging"]
+__all__ = ["serve", "bind", "prepare", "setup_logging", "JsonLines"]
 
 log = logging.getLogger("dispatch.server")
 access_log = logging.getLogger("dispatch.access")
@@ -60,19 +60,33 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object a line: ts, level, logger, pid and msg; an access line has its
+    fields (``extra={"access": {...}}``) in place of msg; exc holds a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                                 "logger": record.name, "pid": record.process}
+        access = getattr(record, "access", None)
+        if access is not None:
+            entry.update(access)
+        else:
+            entry["msg"] = record.getMessage()
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(entry).decode()
+
+
 def setup_logging(config: Config) -> None:
-    """Plain lines on stderr; the access log as JSON lines on stdout."""
+    """Every log line (the access log's, the daemon's and its libraries', httpx's
+    included) as one JSON object a line on stdout."""
     root = logging.getLogger()
     if not any(getattr(h, "_dispatch", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonLines())
         handler._dispatch = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-        out = logging.StreamHandler(sys.stdout)
-        out.setFormatter(logging.Formatter("%(message)s"))
-        access_log.addHandler(out)
-        access_log.propagate = False
     access_log.disabled = not config.access_log
 
 
