@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -281,6 +281,28 @@ class Store:
                 node.release(conn)
 
     # ---- small helpers of the parts ---------------------------------------------------
+    async def tell_levels(self, shards: Iterable[str]) -> None:
+        """After SKU scripts ran on *shards*: what each that is a bucket (``SKU~B``) holds
+        on sale now is told to its SKU's own shard, which keeps the stock level of the
+        whole SKU (sku_level.lua). Buckets keep no level of their own."""
+        buckets = list(dict.fromkeys(s for s in shards if keys.BUCKET in s))
+        if not buckets:
+            return
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                for shard in buckets:
+                    p.hmget(keys.SkuKeys(shard).stats, "available", "chg")
+                counts = await p.execute()
+        told: dict[str, list[tuple[str, int, int]]] = {}
+        for shard, (avail, chg) in zip(buckets, counts):
+            sku, _, b = shard.partition(keys.BUCKET)
+            told.setdefault(sku, []).append((b, int(avail or 0), int(chg or 0)))
+        calls = []
+        for sku, items in told.items():
+            k = keys.SkuKeys(sku)
+            calls.append((k.all, [k.pool_prefix, len(items)], items))
+        await self.run_many("sku_level", calls)
+
     async def put(self, key: str, mode: str, fields: dict[str, Any]) -> str:
         """Create (``create``) or change (``update``) a record hash: ok | exists | not_found."""
         args: list[Any] = [mode]
