@@ -189,8 +189,8 @@ class InventoryStore:
 
     # ---- what audit() reads ------------------------------------------------------------
     async def pools(self, sku: str) -> dict[int, list[bytes]]:
-        """Every batch pool of a SKU (or of one bucket: *sku* a shard id) that holds
-        codes: seq -> its codes."""
+        """Every batch pool that holds codes in one shard of a SKU (*sku*: its own, or a
+        bucket's shard id): seq -> its codes."""
         k = keys.SkuKeys(sku)
         c = self._db.client
         with translated():
@@ -198,7 +198,7 @@ class InventoryStore:
             return {int(n.decode().rsplit(":", 1)[1]): await c.lrange(n, 0, -1) for n in names}
 
     async def deliveries(self, sku: str) -> dict[str, tuple[dict[str, Any], list[bytes] | None]]:
-        """Every delivery record of a SKU (or of one bucket): order id -> (record, codes; None where the
+        """Every delivery record in one shard of a SKU: order id -> (record, codes; None where the
         SKU keeps none: a delivered order's codes are kept by its account)."""
         k = keys.SkuKeys(sku)
         with translated():
