@@ -7,13 +7,15 @@ external_ref, the distributor, the SKU and the money before taking a code, then
 takes, debits and records at once. A refused order never touches stock, and nothing
 is ever half done: a retry of the same external_ref finds the order, or makes it.
 
-A reservation (and on a Redis Cluster, where no script may span shards, a purchase in
-deliver mode too) is a short saga of idempotent steps, each one Lua script on one
-shard, coalesced per shard (sagas.py). It takes three: ``begin`` (account: hold the
-money), ``take`` (SKU: codes reserved, or sold), ``commit`` (account: start the lease,
-or charge and deliver); ending a reservation is ``settle`` (account, which fences)
-then ``sku_settle`` (SKU). Until its last step is done an order sits in its account's
-``pending`` set; the sweep drives any left there by a crash to its end.
+A reservation (and on a Redis Cluster, where no script may span shards, or for a SKU
+spread over buckets, a purchase in deliver mode too) is a short saga of idempotent
+steps, each one Lua script on one shard, coalesced per shard (sagas.py). It takes
+three: ``begin`` (account: hold the money), ``take`` (SKU: codes reserved, or sold),
+``commit`` (account: start the lease, or charge and deliver); ending a reservation is
+``settle`` (account, which fences) then ``sku_settle`` (SKU). A SKU spread over
+buckets is taken from the buckets of the plan its order keeps from ``begin``
+(:func:`plan_of`), in turn. Until its last step is done an order sits in its
+account's ``pending`` set; the sweep drives any left there by a crash to its end.
 """
 
 from __future__ import annotations

@@ -157,3 +157,16 @@ async def test_the_sweep_finishes_a_spread_order_where_it_began(shop: Engine) ->
     stock = await shop.stock("g100")
     assert (stock.available, stock.sold) == (2, 1)  # nothing taken twice
     assert await shop.audit() == []
+
+
+async def test_pausing_a_spread_sku_stops_every_bucket(shop: Engine) -> None:
+    await shop.update_sku("g100", buckets=3)
+    await stock_up(shop, 3)
+    await shop.update_sku("g100", status="paused")
+    for i in range(3):  # whichever bucket an order starts in
+        with pytest.raises(errors.SkuPausedError):
+            await shop.purchase("acme", "g100", 1, f"p{i}")
+    await shop.update_sku("g100", status="active")
+    assert all(isinstance(r, Order) for r in await buy_all(shop, 3, "q"))
+    assert (await shop.stock("g100")).sold == 3
+    assert await shop.audit() == []

@@ -29,7 +29,8 @@ from .test_audit import *  # noqa: F401,F403  every corruption, and the healthy 
 from .test_buckets import (  # noqa: F401
     test_a_spread_sku_sells_every_code_once, test_buckets_are_validated_and_changed_by_the_update_path,
     test_changing_buckets_loses_and_duplicates_nothing, test_reservations_return_to_their_bucket,
-    test_the_sweep_finishes_a_spread_order_where_it_began, test_void_park_and_tickets_across_buckets)
+    test_pausing_a_spread_sku_stops_every_bucket, test_the_sweep_finishes_a_spread_order_where_it_began,
+    test_void_park_and_tickets_across_buckets)
 from .test_engine import (  # noqa: F401
     test_balance_and_credit_limit, test_concurrent_same_ref_makes_one_order, test_deliver_debits_and_returns_codes,
     test_import_dedupes_across_batches_and_skus, test_import_resend_adds_nothing, test_large_amounts_stay_exact,

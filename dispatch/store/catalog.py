@@ -44,7 +44,7 @@ class CatalogStore:
         buckets = int(fields.get("buckets", 1))
         if await self._db.put(keys.SkuKeys(sku).meta, "create", {**fields, "spread": buckets}) != "ok":
             return False
-        await self._copy_meta(sku, buckets)
+        await self._copy_meta(sku, buckets, {})  # a new SKU has no codes to sell yet
         return True
 
     async def update_sku(self, sku: str, fields: dict[str, Any]) -> bool:
@@ -54,18 +54,19 @@ class CatalogStore:
         if "buckets" in fields:
             spread = max(spread, int(fields["buckets"]))
             fields = {**fields, "spread": spread}
-        if await self._db.put(keys.SkuKeys(sku).meta, "update", fields) != "ok":
-            return False
-        await self._copy_meta(sku, spread)
-        return True
+        await self._copy_meta(sku, spread, fields)
+        return await self._db.put(keys.SkuKeys(sku).meta, "update", fields) == "ok"
 
-    async def _copy_meta(self, sku: str, spread: int) -> None:
-        """The SKU's metadata copied to its buckets 1..spread-1 (their scripts check it)."""
+    async def _copy_meta(self, sku: str, spread: int, changes: dict[str, Any]) -> None:
+        """The SKU's metadata with *changes* copied to its buckets 1..spread-1 (their
+        scripts check it), before the SKU's own shard changes: a take looks in a bucket
+        as soon as the SKU's spread names it."""
         if spread == 1:
             return
         with translated():
-            meta = await self._db.client.hgetall(keys.SkuKeys(sku).meta)
-            meta.pop(b"spread", None)
+            meta = {k.decode(): v for k, v in (await self._db.client.hgetall(keys.SkuKeys(sku).meta)).items()}
+            meta.update(changes)
+            meta.pop("spread", None)
             for b in range(1, spread):
                 await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).meta, mapping=meta)
 
