@@ -2,17 +2,17 @@
 
 Four redis-server processes from the same binary, each on TCP with ``appendfsync
 always``: one alone, three formed into a cluster (CLUSTER ADDSLOTS, MEET). The same
-closed loop (256 callers over 8 distributors, single-code deliver orders) runs on
-each, for two catalogues: 100 SKUs picked by Zipf 1.1, and one hot SKU (on the
-cluster, spread over 3 buckets that land on the 3 masters). Each row gives orders/s,
-the CPU per order (user + system, from /proc, over the measured run only) of each
-Redis process and their sum, and each master's share of the Redis CPU.
+closed loop (256 callers over 8 distributors, or --distributors, single-code deliver
+orders) runs on each, for two catalogues: 100 SKUs picked by Zipf 1.1, and one hot
+SKU (on the cluster, spread over 3 buckets that land on the 3 masters). Each row
+gives orders/s, the CPU per order (user + system, from /proc, over the measured run
+only) of each Redis process and their sum, and each master's share of the Redis CPU.
 
 On one Redis a deliver purchase is one script per round; on a cluster it is the
 saga begin -> take -> commit, each step one script per shard (docs/design.md).
 
     .venv/bin/python bench/cluster.py             # 20,000 orders a row
-    .venv/bin/python bench/cluster.py --orders 5000
+    .venv/bin/python bench/cluster.py --orders 5000 --distributors 48
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import redis
 
 from ceiling import redis_cpu
-from compare import CALLERS, DISTS, codes, config, zipf_weights
+from compare import CALLERS, codes, config, zipf_weights
 from dispatch import Engine
 from dispatch.engine import tune_gc
 from dispatch.store import keys
@@ -83,7 +83,8 @@ def hot_sku(engine: Engine) -> str:
         f"hot{i}", b))).name for b in range(3)}) == 3)
 
 
-async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool) -> tuple[float, list[float]]:
+async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool,
+              dists: int) -> tuple[float, list[float]]:
     """orders/s and CPU us per order of each Redis process, for one catalogue."""
     async with Engine(config(url, data_dir, True), sweep=False) as engine:
         await engine.create_supplier("sup", "Supplier")
@@ -100,7 +101,7 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool) 
                 await engine.create_sku(sku, sku, 100, "CNY", 100)
                 await engine.import_codes(codes(f"S{s}X", int((picks == s).sum()) + 10), sku=sku, supplier="sup",
                                           unit_cost=50)
-        for d in range(DISTS):
+        for d in range(dists):
             await engine.create_distributor(f"d{d}", f"D{d}")
             await engine.topup(f"d{d}", 10**12, "seed")
         gc.collect()
@@ -109,7 +110,7 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool) 
 
         async def caller(c: int) -> None:
             for i in nxt:
-                await engine.purchase(f"d{c % DISTS}", skus[picks[i]], 1, f"o{i}")
+                await engine.purchase(f"d{c % dists}", skus[picks[i]], 1, f"o{i}")
 
         cpu0, wall0 = [redis_cpu(p) for p in pids], time.perf_counter()
         await asyncio.gather(*(caller(c) for c in range(CALLERS)))
@@ -127,6 +128,7 @@ def flush(servers: list[EmbeddedRedis]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--orders", type=int, default=20_000, help="orders a row")
+    ap.add_argument("--distributors", type=int, default=8, help="buyers' accounts (shards spread over the masters)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         one = start(os.path.join(d, "one"), cluster=False)
@@ -134,7 +136,8 @@ def main() -> None:
         try:
             form(masters)
             cluster_url = "redis+cluster://" + ",".join(f"127.0.0.1:{m.port}" for m in masters)
-            print(f"{args.orders} deliver orders a row, {CALLERS} callers, appendfsync always, TCP; host shared")
+            print(f"{args.orders} deliver orders a row, {CALLERS} callers over {args.distributors} distributors, "
+                  "appendfsync always, TCP; host shared")
             print(f"{'workload':<26} {'side':<10} {'orders/s':>9} {'Redis us/order (each)':>30} {'sum':>6}"
                   f" {'shares of the masters':>22}")
             for label, hot in (("100 SKUs, Zipf 1.1", False), ("1 hot SKU (3 buckets)", True)):
@@ -142,7 +145,7 @@ def main() -> None:
                                            ("cluster", cluster_url, masters)):
                     flush(servers)
                     rate, us = asyncio.run(row(url, [s.pid for s in servers], os.path.join(d, "data"),
-                                               args.orders, hot))
+                                               args.orders, hot, args.distributors))
                     share = " ".join(f"{100 * u / sum(us):4.0f}%" for u in us) if len(us) > 1 else ""
                     print(f"{label:<26} {side:<10} {rate:9,.0f} {' '.join(f'{u:6.1f}' for u in us):>30}"
                           f" {sum(us):6.1f} {share:>22}")
