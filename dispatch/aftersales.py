@@ -228,7 +228,7 @@ class AfterSales:
 
     async def _approve(self, dist: str, t: TicketRec) -> TicketRec:
         """Steps 2-4 of an approval (see the module docstring); safe to run again."""
-        approval = await self._store.aftersales.invalidate(t)
+        approval = await self._store.aftersales.invalidate(dist, t)
         batch = await self._inventory.batch_by_seq(approval.seq)
         await self._store.aftersales.supplier_money(batch.supplier, "charge", t.id, batch.unit_cost)
         done = await self._store.aftersales.finish_ticket(dist, t, approval.replacement, batch.unit_cost)

@@ -11,8 +11,47 @@ from typing import Any
 
 from .records import PAID
 from .store import Store
+from .store.catalog import COUNTERS
 
 __all__ = ["audit"]
+
+
+async def _check_shard(store: Store, shard: str, records: dict[str, Any], place: Any, problems: list[str]) -> None:
+    """A SKU's shard (or one bucket's): codes placed, counters against its pools and
+    delivery records, conservation; its records added to *records* (a record of an
+    order that took codes wins over the refusals other buckets recorded for it)."""
+    stats = await store.catalog.counters(shard)
+    _, parked_seqs = await store.inventory.batch_counts(shard)
+    pooled = {"available": 0, "parked": 0}
+    for seq, codes in (await store.inventory.pools(shard)).items():
+        for c in codes:
+            place(c, f"pool {shard}/{seq}")
+            pooled["parked" if seq in parked_seqs else "available"] += 1
+    reserved = sold = invalidated = 0
+    recs = await store.inventory.deliveries(shard)
+    for oid, (r, codes) in recs.items():
+        if oid not in records or records[oid][0]["st"] == "failed":
+            records[oid] = (r, codes)
+        if r["st"] in ("reserved", "sold"):
+            n = sum(r["b"][1::2])  # its runs: {seq, count, ...}
+            if codes is not None and len(codes) != n:  # the codes are placed where their buyer has them
+                problems.append(f"{shard}/{oid}: {len(codes)} codes in a delivery record of {n}")
+            if r["st"] == "reserved":
+                reserved += n
+            else:  # codes found invalid by an approved ticket are no longer counted sold
+                sold += n - len(r.get("x", ()))
+                invalidated += len(r.get("x", ()))
+    g = {f: stats.get(f, 0) for f in COUNTERS}
+    for st, n in pooled.items():
+        if g[st] != n:
+            problems.append(f"{shard}: {st} counter {g[st]} != {n} codes in its pools")
+    if (g["reserved"], g["sold"], g["invalidated"]) != (reserved, sold, invalidated):
+        problems.append(f"{shard}: counters reserved/sold/invalidated {g['reserved']}/{g['sold']}/"
+                        f"{g['invalidated']} != delivery records {reserved}/{sold}/{invalidated}")
+    total = sum(g[f] for f in g if f != "accepted")
+    if g["accepted"] != total:
+        problems.append(f"{shard}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated"
+                        f"+parked {total}")
 
 
 async def audit(store: Store) -> list[str]:
@@ -31,38 +70,9 @@ async def audit(store: Store) -> list[str]:
     for sku, state in zip(ids, await store.catalog.skus(ids)):
         if not state.meta:
             continue
-        _, parked_seqs = await store.inventory.batch_counts(sku)
-        pooled = {"available": 0, "parked": 0}
-        for seq, codes in (await store.inventory.pools(sku)).items():
-            for c in codes:
-                place(c, f"pool {sku}/{seq}")
-                pooled["parked" if seq in parked_seqs else "available"] += 1
-        reserved = sold = invalidated = 0
-        recs = await store.inventory.deliveries(sku)
-        sku_records[sku] = recs
-        for oid, (r, codes) in recs.items():
-            if r["st"] in ("reserved", "sold"):
-                n = sum(r["b"][1::2])  # its runs: {seq, count, ...}
-                if codes is not None and len(codes) != n:  # the codes are placed where their buyer has them
-                    problems.append(f"{sku}/{oid}: {len(codes)} codes in a delivery record of {n}")
-                if r["st"] == "reserved":
-                    reserved += n
-                else:  # codes found invalid by an approved ticket are no longer counted sold
-                    sold += n - len(r.get("x", ()))
-                    invalidated += len(r.get("x", ()))
-        g = {f: state.stats.get(f, 0) for f in ("accepted", "available", "reserved", "sold", "voided",
-                                                "invalidated", "parked")}
-        for st, n in pooled.items():
-            if g[st] != n:
-                problems.append(f"{sku}: {st} counter {g[st]} != {n} codes in its pools")
-        if (g["reserved"], g["sold"], g["invalidated"]) != (reserved, sold, invalidated):
-            problems.append(f"{sku}: counters reserved/sold/invalidated {g['reserved']}/{g['sold']}/"
-                            f"{g['invalidated']} != delivery records {reserved}/{sold}/{invalidated}")
-        total = sum(g[f] for f in g if f != "accepted")
-        if g["accepted"] != total:
-            problems.append(f"{sku}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated"
-                            f"+parked {total}")
-
+        sku_records[sku] = {}
+        for shard in await store.catalog.shards(sku):  # the SKU's own, and its other buckets
+            await _check_shard(store, shard, sku_records[sku], place, problems)
     for dist in await store.accounts.ids():
         a = await store.accounts.get(dist)
         if a is None:

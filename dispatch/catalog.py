@@ -49,14 +49,15 @@ class Catalog:
         self._config = config
         self._cache: dict[tuple[str, str], tuple[float, asyncio.Future[Any]]] = {}
         self._prices: dict[tuple[str, str], tuple[float, tuple[int, str]]] = {}
+        self._spreads: dict[str, tuple[float, tuple[int, int]]] = {}
 
     # ---- SKUs ------------------------------------------------------------------------
     async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
                          low_stock_threshold: int = 0, *, sale_order: str = "oldest_first",
-                         after_sales: str = "refund") -> Sku:
+                         after_sales: str = "refund", buckets: int = 1) -> Sku:
         s = check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
-                       low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales),
-                  Sku, "SKU")
+                       low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales,
+                       buckets=buckets), Sku, "SKU")
         fields = msgspec.structs.asdict(s)
         del fields["sku"]
         if not await self._store.catalog.create_sku(s.sku, fields):
@@ -65,17 +66,21 @@ class Catalog:
 
     async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
                          low_stock_threshold: int = _UNSET, status: str = _UNSET, sale_order: str = _UNSET,
-                         after_sales: str = _UNSET) -> Sku:
-        """Change a SKU; ``status="paused"`` stops its sales at once."""
+                         after_sales: str = _UNSET, buckets: int = _UNSET) -> Sku:
+        """Change a SKU; ``status="paused"`` stops its sales at once. A new number of
+        ``buckets`` takes the imports that follow; codes stay in the buckets they are in,
+        and orders look in every bucket that may hold some (purchasers see the change
+        within ``catalog_ttl_s``)."""
         current = await self.get_sku(sku)
         changes = {k: v for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
-                                         status=status, sale_order=sale_order,
-                                         after_sales=after_sales).items() if v is not _UNSET}
+                                         status=status, sale_order=sale_order, after_sales=after_sales,
+                                         buckets=buckets).items() if v is not _UNSET}
         s = check(msgspec.structs.asdict(current) | changes, Sku, "SKU")
         if not await self._store.catalog.update_sku(sku, {k: getattr(s, k) for k in changes}):
             raise UnknownSkuError(f"unknown SKU {sku}")
         self._cache.pop(("sku", sku), None)
         self._prices.clear()
+        self._spreads.pop(sku, None)
         return s
 
     async def get_sku(self, sku: str) -> Sku:
@@ -138,6 +143,19 @@ class Catalog:
             self._prices.clear()
         self._prices[distributor, sku] = (time.monotonic() + self._config.catalog_ttl_s, price)
         return price
+
+    async def buckets(self, sku: str) -> tuple[int, int]:
+        """(buckets, spread) of *sku*: new codes go to buckets 0..buckets-1, and
+        0..spread-1 may hold some. Cached for ``catalog_ttl_s``."""
+        hit = self._spreads.get(sku)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        s: Sku = await self._cached("sku", sku, self.get_sku)
+        got = (s.buckets, max(s.buckets, await self._store.catalog.spread(sku)))
+        if len(self._spreads) > 100_000:
+            self._spreads.clear()
+        self._spreads[sku] = (time.monotonic() + self._config.catalog_ttl_s, got)
+        return got
 
     def forget_distributor(self, distributor: str) -> None:
         """Its tier changed (or its account did): its prices are looked up afresh."""

@@ -182,11 +182,12 @@ def cmd_sku(args: argparse.Namespace) -> int:
     if args.action == "create":
         _record(_run(args, lambda e: e.create_sku(args.sku, args.name, args.face_value, args.currency, args.price,
                                                   args.low_stock, sale_order=args.sale_order,
-                                                  after_sales=args.after_sales)))
+                                                  after_sales=args.after_sales, buckets=args.buckets)))
     elif args.action == "update":
         changes = {k: v for k, v in dict(name=args.name, price=args.price, low_stock_threshold=args.low_stock,
                                          status=args.status, sale_order=args.sale_order,
-                                         after_sales=args.after_sales).items() if v is not None}
+                                         after_sales=args.after_sales, buckets=args.buckets).items()
+                   if v is not None}
         _record(_run(args, lambda e: e.update_sku(args.sku, **changes)))
     else:
         skus = _run(args, lambda e: e.list_skus())
@@ -451,6 +452,8 @@ def _parser() -> argparse.ArgumentParser:
                        default="oldest_first" if creating else None, help="which batch sells first")
         c.add_argument("--after-sales", choices=("refund", "replace"), default="refund" if creating else None,
                        help="what an approved ticket gives by default")
+        c.add_argument("--buckets", type=int, default=1 if creating else None,
+                       help="shards its stock is spread over (1-16; on a cluster, over masters)")
     s.set_defaults(run=cmd_sku)
 
     s = sub.add_parser("supplier", help="create, list, update, fund or report on suppliers")

@@ -71,7 +71,7 @@ class Inventory:
         skipped. Sending the same *batch_id* again resumes it: nothing is added twice,
         and a batch sent again whole once imported answers its report with ``replayed``.
         """
-        await self._catalog.get_sku(sku)
+        buckets = (await self._catalog.get_sku(sku)).buckets
         s = await self._store.aftersales.supplier(supplier)
         if s is None:
             raise NotFoundError(f"unknown supplier {supplier}")
@@ -79,7 +79,7 @@ class Inventory:
             raise SupplierBlacklistedError(f"supplier {supplier} is blacklisted: its codes are not taken")
         unit_cost = check(unit_cost, Amount, "unit_cost")
         batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
-        batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
+        batch = await self._open_batch(batch_id, sku, supplier, unit_cost, buckets)
         before = (batch.status, batch.accepted, batch.duplicate, batch.malformed)
 
         fingerprints = self._vault.fingerprints()
@@ -155,9 +155,11 @@ class Inventory:
                 pushing.cancel()
         return stored, window.codes - stored
 
-    async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> BatchRec:
+    async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int, buckets: int) -> BatchRec:
+        # a batch keeps the buckets it was opened with: a resumed import puts each part where it went first
         fresh = BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,
-                         seq=await self._store.inventory.next_batch_seq(), created=time.time_ns() // 1_000_000)
+                         seq=await self._store.inventory.next_batch_seq(), created=time.time_ns() // 1_000_000,
+                         buckets=buckets)
         if await self._store.inventory.create_batch(fresh):
             await self.requeue(sku, only=fresh)
             return fresh

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = [
-    "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
+    "Id", "Amount", "Buckets", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry", "Statement",
     "StatementLine", "Limits", "Verification",
     "OrderStatus", "StockStatus",
@@ -24,6 +24,7 @@ __all__ = [
 
 #: Ids chosen by the admin: SKUs, suppliers, tiers, distributors, batches.
 Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Buckets = Annotated[int, msgspec.Meta(ge=1, le=16, description="buckets: an integer from 1 to 16")]
 Amount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 
 OrderStatus = Literal["pending", "reserved", "delivered", "cancelled", "expired", "refunded",
@@ -85,6 +86,9 @@ class Sku(_Model):
     sale_order: Literal["oldest_first", "best_rated"] = "oldest_first"
     #: What an approved ticket gives the buyer by default: its money back, or another code.
     after_sales: Literal["refund", "replace"] = "refund"
+    #: Shards the SKU's stock is spread over (on a Redis Cluster, over several masters):
+    #: new imports are split between them; an order takes from one, another if it is empty.
+    buckets: Buckets = 1
 
 
 class Supplier(_Model):

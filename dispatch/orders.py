@@ -8,19 +8,22 @@ the distributor, the SKU and the money before taking a code, then takes and debi
 is one script too (``settle``, both sides). A refused order never touches stock, and
 nothing is ever half done: a retry of the same external_ref finds the order, or makes it.
 
-On a Redis Cluster, where no script may span shards, a purchase is a short saga of
-idempotent steps, each one Lua script on one shard, coalesced per shard (sagas.py):
-``begin`` (account: hold the money), ``take`` (SKU: codes reserved, or sold),
-``commit`` (account: start the lease, or charge and deliver); ending a reservation is
-``settle`` (account, which fences) then ``sku_settle`` (SKU). Until its last step is
-done an order sits in its account's ``pending`` set; the sweep drives any left there
-by a crash to its end.
+On a Redis Cluster, where no script may span shards, or for a SKU spread over buckets,
+a purchase is a short saga of idempotent steps, each one Lua script on one shard,
+coalesced per shard (sagas.py): ``begin`` (account: hold the money), ``take`` (SKU:
+codes reserved, or sold), ``commit`` (account: start the lease, or charge and
+deliver); ending such a reservation is ``settle`` (account, which fences) then
+``sku_settle`` (SKU). A SKU spread over buckets is taken from the buckets of the plan
+its order keeps from ``begin`` (:func:`plan_of`), in turn. Until its last step is done
+an order sits in its account's ``pending`` set; the sweep drives any left there by a
+crash to its end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
@@ -34,6 +37,7 @@ from .models import Code, Order, OrderPage
 from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id
 from .sagas import Sagas
 from .store import Store
+from .store.keys import bucket_shard
 from .store.orders import NODE, BeginItem, CommitItem, DeliverItem, OrderRef, SettleItem, TakeItem
 from .store.replies import Existing, Settled, refusal
 from .vault import Vault
@@ -41,6 +45,16 @@ from .vault import Vault
 __all__ = ["Orders"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def plan_of(order_id: str, buckets: int, spread: int) -> str:
+    """The buckets an order's take looks in, in order: its own (by a hash of its id,
+    among the *buckets* imports go to), then every other that may hold codes; "" when
+    the SKU has one."""
+    if spread == 1:
+        return ""
+    home = zlib.crc32(order_id.encode()) % buckets
+    return ",".join(str((home + j) % spread) for j in range(spread))
 
 
 class Orders:
@@ -87,8 +101,11 @@ class Orders:
                 return earlier
             raise PriceChangedError(f"unit price {price} is above max_unit_price {max_unit_price}",
                                     unit_price=price)
-        p = BeginItem(new_id(), external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)))
-        if not self._store.cluster:  # one atomic step on the node: no saga task needed
+        buckets, spread = await self._catalog.buckets(sku)
+        oid = new_id()
+        p = BeginItem(oid, external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)),
+                      plan_of(oid, buckets, spread))
+        if not self._store.cluster and spread == 1:  # one atomic step on the node: no saga task needed
             return await self._at_once(distributor, p)
         return await self._sagas.run(self._saga(distributor, p))
 
@@ -126,23 +143,31 @@ class Orders:
         begun = await self._sagas.begin.submit(distributor, p)
         if isinstance(begun, Existing):
             return await self._replayed(distributor, begun.rec)
-        return await self.drive(distributor, p.order_id, p.sku, p.qty, bool(p.partial), p.mode)
+        return await self.drive(distributor, p.order_id, p.sku, p.qty, bool(p.partial), p.mode, p.plan)
 
     async def _replayed(self, distributor: str, rec: OrderRec) -> Order:
         """The earlier order of the same external_ref, finished first if it is on its way
         (or crashed)."""
         if rec.status == "pending":
-            order = await self.drive(distributor, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
+            order = await self.drive(distributor, rec.id, rec.sku, rec.qty, rec.partial, rec.mode, rec.plan)
         else:
             order = await self.get_order(distributor, rec.id)
         order.replayed = True
         return order
 
-    async def drive(self, distributor: str, order_id: str, sku: str, qty: int, partial: bool, mode: str) -> Order:
-        """Steps 2 and 3 of an order whose begin is done: take the codes, commit."""
-        taken = await self._sagas.take.submit(sku, TakeItem(order_id, qty, int(partial), int(mode == "deliver")))
+    async def drive(self, distributor: str, order_id: str, sku: str, qty: int, partial: bool, mode: str,
+                    plan: str = "") -> Order:
+        """Steps 2 and 3 of an order whose begin is done: take the codes (from the buckets
+        of its plan in turn, until one is not out of stock), commit."""
+        item = TakeItem(order_id, qty, int(partial), int(mode == "deliver"))
+        for bucket in map(int, plan.split(",")) if plan else (0,):
+            # each bucket records its answer to the order: a retry gets the same ones
+            taken = await self._sagas.take.submit(bucket_shard(sku, bucket), item)
+            if taken.outcome != "out_of_stock":
+                break
         blob = encode(taken.codes) if taken.ok else b""
-        rec = await self._sagas.commit.submit(distributor, CommitItem(order_id, taken.outcome, len(taken.codes), blob))
+        rec = await self._sagas.commit.submit(distributor, CommitItem(order_id, taken.outcome, len(taken.codes), blob,
+                                                                      bucket))
         return self._present(rec, taken.codes)
 
     def _present(self, rec: OrderRec, ciphertexts: Iterable[bytes]) -> Order:
@@ -183,7 +208,7 @@ class Orders:
 
     async def _end_reservation(self, distributor: str, order_id: str, action: str) -> Order:
         settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, action))
-        if settled.result in ("ok", "expired") and self._store.cluster:  # else settle did the SKU side too
+        if settled.result in ("ok", "expired") and self._saga_ends(settled.rec):
             await self.finish_sku_side(distributor, settled.rec)
         if settled.result == "expired":
             raise ReservationExpiredError(f"order {order_id} expired before it was confirmed")
@@ -191,10 +216,15 @@ class Orders:
             raise refusal("settle", "invalid_state", order=order_id, state=settled.rec.status, action=action)
         return self._present(settled.rec, settled.codes)
 
+    def _saga_ends(self, rec: OrderRec) -> bool:
+        """Whether ending *rec* takes a SKU step after ``settle``: on a cluster, and for an
+        order taken from a bucket; on one node ``settle`` does the SKU's own shard itself."""
+        return self._store.cluster or rec.bk != 0
+
     async def finish_sku_side(self, distributor: str, rec: OrderRec) -> None:
         """The SKU side of a reservation its account has ended: codes sold or returned."""
         action = "sell" if rec.status == "delivered" else "return"
-        await self._sagas.sku_settle.submit(rec.sku, SettleItem(rec.id, action))
+        await self._sagas.sku_settle.submit(bucket_shard(rec.sku, rec.bk), SettleItem(rec.id, action))
         await self._sagas.unpend.submit(distributor, OrderRef(rec.id))
 
     # ---- what the recovery sweep does ------------------------------------------------------
@@ -203,7 +233,7 @@ class Orders:
         settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, "expire"))
         if settled.result not in ("ok", "expired"):
             return False
-        if self._store.cluster:
+        if self._saga_ends(settled.rec):
             await self.finish_sku_side(distributor, settled.rec)
         return settled.result == "ok"
 
@@ -215,7 +245,7 @@ class Orders:
             return False
         if rec.status == "pending":
             try:
-                await self.drive(distributor, rec.id, rec.sku, rec.qty, rec.partial, rec.mode)
+                await self.drive(distributor, rec.id, rec.sku, rec.qty, rec.partial, rec.mode, rec.plan)
             except DispatchError:  # a refusal (out of stock...) also ends it
                 pass
         elif rec.mode == "reserve" and rec.status in ("delivered", "cancelled", "expired"):

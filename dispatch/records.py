@@ -67,6 +67,10 @@ class OrderRec(msgspec.Struct):
     dat: int = 0
     refunded: int = 0
     v: int = 0
+    #: the buckets its take looks in, in order ("2,0,1"; "": the SKU's own shard only),
+    #: and the one its codes came from
+    plan: str = ""
+    bk: int = 0
 
 
 class BatchRec(msgspec.Struct, omit_defaults=True):
@@ -81,6 +85,8 @@ class BatchRec(msgspec.Struct, omit_defaults=True):
     duplicate: int = 0
     malformed: int = 0
     voided: int = 0
+    #: the SKU's buckets when the batch was opened: its codes are spread over 0..buckets-1
+    buckets: int = 1
 
 
 class TicketRec(msgspec.Struct):

@@ -8,6 +8,7 @@ retry) finishes one a crash left half done, or undoes it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -17,11 +18,12 @@ import pytest_asyncio
 
 from dispatch import errors
 from dispatch.engine import Engine
+from dispatch.models import Order
 from dispatch.records import encode, new_id
 from dispatch.store import keys
 from dispatch.store.orders import BeginItem, TakeItem
 
-from .conftest import make_config
+from .conftest import codes_text, make_config
 from .test_concurrency import DISTS, SKUS, many_buyers, setup_shop
 from .test_engine import stock_up
 
@@ -131,3 +133,57 @@ async def test_refusals_take_no_stock_and_events_tell_the_delivery(shop: Engine)
     events = [e for e in (await shop.events("dist:acme")).events if e.type == "order.delivered"]
     assert [(e.entity, e.version) for e in events] == [(f"order:{order.order_id}", 1)]
     assert await shop.audit() == []
+
+
+# ---- a hot SKU spread over every master --------------------------------------------------------
+
+def hot_sku_name(engine: Engine, buckets: int = 3) -> str:
+    """A SKU id whose first *buckets* buckets live on as many masters (bucket shards go
+    to masters by hash slot)."""
+    return next(f"hot{i}" for i in range(1000)
+                if len(masters_of(engine, [keys.sku_tag(keys.bucket_shard(f"hot{i}", b))
+                                           for b in range(buckets)])) == buckets)
+
+
+@pytest.mark.timeout(300)
+async def test_a_hot_sku_in_three_buckets_sells_on_every_master(flushed_cluster_url: str, tmp_path) -> None:
+    engine = Engine(make_config(tmp_path, redis_url=flushed_cluster_url), sweep=False)
+    async with engine:
+        hot = hot_sku_name(engine)
+        await engine.create_supplier("sup", "Supplier")
+        await engine.create_sku(hot, "Hot", 1000, "CNY", 1000, low_stock_threshold=50, buckets=3)
+        await engine.import_codes(codes_text("HOT", 600), sku=hot, supplier="sup", unit_cost=500)
+        for d in DISTS:
+            await engine.create_distributor(d, d)
+            await engine.topup(d, 1_000_000, "seed")
+
+        async def buyer(n: int) -> list[object]:
+            out: list[object] = []
+            for i in range(7):
+                mode = "reserve" if (n + i) % 4 == 0 else "deliver"
+                try:
+                    order = await engine.purchase(list(DISTS)[n % len(DISTS)], hot, 1, f"{n}-{i}", mode=mode)
+                    if order.status == "reserved":
+                        order = await engine.confirm(list(DISTS)[n % len(DISTS)], order.order_id)
+                    out.append(order)
+                except errors.DispatchError as e:
+                    out.append(e)
+            return out
+
+        results = [r for rs in await asyncio.gather(*(buyer(n) for n in range(100))) for r in rs]  # 700 orders
+        delivered = [r for r in results if isinstance(r, Order)]
+        assert len(delivered) == 600  # no false sold-out: every code sold while any bucket had one
+        assert {type(r).__name__ for r in results if not isinstance(r, Order)} == {"OutOfStockError"}
+        codes = [c.code for o in delivered for c in o.codes]
+        assert len(set(codes)) == 600
+        shards = await engine.store.catalog.shards(hot)
+        sold = [(await engine.store.catalog.counters(s)).get("sold", 0) for s in shards]
+        assert sum(sold) == 600 and all(n >= 150 for n in sold), sold  # every master sold its share
+        stock = await engine.stock(hot)
+        assert (stock.accepted, stock.available, stock.sold, stock.stock_status) == (600, 0, 600, "out_of_stock")
+        levels = [e.type for e in (await engine.events(f"sku:{hot}", limit=100)).events]
+        assert levels[0] == "stock.restored" and levels[-1] == "stock.out" and levels[1:-1] in ([], ["stock.low"])
+        for d in DISTS:
+            bal = await engine.balance(d)
+            assert bal.held == 0 and sum(e.amount for e in await engine.ledger(d)) == bal.balance
+        assert await engine.audit() == []

@@ -1,4 +1,5 @@
-"""The engine's own tests again (webhooks too), on a real Redis Cluster of three masters.
+"""The engine's own tests again (webhooks and SKUs spread over buckets too), on a real
+Redis Cluster of three masters.
 
 The test functions are the single-node modules' own, collected here a second time,
 where ``engine`` (and so ``shop``) runs on the cluster, and ``r``, the raw client
@@ -25,6 +26,11 @@ from .test_aftersales import (  # noqa: F401
     test_stock_alerts_have_hysteresis, test_supplier_deposits_are_idempotent, test_ticket_refund_charges_the_supplier_and_refunds_the_buyer,
     test_ticket_refusals, test_ticket_rejected_changes_no_money, test_ticket_replacement_delivers_another_code)
 from .test_audit import *  # noqa: F401,F403  every corruption, and the healthy shop it is made in
+from .test_buckets import (  # noqa: F401
+    test_a_spread_sku_sells_every_code_once, test_buckets_are_validated_and_changed_by_the_update_path,
+    test_changing_buckets_loses_and_duplicates_nothing, test_reservations_return_to_their_bucket,
+    test_pausing_a_spread_sku_stops_every_bucket, test_the_sweep_finishes_a_spread_order_where_it_began,
+    test_void_park_and_tickets_across_buckets)
 from .test_engine import (  # noqa: F401
     test_balance_and_credit_limit, test_concurrent_same_ref_makes_one_order, test_deliver_debits_and_returns_codes,
     test_import_dedupes_across_batches_and_skus, test_import_resend_adds_nothing, test_large_amounts_stay_exact,

@@ -23,8 +23,16 @@ local function count_sold(runs)
   count_sold_in(SKU, runs)
 end
 
--- The SKU's stock level after a change (see set_level).
+-- The SKU's stock level after a change (see set_level). A bucket of a SKU spread over
+-- several (shard "SKU~B") keeps no level: it counts its changes (chg) and the engine
+-- tells the SKU's own shard what the bucket holds (sku_level.lua), whose level is then
+-- set from its own codes on sale and what the buckets told it last (others).
 local function check_level()
-  set_level(KEYS[1], KEYS[2], KEYS[12], tonumber(redis.call('HGET', KEYS[2], 'available') or '0'))
+  if string.find(KEYS[1], '~%d+}') then
+    redis.call('HINCRBY', KEYS[2], 'chg', 1)
+    return
+  end
+  local c = redis.call('HMGET', KEYS[2], 'available', 'others')
+  set_level(KEYS[1], KEYS[2], KEYS[12], tonumber(c[1] or '0') + tonumber(c[2] or '0'))
 end
 

@@ -1,9 +1,11 @@
 -- begin(keys=account keys, args=[n, gate, n x (order_id, external_ref, digest, sku, qty,
---                       unit_price, currency, mode, ttl_s, allow_partial)])
+--                       unit_price, currency, mode, ttl_s, allow_partial, plan)])
 -- Opens reservations: checks that the distributor may buy the SKU, holds qty * unit_price of
 -- its balance (never below -credit_limit, nor past its limits: _limits.lua; with gate
 -- "1", only if it is verified) and records the order as pending, keyed by
--- external_ref. Safe to run twice: the second run finds the ref and answers "exists".
+-- external_ref. plan (the buckets of a SKU spread over several its take looks in, in
+-- order; "" for one) is kept with the order, so every retry looks where the first did.
+-- Safe to run twice: the second run finds the ref and answers "exists".
 -- returns per order: {"ok", id} | {"exists", id, order} | {"conflict", id}
 --   | {"unknown_distributor"} | {"suspended"} | {"not_allowed"} | {"insufficient_balance", spendable}
 --   | {"verification_required"} | {"limit_exceeded", limit, left}
@@ -15,7 +17,7 @@ local i = 3
 for _ = 1, tonumber(ARGV[1]) do
   local id, ref, digest, sku = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local qty, price = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  i = i + 10
+  i = i + 11
   local refused = refusal(ref, digest, sku)
   local amount = qty * price
   refused = refused or over_limit(limits(), qty, amount, false)
@@ -27,9 +29,10 @@ for _ = 1, tonumber(ARGV[1]) do
     spend(limits(), amount)
     ledger('hold', id, 0, amount)
     local o = {id = id, ref = ref, digest = digest, sku = sku, qty = qty, unit_price = price,
-               currency = ARGV[i - 4], mode = ARGV[i - 3], ttl = tonumber(ARGV[i - 2]),
-               partial = ARGV[i - 1] == '1', status = 'pending', hold = amount, total = 0,
+               currency = ARGV[i - 5], mode = ARGV[i - 4], ttl = tonumber(ARGV[i - 3]),
+               partial = ARGV[i - 2] == '1', status = 'pending', hold = amount, total = 0,
                delivered = 0, deadline = 0, created = now, updated = now}
+    if ARGV[i - 1] ~= '' then o.plan = ARGV[i - 1] end
     open_order(o)
     pending[#pending + 1] = now
     pending[#pending + 1] = id

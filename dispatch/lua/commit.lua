@@ -1,9 +1,10 @@
--- commit(keys=account keys, args=[n, n x (order_id, outcome, delivered, codes_blob)])
+-- commit(keys=account keys, args=[n, n x (order_id, outcome, delivered, codes_blob, bucket)])
 -- Finishes the account side of a purchase saga after its codes were taken from the SKU
 -- shard. outcome "ok", a reservation: the hold shrinks to delivered * unit_price and
 -- the lease starts; a purchase in deliver mode (the saga a cluster runs instead of
 -- deliver.lua): delivered * unit_price is charged, the hold released, the order
 -- delivered with its codes and told as order.delivered.
+-- The bucket its codes came from (0: the SKU's own shard) is kept with the order (bk).
 -- Any other outcome (out_of_stock, paused, unknown_sku) releases the hold and forgets
 -- the order and its ref, so the ref can be used again.
 -- Safe to run twice: an order no longer pending is answered as it stands.
@@ -14,13 +15,14 @@ local done = {}                      -- id -> packed record, for an order twice 
 local codes, leases, finished = {}, {}, {}
 local i = 2
 for _ = 1, tonumber(ARGV[1]) do
-  local id, outcome, n, blob = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-  i = i + 4
+  local id, outcome, n, blob, bucket = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
   local raw = done[id] or redis.call('HGET', KEYS[4], id)
   if not raw or raw == 'gone' then
     out[#out + 1] = {'gone'}
   else
     local o = cmsgpack.unpack(raw)
+    if bucket ~= '0' and o.status == 'pending' then o.bk = tonumber(bucket) end
     if o.status ~= 'pending' then
       out[#out + 1] = {'ok', raw}
     elseif outcome ~= 'ok' then

@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ..models import (Amount, BatchSummary, Distributor, Id, OrderStatus, RateLimit, SkuDetail, SupplierStats, Ticket,
-                      TicketStatus, Tier)
+from ..models import (Amount, BatchSummary, Buckets, Distributor, Id, OrderStatus, RateLimit, SkuDetail, Supplier,
+                      SupplierStats, Ticket, TicketStatus, Tier)
 from ..webhooks import FailedDelivery
 
 __all__ = [
@@ -87,6 +87,7 @@ class SkuCreate(_In):
     low_stock_threshold: Amount = 0
     sale_order: SaleOrder = "oldest_first"
     after_sales: AfterSalesDefault = "refund"
+    buckets: Buckets = 1
 
 
 class SkuPatch(_In):
@@ -96,6 +97,7 @@ class SkuPatch(_In):
     status: Literal["active", "paused"] | UnsetType = UNSET
     sale_order: SaleOrder | UnsetType = UNSET
     after_sales: AfterSalesDefault | UnsetType = UNSET
+    buckets: Buckets | UnsetType = UNSET
 
 
 class SupplierCreate(_In):

@@ -120,11 +120,15 @@ class AfterSalesStore:
             raise refusal("ticket_decide", reply[0], ticket=ticket_id, state=t.status)
         return Decided(reply[0].decode(), t)
 
-    async def invalidate(self, t: TicketRec) -> Approval:
+    async def invalidate(self, dist: str, t: TicketRec) -> Approval:
         """The SKU side of an approval: the ticket's code is invalidated, a replacement
-        taken if the ticket asks for one and there is stock."""
-        k = keys.SkuKeys(t.sku)
+        taken if the ticket asks for one and there is stock (in the bucket the order's
+        codes came from)."""
+        rec, _ = await self._db.orders.order(dist, t.order)
+        shard = keys.bucket_shard(t.sku, rec.bk if rec is not None else 0)
+        k = keys.SkuKeys(shard)
         reply = await self._db.run("sku_invalidate", k.all, [k.pool_prefix, t.id, t.order, t.index, int(t.replace)])
+        await self._db.tell_levels([shard])
         if reply[0] not in (b"refund", b"replaced"):
             raise refusal("sku_invalidate", reply[0], ticket=t.id)
         return Approval(int(reply[1]), reply[2] if reply[0] == b"replaced" else None)

@@ -1,4 +1,10 @@
-"""The catalog in Redis: SKUs (metadata and counters, on their own shards), tiers."""
+"""The catalog in Redis: SKUs (metadata and counters, on their own shards), tiers.
+
+A SKU spread over buckets (``buckets`` > 1) has a shard per bucket (keys.bucket_shard),
+each with a copy of its metadata and counters of its own; ``spread`` in the SKU's own
+metadata is the most buckets it ever had (every one that may hold its codes), and the
+SKU's counters are the sums over those.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +20,17 @@ from .replies import SkuState, translated
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["CatalogStore"]
+__all__ = ["CatalogStore", "COUNTERS"]
 
 _decode_tier = msgspec.msgpack.Decoder(Tier).decode
+#: The counters of a SKU's codes by state, summed over its buckets.
+COUNTERS = ("accepted", "available", "reserved", "sold", "voided", "invalidated", "parked")
 
 
 def _sku_state(meta: dict[bytes, bytes], stats: dict[bytes, bytes]) -> SkuState:
-    return SkuState({a.decode(): b.decode() for a, b in meta.items()}, {a.decode(): int(b) for a, b in stats.items()})
+    m = {a.decode(): b.decode() for a, b in meta.items()}
+    spread = int(m.pop("spread", 1))
+    return SkuState(m, {a.decode(): int(b) for a, b in stats.items()}, spread)
 
 
 class CatalogStore:
@@ -31,11 +41,48 @@ class CatalogStore:
         """A new SKU with *fields* as its metadata; False if it exists."""
         with translated():
             await self._db.client.sadd(keys.SKUS, sku)  # first: a listed id without meta is skipped
-        return await self._db.put(keys.SkuKeys(sku).meta, "create", fields) == "ok"
+        buckets = int(fields.get("buckets", 1))
+        if await self._db.put(keys.SkuKeys(sku).meta, "create", {**fields, "spread": buckets}) != "ok":
+            return False
+        await self._copy_meta(sku, buckets, {})  # a new SKU has no codes to sell yet
+        return True
 
     async def update_sku(self, sku: str, fields: dict[str, Any]) -> bool:
-        """Change a SKU's metadata; False if there is no such SKU."""
+        """Change a SKU's metadata (in every bucket); False if there is no such SKU. More
+        buckets widen its spread; fewer leave it (the others still hold codes)."""
+        spread = await self.spread(sku)
+        if "buckets" in fields:
+            spread = max(spread, int(fields["buckets"]))
+            fields = {**fields, "spread": spread}
+        await self._copy_meta(sku, spread, fields)
         return await self._db.put(keys.SkuKeys(sku).meta, "update", fields) == "ok"
+
+    async def _copy_meta(self, sku: str, spread: int, changes: dict[str, Any]) -> None:
+        """The SKU's metadata with *changes* copied to its buckets 1..spread-1 (their
+        scripts check it), before the SKU's own shard changes: a take looks in a bucket
+        as soon as the SKU's spread names it."""
+        if spread == 1:
+            return
+        with translated():
+            meta = {k.decode(): v for k, v in (await self._db.client.hgetall(keys.SkuKeys(sku).meta)).items()}
+            meta.update(changes)
+            meta.pop("spread", None)
+            for b in range(1, spread):
+                await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).meta, mapping=meta)
+
+    async def spread(self, sku: str) -> int:
+        """The buckets that may hold the SKU's codes: 0..spread-1 (1 when unknown)."""
+        with translated():
+            return int(await self._db.client.hget(keys.SkuKeys(sku).meta, "spread") or 1)
+
+    async def shards(self, sku: str) -> list[str]:
+        """The shard ids of every bucket of the SKU that may hold its codes."""
+        return [keys.bucket_shard(sku, b) for b in range(await self.spread(sku))]
+
+    async def counters(self, shard: str) -> dict[str, int]:
+        """The counters of one shard of a SKU (its own, or a bucket's), as kept there."""
+        with translated():
+            return {f.decode(): int(v) for f, v in (await self._db.client.hgetall(keys.SkuKeys(shard).stats)).items()}
 
     async def sku_ids(self) -> list[str]:
         return await self._db.members(keys.SKUS)
@@ -44,7 +91,8 @@ class CatalogStore:
         return (await self.skus([sku]))[0]
 
     async def skus(self, ids: Sequence[str]) -> list[SkuState]:
-        """:meth:`sku` of many SKUs in one pipelined round."""
+        """:meth:`sku` of many SKUs in one pipelined round (and one more for the buckets
+        of those spread over several)."""
         with translated():
             async with self._db.client.pipeline(transaction=False) as p:
                 for sku in ids:
@@ -52,13 +100,25 @@ class CatalogStore:
                     p.hgetall(k.meta)
                     p.hgetall(k.stats)
                 flat = await p.execute()
-        return [_sku_state(meta, stats) for meta, stats in zip(flat[0::2], flat[1::2])]
+            states = [_sku_state(meta, stats) for meta, stats in zip(flat[0::2], flat[1::2])]
+            spread = [(st, keys.bucket_shard(sku, b)) for sku, st in zip(ids, states) for b in range(1, st.spread)]
+            if spread:
+                async with self._db.client.pipeline(transaction=False) as p:
+                    for _, shard in spread:
+                        p.hmget(keys.SkuKeys(shard).stats, COUNTERS)
+                    for (st, _), counts in zip(spread, await p.execute()):
+                        for f, n in zip(COUNTERS, counts):
+                            st.stats[f] = st.stats.get(f, 0) + int(n or 0)
+        return states
 
     async def hourly_sales(self, sku: str) -> dict[int, int]:
-        """Codes of *sku* sold per hour (unix ms // 3,600,000)."""
+        """Codes of *sku* sold per hour (unix ms // 3,600,000), over its buckets."""
+        out: dict[int, int] = {}
         with translated():
-            raw = await self._db.client.hgetall(keys.SkuKeys(sku).sales)
-        return {int(h): int(n) for h, n in raw.items()}
+            for shard in await self.shards(sku):
+                for h, n in (await self._db.client.hgetall(keys.SkuKeys(shard).sales)).items():
+                    out[int(h)] = out.get(int(h), 0) + int(n)
+        return out
 
     async def create_tier(self, tier: Tier) -> bool:
         """False if a tier of that id exists."""

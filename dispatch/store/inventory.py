@@ -36,9 +36,21 @@ class InventoryStore:
     def __init__(self, db: Store) -> None:
         self._db = db
 
-    async def _sku_script(self, name: str, sku: str, *args: Any) -> Any:
-        k = keys.SkuKeys(sku)
-        return await self._db.run(name, k.all, [k.pool_prefix, *args])
+    async def _sku_script(self, name: str, shards: Sequence[str], *args: Any) -> list[Any]:
+        """Script *name* with *args* on each of *shards* (a SKU's buckets), in one round:
+        the replies, in order. The SKU's stock level is told what changed in its buckets."""
+        calls = []
+        for shard in shards:
+            k = keys.SkuKeys(shard)
+            calls.append((k.all, [k.pool_prefix, *args], ()))
+        replies = await self._db.run_many(name, calls)
+        await self._db.tell_levels(shards)
+        return replies
+
+    @staticmethod
+    def _batch_shards(batch: BatchRec) -> list[str]:
+        """The buckets a batch's codes were spread over."""
+        return [keys.bucket_shard(batch.sku, b) for b in range(batch.buckets)]
 
     # ---- batches -------------------------------------------------------------------
     async def next_batch_seq(self) -> int:
@@ -84,12 +96,18 @@ class InventoryStore:
 
     async def batch_counts(self, sku: str) -> tuple[dict[str, int], set[int]]:
         """Per-batch counters of a SKU ("seq:d" codes delivered, "seq:i" invalidated),
-        and the seqs of its parked batches."""
-        k = keys.SkuKeys(sku)
+        and the seqs of its parked batches, over its buckets (*sku* may be one bucket's
+        shard id: then that bucket's alone)."""
+        counts: dict[str, int] = {}
+        parked: set[int] = set()
+        shards = [sku] if keys.BUCKET in sku else await self._db.catalog.shards(sku)
         with translated():
-            stats = await self._db.client.hgetall(k.batch_stats)
-            parked = await self._db.client.smembers(k.parked)
-        return {f.decode(): int(v) for f, v in stats.items()}, {int(p) for p in parked}
+            for shard in shards:
+                k = keys.SkuKeys(shard)
+                for f, v in (await self._db.client.hgetall(k.batch_stats)).items():
+                    counts[f.decode()] = counts.get(f.decode(), 0) + int(v)
+                parked |= {int(p) for p in await self._db.client.smembers(k.parked)}
+        return counts, parked
 
     # ---- imports ---------------------------------------------------------------------
     async def claim_fingerprints(self, seq: int, fps: bytes) -> bytearray:
@@ -119,11 +137,23 @@ class InventoryStore:
     async def push_chunks(self, batch: BatchRec, chunks: Sequence[tuple[int, bytes, list[bytes]]]) -> None:
         """Put chunks ``(chunk number, digest, codes)`` on sale in the batch's pool, in
         order and once each (a chunk sent again with the same digest adds nothing), in
-        one pipelined write. ConflictError if one differs or the batch is voided."""
-        k = keys.SkuKeys(batch.sku)
-        replies = await self._db.run_many(
-            "import_push", [(k.all, [k.pool_prefix, batch.seq, chunk, digest], (codes,)) for chunk, digest, codes in chunks])
-        for (chunk, _, _), reply in zip(chunks, replies):
+        one pipelined write. ConflictError if one differs or the batch is voided.
+
+        A batch spread over buckets puts every one of them a share of each chunk's codes
+        (code i goes to bucket i mod buckets), each part once (under the chunk's number in
+        that bucket)."""
+        shards = self._batch_shards(batch)
+        calls, told = [], []
+        for chunk, digest, codes in chunks:
+            for b, shard in enumerate(shards):
+                part = codes[b::len(shards)] if len(shards) > 1 else codes
+                if part or b == 0:
+                    k = keys.SkuKeys(shard)
+                    calls.append((k.all, [k.pool_prefix, batch.seq, chunk, digest], (part,)))
+                    told.append((chunk, shard))
+        replies = await self._db.run_many("import_push", calls)
+        await self._db.tell_levels(shard for _, shard in told)
+        for (chunk, _), reply in zip(told, replies):
             if reply[0] not in (b"ok", b"again"):
                 raise refusal("import_push", reply[0], sku=batch.sku, batch=batch.batch_id, chunk=chunk)
 
@@ -145,20 +175,22 @@ class InventoryStore:
     async def set_priorities(self, sku: str, scores: Sequence[tuple[int, int]]) -> None:
         """Set the sale priority of batches (seq, score) of a SKU: lowest sold first."""
         flat = [x for pair in scores for x in pair]
-        await self._sku_script("sku_requeue", sku, len(scores), *flat)
+        await self._sku_script("sku_requeue", await self._db.catalog.shards(sku), len(scores), *flat)
 
     async def void_batch(self, batch: BatchRec) -> tuple[bool, int]:
-        """Withdraw the batch's unsold codes: (voided now, not before; codes withdrawn)."""
-        reply = await self._sku_script("batch_void", batch.sku, batch.seq)
-        return reply[0] == b"ok", int(reply[1])
+        """Withdraw the batch's unsold codes (in every bucket it was spread over):
+        (voided now, not before; codes withdrawn)."""
+        replies = await self._sku_script("batch_void", self._batch_shards(batch), batch.seq)
+        return any(r[0] == b"ok" for r in replies), sum(int(r[1]) for r in replies)
 
     async def park_batch(self, batch: BatchRec, park: bool) -> None:
         """Take the batch's codes off sale but keep them (park), or put them back (unpark)."""
-        await self._sku_script("batch_park", batch.sku, batch.seq, "park" if park else "unpark")
+        await self._sku_script("batch_park", self._batch_shards(batch), batch.seq, "park" if park else "unpark")
 
     # ---- what audit() reads ------------------------------------------------------------
     async def pools(self, sku: str) -> dict[int, list[bytes]]:
-        """Every batch pool of a SKU that holds codes: seq -> its codes."""
+        """Every batch pool that holds codes in one shard of a SKU (*sku*: its own, or a
+        bucket's shard id): seq -> its codes."""
         k = keys.SkuKeys(sku)
         c = self._db.client
         with translated():
@@ -166,7 +198,7 @@ class InventoryStore:
             return {int(n.decode().rsplit(":", 1)[1]): await c.lrange(n, 0, -1) for n in names}
 
     async def deliveries(self, sku: str) -> dict[str, tuple[dict[str, Any], list[bytes] | None]]:
-        """Every delivery record of a SKU: order id -> (record, codes; None where the
+        """Every delivery record in one shard of a SKU: order id -> (record, codes; None where the
         SKU keeps none: a delivered order's codes are kept by its account)."""
         k = keys.SkuKeys(sku)
         with translated():

@@ -6,6 +6,9 @@ accounts of a round on the node that holds them all):
 
 ``{g}``        global catalog: SKU/distributor registries, suppliers, tiers, API keys, batches
 ``{s:SKU}``    one SKU's shard: metadata, counters, per-batch pools, delivery records
+``{s:SKU~B}``  bucket B (1, 2...) of a SKU spread over several masters: a shard like the
+               SKU's own, with its own pools, counters and delivery records (bucket 0 is
+               the SKU's own shard; see bucket_shard)
 ``{a:DIST}``   one distributor's account: balance, ledger, orders, leases, pending sagas
 ``{p:SUP}``    one supplier's shard: deposit, its ledger, charges, batches, events
 ``{f:XX}``     one of 256 fingerprint shards for global dedupe of imported codes
@@ -43,7 +46,20 @@ WEBHOOK_FAILED = PREFIX + "{w}:failed"    # ZSET job id -> ms it failed for good
 WEBHOOK_TARGETS = PREFIX + "{w}:targets"  # HASH "admin" | "dist:<id>" -> msgpack {url, sealed secret, created}
 
 
+#: Joins a SKU id and a bucket number in a shard id; never part of an id (models.Id).
+BUCKET = "~"
+#: The most buckets a SKU may be spread over.
+MAX_BUCKETS = 16
+
+
+def bucket_shard(sku: str, bucket: int) -> str:
+    """The shard id of bucket *bucket* of a SKU: the SKU itself for bucket 0, ``SKU~B``
+    otherwise. The SKU scripts take a bucket's keys (``SkuKeys(shard)``) as a SKU's."""
+    return sku if bucket == 0 else sku + BUCKET + str(bucket)
+
+
 def sku_tag(sku: str) -> str:
+    """The prefix of a SKU's keys, or of a bucket's (*sku* a shard id of bucket_shard)."""
     return PREFIX + "{s:" + sku + "}:"
 
 
@@ -62,15 +78,18 @@ def events_key(kind: str, id_: str) -> str:
 
 
 class SkuKeys:
-    """Keys of one SKU shard, in the order the SKU scripts take them."""
+    """Keys of one SKU shard (a SKU, or a bucket of one), in the order the SKU scripts take them."""
 
     __slots__ = ("meta", "stats", "queue", "dlv", "dlv_codes", "chunks", "void", "pool_prefix", "batch_stats",
                  "parked", "sales", "scores", "events", "all")
 
     def __init__(self, sku: str) -> None:
         t = sku_tag(sku)
-        self.meta = t + "meta"          # HASH name, face_value, currency, price, status, ...
-        self.stats = t + "stats"        # HASH accepted, available, reserved, sold, voided, invalidated
+        self.meta = t + "meta"          # HASH name, face_value, currency, price, status, buckets, spread...
+        #                                 (a bucket holds a copy: its scripts check status)
+        self.stats = t + "stats"        # HASH accepted, available, reserved, sold, voided, invalidated, parked,
+        #                                 level; a bucket's: chg (its changes); a spread SKU's own: bav:B and
+        #                                 bchg:B (what bucket B told last), others (their sum; sku_level.lua)
         self.queue = t + "bq"           # ZSET batch seq -> sale priority (lowest sold first)
         self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}}
         self.dlv_codes = t + "dlvc"     # HASH order id -> its codes, each with a 2-byte length prefix (reservations

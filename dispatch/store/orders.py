@@ -52,6 +52,7 @@ class BeginItem(NamedTuple):
     mode: str
     ttl: int
     partial: int
+    plan: str = ""
 
 
 class DeliverItem(NamedTuple):
@@ -80,12 +81,13 @@ class TakeItem(NamedTuple):
 
 
 class CommitItem(NamedTuple):
-    """commit.lua: what the take of a reservation answered."""
+    """commit.lua: what the take of a reservation answered, and which bucket took it."""
 
     order_id: str
     outcome: str
     delivered: int
     codes: bytes
+    bucket: int = 0
 
 
 class OrderRef(NamedTuple):
@@ -182,7 +184,7 @@ Decode = Callable[[Any, Sequence[Any], str], Any]
 STEPS: dict[str, tuple[str, Decode]] = {
     "deliver": ("node", _deliver),         # check, take, debit or hold, record: a purchase at once (one node)
     "begin": ("account", _begin),          # hold the money of a saga's order
-    "take": ("sku", _take),                # pop its codes: sold, or reserved
+    "take": ("sku", _take),                # pop its codes: sold, or reserved (a SKU's, or a bucket's)
     "commit": ("account", _commit),        # charge a delivery, or start a reservation's lease
     "settle": ("account", _settle),        # ending a reservation: the account side (one node: both)
     "sku_settle": ("sku", _as_str),        # the SKU side: sell or return its codes
@@ -257,6 +259,8 @@ class OrderStore:
         """:meth:`step` for several shards in one pipelined round: {shard: results}."""
         decode = STEPS[step][1]
         replies = await self._db.run_many(step, [self._call(step, s, items) for s, items in batches.items()])
+        if STEPS[step][0] == "sku":
+            await self._db.tell_levels(batches)
         if step in _FLAT:
             replies = [_per_item(flat) for flat in replies]
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]

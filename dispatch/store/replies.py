@@ -127,10 +127,12 @@ class Settled(NamedTuple):
 
 
 class SkuState(NamedTuple):
-    """A SKU's metadata (strings, as set) and its counters; ``meta`` is empty when unknown."""
+    """A SKU's metadata (strings, as set) and its counters, summed over its buckets;
+    ``meta`` is empty when unknown. ``spread``: the buckets that may hold its codes."""
 
     meta: dict[str, str]
     stats: dict[str, int]
+    spread: int = 1
 
 
 class Approval(NamedTuple):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -41,9 +41,15 @@ __all__ = ["Store"]
 
 MIN_VERSION = (6, 2)
 CLUSTER_SLOTS = 16384
-#: Times a cluster round is re-sent for the calls redirected (MOVED, ASK, TRYAGAIN, NOSCRIPT).
-_REDIRECTS = 5
+#: Times a cluster round is re-sent for the calls redirected (MOVED, ASK, TRYAGAIN, NOSCRIPT),
+#: and the longest pause between two: TRYAGAIN lasts while a slot's keys are migrated (a
+#: script's keys that do not all exist on one side wait for the end), so the calls wait
+#: about 3 s in all before they fail as store_unavailable.
+_REDIRECTS = 16
+_MAX_PAUSE_S = 0.25
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
+#: Connections per node for plain commands on a cluster, as a multiple of redis_pool_size.
+_PLAIN_POOL_FACTOR = 8
 #: One script call: its keys, its arguments, then items whose fields follow the arguments.
 Call = tuple[list[str], list[Any], Sequence[Sequence[Any]]]
 
@@ -60,10 +66,10 @@ class Store:
         #: Only distributors whose real name is verified may buy (Config.require_verification).
         self.require_verification = False
         self._scripts = {name: client.register_script(scripts.source(name)) for name in scripts.NAMES}
-        self._idle: list[Connection] = []
         self._pool_size = pool_size if self.cluster else client.connection_pool.max_connections
-        self._slots = asyncio.Semaphore(self._pool_size)
-        self._node_slots: dict[str, asyncio.Semaphore] = {}
+        #: The script path's own connections: per node on a cluster ("" for the one Redis)
+        self._idle: dict[str, list[Connection]] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self.catalog = CatalogStore(self)
         self.accounts = AccountStore(self)
         self.orders = OrderStore(self)
@@ -84,12 +90,16 @@ class Store:
         timeouts = dict(socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
         seeds = cluster_url(url)
         if seeds is not None:
-            # The script path takes at most redis_pool_size connections of a node; the
-            # rest are for plain commands, which redis-py's cluster client routes itself.
+            # Plain commands are routed by redis-py's cluster client. Its pool of a node
+            # does not wait for a free connection (it fails), so it may open many more
+            # than the script path, for bursts (a cold daemon's first requests). A MOVED
+            # patches its slot map (reinitialize_steps=0): by default every fifth MOVED
+            # would close every connection of every node, those in use too, and a slot
+            # migrated under load answers many MOVEDs.
             client: aioredis.Redis | RedisCluster = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in seeds.seeds], ssl=seeds.tls,
-                username=seeds.username, password=seeds.password, max_connections=2 * config.redis_pool_size,
-                **timeouts)
+                username=seeds.username, password=seeds.password,
+                max_connections=_PLAIN_POOL_FACTOR * config.redis_pool_size, reinitialize_steps=0, **timeouts)
         else:
             try:
                 pool = aioredis.BlockingConnectionPool.from_url(
@@ -151,26 +161,39 @@ class Store:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            for conn in self._idle:
-                await conn.disconnect()
+            for conns in self._idle.values():
+                for conn in conns:
+                    await conn.disconnect()
             await self.client.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        """A connection of the script path's own small pool: a coalesced call needs one
-        for a whole batch, so the generic pool's waiting and timeouts are not worth
-        their cost here. A connection that saw an error is dropped, never reused
-        (a reply may still be on its way)."""
-        async with self._slots:
-            conn = self._idle.pop() if self._idle else self.client.connection_pool.make_connection()
+    async def _connection(self, node: ClusterNode | None = None) -> AsyncIterator[Connection]:
+        """A connection of the script path's own small pool (of the one Redis, or of a
+        cluster's *node*): a coalesced call needs one for a whole batch, so the generic
+        pool's waiting and timeouts are not worth their cost here. On a cluster they are
+        not the node's pool either, which redis-py closes whole when it refreshes its
+        slot map, in flight or not. A connection that saw an error is dropped, never
+        reused (a reply may still be on its way)."""
+        name = "" if node is None else node.name
+        slots = self._slots.get(name)
+        if slots is None:
+            slots = self._slots[name] = asyncio.Semaphore(self._pool_size)
+        idle = self._idle.setdefault(name, [])
+        async with slots:
+            if idle:
+                conn = idle.pop()
+            elif node is None:
+                conn = self.client.connection_pool.make_connection()
+            else:
+                conn = node.connection_class(**node.connection_kwargs)
             try:
                 yield conn
             except BaseException:
                 await conn.disconnect()
                 raise
-            self._idle.append(conn)
+            idle.append(conn)
 
     async def run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         """One call of script *name*; its reply."""
@@ -208,8 +231,8 @@ class Store:
         of each call's first key, one pipelined write per master, at once. A call
         answered MOVED is sent again where the refreshed slot map says, one answered
         ASK is sent to the node named, after ASKING, one answered NOSCRIPT after the
-        script is loaded there, one answered TRYAGAIN (a slot half migrated) a moment
-        later: every script is safe to run twice."""
+        script is loaded there, one answered TRYAGAIN (its keys split by a slot being
+        migrated) a moment later, with a growing pause: every script is safe to run twice."""
         client = self.client
         assert isinstance(client, RedisCluster)
         replies: list[Any] = [None] * len(calls)
@@ -244,46 +267,59 @@ class Store:
                         continue
                     again.append(i)
             for node in unloaded:
-                await node.execute_command("SCRIPT LOAD", script.script)
+                async with self._connection(node) as conn:
+                    await conn.send_command("SCRIPT", "LOAD", script.script)
+                    await conn.read_response()
             if not again:
                 return replies
             todo = again
             if attempt:
-                await asyncio.sleep(0.05 * attempt)
+                await asyncio.sleep(min(0.01 * 2 ** attempt, _MAX_PAUSE_S))
         raise rex.ClusterError(f"{len(todo)} script calls were still redirected after {_REDIRECTS} tries")
 
     async def _send_to_node(self, node: ClusterNode, sha: bytes, calls: Sequence[Call], idx: list[int],
                             asking: dict[int, ClusterNode]) -> list[Any]:
-        """Calls *idx* sent to one node in one write, on a connection of that node's own
-        pool; each reply, or the error reply it got (a redirect is the caller's to follow)."""
-        slots = self._node_slots.get(node.name)
-        if slots is None:
-            slots = self._node_slots[node.name] = asyncio.Semaphore(self._pool_size)
+        """Calls *idx* sent to one node in one write, on a connection of the script path's
+        own to that node; each reply, or the error reply it got (a redirect is the caller's to follow)."""
         if any(i in asking for i in idx):
             packed = b"".join((_ASKING if i in asking else b"") + pack_calls(sha, [calls[i]]) for i in idx)
         else:
             packed = pack_calls(sha, [calls[i] for i in idx])
-        async with slots:
-            conn = node.acquire_connection()
-            try:
-                await node.disconnect_if_needed(conn)
-                await conn.send_packed_command(packed)
-                out: list[Any] = []
-                for i in idx:
-                    if i in asking:
-                        await conn.read_response()  # OK
-                    try:
-                        out.append(await conn.read_response())
-                    except rex.ResponseError as e:  # read whole: the connection stays in step
-                        out.append(e)
-                return out
-            except BaseException:
-                await conn.disconnect()  # a reply may still be on its way
-                raise
-            finally:
-                node.release(conn)
+        async with self._connection(node) as conn:
+            await conn.send_packed_command(packed)
+            out: list[Any] = []
+            for i in idx:
+                if i in asking:
+                    await conn.read_response()  # OK
+                try:
+                    out.append(await conn.read_response())
+                except rex.ResponseError as e:  # read whole: the connection stays in step
+                    out.append(e)
+            return out
 
     # ---- small helpers of the parts ---------------------------------------------------
+    async def tell_levels(self, shards: Iterable[str]) -> None:
+        """After SKU scripts ran on *shards*: what each that is a bucket (``SKU~B``) holds
+        on sale now is told to its SKU's own shard, which keeps the stock level of the
+        whole SKU (sku_level.lua). Buckets keep no level of their own."""
+        buckets = list(dict.fromkeys(s for s in shards if keys.BUCKET in s))
+        if not buckets:
+            return
+        with translated():
+            async with self.client.pipeline(transaction=False) as p:
+                for shard in buckets:
+                    p.hmget(keys.SkuKeys(shard).stats, "available", "chg")
+                counts = await p.execute()
+        told: dict[str, list[tuple[str, int, int]]] = {}
+        for shard, (avail, chg) in zip(buckets, counts):
+            sku, _, b = shard.partition(keys.BUCKET)
+            told.setdefault(sku, []).append((b, int(avail or 0), int(chg or 0)))
+        calls = []
+        for sku, items in told.items():
+            k = keys.SkuKeys(sku)
+            calls.append((k.all, [k.pool_prefix, len(items)], items))
+        await self.run_many("sku_level", calls)
+
     async def put(self, key: str, mode: str, fields: dict[str, Any]) -> str:
         """Create (``create``) or change (``update``) a record hash: ok | exists | not_found."""
         args: list[Any] = [mode]

@@ -1,0 +1,142 @@
+"""Slots migrated between masters while hundreds of purchases run (a real Redis Cluster).
+
+The slot of a hot SKU's shard and the slot of an account are moved to other masters,
+key by key (CLUSTER SETSLOT IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE), and back,
+under load. Meanwhile a client may only see retryable errors (store_unavailable), and
+a retry with the same external_ref resolves its order; afterwards every invariant
+holds: the audit is clean, no code is delivered twice or lost, balances equal ledgers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import redis
+
+from dispatch import errors
+from dispatch.engine import Engine
+from dispatch.models import Order
+from dispatch.store import keys
+
+from .conftest import RedisClusterProcesses, make_config
+from .test_concurrency import DISTS, SKUS, Ledger, check_invariants, setup_shop
+
+pytestmark = pytest.mark.cluster
+
+RETRYABLE = (errors.StoreUnavailableError,)
+
+
+def _node(cluster: RedisClusterProcesses, port: int) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port)
+
+
+def migrate(cluster: RedisClusterProcesses, slot: int, src_port: int, dst_port: int) -> int:
+    """Move *slot* from one master to another as redis-cli --cluster reshard does, a few
+    keys at a time with pauses (so that load runs while the slot is half moved): the
+    keys moved."""
+    src, dst = _node(cluster, src_port), _node(cluster, dst_port)
+    moved = 0
+    try:
+        src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while batch := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 3):
+            src.execute_command("MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *batch)
+            moved += len(batch)
+            time.sleep(0.03)
+        for node in (dst, src):  # the target first: it must own the slot before the source lets go
+            node.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        for m in cluster.masters:
+            if m.port not in (src_port, dst_port):
+                with _node(cluster, m.port) as other:
+                    other.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    finally:
+        src.close()
+        dst.close()
+    return moved
+
+
+async def until_resolved(call, *args, **kw):  # type: ignore[no-untyped-def]
+    """*call* again with the same arguments while it answers a retryable error: the
+    answer, and the retryable errors seen on the way."""
+    seen = []
+    while True:
+        try:
+            return await call(*args, **kw), seen
+        except RETRYABLE as e:
+            seen.append(e)
+            await asyncio.sleep(0.02)
+        except errors.DispatchError as e:
+            return e, seen
+
+
+@pytest.mark.timeout(300)
+async def test_slots_migrated_under_load_keep_every_invariant(flushed_cluster_url: str, redis_cluster,
+                                                              tmp_path) -> None:
+    engine = Engine(make_config(tmp_path, redis_url=flushed_cluster_url, sweep_interval_s=0.2), sweep=True)
+    async with engine:
+        await setup_shop(engine)
+        client = engine.store.client
+        hot, dist = "s1", "d1"
+        moves = []  # (slot, from port, to port)
+        for tag in (keys.sku_tag(hot), keys.acct_tag(dist)):
+            owner = client.get_node_from_key(tag)
+            target = next(n for n in client.get_primaries() if n.port != owner.port)
+            moves.append((client.keyslot(tag), owner.port, target.port))
+        assert moves[0][0] != moves[1][0]
+
+        seen = Ledger()
+        stop = asyncio.Event()
+        retried = 0
+        done_while_moving = 0
+        moving = False
+
+        async def shopper(n: int, rng: random.Random) -> None:
+            nonlocal retried, done_while_moving
+            i = 0
+            while not stop.is_set():
+                d = dist if rng.random() < 0.5 else rng.choice(list(DISTS))
+                sku = hot if rng.random() < 0.6 else rng.choice(list(SKUS))
+                ref, mode = f"m{n}-{i}", "reserve" if rng.random() < 0.25 else "deliver"
+                result, errs = await until_resolved(engine.purchase, d, sku, rng.randint(1, 2), ref, mode=mode)
+                retried += len(errs)
+                for e in errs:
+                    seen.saw(d, ref, e)
+                seen.saw(d, ref, result)
+                if isinstance(result, Order) and result.status == "reserved":
+                    confirmed, errs = await until_resolved(engine.confirm, d, result.order_id)
+                    retried += len(errs)
+                    seen.saw(d, ref, confirmed)
+                if moving and isinstance(result, Order):
+                    done_while_moving += 1
+                i += 1
+
+        shoppers = [asyncio.create_task(shopper(n, random.Random(n))) for n in range(200)]
+        try:
+            await asyncio.sleep(0.5)
+            moving = True
+            for slot, src, dst in moves:  # there, then back
+                assert await asyncio.to_thread(migrate, redis_cluster, slot, src, dst) > 0
+            assert client.get_node_from_key(keys.sku_tag(hot)).port in (moves[0][1], moves[0][2])
+            for slot, src, dst in moves:
+                assert await asyncio.to_thread(migrate, redis_cluster, slot, dst, src) > 0
+            moving = False
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await asyncio.gather(*shoppers)
+            redis_cluster.wait_ok()
+
+        assert done_while_moving > 0, "no order was made while the slots moved"
+        kinds = {type(r) for rs in seen.outcomes.values() for r in rs if isinstance(r, errors.DispatchError)}
+        assert kinds <= {errors.StoreUnavailableError, errors.OutOfStockError, errors.InsufficientBalanceError}, kinds
+        # every ref resolved: its last answer is an order or a refusal, never a retryable error
+        assert not any(isinstance(rs[-1], RETRYABLE) for rs in seen.outcomes.values())
+        for _ in range(2):
+            await engine.sweep(grace_s=0)
+        await check_invariants(engine, seen)
+        print(f"{len(seen.outcomes)} orders, {done_while_moving} made while slots moved, "
+              f"{retried} retryable errors retried")
