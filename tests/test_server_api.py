@@ -520,7 +520,7 @@ async def test_replies_carry_every_field(server: Server) -> None:
     r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 2})
     assert r.json() == {"sku": "s1", "name": "S", "face_value": 1, "currency": "USD", "price": 2,
                         "low_stock_threshold": 0, "status": "active", "sale_order": "oldest_first",
-                        "after_sales": "refund"}
+                        "after_sales": "refund", "buckets": 1}
     r = await server.admin("POST", "/admin/distributors", json={"distributor": "d1", "name": "D"})
     assert r.json()["distributor"] == {"distributor": "d1", "name": "D", "tier": None, "credit_limit": 0,
                                        "allowed_skus": None, "status": "active", "balance": 0, "held": 0,
