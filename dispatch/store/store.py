@@ -20,10 +20,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis import exceptions as rex
 
 from .._core import pack_calls
-from ..config import Config, cluster_url
+from ..config import Config, SentinelUrl, cluster_url, sentinel_url
 from ..errors import ConfigError, StoreUnavailableError
 from ..models import Event
 from ..records import decode_events
@@ -34,6 +35,7 @@ from .catalog import CatalogStore
 from .embedded import EmbeddedRedis
 from .inventory import InventoryStore
 from .orders import OrderStore
+from .replication import SELLING, Replication
 from .replies import translated
 from .webhooks import WebhookStore
 
@@ -52,7 +54,7 @@ class Store:
     """A connection to the Redis that holds everything (embedded or external)."""
 
     def __init__(self, client: aioredis.Redis | RedisCluster, embedded: EmbeddedRedis | None = None,
-                 pool_size: int = 64) -> None:
+                 pool_size: int = 64, replication: tuple[int, int, float] = (0, 1000, 5.0)) -> None:
         self.client = client
         self.embedded = embedded
         #: True on a Redis Cluster: a purchase then runs as a saga of one-shard steps.
@@ -68,6 +70,8 @@ class Store:
         self.inventory = InventoryStore(self)
         self.aftersales = AfterSalesStore(self)
         self.webhooks = WebhookStore(self)
+        #: Replicas waited for after each round, the master's identity watched (replication.py).
+        self.replication = Replication(self, *replication)
 
     @classmethod
     async def connect(cls, config: Config) -> Store:
@@ -80,11 +84,14 @@ class Store:
             await asyncio.to_thread(embedded.start)
             url = embedded.url
         timeouts = dict(socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
-        seeds = cluster_url(url)
-        if seeds is not None:
+        seeds, sentinels = cluster_url(url), sentinel_url(url)
+        if sentinels is not None:
+            client: aioredis.Redis | RedisCluster = _sentinel_master(sentinels, config.redis_pool_size,
+                                                                     config.redis_timeout_s, timeouts)
+        elif seeds is not None:
             # The script path takes at most redis_pool_size connections of a node; the
             # rest are for plain commands, which redis-py's cluster client routes itself.
-            client: aioredis.Redis | RedisCluster = RedisCluster(
+            client = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in seeds.seeds], ssl=seeds.tls,
                 username=seeds.username, password=seeds.password, max_connections=2 * config.redis_pool_size,
                 **timeouts)
@@ -97,7 +104,8 @@ class Store:
                     embedded.stop()
                 raise ConfigError(f"redis_url is not a valid Redis URL: {e}") from None
             client = aioredis.Redis(connection_pool=pool)
-        store = cls(client, embedded, config.redis_pool_size)
+        store = cls(client, embedded, config.redis_pool_size,
+                    (config.min_replicas_acked, config.replica_ack_timeout_ms, config.redis_timeout_s))
         try:
             if store.cluster:
                 await store._initialize_cluster()
@@ -138,6 +146,8 @@ class Store:
                 if str((await self.client.info("cluster")).get("cluster_enabled")) == "1":
                     raise ConfigError("redis_url names one Redis (redis://), but it is a Redis Cluster node: "
                                       "use redis+cluster://host:port[,host:port...]")
+                self.replication.use_server(version)
+                await self.replication.check()
                 return
             for state in await self._each_master("CLUSTER INFO"):
                 assigned = int(state.get("cluster_slots_assigned", 0))
@@ -147,10 +157,12 @@ class Store:
                         f"{assigned} of {CLUSTER_SLOTS} slots assigned")
 
     async def close(self) -> None:
+        await self.replication.close()
         with contextlib.suppress(Exception):
-            for conn in self._idle:
-                await conn.disconnect()
+            await self._drop_idle()
             await self.client.aclose()
+            if isinstance(self.client.connection_pool, SentinelConnectionPool):
+                await self.client.connection_pool.sentinel_manager.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
@@ -159,15 +171,34 @@ class Store:
         """A connection of the script path's own small pool: a coalesced call needs one
         for a whole batch, so the generic pool's waiting and timeouts are not worth
         their cost here. A connection that saw an error is dropped, never reused
-        (a reply may still be on its way)."""
+        (a reply may still be on its way); one that lost its server drops every idle
+        one too, so the next round connects afresh (under Sentinel: to the master the
+        sentinels name now). A new connection reads the identity of its server first."""
         async with self._slots:
-            conn = self._idle.pop() if self._idle else self.client.connection_pool.make_connection()
+            conn = self._idle.pop() if self._idle else await self._new_connection()
             try:
                 yield conn
-            except BaseException:
+            except BaseException as e:
                 await conn.disconnect()
+                if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError)):
+                    await self._drop_idle()
                 raise
             self._idle.append(conn)
+
+    async def _new_connection(self) -> Connection:
+        conn = self.client.connection_pool.make_connection()
+        try:
+            await conn.connect()
+            await self.replication.identify(conn)
+        except BaseException:
+            await conn.disconnect()
+            raise
+        return conn
+
+    async def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
 
     async def run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         """One call of script *name*; its reply."""
@@ -187,13 +218,17 @@ class Store:
         if self.cluster:
             with translated():
                 return await self._run_on_cluster(script, sha, calls)
-        packed = pack_calls(sha, list(calls))
+        packed = pack_calls(sha, list(calls)) + self.replication.wait
         with translated():
             for attempt in (1, 2):
                 try:
                     async with self._connection() as conn:
+                        if name in SELLING:
+                            await self.replication.selling_allowed()
                         await conn.send_packed_command(packed)
-                        return [await conn.read_response() for _ in calls]
+                        replies = [await conn.read_response() for _ in calls]
+                        await self.replication.acked(conn)
+                        return replies
                 except rex.NoScriptError:
                     if attempt == 2:
                         raise
@@ -281,6 +316,10 @@ class Store:
                 node.release(conn)
 
     # ---- small helpers of the parts ---------------------------------------------------
+    def script(self, name: str) -> Any:
+        """redis-py's script object of *name* (called on a given client, it loads itself on NOSCRIPT)."""
+        return self._scripts[name]
+
     async def put(self, key: str, mode: str, fields: dict[str, Any]) -> str:
         """Create (``create``) or change (``update``) a record hash: ok | exists | not_found."""
         args: list[Any] = [mode]
@@ -333,3 +372,16 @@ class Store:
         if sub:  # the rest of the entry the last page ended in
             out = [e for e in out if not e.event_id.startswith(entry + ".") or int(e.event_id[len(entry) + 1:]) > int(sub)]
         return out[:count]
+
+
+class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's Sentinel pool (each new connection asks the sentinels where the master
+    is), waiting for a free connection as the pool of one Redis does."""
+
+
+def _sentinel_master(where: SentinelUrl, pool_size: int, timeout_s: float, timeouts: dict[str, float]) -> aioredis.Redis:
+    """A client of the master that the sentinels of *where* name, following it across failovers."""
+    sentinels = Sentinel(list(where.sentinels), sentinel_kwargs=dict(ssl=where.tls, **timeouts),
+                         ssl=where.tls, username=where.username, password=where.password, **timeouts)
+    return sentinels.master_for(where.service, connection_pool_class=_SentinelPool, max_connections=pool_size,
+                                timeout=timeout_s)
