@@ -1,7 +1,7 @@
 """Fixtures of replicated Redis: a master with replicas, and sentinels watching them.
 
 Every server is a real redis-server started from the same binary as the other fixtures
-(the first of ``REDIS_BINARIES``), on free ports, stopped at the end of the test.
+(each of ``REDIS_BINARIES`` for a master with a replica, the first for sentinels), on free ports, stopped at the end of the test.
 A sentinel is that binary run with ``--sentinel`` and a config file of its own.
 Test modules import the fixtures they use from here.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import REDIS_BINARIES, RedisProcess, _free_port
+from tests.conftest import _BINARY_PARAMS, REDIS_BINARIES, RedisProcess, _free_port
 
 SERVICE = "cards"
 
@@ -157,10 +157,10 @@ def _binary() -> str:
     return REDIS_BINARIES[0][1]
 
 
-@pytest.fixture
-def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicated]:
-    """A master with one replica, for this test only."""
-    servers = Replicated(tmp_path_factory, _binary())
+@pytest.fixture(params=_BINARY_PARAMS)
+def replicated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicated]:
+    """A master with one replica, for this test only; once per Redis version."""
+    servers = Replicated(tmp_path_factory, request.param[1])
     try:
         yield servers
     finally:

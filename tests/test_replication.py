@@ -57,7 +57,7 @@ async def test_a_round_waits_for_its_replica(replicated: Replicated, tmp_path: o
 async def test_a_round_short_of_its_replica_is_unavailable_and_its_retry_finds_the_same_order(
         replicated: Replicated, tmp_path: os.PathLike[str]) -> None:
     cfg = make_config(tmp_path, redis_url=replicated.master.tcp_url, min_replicas_acked=1,
-                      replica_ack_timeout_ms=200)
+                      replica_ack_timeout_ms=1000)
     async with Engine(cfg, sweep=False) as e:
         await open_shop(e, stock=10)
         replica = replicated.replicas[0]

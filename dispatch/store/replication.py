@@ -8,7 +8,10 @@ replica promoted without it. Two covers, both on one master (plain or under Sent
   script calls is followed, in the same write on the same connection, by ``WAIT n
   timeout`` (``WAITAOF 0 n timeout`` on Redis >= 7.2 and Valkey, whose replicas then
   need ``appendonly yes``); the round's replies are handed to their callers only once
-  it answers n. A round it leaves short fails as the retryable StoreUnavailableError:
+  it answers n. Both wait for the connection's last replicated write, which since
+  Redis 7 a command that replicates nothing leaves where it was (a round that only
+  replays orders made on other connections); so a ``PUBLISH`` (replicated, stored
+  nowhere) goes first and brings it to the master's offset. A round it leaves short fails as the retryable StoreUnavailableError:
   its scripts may have run, and a retry finds what they did (every script is safe to
   run twice; a purchase is found by its external_ref).
 - **Reconciliation.** Every new connection of the script path, and the sweep, read the
@@ -45,6 +48,8 @@ SELLING = frozenset({"deliver", "take", "sku_invalidate"})
 _INFO = b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n"
 _RUN_ID = re.compile(rb"^run_id:(\w+)", re.M)
 _REPLID = re.compile(rb"^master_replid:(\w+)", re.M)
+#: Published to before each wait (nobody listens): see the module's docstring.
+_CHANNEL = "d:acked"
 _RETRY_S = 1.0
 #: Candidates per sku_reconcile call.
 _CHUNK = 1000
@@ -87,14 +92,16 @@ class Replication:
         if not self.replicas:
             return
         self._aof = version >= (7, 2)
-        self.wait = (_command("WAITAOF", 0, self.replicas, self.timeout_ms) if self._aof
-                     else _command("WAIT", self.replicas, self.timeout_ms))
+        self.wait = _command("PUBLISH", _CHANNEL, "") + (
+            _command("WAITAOF", 0, self.replicas, self.timeout_ms) if self._aof
+            else _command("WAIT", self.replicas, self.timeout_ms))
 
     async def acked(self, conn: Connection) -> None:
         """Read the answer to :attr:`wait` sent after a round on *conn*;
         StoreUnavailableError if fewer replicas than asked have the round."""
         if not self.wait:
             return
+        await conn.read_response()  # PUBLISH: 0 listeners
         got = await conn.read_response()
         n = int(got[1]) if self._aof else int(got)
         if n < self.replicas:

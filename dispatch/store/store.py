@@ -25,7 +25,7 @@ from redis import exceptions as rex
 
 from .._core import pack_calls
 from ..config import Config, SentinelUrl, cluster_url, sentinel_url
-from ..errors import ConfigError, StoreUnavailableError
+from ..errors import ConfigError, DispatchError, StoreUnavailableError
 from ..models import Event
 from ..records import decode_events
 from . import keys, scripts
@@ -180,7 +180,7 @@ class Store:
                 yield conn
             except BaseException as e:
                 await conn.disconnect()
-                if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError)):
+                if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError)) and not isinstance(e, DispatchError):
                     await self._drop_idle()
                 raise
             self._idle.append(conn)
