@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote
 
@@ -17,7 +17,7 @@ import msgspec
 
 from .errors import ConfigError
 
-__all__ = ["Config", "ClusterUrl", "cluster_url"]
+__all__ = ["Config", "ClusterUrl", "SentinelUrl", "cluster_url", "sentinel_url"]
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -26,9 +26,11 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Everything an engine or daemon needs to know; the defaults need no file."""
 
-    #: ``redis://``, ``rediss://`` or ``unix://`` URL of one Redis, or
-    #: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for TLS) naming
-    #: seed nodes of a Redis Cluster; unset starts the embedded redis-server.
+    #: ``redis://``, ``rediss://`` or ``unix://`` URL of one Redis;
+    #: ``redis+sentinel://host:port[,host:port...]/service_name`` naming the sentinels
+    #: that watch a master and its replicas (the master is followed across failovers);
+    #: ``redis+cluster://host:port[,host:port...]`` naming seed nodes of a Redis Cluster
+    #: (``rediss+...`` for TLS); unset starts the embedded redis-server.
     redis_url: str | None = None
     #: Where the embedded Redis keeps its AOF, socket and lock, and the generated master key.
     data_dir: str = "data"
@@ -40,6 +42,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     redis_pool_size: Positive = 64
     #: Seconds to wait for Redis on connect and per command before failing.
     redis_timeout_s: Seconds = 5.0
+    #: Replicas that must have a round's writes (WAIT, or WAITAOF on Redis >= 7.2) before
+    #: any caller of the round hears its answer; 0 answers once the master has them.
+    min_replicas_acked: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    #: How long a round waits for those replicas before it fails as store_unavailable.
+    replica_ack_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -123,8 +130,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     webhook_timeout_s: Seconds = 5.0
 
     def __post_init__(self) -> None:
+        # a malformed cluster or sentinel URL is refused here, by name
+        cluster = self.redis_url is not None and cluster_url(self.redis_url) is not None
         if self.redis_url is not None:
-            cluster_url(self.redis_url)  # a malformed cluster URL is refused here, by name
+            sentinel_url(self.redis_url)
+        if self.min_replicas_acked and self.redis_url is None:
+            raise ConfigError("min_replicas_acked needs replicas: the embedded Redis has none; "
+                              "set redis_url to a master with replicas (redis+sentinel:// or redis://)")
+        if self.min_replicas_acked and cluster:
+            raise ConfigError("min_replicas_acked is not supported on a Redis Cluster yet; "
+                              "set it to 0, or use one master with replicas (redis+sentinel://)")
         if self.max_reserve_ttl_s < self.reserve_ttl_s:
             raise ConfigError(
                 f"max_reserve_ttl_s ({self.max_reserve_ttl_s}) is below reserve_ttl_s ({self.reserve_ttl_s})"
@@ -196,48 +211,93 @@ class ClusterUrl(NamedTuple):
     password: str | None
 
 
+class SentinelUrl(NamedTuple):
+    """A ``redis+sentinel://`` URL taken apart: the sentinels, the service they watch,
+    and how to log in to its master (the sentinels themselves are asked without)."""
+
+    tls: bool
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    username: str | None
+    password: str | None
+
+
 _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 
 
 def cluster_url(url: str) -> ClusterUrl | None:
     """The seed nodes of a ``redis+cluster://`` / ``rediss+cluster://`` URL
     (``[user:password@]host:port[,host:port...][/0]``); None for any other URL (one
     Redis). ConfigError, naming what is wrong, if a cluster URL is malformed."""
+    opened = _opened(url, _CLUSTER_SCHEMES, "cluster")
+    if opened is None:
+        return None
+    tls, rest, bad = opened
+    where, _, db = rest.partition("/")
+    if db not in ("", "0"):
+        raise bad(f"a cluster has only database 0, not {db!r}")
+    username, password, seeds = _nodes(where, "seed node", bad)
+    return ClusterUrl(tls, seeds, username, password)
+
+
+def sentinel_url(url: str) -> SentinelUrl | None:
+    """The sentinels and service of a ``redis+sentinel://`` / ``rediss+sentinel://`` URL
+    (``[user:password@]host:port[,host:port...]/service_name``); None for any other
+    URL. ConfigError, naming what is wrong, if a sentinel URL is malformed."""
+    opened = _opened(url, _SENTINEL_SCHEMES, "sentinel")
+    if opened is None:
+        return None
+    tls, rest, bad = opened
+    where, slash, service = rest.partition("/")
+    if not slash or not service:
+        raise bad("no service name (expected host:port[,host:port...]/service_name)")
+    if "/" in service:
+        raise bad(f"{service!r}: the path is one service name (a database other than 0 is not supported)")
+    username, password, sentinels = _nodes(where, "sentinel", bad)
+    return SentinelUrl(tls, sentinels, unquote(service), username, password)
+
+
+def _opened(url: str, schemes: dict[str, bool], kind: str) -> tuple[bool, str, Callable[[str], ConfigError]] | None:
+    """(TLS or not, what follows ``://``, a maker of errors naming the scheme) of a URL
+    of one of *schemes*; None for any other URL."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in _CLUSTER_SCHEMES:
+    if not sep or scheme.lower() not in schemes:
         return None
 
     def bad(why: str) -> ConfigError:
         return ConfigError(f"redis_url {scheme}://...: {why}")
 
     if "?" in rest or "#" in rest:
-        raise bad("a cluster URL takes no query or fragment")
-    where, _, db = rest.partition("/")
-    if db not in ("", "0"):
-        raise bad(f"a cluster has only database 0, not {db!r}")
+        raise bad(f"a {kind} URL takes no query or fragment")
+    return schemes[scheme.lower()], rest, bad
+
+
+def _nodes(where: str, what: str, bad: Callable[[str], ConfigError]) -> tuple[str | None, str | None, tuple[tuple[str, int], ...]]:
+    """``[user:password@]host:port[,host:port...]``: (username, password, nodes)."""
     login, at, hosts = where.rpartition("@")
     username = password = None
     if at:
         user, colon, secret = login.partition(":")
         username, password = unquote(user) or None, unquote(secret) if colon else None
     if not hosts:
-        raise bad("no seed node (expected host:port[,host:port...])")
-    seeds = []
-    for seed in hosts.split(","):
-        if not seed:
-            raise bad(f"an empty seed node in {hosts!r}")
-        if seed.startswith("["):  # [IPv6]:port
-            host, close, port = seed[1:].partition("]")
+        raise bad(f"no {what} (expected host:port[,host:port...])")
+    nodes = []
+    for node in hosts.split(","):
+        if not node:
+            raise bad(f"an empty {what} in {hosts!r}")
+        if node.startswith("["):  # [IPv6]:port
+            host, close, port = node[1:].partition("]")
             if not close or not port.startswith(":"):
-                raise bad(f"seed node {seed!r} is not [ipv6]:port")
+                raise bad(f"{what} {node!r} is not [ipv6]:port")
             port = port[1:]
         else:
-            host, colon, port = seed.rpartition(":")
+            host, colon, port = node.rpartition(":")
             if not colon:
-                raise bad(f"seed node {seed!r} has no port (expected host:port)")
+                raise bad(f"{what} {node!r} has no port (expected host:port)")
         if not host:
-            raise bad(f"seed node {seed!r} has no host")
+            raise bad(f"{what} {node!r} has no host")
         if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise bad(f"seed node {seed!r}: the port must be a number from 1 to 65535")
-        seeds.append((host, int(port)))
-    return ClusterUrl(_CLUSTER_SCHEMES[scheme.lower()], tuple(seeds), username, password)
+            raise bad(f"{what} {node!r}: the port must be a number from 1 to 65535")
+        nodes.append((host, int(port)))
+    return username, password, tuple(nodes)

@@ -271,6 +271,11 @@ class Engine:
             raise DispatchError("the engine is not started")
         return self._sagas.stats()
 
+    def replication_stats(self) -> tuple[int, int, dict[str, int]]:
+        """(changes of Redis master seen, rounds left short of ``min_replicas_acked``,
+        codes taken out of each SKU's pools by reconciliation) since start."""
+        return self.store.replication.stats()
+
     async def rotate_master_key(self) -> KeyRotation:
         """Make a new master key and re-wrap the fingerprint key under it.
 

@@ -47,6 +47,7 @@ class Recovery:
     async def sweep(self, grace_s: float | None = None) -> tuple[int, int]:
         """Expire lapsed reservations and finish orders left mid-saga for longer than
         *grace_s* (default ``recovery_grace_s``). Returns (expired, recovered)."""
+        await self._store.replication.check()  # after a change of master, reconciled first
         grace = self._config.recovery_grace_s if grace_s is None else grace_s
         now = time.time_ns() // 1_000_000
         before = now - int(grace * 1000)

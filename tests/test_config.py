@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatch.config import Config, cluster_url
+from dispatch.config import Config, cluster_url, sentinel_url
 from dispatch.errors import ConfigError
 
 
@@ -82,7 +82,7 @@ def test_a_cluster_url_in_the_file(tmp_path) -> None:
 
 @pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://h:1", "unix:///tmp/r.sock", "nonsense"])
 def test_other_urls_are_one_redis(url: str) -> None:
-    assert cluster_url(url) is None
+    assert cluster_url(url) is None and sentinel_url(url) is None
     assert Config.load(environ={"DISPATCH_REDIS_URL": url}).redis_url == url
 
 
@@ -102,3 +102,66 @@ def test_other_urls_are_one_redis(url: str) -> None:
 def test_malformed_cluster_urls_are_named(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.load(environ={"DISPATCH_REDIS_URL": url})
+
+
+@pytest.mark.parametrize("url, tls, sentinels, service", [
+    ("redis+sentinel://10.0.0.1:26379/mymaster", False, (("10.0.0.1", 26379),), "mymaster"),
+    ("redis+sentinel://a:26379,b:26380,[::1]:26381/shop", False, (("a", 26379), ("b", 26380), ("::1", 26381)), "shop"),
+    ("rediss+sentinel://u:p%40ss@h1:26379/cards%201", True, (("h1", 26379),), "cards 1"),
+])
+def test_sentinel_urls_name_their_sentinels_and_service(url: str, tls: bool, sentinels: tuple, service: str) -> None:
+    cfg = Config.load(environ={"DISPATCH_REDIS_URL": url})
+    assert cfg.redis_url == url and cluster_url(url) is None
+    got = sentinel_url(url)
+    assert got is not None and (got.tls, got.sentinels, got.service) == (tls, sentinels, service)
+    assert (got.username, got.password) == (("u", "p@ss") if "@" in url else (None, None))
+
+
+def test_a_sentinel_url_in_the_file(tmp_path) -> None:
+    f = tmp_path / "dispatch.toml"
+    f.write_text('redis_url = "redis+sentinel://s1:26379,s2:26379/mymaster"\nmin_replicas_acked = 1\n')
+    cfg = Config.load(f, environ={})
+    assert sentinel_url(cfg.redis_url).sentinels == (("s1", 26379), ("s2", 26379))
+    assert (cfg.min_replicas_acked, cfg.replica_ack_timeout_ms) == (1, 1000)
+    f.write_text('redis_url = "redis+sentinel://s1:26379"\n')
+    with pytest.raises(ConfigError, match="no service name"):
+        Config.load(f, environ={})
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis+sentinel://", "no service name"),
+    ("redis+sentinel://h1:26379", "no service name"),
+    ("redis+sentinel://h1:26379/", "no service name"),
+    ("redis+sentinel:///mymaster", "no sentinel"),
+    ("redis+sentinel://u:p@/mymaster", "no sentinel"),
+    ("redis+sentinel://h1/mymaster", "sentinel 'h1' has no port"),
+    ("redis+sentinel://h1:26379,,h2:26379/m", "an empty sentinel"),
+    ("redis+sentinel://:26379/m", "sentinel ':26379' has no host"),
+    ("redis+sentinel://h1:99999/m", "'h1:99999': the port must be a number from 1 to 65535"),
+    ("redis+sentinel://h1:x/m", "'h1:x': the port must be a number"),
+    ("redis+sentinel://[::1:26379/m", r"'\[::1:26379' is not \[ipv6\]:port"),
+    ("redis+sentinel://h1:26379/mymaster/2", "one service name"),
+    ("rediss+sentinel://h1:26379/m?ssl_cert_reqs=none", "no query"),
+    ("redis+sentinel://h1:26379/m#x", "no query or fragment"),
+])
+def test_malformed_sentinel_urls_are_named(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(environ={"DISPATCH_REDIS_URL": url})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DISPATCH_MIN_REPLICAS_ACKED": "1"}, "the embedded Redis has none"),
+    ({"DISPATCH_MIN_REPLICAS_ACKED": "1", "DISPATCH_REDIS_URL": "redis+cluster://h:7000"}, "not supported on a Redis Cluster"),
+    ({"DISPATCH_MIN_REPLICAS_ACKED": "-1", "DISPATCH_REDIS_URL": "redis://h:6379"}, "min_replicas_acked"),
+    ({"DISPATCH_MIN_REPLICAS_ACKED": "one", "DISPATCH_REDIS_URL": "redis://h:6379"}, "min_replicas_acked"),
+    ({"DISPATCH_REPLICA_ACK_TIMEOUT_MS": "0"}, "replica_ack_timeout_ms"),
+])
+def test_bad_replication_settings_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(environ=env)
+
+
+def test_replicas_acked_with_an_external_redis() -> None:
+    cfg = Config.load(environ={"DISPATCH_MIN_REPLICAS_ACKED": "2", "DISPATCH_REPLICA_ACK_TIMEOUT_MS": "250",
+                               "DISPATCH_REDIS_URL": "redis+sentinel://h:26379/m"})
+    assert (cfg.min_replicas_acked, cfg.replica_ack_timeout_ms) == (2, 250)

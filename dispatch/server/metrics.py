@@ -3,7 +3,8 @@
 Requests by route template, method and status (counts and latency), orders by
 outcome, codes delivered, connections, timeouts; on every scrape the stock of each
 SKU and the webhook backlog are read afresh and the coalescers' counters are reported (items / batches is
-the mean batch size per saga step).
+the mean batch size per saga step), with the changes of Redis master seen, rounds short
+of their replicas and the codes reconciliation took out of pools.
 
 :meth:`Metrics.live` reads the same counters as figures of the last minute (orders
 and codes a second, order latency percentiles, refusals by reason) for the console.
@@ -59,6 +60,26 @@ class _Coalescers:
             items.add_metric([step], n_items)
         yield batches
         yield items
+
+
+class _Replication:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        changes, short, reconciled = self._engine.replication_stats()
+        yield CounterMetricFamily("dispatch_redis_master_changes", "Changes of Redis master (run id or "
+                                  "replication id) seen; each is followed by a reconciliation", value=changes)
+        yield CounterMetricFamily("dispatch_rounds_unacknowledged", "Rounds answered store_unavailable: "
+                                  "fewer than min_replicas_acked replicas had them in time", value=short)
+        fixed = CounterMetricFamily("dispatch_reconciled_codes", "Codes held by orders found in a pool "
+                                    "after a change of master, and taken out of it", labels=["sku"])
+        for sku, n in sorted(reconciled.items()):
+            fixed.add_metric([sku], n)
+        yield fixed
 
 
 class _Requests:
@@ -160,6 +181,7 @@ class Metrics:
         self._timeouts = Counter("dispatch_http_timeouts", "Connections closed by a timeout", ["phase"],
                                  registry=r)
         r.register(_Coalescers(engine))
+        r.register(_Replication(engine))
         self.request = self._requests.observe
 
     def order(self, outcome: str, codes: int = 0) -> None:

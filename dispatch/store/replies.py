@@ -28,6 +28,8 @@ def translated() -> Iterator[None]:
     """Redis failures become StoreUnavailableError (retryable); nothing else leaks out."""
     try:
         yield
+    except e.StoreUnavailableError:
+        raise  # already said (a round short of its replicas)
     except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, OSError) as exc:
         raise e.StoreUnavailableError(f"redis is unavailable: {type(exc).__name__}: {exc}") from None
     except (rex.RedisError, rex.RedisClusterException) as exc:

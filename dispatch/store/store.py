@@ -20,11 +20,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis import exceptions as rex
 
 from .._core import pack_calls
-from ..config import Config, cluster_url
-from ..errors import ConfigError, StoreUnavailableError
+from ..config import Config, SentinelUrl, cluster_url, sentinel_url
+from ..errors import ConfigError, DispatchError, StoreUnavailableError
 from ..models import Event
 from ..records import decode_events
 from . import keys, scripts
@@ -34,6 +35,7 @@ from .catalog import CatalogStore
 from .embedded import EmbeddedRedis
 from .inventory import InventoryStore
 from .orders import OrderStore
+from .replication import SELLING, Replication
 from .replies import translated
 from .webhooks import WebhookStore
 
@@ -58,7 +60,7 @@ class Store:
     """A connection to the Redis that holds everything (embedded or external)."""
 
     def __init__(self, client: aioredis.Redis | RedisCluster, embedded: EmbeddedRedis | None = None,
-                 pool_size: int = 64) -> None:
+                 pool_size: int = 64, replication: tuple[int, int, float] = (0, 1000, 5.0)) -> None:
         self.client = client
         self.embedded = embedded
         #: True on a Redis Cluster: a purchase then runs as a saga of one-shard steps.
@@ -76,6 +78,8 @@ class Store:
         self.inventory = InventoryStore(self)
         self.aftersales = AfterSalesStore(self)
         self.webhooks = WebhookStore(self)
+        #: Replicas waited for after each round, the master's identity watched (replication.py).
+        self.replication = Replication(self, *replication)
 
     @classmethod
     async def connect(cls, config: Config) -> Store:
@@ -88,15 +92,18 @@ class Store:
             await asyncio.to_thread(embedded.start)
             url = embedded.url
         timeouts = dict(socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
-        seeds = cluster_url(url)
-        if seeds is not None:
+        seeds, sentinels = cluster_url(url), sentinel_url(url)
+        if sentinels is not None:
+            client: aioredis.Redis | RedisCluster = _sentinel_master(sentinels, config.redis_pool_size,
+                                                                     config.redis_timeout_s, timeouts)
+        elif seeds is not None:
             # Plain commands are routed by redis-py's cluster client. Its pool of a node
             # does not wait for a free connection (it fails), so it may open many more
             # than the script path, for bursts (a cold daemon's first requests). A MOVED
             # patches its slot map (reinitialize_steps=0): by default every fifth MOVED
             # would close every connection of every node, those in use too, and a slot
             # migrated under load answers many MOVEDs.
-            client: aioredis.Redis | RedisCluster = RedisCluster(
+            client = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in seeds.seeds], ssl=seeds.tls,
                 username=seeds.username, password=seeds.password,
                 max_connections=_PLAIN_POOL_FACTOR * config.redis_pool_size, reinitialize_steps=0, **timeouts)
@@ -109,7 +116,8 @@ class Store:
                     embedded.stop()
                 raise ConfigError(f"redis_url is not a valid Redis URL: {e}") from None
             client = aioredis.Redis(connection_pool=pool)
-        store = cls(client, embedded, config.redis_pool_size)
+        store = cls(client, embedded, config.redis_pool_size,
+                    (config.min_replicas_acked, config.replica_ack_timeout_ms, config.redis_timeout_s))
         store.require_verification = config.require_verification
         try:
             if store.cluster:
@@ -151,6 +159,8 @@ class Store:
                 if str((await self.client.info("cluster")).get("cluster_enabled")) == "1":
                     raise ConfigError("redis_url names one Redis (redis://), but it is a Redis Cluster node: "
                                       "use redis+cluster://host:port[,host:port...]")
+                self.replication.use_server(version)
+                await self.replication.check()
                 return
             for state in await self._each_master("CLUSTER INFO"):
                 assigned = int(state.get("cluster_slots_assigned", 0))
@@ -160,11 +170,12 @@ class Store:
                         f"{assigned} of {CLUSTER_SLOTS} slots assigned")
 
     async def close(self) -> None:
+        await self.replication.close()
         with contextlib.suppress(Exception):
-            for conns in self._idle.values():
-                for conn in conns:
-                    await conn.disconnect()
+            await self._drop_idle()
             await self.client.aclose()
+            if isinstance(self.client.connection_pool, SentinelConnectionPool):
+                await self.client.connection_pool.sentinel_manager.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
@@ -175,7 +186,10 @@ class Store:
         pool's waiting and timeouts are not worth their cost here. On a cluster they are
         not the node's pool either, which redis-py closes whole when it refreshes its
         slot map, in flight or not. A connection that saw an error is dropped, never
-        reused (a reply may still be on its way)."""
+        reused (a reply may still be on its way); one that lost its server drops every idle
+        one too, so the next round connects afresh (under Sentinel: to the master the
+        sentinels name now). A new connection of the one Redis reads the identity of its
+        server first."""
         name = "" if node is None else node.name
         slots = self._slots.get(name)
         if slots is None:
@@ -185,15 +199,34 @@ class Store:
             if idle:
                 conn = idle.pop()
             elif node is None:
-                conn = self.client.connection_pool.make_connection()
+                conn = await self._new_connection()
             else:
                 conn = node.connection_class(**node.connection_kwargs)
             try:
                 yield conn
-            except BaseException:
+            except BaseException as e:
                 await conn.disconnect()
+                if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError)) and not isinstance(e, DispatchError):
+                    await self._drop_idle(name)
                 raise
             idle.append(conn)
+
+    async def _new_connection(self) -> Connection:
+        conn = self.client.connection_pool.make_connection()
+        try:
+            await conn.connect()
+            await self.replication.identify(conn)
+        except BaseException:
+            await conn.disconnect()
+            raise
+        return conn
+
+    async def _drop_idle(self, name: str | None = None) -> None:
+        """Disconnect the idle connections of node *name* ("": the one Redis), or of all."""
+        for node in list(self._idle) if name is None else [name]:
+            idle, self._idle[node] = self._idle.get(node, []), []
+            for conn in idle:
+                await conn.disconnect()
 
     async def run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         """One call of script *name*; its reply."""
@@ -213,13 +246,17 @@ class Store:
         if self.cluster:
             with translated():
                 return await self._run_on_cluster(script, sha, calls)
-        packed = pack_calls(sha, list(calls))
+        packed = pack_calls(sha, list(calls)) + self.replication.wait
         with translated():
             for attempt in (1, 2):
                 try:
                     async with self._connection() as conn:
+                        if name in SELLING:
+                            await self.replication.selling_allowed()
                         await conn.send_packed_command(packed)
-                        return [await conn.read_response() for _ in calls]
+                        replies = [await conn.read_response() for _ in calls]
+                        await self.replication.acked(conn)
+                        return replies
                 except rex.NoScriptError:
                     if attempt == 2:
                         raise
@@ -320,6 +357,10 @@ class Store:
             calls.append((k.all, [k.pool_prefix, len(items)], items))
         await self.run_many("sku_level", calls)
 
+    def script(self, name: str) -> Any:
+        """redis-py's script object of *name* (called on a given client, it loads itself on NOSCRIPT)."""
+        return self._scripts[name]
+
     async def put(self, key: str, mode: str, fields: dict[str, Any]) -> str:
         """Create (``create``) or change (``update``) a record hash: ok | exists | not_found."""
         args: list[Any] = [mode]
@@ -372,3 +413,16 @@ class Store:
         if sub:  # the rest of the entry the last page ended in
             out = [e for e in out if not e.event_id.startswith(entry + ".") or int(e.event_id[len(entry) + 1:]) > int(sub)]
         return out[:count]
+
+
+class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's Sentinel pool (each new connection asks the sentinels where the master
+    is), waiting for a free connection as the pool of one Redis does."""
+
+
+def _sentinel_master(where: SentinelUrl, pool_size: int, timeout_s: float, timeouts: dict[str, float]) -> aioredis.Redis:
+    """A client of the master that the sentinels of *where* name, following it across failovers."""
+    sentinels = Sentinel(list(where.sentinels), sentinel_kwargs=dict(ssl=where.tls, **timeouts),
+                         ssl=where.tls, username=where.username, password=where.password, **timeouts)
+    return sentinels.master_for(where.service, connection_pool_class=_SentinelPool, max_connections=pool_size,
+                                timeout=timeout_s)
