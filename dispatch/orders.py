@@ -218,8 +218,9 @@ class Orders:
 
     def _saga_ends(self, rec: OrderRec) -> bool:
         """Whether ending *rec* takes a SKU step after ``settle``: on a cluster, and for an
-        order taken from a bucket; on one node ``settle`` does the SKU's own shard itself."""
-        return self._store.cluster or rec.bk != 0
+        order of a SKU spread over buckets (whose stock level its buckets report); on one
+        node ``settle`` does the SKU side of the others itself."""
+        return self._store.cluster or rec.plan != ""
 
     async def finish_sku_side(self, distributor: str, rec: OrderRec) -> None:
         """The SKU side of a reservation its account has ended: codes sold or returned."""

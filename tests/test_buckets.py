@@ -93,6 +93,7 @@ async def test_reservations_return_to_their_bucket(shop: Engine) -> None:
     await shop.cancel("acme", held[2].order_id)
     stock = await shop.stock("g100")
     assert (stock.available, stock.reserved, stock.sold) == (1, 1, 2)
+    assert stock.stock_status == "low_stock"  # the level of the whole SKU, whichever bucket the code went back to
     assert await shop.audit() == []
 
 

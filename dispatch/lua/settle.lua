@@ -77,7 +77,7 @@ for _ = 1, tonumber(ARGV[1]) do
         news[kind] = news[kind] or {}
         news[kind][#news[kind] + 1] = raw
         ended[#ended + 1] = id
-        if template == '' or (o.bk or 0) ~= 0 then  -- sku_settle follows (on a bucket: see Orders._saga_ends)
+        if template == '' or (o.plan or '') ~= '' then  -- sku_settle follows (a spread SKU: Orders._saga_ends)
           pending[#pending + 1] = now
           pending[#pending + 1] = id
         else
