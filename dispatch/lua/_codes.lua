@@ -51,7 +51,7 @@ local function pop_codes(queue, pool, stats, total)
       error({err = 'ERR stats.available of ' .. stats .. ' exceeds the pools'})
     end
     local need = total - #codes
-    local got = redis.call('LPOP', pool .. head, need)
+    local got = redis.call('LPOP', pool .. head, int(need))
     if got then
       local seq = tonumber(head)
       for _, c in ipairs(got) do
@@ -82,8 +82,8 @@ local function set_level(meta, stats, events, avail, threshold, was)
   else now = 1  -- in the band above the threshold: not yet re-armed
   end
   if now ~= was then
-    redis.call('HSET', stats, 'level', now)
-    local v = redis.call('HINCRBY', stats, 'ver', 1)
+    redis.call('HSET', stats, 'level', int(now))
+    local v = redis.call('HINCRBY', stats, 'ver', '1')
     emit(events, LEVEL_EVENT[now], 'stock:' .. sku, v,
          {sku = sku, level = LEVELS[now], was = LEVELS[was], available = avail, threshold = threshold})
   end
@@ -106,8 +106,8 @@ local function count_sold_in(k, runs)
     per[runs[j]] = (per[runs[j]] or 0) + runs[j + 1]
     n = n + runs[j + 1]
   end
-  for seq, c in pairs(per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', c) end
-  if n > 0 then redis.call('HINCRBY', k.sales, math.floor(now_ms() / 3600000), n) end
+  for seq, c in pairs(per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', int(c)) end
+  if n > 0 then redis.call('HINCRBY', k.sales, int(math.floor(now_ms() / 3600000)), int(n)) end
 end
 
 -- The SKU side of ending reservations, after their accounts decided: sell (reserved
@@ -144,16 +144,16 @@ local function settle_codes(k, id, action, acc)
     for j = 1, #b, 2 do
       local seq, count = b[j], b[j + 1]
       if redis.call('SISMEMBER', k.void, seq) == 1 then
-        redis.call('HINCRBY', k.stats, 'voided', count)
+        redis.call('HINCRBY', k.stats, 'voided', int(count))
       else
         local back = {}
         for c = at + count - 1, at, -1 do back[#back + 1] = codes[c] end
         push('LPUSH', k.pool .. seq, back)
         if redis.call('SISMEMBER', k.parked, seq) == 1 then
-          redis.call('HINCRBY', k.stats, 'parked', count)
+          redis.call('HINCRBY', k.stats, 'parked', int(count))
         else
           redis.call('ZADD', k.queue, 'NX', redis.call('HGET', k.scores, seq) or seq, seq)
-          redis.call('HINCRBY', k.stats, 'available', count)
+          redis.call('HINCRBY', k.stats, 'available', int(count))
         end
       end
       at = at + count
@@ -178,10 +178,10 @@ end
 local function flush_settled(k, acc)
   if #acc.records == 0 then return end
   push('HSET', k.dlv, acc.records)
-  redis.call('HINCRBY', k.stats, 'reserved', string.format('%d', -acc.reserved))
+  redis.call('HINCRBY', k.stats, 'reserved', int(-acc.reserved))
   if acc.sold > 0 then
-    redis.call('HINCRBY', k.stats, 'sold', string.format('%d', acc.sold))
-    for seq, c in pairs(acc.per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', string.format('%d', c)) end
-    redis.call('HINCRBY', k.sales, string.format('%d', math.floor(now_ms() / 3600000)), string.format('%d', acc.sold))
+    redis.call('HINCRBY', k.stats, 'sold', int(acc.sold))
+    for seq, c in pairs(acc.per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', int(c)) end
+    redis.call('HINCRBY', k.sales, int(math.floor(now_ms() / 3600000)), int(acc.sold))
   end
 end

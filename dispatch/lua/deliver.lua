@@ -34,8 +34,6 @@ for s = 1, nS do sku_at[ARGV[2 + s]] = s end
 for a = 1, nA do acct_at[ARGV[2 + nS + a]] = a end
 local now = now_ms()
 
-local function int(x) return string.format('%d', x) end
-
 -- Codes as the account's orders keep them: a msgpack array of bin strings. The SKU's
 -- delivery record of a delivered order keeps its batches, not its codes: the account
 -- has them (a reservation's codes are kept on both sides, take.lua).

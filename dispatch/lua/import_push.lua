@@ -16,12 +16,12 @@ local n = #ARGV - 4
 if n > 0 then
   -- straight from ARGV, in slices unpack() can take (its limit is 8000 values)
   for k = 5, #ARGV, 7000 do redis.call('RPUSH', POOL .. seq, unpack(ARGV, k, math.min(k + 6999, #ARGV))) end
-  redis.call('HINCRBY', KEYS[2], 'accepted', n)
+  redis.call('HINCRBY', KEYS[2], 'accepted', int(n))
   if redis.call('SISMEMBER', KEYS[9], seq) == 1 then  -- its supplier was blacklisted meanwhile
-    redis.call('HINCRBY', KEYS[2], 'parked', n)
+    redis.call('HINCRBY', KEYS[2], 'parked', int(n))
   else
     redis.call('ZADD', KEYS[3], 'NX', score_of(seq), seq)
-    redis.call('HINCRBY', KEYS[2], 'available', n)
+    redis.call('HINCRBY', KEYS[2], 'available', int(n))
     check_level()
   end
 end

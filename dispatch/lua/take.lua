@@ -88,10 +88,10 @@ for k, f in pairs(again) do out[k] = out[f] end
 if #records > 0 then push('HSET', KEYS[4], records) end
 if #packed > 0 then push('HSET', KEYS[7], packed) end
 if total > 0 then
-  redis.call('HINCRBY', KEYS[2], 'available', -total)
-  if total > sold then redis.call('HINCRBY', KEYS[2], 'reserved', total - sold) end
+  redis.call('HINCRBY', KEYS[2], 'available', int(-total))
+  if total > sold then redis.call('HINCRBY', KEYS[2], 'reserved', int(total - sold)) end
   if sold > 0 then
-    redis.call('HINCRBY', KEYS[2], 'sold', sold)
+    redis.call('HINCRBY', KEYS[2], 'sold', int(sold))
     count_sold(sold_runs)
   end
   check_level()
