@@ -21,6 +21,29 @@ __all__ = ["Catalog"]
 _UNSET: Any = msgspec.UNSET
 
 
+#: SKU fields kept in its metadata HASH as JSON (the others are plain strings).
+_JSON_FIELDS = ("code_rule", "pin_rule")
+
+
+def _meta_of(fields: dict[str, Any]) -> dict[str, Any]:
+    """SKU fields as its metadata HASH keeps them."""
+    return {k: msgspec.json.encode(v) if k in _JSON_FIELDS else v for k, v in fields.items()}
+
+
+def sku_of(sku: str, meta: dict[str, str]) -> Sku:
+    """A SKU from its metadata HASH."""
+    fields: dict[str, Any] = {"sku": sku, **meta}
+    for k in _JSON_FIELDS:
+        if k in fields:
+            fields[k] = msgspec.json.decode(fields[k])
+    return msgspec.convert(fields, Sku, strict=False)
+
+
+def _plain(value: Any) -> Any:
+    """A Struct argument as builtins, so check() validates every field alike."""
+    return msgspec.to_builtins(value) if isinstance(value, msgspec.Struct) else value
+
+
 def stock_of(sku: str, state: SkuState) -> Stock:
     """A SKU's codes by state, from its counters."""
     stats = state.stats
@@ -48,26 +71,30 @@ class Catalog:
     # ---- SKUs ------------------------------------------------------------------------
     async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
                          low_stock_threshold: int = 0, *, sale_order: str = "oldest_first",
-                         after_sales: str = "refund") -> Sku:
+                         after_sales: str = "refund", code_rule: Any = None, pin_rule: Any = None) -> Sku:
+        """A new SKU. *code_rule* and *pin_rule* (CodeRule, or a dict of its fields) say
+        what its imported codes and PINs must look like."""
         s = check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
-                       low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales),
+                       low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales,
+                       code_rule=_plain(code_rule), pin_rule=_plain(pin_rule)),
                   Sku, "SKU")
         fields = msgspec.structs.asdict(s)
         del fields["sku"]
-        if not await self._store.catalog.create_sku(s.sku, fields):
+        if not await self._store.catalog.create_sku(s.sku, _meta_of(fields)):
             raise ConflictError(f"SKU {s.sku} exists already")
         return s
 
     async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
                          low_stock_threshold: int = _UNSET, status: str = _UNSET, sale_order: str = _UNSET,
-                         after_sales: str = _UNSET) -> Sku:
-        """Change a SKU; ``status="paused"`` stops its sales at once."""
+                         after_sales: str = _UNSET, code_rule: Any = _UNSET, pin_rule: Any = _UNSET) -> Sku:
+        """Change a SKU; ``status="paused"`` stops its sales at once; a rule of None
+        takes any code (or PIN) from then on."""
         current = await self.get_sku(sku)
-        changes = {k: v for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
-                                         status=status, sale_order=sale_order,
-                                         after_sales=after_sales).items() if v is not _UNSET}
-        s = check(msgspec.structs.asdict(current) | changes, Sku, "SKU")
-        if not await self._store.catalog.update_sku(sku, {k: getattr(s, k) for k in changes}):
+        changes = {k: _plain(v) for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
+                                                 status=status, sale_order=sale_order, after_sales=after_sales,
+                                                 code_rule=code_rule, pin_rule=pin_rule).items() if v is not _UNSET}
+        s = check(msgspec.to_builtins(current) | changes, Sku, "SKU")
+        if not await self._store.catalog.update_sku(sku, _meta_of({k: getattr(s, k) for k in changes})):
             raise UnknownSkuError(f"unknown SKU {sku}")
         self._cache.pop(("sku", sku), None)
         self._prices.clear()
@@ -77,11 +104,11 @@ class Catalog:
         meta = (await self._store.catalog.sku(sku)).meta
         if not meta:
             raise UnknownSkuError(f"unknown SKU {sku}")
-        return msgspec.convert({"sku": sku, **meta}, Sku, strict=False)
+        return sku_of(sku, meta)
 
     async def list_skus(self) -> list[Sku]:
         ids = await self._store.catalog.sku_ids()
-        return [msgspec.convert({"sku": sku, **st.meta}, Sku, strict=False)
+        return [sku_of(sku, st.meta)
                 for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
 
     # ---- tiers -----------------------------------------------------------------------

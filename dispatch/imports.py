@@ -25,6 +25,12 @@ Rules:
   the import fails rather than storing ``"a,b"`` as one code (pass
   ``format="text"`` for codes with commas). Otherwise the file is plain text.
 
+- With *text_only* (the default), the body must be text: its first ``SNIFF_BYTES`` (all of it when shorter) are
+  looked at before any line is parsed, and a NUL byte, bytes that are not UTF-8,
+  or more than ``MAX_NON_TEXT_SHARE`` of characters that are control or
+  non-printable (tab, CR and LF aside) fail the whole import with
+  ValidationError: an image or random bytes are refused, not read as lines.
+
 Each accepted line becomes a *secret payload* (see encode_secret) and the code
 alone, which is what the caller deduplicates on.
 """
@@ -32,9 +38,11 @@ alone, which is what the caller deduplicates on.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
 import operator
 import os
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from datetime import datetime
 from typing import Literal, TypeAlias
@@ -43,8 +51,9 @@ import msgspec
 
 from ._core import MAX_LINE_BYTES, scan_lines
 from .errors import ValidationError
+from .models import CodeRule
 
-__all__ = ["ParsedChunk", "parse_codes", "encode_secret", "decode_secret"]
+__all__ = ["ParsedChunk", "parse_codes", "conform", "check_text", "encode_secret", "decode_secret"]
 
 Format: TypeAlias = Literal["auto", "text", "csv"]
 Source: TypeAlias = (
@@ -58,9 +67,33 @@ COLUMNS = ("code", "pin", "serial", "expires_at")
 #: Upper bound of *max_length*: four fields of it still fit in one line.
 MAX_FIELD_LENGTH = 4096
 
+#: Bytes at the start of an import that decide whether it is text at all.
+SNIFF_BYTES = 64 * 1024
+#: The most of those characters that may be control or non-printable (tab, CR, LF aside).
+MAX_NON_TEXT_SHARE = 0.05
+
 _BOM = b"\xef\xbb\xbf"
 _SEP = "\x1f"
 _TOO_WIDE = f"line longer than {MAX_LINE_BYTES} bytes"
+_ODD = re.compile(r"[^\t\n\r\x20-\x7e]")  # what may be non-printable: looked at one by one
+
+
+def check_text(head: bytes, *, final: bool) -> None:
+    """ValidationError unless *head*, the start of an import (the whole of it when
+    *final*), is text: no NUL byte, UTF-8 (a sequence cut at the end of a head that is
+    not final aside), at most MAX_NON_TEXT_SHARE control or non-printable characters."""
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise ValidationError(f"the import is not text: a NUL byte at offset {nul}")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final)
+    except UnicodeDecodeError as e:
+        raise ValidationError(f"the import is not text: bytes that are not UTF-8 at offset {e.start}") from None
+    text = text.removeprefix("\ufeff")
+    odd = sum(1 for m in _ODD.finditer(text) if not m[0].isprintable())
+    if text and odd > MAX_NON_TEXT_SHARE * len(text):
+        raise ValidationError(f"the import is not text: {odd} of its first {len(text)} characters are control "
+                              f"or non-printable (at most {MAX_NON_TEXT_SHARE:.0%} allowed)")
 
 
 class ParsedChunk(msgspec.Struct, frozen=True):
@@ -111,8 +144,28 @@ def decode_secret(payload: bytes) -> tuple[str, str | None, str | None, str | No
 # --- parsing -------------------------------------------------------------------
 
 
+def conform(chunk: ParsedChunk, code_rule: CodeRule | None, pin_rule: CodeRule | None) -> ParsedChunk:
+    """*chunk* with its lines that break a SKU's code or PIN rule made malformed."""
+    if code_rule is None and pin_rule is None:
+        return chunk
+    secrets, codes, lines, malformed = [], [], [], list(chunk.malformed)
+    for secret, code, line in zip(chunk.secrets, chunk.codes, chunk.lines):
+        why = code_rule.violation(code.decode()) if code_rule is not None else None
+        if why is None and pin_rule is not None:
+            pin = decode_secret(secret)[1]
+            why = "no pin (the SKU asks for one)" if pin is None else pin_rule.violation(pin, "pin")
+        if why is None:
+            secrets.append(secret)
+            codes.append(code)
+            lines.append(line)
+        else:
+            malformed.append((line, why))
+    malformed.sort()
+    return ParsedChunk(secrets, codes, lines, malformed)
+
+
 def parse_codes(source: Source, *, format: Format = "auto", max_length: int = 128,
-                chunk_lines: int = 10_000) -> AsyncIterator[ParsedChunk]:
+                chunk_lines: int = 10_000, text_only: bool = True) -> AsyncIterator[ParsedChunk]:
     """Parse an import, yielding a ParsedChunk per *chunk_lines* physical lines.
 
     *source* is a path (str or os.PathLike, read in BLOCK_SIZE blocks), the
@@ -134,7 +187,7 @@ def parse_codes(source: Source, *, format: Format = "auto", max_length: int = 12
         raise ValidationError(f"max_length must be an int in 1..{MAX_FIELD_LENGTH}, got {max_length!r}")
     if not _is_int(chunk_lines) or chunk_lines < 1:
         raise ValidationError(f"chunk_lines must be a positive int, got {chunk_lines!r}")
-    return _parse(_blocks(source), _Parser(format, max_length, chunk_lines))
+    return _parse(_blocks(source), _Parser(format, max_length, chunk_lines, text_only))
 
 
 async def _parse(blocks: AsyncIterator[bytes], parser: _Parser) -> AsyncIterator[ParsedChunk]:
@@ -198,7 +251,7 @@ class _Parser:
     a longer line is reported at once and the rest of it skipped.
     """
 
-    def __init__(self, format: Format, max_length: int, chunk_lines: int) -> None:
+    def __init__(self, format: Format, max_length: int, chunk_lines: int, text_only: bool = True) -> None:
         self._format = format  # "auto" turns into "text" or "csv" at the first non-blank line
         self._header_pending = format != "text"
         self._columns: tuple[str, ...] = ()
@@ -209,6 +262,8 @@ class _Parser:
         self._at_start = True  # the BOM is still to be looked for
         self._skipping = False  # inside an over-long line, dropping bytes up to its \n
         self._line = 1  # number of the next physical line
+        # the first SNIFF_BYTES, until judged by check_text
+        self._head: bytearray | None = bytearray() if text_only else None
         self._start_chunk()
 
     def _start_chunk(self) -> None:
@@ -223,6 +278,15 @@ class _Parser:
             if not isinstance(block, (bytearray, memoryview)):
                 raise TypeError(f"the source yielded {type(block).__name__}, expected bytes blocks")
             block = bytes(block)
+        if self._head is not None:  # nothing is parsed before the start is known to be text
+            self._head += block
+            if len(self._head) < SNIFF_BYTES:
+                return
+            block, self._head = bytes(self._head), None
+            check_text(block[:SNIFF_BYTES], final=False)
+        yield from self._feed(block)
+
+    def _feed(self, block: bytes) -> Iterator[ParsedChunk]:
         if self._at_start:
             self._carry += block
             if len(self._carry) < len(_BOM) and _BOM.startswith(self._carry):
@@ -256,6 +320,10 @@ class _Parser:
 
     def close(self) -> Iterator[ParsedChunk]:
         """Parse what is left (a last line without a newline) and yield the last chunk."""
+        if self._head is not None:
+            head, self._head = bytes(self._head), None
+            check_text(head, final=True)
+            yield from self._feed(head)
         if self._carry:
             data = bytes(self._carry)
             self._carry.clear()

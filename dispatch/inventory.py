@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -13,8 +14,8 @@ from typing import Any
 from . import imports
 from .catalog import Catalog
 from .config import Config
-from .errors import ConflictError, NotFoundError, SupplierBlacklistedError
-from .models import Amount, BatchReport, Id, MalformedLine
+from .errors import ConflictError, NotFoundError, SupplierBlacklistedError, ValidationError
+from .models import Amount, BatchReport, DuplicateLine, Id, MalformedLine
 from .records import BatchRec, check, new_id
 from .store import Store
 from .vault import Vault
@@ -38,17 +39,39 @@ def rating(delivered: int, invalidated: int) -> float:
 
 class _Window:
     """Consecutive chunks of an import waiting for their claims: per chunk, its number
-    and its fresh codes as Fingerprints.fresh packs them (secrets, ends, fingerprints)."""
+    and its fresh codes as Fingerprints.fresh packs them (secrets, ends, fingerprints);
+    the line number of each fresh code."""
 
-    __slots__ = ("chunks", "codes")
+    __slots__ = ("chunks", "codes", "lines")
 
     def __init__(self) -> None:
         self.chunks: list[tuple[int, bytes, bytes, bytes]] = []
         self.codes = 0
+        self.lines = array("I")
 
-    def add(self, chunk_no: int, secrets_: bytes, ends: bytes, fps: bytes) -> None:
+    def add(self, chunk_no: int, secrets_: bytes, ends: bytes, fps: bytes, lines: array[int]) -> None:
         self.chunks.append((chunk_no, secrets_, ends, fps))
         self.codes += len(fps) // 16
+        self.lines += lines
+
+
+class _Duplicates:
+    """The duplicate lines of an import: counted, and the first _MALFORMED_SHOWN of each
+    kind (in this file, of earlier batches) kept to be told."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.in_file: list[DuplicateLine] = []
+        self.earlier: list[DuplicateLine] = []
+
+    def shown(self) -> list[DuplicateLine]:
+        return sorted(self.in_file + self.earlier, key=lambda d: d.line)[:_MALFORMED_SHOWN]
+
+
+async def _chain(first: imports.ParsedChunk, rest: Any) -> Any:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 class Inventory:
@@ -68,9 +91,12 @@ class Inventory:
         *source* is a path, bytes, or a (sync or async) iterable of byte blocks, in
         the text or CSV format. Each code is encrypted; codes seen before in this
         file or in any earlier batch (any SKU) are counted as duplicates and
-        skipped. Sending the same *batch_id* again resumes it: nothing is added twice.
+        skipped, and reported with their line numbers. Lines that break the SKU's code
+        or PIN rule are malformed. Sending the same *batch_id* again resumes it:
+        nothing is added twice. A body that is not text, or holds no line, is refused
+        (ValidationError) before anything is stored.
         """
-        await self._catalog.get_sku(sku)
+        rules = await self._catalog.get_sku(sku)
         s = await self._store.aftersales.supplier(supplier)
         if s is None:
             raise NotFoundError(f"unknown supplier {supplier}")
@@ -78,50 +104,87 @@ class Inventory:
             raise SupplierBlacklistedError(f"supplier {supplier} is blacklisted: its codes are not taken")
         unit_cost = check(unit_cost, Amount, "unit_cost")
         batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
+        chunks = aiter(imports.parse_codes(source, format=format, max_length=self._config.max_code_length,
+                                           chunk_lines=self._config.import_chunk))
+        # The start of the body is judged (text? a valid header?) before anything is stored.
+        first = await anext(chunks, None)
+        if first is None:
+            raise ValidationError("the import holds no codes: its body is empty or blank")
         batch = await self._open_batch(batch_id, sku, supplier, unit_cost)
 
         fingerprints = self._vault.fingerprints()
-        accepted = duplicate = malformed = 0
+        accepted = malformed = 0
+        dups = _Duplicates()
         bad: list[MalformedLine] = []
         window, chunk_no = _Window(), 0
         # One window in flight (claimed, then encrypted and pushed) while the next is read.
-        storing: asyncio.Future[tuple[int, int]] | None = None
+        storing: asyncio.Future[int] | None = None
         try:
-            async for chunk in imports.parse_codes(source, format=format, max_length=self._config.max_code_length,
-                                                  chunk_lines=self._config.import_chunk):
+            async for chunk in _chain(first, chunks):
+                chunk = imports.conform(chunk, rules.code_rule, rules.pin_rule)
                 malformed += len(chunk.malformed)
                 for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
                     bad.append(MalformedLine(line=line, reason=reason))
                 # Off the event loop (the core lets go of the GIL): the window in flight
                 # keeps sending and reading meanwhile.
                 secrets_, ends, fps, again = await asyncio.to_thread(fingerprints.fresh, chunk.codes, chunk.secrets)
-                duplicate += again
-                window.add(chunk_no, secrets_, ends, fps)
+                lines = array("I", chunk.lines)
+                if again:
+                    lines = self._repeats(fingerprints, chunk, fps, dups)
+                window.add(chunk_no, secrets_, ends, fps, lines)
                 chunk_no += 1
                 if window.codes >= _CLAIM_WINDOW:
                     if storing is not None:
-                        stored, taken = await storing
-                        accepted, duplicate = accepted + stored, duplicate + taken
-                    storing, window = asyncio.ensure_future(self._store_window(batch, window)), _Window()
+                        accepted += await storing
+                    storing, window = asyncio.ensure_future(self._store_window(batch, window, dups)), _Window()
             if storing is not None:
-                stored, taken = await storing
-                accepted, duplicate = accepted + stored, duplicate + taken
-            stored, taken = await self._store_window(batch, window)
-            accepted, duplicate = accepted + stored, duplicate + taken
+                accepted += await storing
+            accepted += await self._store_window(batch, window, dups)
         finally:
             if storing is not None:
                 storing.cancel()
+        duplicate = dups.count
         batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
         await self._store.inventory.save_batch(batch)
+        shown = dups.shown()
         return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
-                           malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad))
+                           malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad),
+                           duplicate_lines=shown, duplicate_truncated=duplicate > len(shown))
 
-    async def _store_window(self, batch: BatchRec, window: _Window) -> tuple[int, int]:
+    @staticmethod
+    def _repeats(fingerprints: Any, chunk: imports.ParsedChunk, fps: bytes, dups: _Duplicates) -> array[int]:
+        """The lines of a chunk's fresh codes (*fps*, in order), telling the others as
+        repeats within the file. A repeat's fingerprint was seen before its line, so it
+        never equals the next fresh one: one pass pairs them."""
+        lines, j, n = array("I"), 0, len(fps) // 16
+        for code, line in zip(chunk.codes, chunk.lines):
+            if j < n and fingerprints.fingerprint(code) == fps[16 * j:16 * j + 16]:
+                lines.append(line)
+                j += 1
+            else:
+                dups.count += 1
+                if len(dups.in_file) < _MALFORMED_SHOWN:
+                    dups.in_file.append(DuplicateLine(line=line, of="this_file"))
+        return lines
+
+    async def _store_window(self, batch: BatchRec, window: _Window, dups: _Duplicates) -> int:
         """Claim the fingerprints of a window, then encrypt the codes this batch owns and
-        push them chunk by chunk: (codes stored, duplicates of earlier batches)."""
+        push them chunk by chunk: the codes stored. Codes of earlier batches are told
+        to *dups*."""
         if not window.chunks:
-            return 0, 0
-        owned = await self._store.inventory.claim_fingerprints(batch.seq, b"".join(c[3] for c in window.chunks))
+            return 0
+        owned, others = await self._store.inventory.claim_fingerprints(
+            batch.seq, b"".join(c[3] for c in window.chunks))
+        dups.count += len(others)
+        owners: dict[int, BatchRec] = {}
+        for at in sorted(others)[:max(0, _MALFORMED_SHOWN - len(dups.earlier))]:
+            seq = others[at]
+            if seq not in owners:
+                owners[seq] = await self.batch_by_seq(seq)
+            b = owners[seq]
+            # another supplier's batch is not named: its codes are not this supplier's to know
+            dups.earlier.append(DuplicateLine(line=window.lines[at], of="this_sku" if b.sku == batch.sku else "other_sku",
+                                              batch_id=b.batch_id if b.supplier == batch.supplier else None))
         aad = batch.sku.encode()
         stored = at = 0
         group: list[tuple[int, bytes, list[bytes]]] = []
@@ -148,7 +211,7 @@ class Inventory:
         finally:
             if pushing is not None:
                 pushing.cancel()
-        return stored, window.codes - stored
+        return stored
 
     async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> BatchRec:
         fresh = BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,

@@ -5,14 +5,16 @@ Amounts are integers in minor units (cents); times are UTC datetimes.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 __all__ = [
-    "Id", "Amount", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
-    "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry",
+    "Id", "Amount", "Code", "CodeRule", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
+    "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "DuplicateLine", "LedgerEntry",
     "OrderStatus", "StockStatus",
     # after-sales
     "Ticket", "TicketStatus", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
@@ -71,6 +73,47 @@ class OrderPage(_Model):
     next_cursor: str | None = None
 
 
+#: The character classes a CodeRule may ask for.
+CHARSETS = {"digits": "0-9", "alphanumeric": "A-Za-z0-9", "upper_alphanumeric": "A-Z0-9", "hex": "0-9A-Fa-f"}
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+class CodeRule(_Model, frozen=True):
+    """What a SKU's codes (or PINs) must look like: an imported line that does not
+    conform is malformed. Every part is optional."""
+
+    min_length: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    max_length: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
+    charset: Literal["digits", "alphanumeric", "upper_alphanumeric", "hex"] | None = None
+    #: A regular expression (Python syntax) the whole value must match.
+    pattern: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < self.min_length:
+            raise ValueError(f"max_length {self.max_length} is below min_length {self.min_length}")
+        if self.pattern is not None:
+            try:
+                _regex(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern is not a regular expression: {e}") from None
+
+    def violation(self, value: str, what: str = "code") -> str | None:
+        """Why *value* does not conform (naming it *what*), or None."""
+        if len(value) < self.min_length:
+            return f"{what} shorter than {self.min_length} characters"
+        if self.max_length is not None and len(value) > self.max_length:
+            return f"{what} longer than {self.max_length} characters"
+        if self.charset is not None and not _regex(f"[{CHARSETS[self.charset]}]*").fullmatch(value):
+            return f"{what} has characters outside {self.charset}"
+        if self.pattern is not None and not _regex(self.pattern).fullmatch(value):
+            return f"{what} does not match the SKU's pattern"
+        return None
+
+
 class Sku(_Model):
     sku: Id
     name: str
@@ -83,6 +126,9 @@ class Sku(_Model):
     sale_order: Literal["oldest_first", "best_rated"] = "oldest_first"
     #: What an approved ticket gives the buyer by default: its money back, or another code.
     after_sales: Literal["refund", "replace"] = "refund"
+    #: What its codes and PINs must look like (imports): None takes any.
+    code_rule: CodeRule | None = None
+    pin_rule: CodeRule | None = None
 
 
 class Supplier(_Model):
@@ -154,6 +200,17 @@ class MalformedLine(_Model, frozen=True):
     reason: str
 
 
+class DuplicateLine(_Model, frozen=True):
+    """A line whose code was not taken because the code was there already: earlier in this file
+    (``this_file``), in an earlier batch of this SKU (``this_sku``) or of another SKU
+    (``other_sku``). ``batch_id`` names that batch when it is the same supplier's; another
+    supplier's batch is not named."""
+
+    line: int
+    of: Literal["this_file", "this_sku", "other_sku"]
+    batch_id: str | None = None
+
+
 class BatchReport(_Model):
     batch_id: str
     sku: str
@@ -164,6 +221,9 @@ class BatchReport(_Model):
     malformed_lines: list[MalformedLine]
     #: True when malformed_lines was cut to its first entries.
     malformed_truncated: bool = False
+    duplicate_lines: list[DuplicateLine] = []
+    #: True when duplicate_lines was cut to its first entries.
+    duplicate_truncated: bool = False
 
 
 class LedgerEntry(_Model):

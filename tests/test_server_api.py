@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -446,3 +447,38 @@ async def test_access_log_has_no_code_and_no_key(server: Server, caplog: pytest.
     for code in order["codes"]:
         assert code["code"] not in text
     assert server.keys["acme"] not in text and ADMIN not in text
+
+
+async def test_an_import_that_is_not_text_is_refused_whole(server: Server) -> None:
+    await server.shop(codes=0)
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 40
+    noise = random.Random(7).randbytes(200_000).replace(b"\0", b"\1")
+    controls = b"".join(b"AB\x01\x02\x03CD%04d\n" % i for i in range(100))
+    for body, why in ((png, "NUL byte"), (noise, "not UTF-8"), (controls, "control or non-printable"),
+                      (b"", "no codes"), (b"\n \n", "no codes")):
+        r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000&batch_id=junk",
+                               body=body, headers={"Content-Type": "text/plain"})
+        assert (r.status, r.error) == (422, "validation_error"), (why, r)
+        assert why in r.json()["error"]["message"]
+    assert (await server.engine.stock("g100")).accepted == 0
+    report = (await server.admin("GET", "/admin/suppliers/sup/report")).json()
+    assert report["batches"] == []
+    # a body that is text is taken, its odd lines malformed one by one
+    r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000&batch_id=junk",
+                           body=b"".join(b"GOOD%08d\n" % i for i in range(40)) + b"BAD\x01\n",
+                           headers={"Content-Type": "text/plain"})
+    assert r.status == 201 and (r.json()["accepted"], r.json()["malformed"]) == (40, 1)
+    assert await server.engine.audit() == []
+
+
+async def test_a_code_rule_set_over_http_makes_lines_malformed(server: Server) -> None:
+    await server.shop(codes=0)
+    r = await server.admin("PATCH", "/admin/skus/g100", json={"code_rule": {"charset": "hex", "min_length": 8}})
+    assert r.status == 200 and r.json()["code_rule"] == {"min_length": 8, "charset": "hex"}
+    r = await server.admin("PATCH", "/admin/skus/g100", json={"code_rule": {"charset": "emoji"}})
+    assert (r.status, r.error) == (422, "validation_error") and "code_rule.charset" in r.json()["error"]["message"]
+    r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000",
+                           body=b"DEADBEEF\nNOTHEX00\nABC\n", headers={"Content-Type": "text/plain"})
+    assert r.status == 201, r
+    assert r.json()["malformed_lines"] == [{"line": 2, "reason": "code has characters outside hex"},
+                                           {"line": 3, "reason": "code shorter than 8 characters"}]

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ..models import Amount, Distributor, Id, OrderStatus, RateLimit, Supplier, Ticket, TicketStatus
+from ..models import Amount, CodeRule, Distributor, Id, OrderStatus, RateLimit, Supplier, Ticket, TicketStatus
 from ..webhooks import FailedDelivery
 
 __all__ = [
@@ -81,6 +81,8 @@ class SkuCreate(_In):
     low_stock_threshold: Amount = 0
     sale_order: SaleOrder = "oldest_first"
     after_sales: AfterSalesDefault = "refund"
+    code_rule: CodeRule | None = None
+    pin_rule: CodeRule | None = None
 
 
 class SkuPatch(_In):
@@ -90,6 +92,9 @@ class SkuPatch(_In):
     status: Literal["active", "paused"] | UnsetType = UNSET
     sale_order: SaleOrder | UnsetType = UNSET
     after_sales: AfterSalesDefault | UnsetType = UNSET
+    #: null: any code (or PIN) is taken from then on.
+    code_rule: CodeRule | None | UnsetType = UNSET
+    pin_rule: CodeRule | None | UnsetType = UNSET
 
 
 class SupplierCreate(_In):

@@ -92,10 +92,11 @@ class InventoryStore:
         return {f.decode(): int(v) for f, v in stats.items()}, {int(p) for p in parked}
 
     # ---- imports ---------------------------------------------------------------------
-    async def claim_fingerprints(self, seq: int, fps: bytes) -> bytearray:
+    async def claim_fingerprints(self, seq: int, fps: bytes) -> tuple[bytearray, dict[int, int]]:
         """Claim packed 16-byte fingerprints (all distinct) for batch *seq*: a flag per
         fingerprint, 1 where the code is this batch's (claimed now, or by this batch
-        before), 0 where an earlier batch has it.
+        before), 0 where an earlier batch has it; and for each of those, its index in
+        *fps* -> the seq of the batch that has it.
 
         One fp_claim call per {f:XX} shard. Redis reads at most 16 KB of a connection per
         event-loop turn and, with appendfsync always, fsyncs after every turn that wrote,
@@ -107,14 +108,18 @@ class InventoryStore:
         lanes = [calls[k::_CLAIM_LANES] for k in range(_CLAIM_LANES)]
         answers = await asyncio.gather(*(self._db.run_many("fp_claim", lane) for lane in lanes if lane))
         owned = bytearray(b"\x01") * (len(fps) // 16)
+        others: dict[int, int] = {}
+        mine = str(seq).encode()
         for k, replies in enumerate(answers):
             for (_, _, positions), reply in zip(groups[k::_CLAIM_LANES], replies):
                 if reply:
                     where = memoryview(positions).cast("I")
                     for j in range(0, len(reply), 2):
-                        if reply[j + 1] == 2:
-                            owned[where[reply[j] - 1]] = 0
-        return owned
+                        if reply[j + 1] != mine:
+                            at = where[reply[j] - 1]
+                            owned[at] = 0
+                            others[at] = int(reply[j + 1])
+        return owned, others
 
     async def push_chunks(self, batch: BatchRec, chunks: Sequence[tuple[int, bytes, list[bytes]]]) -> None:
         """Put chunks ``(chunk number, digest, codes)`` on sale in the batch's pool, in
