@@ -27,7 +27,8 @@ _JSON_FIELDS = ("code_rule", "pin_rule")
 
 def _meta_of(fields: dict[str, Any]) -> dict[str, Any]:
     """SKU fields as its metadata HASH keeps them."""
-    return {k: msgspec.json.encode(v) if k in _JSON_FIELDS else v for k, v in fields.items()}
+    return {k: msgspec.json.encode(v) if k in _JSON_FIELDS else int(v) if isinstance(v, bool) else v
+            for k, v in fields.items()}
 
 
 def sku_of(sku: str, meta: dict[str, str]) -> Sku:
@@ -71,12 +72,13 @@ class Catalog:
     # ---- SKUs ------------------------------------------------------------------------
     async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
                          low_stock_threshold: int = 0, *, sale_order: str = "oldest_first",
-                         after_sales: str = "refund", code_rule: Any = None, pin_rule: Any = None) -> Sku:
+                         after_sales: str = "refund", code_rule: Any = None, pin_rule: Any = None,
+                         free: bool = False) -> Sku:
         """A new SKU. *code_rule* and *pin_rule* (CodeRule, or a dict of its fields) say
         what its imported codes and PINs must look like."""
         s = check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
                        low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales,
-                       code_rule=_plain(code_rule), pin_rule=_plain(pin_rule)),
+                       code_rule=_plain(code_rule), pin_rule=_plain(pin_rule), free=free),
                   Sku, "SKU")
         fields = msgspec.structs.asdict(s)
         del fields["sku"]
@@ -86,13 +88,15 @@ class Catalog:
 
     async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
                          low_stock_threshold: int = _UNSET, status: str = _UNSET, sale_order: str = _UNSET,
-                         after_sales: str = _UNSET, code_rule: Any = _UNSET, pin_rule: Any = _UNSET) -> Sku:
+                         after_sales: str = _UNSET, code_rule: Any = _UNSET, pin_rule: Any = _UNSET,
+                         free: bool = _UNSET) -> Sku:
         """Change a SKU; ``status="paused"`` stops its sales at once; a rule of None
         takes any code (or PIN) from then on."""
         current = await self.get_sku(sku)
         changes = {k: _plain(v) for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
                                                  status=status, sale_order=sale_order, after_sales=after_sales,
-                                                 code_rule=code_rule, pin_rule=pin_rule).items() if v is not _UNSET}
+                                                 code_rule=code_rule, pin_rule=pin_rule,
+                                                 free=free).items() if v is not _UNSET}
         s = check(msgspec.to_builtins(current) | changes, Sku, "SKU")
         if not await self._store.catalog.update_sku(sku, _meta_of({k: getattr(s, k) for k in changes})):
             raise UnknownSkuError(f"unknown SKU {sku}")

@@ -82,6 +82,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: A JSON body must arrive within this many seconds of the headers; an import
     #: upload may not pause longer than this between two blocks.
     body_timeout_s: Seconds = 30.0
+    #: An import upload must be complete within this many seconds of its headers,
+    #: however steadily it trickles.
+    upload_timeout_s: Seconds = 3600.0
     #: An idle keep-alive connection is closed after this many seconds.
     keepalive_timeout_s: Seconds = 15.0
     #: Open connections per worker process; one more is accepted and closed at once.

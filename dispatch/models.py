@@ -73,6 +73,19 @@ class OrderPage(_Model):
     next_cursor: str | None = None
 
 
+#: The ISO 4217 codes of the currencies in use (funds and metals aside, a few fund
+#: codes kept since prices are sometimes quoted in them).
+CURRENCIES = frozenset("""
+AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN BZD
+CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS
+GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT
+LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD
+OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP
+SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAF XCD XCG XOF
+XPF YER ZAR ZMW ZWG
+""".split())
+
+
 #: The character classes a CodeRule may ask for.
 CHARSETS = {"digits": "0-9", "alphanumeric": "A-Za-z0-9", "upper_alphanumeric": "A-Z0-9", "hex": "0-9A-Fa-f"}
 
@@ -129,6 +142,14 @@ class Sku(_Model):
     #: What its codes and PINs must look like (imports): None takes any.
     code_rule: CodeRule | None = None
     pin_rule: CodeRule | None = None
+    #: Given away: only a free SKU may have a price of 0.
+    free: bool = False
+
+    def __post_init__(self) -> None:
+        if self.currency not in CURRENCIES:
+            raise ValueError(f"currency {self.currency!r} is not an ISO 4217 code (three capitals, such as USD)")
+        if self.price == 0 and not self.free:
+            raise ValueError("price 0 is only for a SKU marked free (free: true)")
 
 
 class Supplier(_Model):

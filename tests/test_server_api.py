@@ -482,3 +482,28 @@ async def test_a_code_rule_set_over_http_makes_lines_malformed(server: Server) -
     assert r.status == 201, r
     assert r.json()["malformed_lines"] == [{"line": 2, "reason": "code has characters outside hex"},
                                            {"line": 3, "reason": "code shorter than 8 characters"}]
+
+
+async def test_money_catalog_and_query_values_are_checked_by_field(server: Server) -> None:
+    await server.shop(codes=0)
+    sku = {"sku": "s1", "name": "S1", "face_value": 1000, "currency": "USD", "price": 900}
+    for bad, field in (({"currency": "usd"}, "currency"), ({"currency": "XXY"}, "currency"),
+                       ({"currency": "dollars!"}, "currency"), ({"price": 0}, "price"), ({"price": 652.5}, "price")):
+        r = await server.admin("POST", "/admin/skus", json=sku | bad)
+        assert (r.status, r.error) == (422, "validation_error"), bad
+        assert field in r.json()["error"]["message"], (bad, r.json())
+    # a whole number written as a float is the integer the schema asks for
+    r = await server.admin("POST", "/admin/skus", json=sku | {"price": 652.0, "face_value": 1000.0})
+    assert r.status == 201 and r.json()["price"] == 652
+    r = await server.admin("POST", "/admin/skus", json=sku | {"sku": "gift", "price": 0, "free": True})
+    assert r.status == 201 and r.json()["free"] is True
+    r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 0})
+    assert (r.status, r.error) == (422, "validation_error") and "price" in r.json()["error"]["message"]
+    for path, field in (("/admin/orders/export?to=0.5", "to"), ("/admin/ledger/export?from=1700000000", "from"),
+                        ("/admin/events?stream=sku:g100&after=1-99999999999999999999", "after")):
+        r = await server.admin("GET", path)
+        assert (r.status, r.error) == (422, "validation_error"), path
+        assert field in r.json()["error"]["message"]
+    r = await server.admin("GET", "/admin/events?stream=sku:g100&after=18446744073709551615-0")
+    assert r.status == 200
+    assert (await server.admin("GET", "/admin/orders/export?to=2030-01-01T00:00:00Z")).status == 200

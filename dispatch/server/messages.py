@@ -27,7 +27,8 @@ __all__ = [
 
 Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Currency = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+#: ISO 4217 (models.CURRENCIES).
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
 Seconds = Annotated[int, msgspec.Meta(ge=1)]
 Aware = Annotated[datetime, msgspec.Meta(tz=True)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
@@ -83,6 +84,8 @@ class SkuCreate(_In):
     after_sales: AfterSalesDefault = "refund"
     code_rule: CodeRule | None = None
     pin_rule: CodeRule | None = None
+    #: Given away: only a free SKU may have a price of 0.
+    free: bool = False
 
 
 class SkuPatch(_In):
@@ -95,6 +98,7 @@ class SkuPatch(_In):
     #: null: any code (or PIN) is taken from then on.
     code_rule: CodeRule | None | UnsetType = UNSET
     pin_rule: CodeRule | None | UnsetType = UNSET
+    free: bool | UnsetType = UNSET
 
 
 class SupplierCreate(_In):
@@ -198,6 +202,10 @@ class EventQuery(_In):
     #: The last event id you have; absent: from the oldest kept.
     after: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}(\.[0-9]{1,6})?$")] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+
+    def __post_init__(self) -> None:
+        if self.after is not None and any(int(p) >= 1 << 64 for p in self.after.split(".")[0].split("-")):
+            raise ValueError(f"after {self.after!r}: each part of a stream id is below 2^64")
 
 
 class WebhookSet(_In):
