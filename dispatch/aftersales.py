@@ -120,7 +120,7 @@ class AfterSales:
                              status="parked" if counts[b.batch_id][2] and b.status != "voided" else b.status,
                              accepted=b.accepted, duplicate=b.duplicate, malformed=b.malformed, voided=b.voided,
                              delivered=counts[b.batch_id][0], invalidated=counts[b.batch_id][1],
-                             created_at=ms_to_dt(b.created)) for b in batches]
+                             expired=counts[b.batch_id][3], created_at=ms_to_dt(b.created)) for b in batches]
         delivered = sum(r.delivered for r in rows)
         invalidated = sum(r.invalidated for r in rows)
         return SupplierReport(supplier=supplier, name=a.name, status=a.status,  # type: ignore[arg-type]

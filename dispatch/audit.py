@@ -31,9 +31,12 @@ async def audit(store: Store) -> list[str]:
     for sku, state in zip(ids, await store.catalog.skus(ids)):
         if not state.meta:
             continue
-        _, parked_seqs = await store.inventory.batch_counts(sku)
+        batch_stats, parked_seqs = await store.inventory.batch_counts(sku)
+        retired = await store.inventory.retired(sku)
         pooled = {"available": 0, "parked": 0}
         for seq, codes in (await store.inventory.pools(sku)).items():
+            if codes and seq in retired:
+                problems.append(f"{sku}: the pool of batch {seq} holds {len(codes)} codes past their sell-by")
             for c in codes:
                 place(c, f"pool {sku}/{seq}")
                 pooled["parked" if seq in parked_seqs else "available"] += 1
@@ -51,7 +54,10 @@ async def audit(store: Store) -> list[str]:
                     sold += n - len(r.get("x", ()))
                     invalidated += len(r.get("x", ()))
         g = {f: state.stats.get(f, 0) for f in ("accepted", "available", "reserved", "sold", "voided",
-                                                "invalidated", "parked")}
+                                                "invalidated", "parked", "expired")}
+        per_batch = sum(n for f, n in batch_stats.items() if f.endswith(":e"))
+        if g["expired"] != per_batch:
+            problems.append(f"{sku}: expired counter {g['expired']} != {per_batch} expired in its batches")
         for st, n in pooled.items():
             if g[st] != n:
                 problems.append(f"{sku}: {st} counter {g[st]} != {n} codes in its pools")
@@ -61,7 +67,7 @@ async def audit(store: Store) -> list[str]:
         total = sum(g[f] for f in g if f != "accepted")
         if g["accepted"] != total:
             problems.append(f"{sku}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated"
-                            f"+parked {total}")
+                            f"+parked+expired {total}")
 
     for dist in await store.accounts.ids():
         a = await store.accounts.get(dist)

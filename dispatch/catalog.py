@@ -53,7 +53,8 @@ def stock_of(sku: str, state: SkuState) -> Stock:
     level = "out_of_stock" if available <= 0 else "low_stock" if available <= threshold else "in_stock"
     return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
                  reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
-                 invalidated=stats.get("invalidated", 0), stock_status=level, parked=stats.get("parked", 0))
+                 invalidated=stats.get("invalidated", 0), stock_status=level, parked=stats.get("parked", 0),
+                 expired=stats.get("expired", 0))
 
 
 class Catalog:
@@ -73,12 +74,13 @@ class Catalog:
     async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
                          low_stock_threshold: int = 0, *, sale_order: str = "oldest_first",
                          after_sales: str = "refund", code_rule: Any = None, pin_rule: Any = None,
-                         free: bool = False) -> Sku:
+                         free: bool = False, min_shelf_life_s: int = 0) -> Sku:
         """A new SKU. *code_rule* and *pin_rule* (CodeRule, or a dict of its fields) say
         what its imported codes and PINs must look like."""
         s = check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
                        low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales,
-                       code_rule=_plain(code_rule), pin_rule=_plain(pin_rule), free=free),
+                       code_rule=_plain(code_rule), pin_rule=_plain(pin_rule), free=free,
+                       min_shelf_life_s=min_shelf_life_s),
                   Sku, "SKU")
         fields = msgspec.structs.asdict(s)
         del fields["sku"]
@@ -89,14 +91,15 @@ class Catalog:
     async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
                          low_stock_threshold: int = _UNSET, status: str = _UNSET, sale_order: str = _UNSET,
                          after_sales: str = _UNSET, code_rule: Any = _UNSET, pin_rule: Any = _UNSET,
-                         free: bool = _UNSET) -> Sku:
+                         free: bool = _UNSET, min_shelf_life_s: int = _UNSET) -> Sku:
         """Change a SKU; ``status="paused"`` stops its sales at once; a rule of None
         takes any code (or PIN) from then on."""
         current = await self.get_sku(sku)
         changes = {k: _plain(v) for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
                                                  status=status, sale_order=sale_order, after_sales=after_sales,
                                                  code_rule=code_rule, pin_rule=pin_rule,
-                                                 free=free).items() if v is not _UNSET}
+                                                 free=free, min_shelf_life_s=min_shelf_life_s).items()
+                   if v is not _UNSET}
         s = check(msgspec.to_builtins(current) | changes, Sku, "SKU")
         if not await self._store.catalog.update_sku(sku, _meta_of({k: getattr(s, k) for k in changes})):
             raise UnknownSkuError(f"unknown SKU {sku}")

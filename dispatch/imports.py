@@ -44,7 +44,7 @@ import operator
 import os
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal, TypeAlias
 
 import msgspec
@@ -53,7 +53,7 @@ from ._core import MAX_LINE_BYTES, scan_lines
 from .errors import ValidationError
 from .models import CodeRule
 
-__all__ = ["ParsedChunk", "parse_codes", "conform", "check_text", "encode_secret", "decode_secret"]
+__all__ = ["ParsedChunk", "parse_codes", "Intake", "expiry_ms", "check_text", "encode_secret", "decode_secret"]
 
 Format: TypeAlias = Literal["auto", "text", "csv"]
 Source: TypeAlias = (
@@ -74,6 +74,7 @@ MAX_NON_TEXT_SHARE = 0.05
 
 _BOM = b"\xef\xbb\xbf"
 _SEP = "\x1f"
+_SEP_BYTES = b"\x1f"
 _TOO_WIDE = f"line longer than {MAX_LINE_BYTES} bytes"
 _ODD = re.compile(r"[^\t\n\r\x20-\x7e]")  # what may be non-printable: looked at one by one
 
@@ -144,24 +145,67 @@ def decode_secret(payload: bytes) -> tuple[str, str | None, str | None, str | No
 # --- parsing -------------------------------------------------------------------
 
 
-def conform(chunk: ParsedChunk, code_rule: CodeRule | None, pin_rule: CodeRule | None) -> ParsedChunk:
-    """*chunk* with its lines that break a SKU's code or PIN rule made malformed."""
-    if code_rule is None and pin_rule is None:
-        return chunk
-    secrets, codes, lines, malformed = [], [], [], list(chunk.malformed)
-    for secret, code, line in zip(chunk.secrets, chunk.codes, chunk.lines):
-        why = code_rule.violation(code.decode()) if code_rule is not None else None
-        if why is None and pin_rule is not None:
-            pin = decode_secret(secret)[1]
-            why = "no pin (the SKU asks for one)" if pin is None else pin_rule.violation(pin, "pin")
-        if why is None:
-            secrets.append(secret)
-            codes.append(code)
-            lines.append(line)
-        else:
-            malformed.append((line, why))
-    malformed.sort()
-    return ParsedChunk(secrets, codes, lines, malformed)
+def expiry_ms(expires_at: str) -> int:
+    """An ``expires_at`` (ISO 8601, as the parser checked it) as unix ms: a date alone is
+    its first moment, a time without a zone is UTC (the earliest reading is the safe one)."""
+    when = datetime.fromisoformat(expires_at)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+class Intake:
+    """A SKU's rules for the lines of one import, applied chunk by chunk (conform): its
+    code and PIN rules, and a code's expiry, which must leave more than the minimum
+    shelf life from *now_ms*. At most *max_expiries* distinct expiries per import (each
+    is a sub-batch: its own pool)."""
+
+    def __init__(self, code_rule: CodeRule | None, pin_rule: CodeRule | None, *, now_ms: int,
+                 min_shelf_life_s: int = 0, max_expiries: int = 1000) -> None:
+        self._code_rule, self._pin_rule = code_rule, pin_rule
+        self._now, self._shelf_ms = now_ms, min_shelf_life_s * 1000
+        self._max_expiries = max_expiries
+        self.expiries: set[int] = set()
+
+    def conform(self, chunk: ParsedChunk) -> tuple[ParsedChunk, list[int] | None]:
+        """*chunk* with the lines that break a rule made malformed, and the expiry (unix ms,
+        0 for none) of each code kept; None when no code of the chunk has one."""
+        code_rule, pin_rule = self._code_rule, self._pin_rule
+        dated = any(_SEP_BYTES in secret for secret in chunk.secrets)  # only 4-field payloads carry one
+        if code_rule is None and pin_rule is None and not dated:
+            return chunk, None
+        secrets, codes, lines, malformed, expiries = [], [], [], list(chunk.malformed), []
+        for secret, code, line in zip(chunk.secrets, chunk.codes, chunk.lines):
+            why = code_rule.violation(code.decode()) if code_rule is not None else None
+            pin = expires_at = None
+            if dated:  # else no line has a pin or an expiry either
+                _, pin, _, expires_at = decode_secret(secret)
+            if why is None and pin_rule is not None:
+                why = "no pin (the SKU asks for one)" if pin is None else pin_rule.violation(pin, "pin")
+            expires = 0
+            if why is None and expires_at is not None:
+                expires = expiry_ms(expires_at)
+                why = self._expiry_problem(expires)
+            if why is None:
+                secrets.append(secret)
+                codes.append(code)
+                lines.append(line)
+                expiries.append(expires)
+            else:
+                malformed.append((line, why))
+        malformed.sort()
+        return ParsedChunk(secrets, codes, lines, malformed), expiries if dated else None
+
+    def _expiry_problem(self, expires: int) -> str | None:
+        if expires <= self._now:
+            return "expired (expires_at is past)"
+        if expires - self._shelf_ms <= self._now:
+            return f"expires within the SKU's minimum shelf life ({self._shelf_ms // 1000} s)"
+        if expires not in self.expiries:
+            if len(self.expiries) >= self._max_expiries:
+                return f"more than {self._max_expiries} distinct expires_at in one batch"
+            self.expiries.add(expires)
+        return None
 
 
 def parse_codes(source: Source, *, format: Format = "auto", max_length: int = 128,

@@ -30,6 +30,10 @@ _RATING_PRIOR = 10  # a new supplier starts as if it had delivered this many goo
 _CLAIM_WINDOW = 1 << 20
 #: Chunks pushed in one pipelined write, while the next ones are encrypted.
 _PUSH_GROUP = 4
+#: Distinct expiries in one import: each is a pool of its own (a sub-batch).
+_MAX_EXPIRIES = 1000
+#: first_expiring: the score of codes without an expiry (plus their seq), after every expiry in ms.
+_NO_EXPIRY = 1 << 52
 
 
 def rating(delivered: int, invalidated: int) -> float:
@@ -40,19 +44,22 @@ def rating(delivered: int, invalidated: int) -> float:
 class _Window:
     """Consecutive chunks of an import waiting for their claims: per chunk, its number
     and its fresh codes as Fingerprints.fresh packs them (secrets, ends, fingerprints);
-    the line number of each fresh code."""
+    the line number and the expiry (unix ms, 0 for none) of each fresh code."""
 
-    __slots__ = ("chunks", "codes", "lines")
+    __slots__ = ("chunks", "codes", "lines", "expiries")
 
     def __init__(self) -> None:
         self.chunks: list[tuple[int, bytes, bytes, bytes]] = []
         self.codes = 0
         self.lines = array("I")
+        self.expiries = array("q")
 
-    def add(self, chunk_no: int, secrets_: bytes, ends: bytes, fps: bytes, lines: array[int]) -> None:
+    def add(self, chunk_no: int, secrets_: bytes, ends: bytes, fps: bytes, lines: array[int],
+            expiries: array[int]) -> None:
         self.chunks.append((chunk_no, secrets_, ends, fps))
         self.codes += len(fps) // 16
         self.lines += lines
+        self.expiries += expiries
 
 
 class _Duplicates:
@@ -66,6 +73,14 @@ class _Duplicates:
 
     def shown(self) -> list[DuplicateLine]:
         return sorted(self.in_file + self.earlier, key=lambda d: d.line)[:_MALFORMED_SHOWN]
+
+
+def _by_expiry(expiries: array[int]) -> dict[int, list[int]]:
+    """Expiry -> the indexes of the codes that have it, in order."""
+    out: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(expiries):
+        out[e].append(i)
+    return out
 
 
 async def _chain(first: imports.ParsedChunk, rest: Any) -> Any:
@@ -94,9 +109,13 @@ class Inventory:
         skipped, and reported with their line numbers. Lines that break the SKU's code
         or PIN rule are malformed. Sending the same *batch_id* again resumes it:
         nothing is added twice. A body that is not text, or holds no line, is refused
-        (ValidationError) before anything is stored.
+        (ValidationError) before anything is stored. A code whose ``expires_at`` (CSV)
+        leaves no more than the SKU's minimum shelf life is malformed; the others are
+        kept in one pool per expiry (sub-batches), retired when it comes.
         """
         rules = await self._catalog.get_sku(sku)
+        intake = imports.Intake(rules.code_rule, rules.pin_rule, now_ms=time.time_ns() // 1_000_000,
+                                min_shelf_life_s=rules.min_shelf_life_s, max_expiries=_MAX_EXPIRIES)
         s = await self._store.aftersales.supplier(supplier)
         if s is None:
             raise NotFoundError(f"unknown supplier {supplier}")
@@ -121,17 +140,17 @@ class Inventory:
         storing: asyncio.Future[int] | None = None
         try:
             async for chunk in _chain(first, chunks):
-                chunk = imports.conform(chunk, rules.code_rule, rules.pin_rule)
+                chunk, expiries = intake.conform(chunk)
                 malformed += len(chunk.malformed)
                 for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
                     bad.append(MalformedLine(line=line, reason=reason))
                 # Off the event loop (the core lets go of the GIL): the window in flight
                 # keeps sending and reading meanwhile.
                 secrets_, ends, fps, again = await asyncio.to_thread(fingerprints.fresh, chunk.codes, chunk.secrets)
-                lines = array("I", chunk.lines)
-                if again:
-                    lines = self._repeats(fingerprints, chunk, fps, dups)
-                window.add(chunk_no, secrets_, ends, fps, lines)
+                kept = self._repeats(fingerprints, chunk, fps, dups) if again else range(len(chunk.lines))
+                window.add(chunk_no, secrets_, ends, fps, array("I", [chunk.lines[i] for i in kept]) if again
+                           else array("I", chunk.lines),
+                           array("q", [expiries[i] for i in kept] if expiries else bytes(8 * len(kept))))
                 chunk_no += 1
                 if window.codes >= _CLAIM_WINDOW:
                     if storing is not None:
@@ -152,20 +171,20 @@ class Inventory:
                            duplicate_lines=shown, duplicate_truncated=duplicate > len(shown))
 
     @staticmethod
-    def _repeats(fingerprints: Any, chunk: imports.ParsedChunk, fps: bytes, dups: _Duplicates) -> array[int]:
-        """The lines of a chunk's fresh codes (*fps*, in order), telling the others as
-        repeats within the file. A repeat's fingerprint was seen before its line, so it
+    def _repeats(fingerprints: Any, chunk: imports.ParsedChunk, fps: bytes, dups: _Duplicates) -> list[int]:
+        """The indexes in *chunk* of its fresh codes (*fps*, in order), telling the others
+        as repeats within the file. A repeat's fingerprint was seen before its line, so it
         never equals the next fresh one: one pass pairs them."""
-        lines, j, n = array("I"), 0, len(fps) // 16
-        for code, line in zip(chunk.codes, chunk.lines):
+        kept, j, n = [], 0, len(fps) // 16
+        for i, (code, line) in enumerate(zip(chunk.codes, chunk.lines)):
             if j < n and fingerprints.fingerprint(code) == fps[16 * j:16 * j + 16]:
-                lines.append(line)
+                kept.append(i)
                 j += 1
             else:
                 dups.count += 1
                 if len(dups.in_file) < _MALFORMED_SHOWN:
                     dups.in_file.append(DuplicateLine(line=line, of="this_file"))
-        return lines
+        return kept
 
     async def _store_window(self, batch: BatchRec, window: _Window, dups: _Duplicates) -> int:
         """Claim the fingerprints of a window, then encrypt the codes this batch owns and
@@ -187,20 +206,31 @@ class Inventory:
                                               batch_id=b.batch_id if b.supplier == batch.supplier else None))
         aad = batch.sku.encode()
         stored = at = 0
-        group: list[tuple[int, bytes, list[bytes]]] = []
+        group: list[tuple[int, int, bytes, list[bytes], int]] = []
         pushing: asyncio.Future[None] | None = None
         try:
             for chunk_no, secrets_, ends, fps in window.chunks:
                 n = len(fps) // 16
                 keep = bytes(owned[at:at + n])
+                expiries = window.expiries[at:at + n]
                 at += n
                 if keep.count(0):
                     fps = b"".join(fps[16 * i:16 * i + 16] for i in range(n) if keep[i])
+                    expiries = array("q", [e for e, k in zip(expiries, keep) if k])
                 # off the event loop too, which meanwhile writes the group in flight
                 ciphertexts = await asyncio.to_thread(self._vault.encrypt_chunk, secrets_, ends, keep, aad)
                 stored += len(ciphertexts)
-                group.append((chunk_no, hashlib.sha256(fps).digest(), ciphertexts))
-                if len(group) == _PUSH_GROUP:
+                if not any(expiries):
+                    group.append((batch.seq, chunk_no, hashlib.sha256(fps).digest(), ciphertexts, 0))
+                else:  # each expiry to its own pool
+                    for expires, picked in _by_expiry(expiries).items():
+                        seq = batch.seq
+                        if expires:
+                            seq = batch.subs.get(expires) or await self._add_sub_batch(batch, expires)
+                        part = b"".join(fps[16 * i:16 * i + 16] for i in picked)
+                        group.append((seq, chunk_no, hashlib.sha256(part).digest(), [ciphertexts[i] for i in picked],
+                                      expires))
+                if len(group) >= _PUSH_GROUP:
                     if pushing is not None:
                         await pushing
                     pushing, group = asyncio.ensure_future(self._store.inventory.push_chunks(batch, group)), []
@@ -212,6 +242,15 @@ class Inventory:
             if pushing is not None:
                 pushing.cancel()
         return stored
+
+    async def _add_sub_batch(self, batch: BatchRec, expires: int) -> int:
+        """A pool for the batch's codes that expire at *expires*, placed in the sale order
+        and parked if the batch is, before any code goes to it."""
+        seq = await self._store.inventory.add_sub_batch(batch, expires)
+        await self.requeue(batch.sku, only=batch)
+        if batch.seq in (await self._store.inventory.batch_counts(batch.sku))[1]:
+            await self._store.inventory.park_batch(batch, True)
+        return seq
 
     async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int) -> BatchRec:
         fresh = BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,
@@ -240,8 +279,9 @@ class Inventory:
             raise NotFoundError(f"no batch has seq {seq}")
         return await self.batch(batch_id)
 
-    async def batch_counts(self, batches: Iterable[BatchRec]) -> dict[str, tuple[int, int, bool]]:
-        """batch id -> (codes delivered, codes invalidated, parked) from the SKU shards."""
+    async def batch_counts(self, batches: Iterable[BatchRec]) -> dict[str, tuple[int, int, bool, int]]:
+        """batch id -> (codes delivered, codes invalidated, parked, codes expired) from the
+        SKU shards, over all the batch's pools."""
         by_sku: dict[str, list[BatchRec]] = defaultdict(list)
         for b in batches:
             by_sku[b.sku].append(b)
@@ -249,7 +289,9 @@ class Inventory:
         for sku, group in by_sku.items():
             stats, parked = await self._store.inventory.batch_counts(sku)
             for b in group:
-                out[b.batch_id] = (stats.get(f"{b.seq}:d", 0), stats.get(f"{b.seq}:i", 0), b.seq in parked)
+                out[b.batch_id] = (sum(stats.get(f"{seq}:d", 0) for seq in b.seqs),
+                                   sum(stats.get(f"{seq}:i", 0) for seq in b.seqs), b.seq in parked,
+                                   sum(stats.get(f"{seq}:e", 0) for seq in b.seqs))
         return out
 
     async def supplier_rating(self, supplier: str) -> float:
@@ -270,20 +312,23 @@ class Inventory:
         await self._store.inventory.park_batch(batch, park)
 
     async def requeue(self, sku: str, only: BatchRec | None = None) -> None:
-        """Set the sale priority of the SKU's batches (or of the new batch *only*) from its
-        sale order: oldest first (the seq), or best-rated supplier first, then oldest."""
-        best_rated = (await self._catalog.get_sku(sku)).sale_order == "best_rated"
-        if only is not None and not best_rated:
+        """Set the sale priority of the SKU's batches (or of the batch *only*, new or with
+        a new sub-batch) from its sale order: oldest first (the seq), best-rated supplier
+        first, then oldest, or first expiring first (codes without an expiry last, oldest
+        first). A batch's sub-batches rank as the batch, but by their own expiry."""
+        order = (await self._catalog.get_sku(sku)).sale_order
+        if only is not None and order == "oldest_first" and not only.subs:
             return  # a new batch's priority is its seq already
         batches = [only] if only is not None else [b for b in await self._store.inventory.batches() if b.sku == sku]
         ratings: dict[str, float] = {}
         scores: list[tuple[int, int]] = []
         for b in batches:
             score = b.seq
-            if best_rated:
+            if order == "best_rated":
                 if b.supplier not in ratings:
                     ratings[b.supplier] = await self.supplier_rating(b.supplier)
                 score += (1000 - round(ratings[b.supplier] * 10)) << 32
-            scores.append((b.seq, score))
+            for seq, expires in [(b.seq, 0), *((s, e) for e, s in b.subs.items())]:
+                scores.append((seq, (expires or _NO_EXPIRY + b.seq) if order == "first_expiring" else score))
         if scores:
             await self._store.inventory.set_priorities(sku, scores)

@@ -136,7 +136,7 @@ class Sku(_Model):
     low_stock_threshold: Amount = 0
     status: Literal["active", "paused"] = "active"
     #: Which batch sells first: the oldest, or the one whose supplier is rated best.
-    sale_order: Literal["oldest_first", "best_rated"] = "oldest_first"
+    sale_order: Literal["oldest_first", "best_rated", "first_expiring"] = "oldest_first"
     #: What an approved ticket gives the buyer by default: its money back, or another code.
     after_sales: Literal["refund", "replace"] = "refund"
     #: What its codes and PINs must look like (imports): None takes any.
@@ -144,6 +144,9 @@ class Sku(_Model):
     pin_rule: CodeRule | None = None
     #: Given away: only a free SKU may have a price of 0.
     free: bool = False
+    #: A code is sold only while it has more than this left before its expires_at, and
+    #: refused at import if it has no more.
+    min_shelf_life_s: Amount = 0
 
     def __post_init__(self) -> None:
         if self.currency not in CURRENCIES:
@@ -213,6 +216,8 @@ class Stock(_Model):
     stock_status: StockStatus
     #: Codes of blacklisted suppliers, kept off sale.
     parked: int = 0
+    #: Codes that reached their sell-by (expires_at - min_shelf_life_s) unsold.
+    expired: int = 0
     forecast: Forecast | None = None
 
 
@@ -314,6 +319,7 @@ class BatchSummary(_Model, omit_defaults=False):
     delivered: int
     invalidated: int
     created_at: datetime
+    expired: int = 0
 
 
 class SupplierReport(_Model, omit_defaults=False):

@@ -81,6 +81,14 @@ class BatchRec(msgspec.Struct, omit_defaults=True):
     duplicate: int = 0
     malformed: int = 0
     voided: int = 0
+    #: Sub-batches by expiry: expiry (unix ms) -> the seq of the pool of the codes that
+    #: expire then. Codes without an expiry are in the batch's own pool (seq).
+    subs: dict[int, int] = {}
+
+    @property
+    def seqs(self) -> list[int]:
+        """The seqs of every pool of the batch: its own, then its sub-batches'."""
+        return [self.seq, *self.subs.values()]
 
 
 class TicketRec(msgspec.Struct):

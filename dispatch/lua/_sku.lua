@@ -2,7 +2,7 @@
 -- KEYS of every SKU script, in order (dispatch.store.keys.SkuKeys):
 --   1 meta  2 stats  3 queue (active batches)  4 dlv (delivery records)  5 chunks  6 void
 --   7 dlv_codes (the codes of each delivery record)  8 batch_stats  9 parked  10 sales
---   11 scores (sale priority per batch)  12 events
+--   11 scores (sale priority per batch)  12 events  13 expq (expiring batches)  14 expired (retired batches)
 -- ARGV[1] is always the pool prefix: a batch's pool is the LIST pool_prefix .. seq.
 
 local POOL = ARGV[1]
@@ -21,6 +21,16 @@ local SKU = sku_keys(KEYS, POOL)
 
 local function count_sold(runs)
   count_sold_in(SKU, runs)
+end
+
+-- Retires the SKU's batches past their sell-by if one is due (see retire_due); true if it did.
+local function retire_if_due()
+  local next_exp = redis.call('HGET', KEYS[2], 'next_exp')
+  if not next_exp then return false end
+  local shelf = redis.call('HGET', KEYS[1], 'min_shelf_life_s')
+  if not due(next_exp, shelf, now_ms()) then return false end
+  retire_due(sku_tag(KEYS[1]), now_ms(), shelf)
+  return true
 end
 
 -- The SKU's stock level after a change (see set_level).

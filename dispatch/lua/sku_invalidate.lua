@@ -33,6 +33,7 @@ redis.call('HINCRBY', KEYS[2], 'sold', '-1')
 redis.call('HINCRBY', KEYS[2], 'invalidated', '1')
 redis.call('HINCRBY', KEYS[8], seq .. ':i', '1')
 
+if retire_if_due() then check_level() end  -- a replacement is never past its sell-by
 local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
 if replace and avail > 0 and redis.call('HGET', KEYS[1], 'status') == 'active' then
   local codes, seqs = take_codes(1)

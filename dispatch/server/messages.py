@@ -33,7 +33,7 @@ Seconds = Annotated[int, msgspec.Meta(ge=1)]
 Aware = Annotated[datetime, msgspec.Meta(tz=True)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
 #: Which batch sells first: the oldest, or the one whose supplier is rated best.
-SaleOrder = Literal["oldest_first", "best_rated"]
+SaleOrder = Literal["oldest_first", "best_rated", "first_expiring"]
 #: What an approved ticket gives by default: the money back, or another code.
 AfterSalesDefault = Literal["refund", "replace"]
 OrderId = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
@@ -86,6 +86,8 @@ class SkuCreate(_In):
     pin_rule: CodeRule | None = None
     #: Given away: only a free SKU may have a price of 0.
     free: bool = False
+    #: Seconds a code must have left before its expires_at to be imported or sold.
+    min_shelf_life_s: Amount = 0
 
 
 class SkuPatch(_In):
@@ -99,6 +101,7 @@ class SkuPatch(_In):
     code_rule: CodeRule | None | UnsetType = UNSET
     pin_rule: CodeRule | None | UnsetType = UNSET
     free: bool | UnsetType = UNSET
+    min_shelf_life_s: Amount | UnsetType = UNSET
 
 
 class SupplierCreate(_In):

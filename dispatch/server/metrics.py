@@ -25,7 +25,7 @@ log = logging.getLogger("dispatch.server")
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_STATES = ("available", "reserved", "sold", "voided", "invalidated", "parked")
+_STATES = ("available", "reserved", "sold", "voided", "invalidated", "parked", "expired")
 
 disable_created_metrics()  # the *_created series only double what a scraper sees
 

@@ -337,18 +337,18 @@ async def create_sku(c: Call) -> Sku:
     b: m.SkuCreate = c.body
     return await c.engine.create_sku(b.sku, b.name, b.face_value, b.currency, b.price, b.low_stock_threshold,
                                      sale_order=b.sale_order, after_sales=b.after_sales, code_rule=b.code_rule,
-                                     pin_rule=b.pin_rule, free=b.free)
+                                     pin_rule=b.pin_rule, free=b.free, min_shelf_life_s=b.min_shelf_life_s)
 
 
 @route("PATCH", "/admin/skus/{sku}", auth="admin", body=m.SkuPatch, out=Sku)
 async def update_sku(c: Call) -> Sku:
     """Change a SKU's name, price, low-stock threshold, status (paused stops sales at once),
-    sale order, after-sales default, code or PIN rule, free."""
+    sale order, after-sales default, code or PIN rule, free, minimum shelf life."""
     b: m.SkuPatch = c.body
     return await c.engine.update_sku(c.params["sku"], name=b.name, price=b.price,
                                      low_stock_threshold=b.low_stock_threshold, status=b.status,
                                      sale_order=b.sale_order, after_sales=b.after_sales, code_rule=b.code_rule,
-                                     pin_rule=b.pin_rule, free=b.free)
+                                     pin_rule=b.pin_rule, free=b.free, min_shelf_life_s=b.min_shelf_life_s)
 
 
 @route("GET", "/admin/skus/{sku}/stock", auth="admin", out=Stock)

@@ -55,6 +55,16 @@ class InventoryStore:
             await c.sadd(keys.SupplierKeys(batch.supplier).batches, batch.batch_id)
         return True
 
+    async def add_sub_batch(self, batch: BatchRec, expires: int) -> int:
+        """A new seq for the codes of *batch* that expire at *expires* (ms), recorded
+        (in the batch, and seq -> batch id) before any code goes to its pool."""
+        seq = await self.next_batch_seq()
+        batch.subs[expires] = seq
+        with translated():
+            await self._db.client.hset(keys.BATCH_SEQ, str(seq), batch.batch_id)
+        await self.save_batch(batch)
+        return seq
+
     async def save_batch(self, batch: BatchRec) -> None:
         with translated():
             await self._db.client.hset(keys.BATCHES, batch.batch_id, encode(batch))
@@ -83,8 +93,8 @@ class InventoryStore:
         return [decode_batch(r) for r in raws if r is not None]
 
     async def batch_counts(self, sku: str) -> tuple[dict[str, int], set[int]]:
-        """Per-batch counters of a SKU ("seq:d" codes delivered, "seq:i" invalidated),
-        and the seqs of its parked batches."""
+        """Per-batch counters of a SKU ("seq:d" codes delivered, "seq:i" invalidated,
+        "seq:e" expired), and the seqs of its parked batches."""
         k = keys.SkuKeys(sku)
         with translated():
             stats = await self._db.client.hgetall(k.batch_stats)
@@ -121,14 +131,17 @@ class InventoryStore:
                             others[at] = int(reply[j + 1])
         return owned, others
 
-    async def push_chunks(self, batch: BatchRec, chunks: Sequence[tuple[int, bytes, list[bytes]]]) -> None:
-        """Put chunks ``(chunk number, digest, codes)`` on sale in the batch's pool, in
-        order and once each (a chunk sent again with the same digest adds nothing), in
-        one pipelined write. ConflictError if one differs or the batch is voided."""
+    async def push_chunks(self, batch: BatchRec,
+                          chunks: Sequence[tuple[int, int, bytes, list[bytes], int]]) -> None:
+        """Put chunks ``(seq, chunk number, digest, codes, expiry ms or 0)`` on sale in
+        the batch's pools, in order and once each (a chunk sent again with the same
+        digest adds nothing), in one pipelined write. ConflictError if one differs or the
+        batch is voided."""
         k = keys.SkuKeys(batch.sku)
         replies = await self._db.run_many(
-            "import_push", [(k.all, [k.pool_prefix, batch.seq, chunk, digest], (codes,)) for chunk, digest, codes in chunks])
-        for (chunk, _, _), reply in zip(chunks, replies):
+            "import_push", [(k.all, [k.pool_prefix, seq, chunk, digest, expires], (codes,))
+                            for seq, chunk, digest, codes, expires in chunks])
+        for (_, chunk, _, _, _), reply in zip(chunks, replies):
             if reply[0] not in (b"ok", b"again"):
                 raise refusal("import_push", reply[0], sku=batch.sku, batch=batch.batch_id, chunk=chunk)
 
@@ -153,15 +166,34 @@ class InventoryStore:
         await self._sku_script("sku_requeue", sku, len(scores), *flat)
 
     async def void_batch(self, batch: BatchRec) -> tuple[bool, int]:
-        """Withdraw the batch's unsold codes: (voided now, not before; codes withdrawn)."""
-        reply = await self._sku_script("batch_void", batch.sku, batch.seq)
-        return reply[0] == b"ok", int(reply[1])
+        """Withdraw the batch's unsold codes, from each of its pools: (voided now, not
+        before; codes withdrawn)."""
+        now, n = False, 0
+        for seq in batch.seqs:
+            reply = await self._sku_script("batch_void", batch.sku, seq)
+            now, n = now or reply[0] == b"ok", n + int(reply[1])
+        return now, n
 
     async def park_batch(self, batch: BatchRec, park: bool) -> None:
         """Take the batch's codes off sale but keep them (park), or put them back (unpark)."""
-        await self._sku_script("batch_park", batch.sku, batch.seq, "park" if park else "unpark")
+        for seq in batch.seqs:
+            await self._sku_script("batch_park", batch.sku, seq, "park" if park else "unpark")
+
+    async def retire_expired(self, skus: Sequence[str]) -> int:
+        """Retire the batches of *skus* past their sell-by (sku_expire), in one pipelined
+        write: how many SKUs had one."""
+        calls = []
+        for sku in skus:
+            k = keys.SkuKeys(sku)
+            calls.append((k.all, [k.pool_prefix], ()))
+        return sum(int(r) for r in await self._db.run_many("sku_expire", calls)) if calls else 0
 
     # ---- what audit() reads ------------------------------------------------------------
+    async def retired(self, sku: str) -> set[int]:
+        """The seqs of the SKU's batches retired past their sell-by."""
+        with translated():
+            return {int(s) for s in await self._db.client.smembers(keys.SkuKeys(sku).expired)}
+
     async def pools(self, sku: str) -> dict[int, list[bytes]]:
         """Every batch pool of a SKU that holds codes: seq -> its codes."""
         k = keys.SkuKeys(sku)
