@@ -147,10 +147,13 @@ class Inventory:
                 # Off the event loop (the core lets go of the GIL): the window in flight
                 # keeps sending and reading meanwhile.
                 secrets_, ends, fps, again = await asyncio.to_thread(fingerprints.fresh, chunk.codes, chunk.secrets)
-                kept = self._repeats(fingerprints, chunk, fps, dups) if again else range(len(chunk.lines))
-                window.add(chunk_no, secrets_, ends, fps, array("I", [chunk.lines[i] for i in kept]) if again
-                           else array("I", chunk.lines),
-                           array("q", [expiries[i] for i in kept] if expiries else bytes(8 * len(kept))))
+                lines = chunk.lines
+                if again:  # the fresh codes' lines and expiries only
+                    kept = self._repeats(fingerprints, chunk, fps, dups)
+                    lines = [lines[i] for i in kept]
+                    expiries = expiries and [expiries[i] for i in kept]
+                window.add(chunk_no, secrets_, ends, fps, array("I", lines),
+                           array("q", expiries) if expiries else array("q", bytes(8 * len(lines))))
                 chunk_no += 1
                 if window.codes >= _CLAIM_WINDOW:
                     if storing is not None:
