@@ -100,7 +100,10 @@ class Catalog:
                                                  code_rule=code_rule, pin_rule=pin_rule,
                                                  free=free, min_shelf_life_s=min_shelf_life_s).items()
                    if v is not _UNSET}
-        s = check(msgspec.to_builtins(current) | changes, Sku, "SKU")
+        merged = msgspec.to_builtins(current) | changes
+        if merged.get("price") == 0 and not merged.get("free"):
+            raise ConflictError(f"SKU {sku}: price 0 is only for a SKU marked free (free: true)")
+        s = check(merged, Sku, "SKU")
         if not await self._store.catalog.update_sku(sku, _meta_of({k: getattr(s, k) for k in changes})):
             raise UnknownSkuError(f"unknown SKU {sku}")
         self._cache.pop(("sku", sku), None)
@@ -209,7 +212,7 @@ class Catalog:
         for sku, st in zip(ids, await self._store.catalog.skus(ids)):
             if not st.meta or st.meta.get("status") != "active":
                 continue
-            s = msgspec.convert({"sku": sku, **st.meta}, Sku, strict=False)
+            s = sku_of(sku, st.meta)
             out.append(CatalogItem(sku=sku, name=s.name, face_value=s.face_value, currency=s.currency,
                                    price=t.price_of(s) if t is not None else s.price,
                                    stock_status=stock_of(sku, st).stock_status))

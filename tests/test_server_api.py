@@ -482,6 +482,8 @@ async def test_a_code_rule_set_over_http_makes_lines_malformed(server: Server) -
     assert r.status == 201, r
     assert r.json()["malformed_lines"] == [{"line": 2, "reason": "code has characters outside hex"},
                                            {"line": 3, "reason": "code shorter than 8 characters"}]
+    r = await server.as_("acme", "GET", "/v1/skus")  # the catalog reads the rule back
+    assert r.status == 200 and "g100" in [s["sku"] for s in r.json()["skus"]]
 
 
 async def test_money_catalog_and_query_values_are_checked_by_field(server: Server) -> None:
@@ -497,8 +499,10 @@ async def test_money_catalog_and_query_values_are_checked_by_field(server: Serve
     assert r.status == 201 and r.json()["price"] == 652
     r = await server.admin("POST", "/admin/skus", json=sku | {"sku": "gift", "price": 0, "free": True})
     assert r.status == 201 and r.json()["free"] is True
-    r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 0})
-    assert (r.status, r.error) == (422, "validation_error") and "price" in r.json()["error"]["message"]
+    r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 0})  # the SKU is not free: a conflict
+    assert (r.status, r.error) == (409, "conflict") and "price" in r.json()["error"]["message"]
+    r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 0, "free": True})
+    assert r.status == 200 and (r.json()["price"], r.json()["free"]) == (0, True)
     for path, field in (("/admin/orders/export?to=0.5", "to"), ("/admin/ledger/export?from=1700000000", "from"),
                         ("/admin/events?stream=sku:g100&after=1-99999999999999999999", "after")):
         r = await server.admin("GET", path)

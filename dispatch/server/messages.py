@@ -7,13 +7,16 @@ from these types and the engine's models (see openapi.py).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ..models import Amount, CodeRule, Distributor, Id, OrderStatus, RateLimit, Supplier, Ticket, TicketStatus
-from ..webhooks import FailedDelivery
+from ..imports import MAX_FIELD_LENGTH
+from ..models import (CURRENCIES, Amount, CodeRule, Distributor, Id, OrderStatus, RateLimit, Supplier, Ticket,
+                      TicketStatus)
+from ..records import MAX_REF, MAX_TEXT, REF_PATTERN, TEXT_PATTERN
+from ..webhooks import MAX_URL, URL_PATTERN, FailedDelivery
 
 __all__ = [
     "Empty", "OrderRequest", "OrderQuery", "SkuCreate", "SkuPatch", "SupplierCreate", "TierCreate",
@@ -25,13 +28,13 @@ __all__ = [
     "FailedQuery", "FailedList", "Replayed",
 ]
 
-Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REF, pattern=REF_PATTERN)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 #: ISO 4217 (models.CURRENCIES).
-Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", extra_json_schema={"enum": sorted(CURRENCIES)})]
 Seconds = Annotated[int, msgspec.Meta(ge=1)]
 Aware = Annotated[datetime, msgspec.Meta(tz=True)]
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT, pattern=TEXT_PATTERN)]
 #: Which batch sells first: the oldest, or the one whose supplier is rated best.
 SaleOrder = Literal["oldest_first", "best_rated", "first_expiring"]
 #: What an approved ticket gives by default: the money back, or another code.
@@ -50,6 +53,11 @@ class Empty(_In):
 
 
 class OrderRequest(_In):
+    #: reserve_ttl_s only with mode reserve (the OpenAPI document says so: openapi.py).
+    __schema_extra__: ClassVar[dict[str, Any]] = {
+        "anyOf": [{"properties": {"mode": {"const": "reserve"}}, "required": ["mode"]},
+                  {"properties": {"reserve_ttl_s": {"type": "null"}}}]}
+
     sku: Id
     qty: Annotated[int, msgspec.Meta(ge=1)]
     #: Your own id for the order: the idempotency key.
@@ -73,7 +81,13 @@ class OrderQuery(_In):
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
 
 
+#: A price of 0 only with free: true (the OpenAPI document says so: openapi.py).
+_FREE_OR_PRICED: dict[str, Any] = {"anyOf": [{"properties": {"price": {"minimum": 1}}},
+                                             {"properties": {"free": {"const": True}}, "required": ["free"]}]}
+
+
 class SkuCreate(_In):
+    __schema_extra__: ClassVar[dict[str, Any]] = _FREE_OR_PRICED
     sku: Id
     name: Name
     face_value: Amount
@@ -91,6 +105,7 @@ class SkuCreate(_In):
 
 
 class SkuPatch(_In):
+    """A change that would leave a SKU not free with a price of 0 is a conflict (409)."""
     name: Name | UnsetType = UNSET
     price: Amount | UnsetType = UNSET
     low_stock_threshold: Amount | UnsetType = UNSET
@@ -166,7 +181,7 @@ class OrderExportQuery(ExportQuery):
 class TicketCreate(_In):
     order_id: OrderId
     #: The code that does not work, as it was delivered.
-    code: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIELD_LENGTH)]
     reason: Text
 
 
@@ -212,7 +227,7 @@ class EventQuery(_In):
 
 
 class WebhookSet(_In):
-    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_URL, pattern=URL_PATTERN)]
 
 
 class FailedQuery(_In):

@@ -104,8 +104,8 @@ class Route:
             if b"." in body:  # maybe a whole number written as 652.0: JSON Schema's integer takes it
                 try:
                     return msgspec.convert(_whole_numbers(msgspec.json.decode(body)), self.body)
-                except msgspec.ValidationError:
-                    pass
+                except msgspec.ValidationError as again:
+                    e = again  # what is wrong once whole numbers are integers
             raise ValidationError(f"invalid body: {e}") from None
         except msgspec.DecodeError as e:
             raise ValidationError(f"the body is not valid JSON: {e}") from None
