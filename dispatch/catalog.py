@@ -54,7 +54,7 @@ def stock_of(sku: str, state: SkuState) -> Stock:
     return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
                  reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
                  invalidated=stats.get("invalidated", 0), stock_status=level, parked=stats.get("parked", 0),
-                 expired=stats.get("expired", 0))
+                 expired=stats.get("expired", 0), expiring=stats.get("expiring", 0))
 
 
 class Catalog:

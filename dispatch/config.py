@@ -59,6 +59,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_reserve_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
     #: How often the background sweep expires leases and recovers half-done orders.
     sweep_interval_s: Seconds = 1.0
+    #: The sweep counts a SKU's codes on sale that reach their sell-by within this
+    #: window (Stock.expiring, the dispatch_stock_expiring_codes metric) ...
+    expiring_window_s: Seconds = 7 * 86_400.0
+    #: ... and tells stock.expiring when they are at least this many (0: never).
+    expiring_alert_codes: Annotated[int, msgspec.Meta(ge=0)] = 0
     #: An order still mid-saga after this long is finished (or rolled back) by the sweep.
     recovery_grace_s: Seconds = 10.0
     #: How long prices and tiers are cached in-process before being re-read.

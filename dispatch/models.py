@@ -218,6 +218,8 @@ class Stock(_Model):
     parked: int = 0
     #: Codes that reached their sell-by (expires_at - min_shelf_life_s) unsold.
     expired: int = 0
+    #: Codes on sale that reach their sell-by within expiring_window_s (as of the last sweep).
+    expiring: int = 0
     forecast: Forecast | None = None
 
 

@@ -49,7 +49,9 @@ class Recovery:
         *grace_s* (default ``recovery_grace_s``), and retire batches past their sell-by
         (the sales do too: this keeps the stock figures of a SKU that does not sell
         current). Returns (expired, recovered)."""
-        await self._store.inventory.retire_expired(await self._store.catalog.sku_ids())
+        cfg = self._config
+        await self._store.inventory.retire_expired(await self._store.catalog.sku_ids(), cfg.expiring_window_s,
+                                                   cfg.expiring_alert_codes)
         grace = self._config.recovery_grace_s if grace_s is None else grace_s
         now = time.time_ns() // 1_000_000
         before = now - int(grace * 1000)

@@ -12,6 +12,7 @@ import pytest
 from dispatch import errors
 from dispatch.engine import Engine
 
+from .conftest import make_config
 from .httpkit import Server, make_server, server  # noqa: F401  (fixtures)
 
 DAY = 86_400
@@ -107,12 +108,34 @@ async def test_oldest_first_keeps_a_batchs_sub_batches_in_its_place(shop: Engine
 async def test_an_upload_with_expired_lines_over_http(server: Server) -> None:
     await server.shop(codes=0)
     r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000",
-                           body=csv(("HTTP-0001", "2001-01-01"), ("HTTP-0002", at(9))),
+                           body=csv(("HTTP-0001", "2001-01-01"), ("HTTP-0002", at(3))),
                            headers={"Content-Type": "text/csv"})
     assert r.status == 201 and r.json()["accepted"] == 1
     assert r.json()["malformed_lines"] == [{"line": 2, "reason": "expired (expires_at is past)"}]
+    await server.engine.sweep()
+    metrics = (await server.request("GET", "/metrics")).body.decode()
+    assert 'dispatch_stock_expiring_codes{sku="g100"} 1.0' in metrics
     r = await server.admin("PATCH", "/admin/skus/g100", json={"min_shelf_life_s": 30 * DAY})
     assert r.status == 200 and r.json()["min_shelf_life_s"] == 30 * DAY
     r = await server.as_("acme", "POST", "/v1/orders", json={"sku": "g100", "qty": 1, "external_ref": "x"})
     assert (r.status, r.error) == (409, "out_of_stock")
     assert (await server.admin("GET", "/admin/skus/g100/stock")).json()["expired"] == 1
+
+
+async def test_codes_nearing_their_sell_by_are_counted_and_told_once(tmp_path, flushed_redis_url: str) -> None:
+    cfg = make_config(tmp_path, redis_url=flushed_redis_url, expiring_window_s=7 * DAY, expiring_alert_codes=3)
+    async with Engine(cfg, sweep=False) as e:
+        await e.create_sku("g100", "Game card", 10000, "USD", 9500)
+        await e.create_supplier("sup", "Supplier")
+        await e.import_codes(csv(("NEAR-001", at(3)), ("NEAR-002", at(3)), ("FAR-0001", at(30))), sku="g100",
+                             supplier="sup", unit_cost=1)
+        await e.sweep()
+        assert (await e.stock("g100")).expiring == 2
+        assert [ev.type for ev in (await e.events("sku:g100")).events if ev.type == "stock.expiring"] == []
+        await e.import_codes(csv(("NEAR-003", at(4))), sku="g100", supplier="sup", unit_cost=1)
+        await e.sweep()
+        await e.sweep()  # told once, not once a sweep
+        told = [ev for ev in (await e.events("sku:g100")).events if ev.type == "stock.expiring"]
+        assert len(told) == 1 and told[0].data["expiring"] == 3 and told[0].data["threshold"] == 3
+        assert (await e.stock("g100")).expiring == 3
+        assert await e.audit() == []

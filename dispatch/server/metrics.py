@@ -101,6 +101,8 @@ class Metrics:
         r.register(self._requests)
         self._stock = Gauge("dispatch_stock_codes", "Codes per SKU and state (read at scrape time)",
                             ["sku", "state"], registry=r)
+        self._expiring = Gauge("dispatch_stock_expiring_codes", "Codes on sale per SKU that reach their sell-by "
+                               "within expiring_window_s (as of the last sweep)", ["sku"], registry=r)
         self._webhooks = Gauge("dispatch_webhook_deliveries", "Webhook deliveries waiting for a try (due) "
                                "or failed for good (failed), read at scrape time", ["state"], registry=r)
         self.connections = Gauge("dispatch_http_connections", "Open HTTP connections", registry=r)
@@ -130,6 +132,7 @@ class Metrics:
             for s in await self._engine.stocks():
                 for state in _STATES:
                     self._stock.labels(s.sku, state).set(getattr(s, state))
+                self._expiring.labels(s.sku).set(s.expiring)
             due, failed = await self._engine.webhooks.backlog()
             self._webhooks.labels("due").set(due)
             self._webhooks.labels("failed").set(failed)

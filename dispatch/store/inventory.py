@@ -179,14 +179,15 @@ class InventoryStore:
         for seq in batch.seqs:
             await self._sku_script("batch_park", batch.sku, seq, "park" if park else "unpark")
 
-    async def retire_expired(self, skus: Sequence[str]) -> int:
-        """Retire the batches of *skus* past their sell-by (sku_expire), in one pipelined
-        write: how many SKUs had one."""
+    async def retire_expired(self, skus: Sequence[str], window_s: float, alert_codes: int) -> int:
+        """Retire the batches of *skus* past their sell-by and count the codes reaching it
+        within *window_s* (sku_expire: a stock.expiring event at *alert_codes*), in one
+        pipelined write: how many SKUs had batches retired."""
         calls = []
         for sku in skus:
             k = keys.SkuKeys(sku)
-            calls.append((k.all, [k.pool_prefix], ()))
-        return sum(int(r) for r in await self._db.run_many("sku_expire", calls)) if calls else 0
+            calls.append((k.all, [k.pool_prefix, int(window_s * 1000), alert_codes], ()))
+        return sum(int(r[0]) for r in await self._db.run_many("sku_expire", calls)) if calls else 0
 
     # ---- what audit() reads ------------------------------------------------------------
     async def retired(self, sku: str) -> set[int]:
