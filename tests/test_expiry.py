@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import redis
 
 from dispatch import errors
 from dispatch.engine import Engine
@@ -139,3 +140,13 @@ async def test_codes_nearing_their_sell_by_are_counted_and_told_once(tmp_path, f
         assert len(told) == 1 and told[0].data["expiring"] == 3 and told[0].data["threshold"] == 3
         assert (await e.stock("g100")).expiring == 3
         assert await e.audit() == []
+
+
+async def test_a_sweep_with_nothing_new_writes_nothing(shop: Engine, flushed_redis_url: str) -> None:
+    await shop.import_codes(csv(("QUIET-01", at(3)), ("QUIET-02", at(30))), sku="g100", supplier="sup", unit_cost=1)
+    await shop.sweep()
+    with redis.Redis.from_url(flushed_redis_url) as r:
+        dirty = r.info("persistence")["rdb_changes_since_last_save"]
+        await shop.sweep()
+        await shop.sweep()
+        assert r.info("persistence")["rdb_changes_since_last_save"] == dirty

@@ -14,9 +14,13 @@ local n = 0
 for _, seq in ipairs(soon) do
   if redis.call('SISMEMBER', KEYS[9], seq) == 0 then n = n + redis.call('LLEN', POOL .. seq) end
 end
-local was = redis.call('HGET', KEYS[2], 'expiring_alert') == '1'
+-- written only when it changed: the sweep runs this for every SKU every sweep_interval_s
+local before = redis.call('HMGET', KEYS[2], 'expiring', 'expiring_alert')
+local was = before[2] == '1'
 local alert = alert_codes > 0 and n >= alert_codes
-redis.call('HSET', KEYS[2], 'expiring', int(n), 'expiring_alert', alert and '1' or '0')
+if tonumber(before[1] or '0') ~= n or was ~= alert then
+  redis.call('HSET', KEYS[2], 'expiring', int(n), 'expiring_alert', alert and '1' or '0')
+end
 if alert and not was then
   local sku = string.match(KEYS[1], '{s:(.*)}')
   emit(KEYS[12], 'stock.expiring', 'stock:' .. sku, redis.call('HINCRBY', KEYS[2], 'ver', '1'),
