@@ -1,7 +1,8 @@
 """Codes that expire: refused at import when expired (or inside the SKU's minimum shelf
 life), kept in one pool per expiry, retired unsold when their sell-by comes (before any
-sale, and by the sweep), counted expired; sold first-expiring-first if asked. Times are
-never waited for: a code's sell-by is moved by the SKU's min_shelf_life_s."""
+sale, and by the sweep), counted expired; sold first-expiring-first if asked; the same in
+each bucket of a SKU spread over several. Times are never waited for: a code's sell-by
+is moved by the SKU's min_shelf_life_s."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def at(days: float) -> str:
 
 def csv(*rows: tuple[str, str]) -> bytes:
     return ("code,expires_at\n" + "".join(f"{c},{e}\n" for c, e in rows)).encode()
+
+
+async def sell_out(e: Engine) -> list[str]:
+    """The codes acme gets buying g100 one at a time until it is out of stock, sorted."""
+    sold: list[str] = []
+    while True:
+        try:
+            sold += [c.code for c in (await e.purchase("acme", "g100", 1, f"o{len(sold)}")).codes]
+        except errors.OutOfStockError:
+            return sorted(sold)
 
 
 async def test_expired_lines_are_refused_and_the_rest_split_by_expiry(shop: Engine) -> None:
@@ -150,3 +161,69 @@ async def test_a_sweep_with_nothing_new_writes_nothing(shop: Engine, flushed_red
         await shop.sweep()
         await shop.sweep()
         assert r.info("persistence")["rdb_changes_since_last_save"] == dirty
+
+
+async def test_expiry_in_a_sku_spread_over_buckets(tmp_path, flushed_redis_url: str) -> None:
+    """Each bucket keeps its own expiring batches: the sweep retires them in every bucket,
+    the stock figures and the stock.expiring alert are over the whole SKU, void reaches
+    every pool of a batch in every bucket, and no code past its sell-by is sold."""
+    cfg = make_config(tmp_path, redis_url=flushed_redis_url, expiring_window_s=7 * DAY, expiring_alert_codes=3)
+    async with Engine(cfg, sweep=False) as e:
+        await e.create_sku("g100", "Game card", 10000, "USD", 9500, buckets=2)
+        await e.create_supplier("sup", "Supplier")
+        await e.create_distributor("acme", "Acme")
+        await e.topup("acme", 1_000_000, "seed")
+        await e.import_codes(csv(("HELD-001", at(2))), sku="g100", supplier="sup", unit_cost=1, batch_id="held")
+        held = await e.purchase("acme", "g100", 1, "held", mode="reserve")
+        short = [f"SHORT-0{i}" for i in range(1, 5)]
+        await e.import_codes(csv(*((c, at(2)) for c in short), ("LONG-001", at(60)), ("LONG-002", at(60))),
+                             sku="g100", supplier="sup", unit_cost=1, batch_id="dated")
+        await e.import_codes(b"PLAIN-01\nPLAIN-02\n", sku="g100", supplier="sup", unit_cost=1, batch_id="plain")
+        shards = await e.store.catalog.shards("g100")
+        assert shards == ["g100", "g100~1"]
+
+        async def per_bucket(field: str) -> list[int]:
+            return [(await e.store.catalog.counters(s)).get(field, 0) for s in shards]
+
+        await e.sweep()
+        assert await per_bucket("expiring") == [2, 2]  # each bucket holds half of the SHORT codes
+        stock = await e.stock("g100")
+        assert (stock.accepted, stock.available, stock.reserved, stock.expiring) == (9, 8, 1, 4)
+        told = [ev for ev in (await e.events("sku:g100")).events if ev.type == "stock.expiring"]
+        assert len(told) == 1 and told[0].data["expiring"] == 4  # 2 + 2 reach the threshold of 3
+
+        await e.update_sku("g100", min_shelf_life_s=10 * DAY)  # HELD and SHORT are past their sell-by
+        await e.sweep()
+        assert await per_bucket("expired") == [2, 2]
+        assert await per_bucket("expiring") == [0, 0]
+        stock = await e.stock("g100")
+        assert (stock.available, stock.expired, stock.reserved, stock.expiring) == (4, 4, 1, 0)
+        assert await e.audit() == []
+
+        await e.void_batch("dated")  # its LONG codes, one in each bucket's pool of that expiry
+        await e.cancel("acme", held.order_id)  # back to its retired pool: expired
+        assert await per_bucket("expired") == [3, 2]
+        stock = await e.stock("g100")
+        assert (stock.available, stock.expired, stock.voided, stock.reserved) == (2, 5, 2, 0)
+        assert await sell_out(e) == ["PLAIN-01", "PLAIN-02"]
+        stock = await e.stock("g100")
+        assert (stock.accepted, stock.sold, stock.expired, stock.voided, stock.available) == (9, 2, 5, 2, 0)
+        report = {b.batch_id: b.expired for b in (await e.supplier_report("sup")).batches}
+        assert report == {"held": 1, "dated": 4, "plain": 0}
+        assert await e.audit() == []
+
+
+async def test_a_spread_sku_retires_at_the_sale_in_each_bucket(shop: Engine) -> None:
+    await shop.update_sku("g100", buckets=2)
+    await shop.import_codes(csv(*((f"SOON-00{i}", at(2)) for i in range(4)), ("KEEP-001", ""), ("KEEP-002", "")),
+                            sku="g100", supplier="sup", unit_cost=1, batch_id="b1")
+    await shop.create_supplier("sup2", "Other")
+    await shop.import_codes(csv(("PARK-001", at(2)), ("PARK-002", at(2))), sku="g100", supplier="sup2",
+                            unit_cost=1, batch_id="p1")
+    await shop.update_supplier("sup2", status="blacklisted")  # parks each of its pools in each bucket
+    assert ((await shop.stock("g100")).available, (await shop.stock("g100")).parked) == (6, 2)
+    await shop.update_sku("g100", min_shelf_life_s=4 * DAY)  # no sweep: the sales retire what is due
+    assert await sell_out(shop) == ["KEEP-001", "KEEP-002"]
+    stock = await shop.stock("g100")
+    assert (stock.available, stock.parked, stock.sold, stock.expired) == (0, 0, 2, 6)  # parked ones retired too
+    assert await shop.audit() == []
