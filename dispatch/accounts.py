@@ -125,7 +125,7 @@ class Accounts:
         amount = check(amount, int, "amount")
         if amount <= 0:
             raise ValidationError("amount must be a positive integer (minor units)")
-        await self._store.accounts.topup(distributor, check_ref(reference), amount)
+        await self._store.accounts.topup(distributor, check_ref(reference, "reference"), amount)
         return await self.balance(distributor)
 
     async def balance(self, distributor: str) -> Balance:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import re
 import time
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from .errors import ConflictError, NotFoundError, ValidationError
 from .inventory import Inventory, rating
 from .models import Amount, Code, LedgerEntry, Supplier, SupplierReport, SupplierStats, Ticket
 from .paging import window
-from .records import TicketRec, check, check_ref, ledger_entries, ms_to_dt, new_id
+from .records import MAX_TEXT, TEXT_PATTERN, TicketRec, check, check_ref, ledger_entries, ms_to_dt, new_id
 from .sagas import Sagas
 from .store import Store
 from .vault import Vault
@@ -38,14 +39,13 @@ from .vault import Vault
 __all__ = ["AfterSales", "text"]
 
 _UNSET: Any = msgspec.UNSET
-_MAX_TEXT = 1000
 
 
 def text(value: Any, what: str) -> str:
     """A free-text field (a reason, a note), trimmed; ValidationError naming *what*."""
-    if not isinstance(value, str) or not 1 <= len(value.strip()) <= _MAX_TEXT \
-            or any(ord(ch) < 32 and ch not in "\t\n" for ch in value):
-        raise ValidationError(f"{what} must be 1-{_MAX_TEXT} characters, without control characters")
+    if not isinstance(value, str) or len(value) > MAX_TEXT or not re.search(TEXT_PATTERN, value):
+        raise ValidationError(f"{what} must be 1-{MAX_TEXT} characters, not all spaces, without control "
+                              "characters (tab and newline aside)")
     return value.strip()
 
 
@@ -165,8 +165,8 @@ class AfterSales:
         """File an after-sales claim on *code* of one of the distributor's delivered orders,
         within ``ticket_window_s`` of delivery. A code is claimed once (AlreadyClaimedError)."""
         reason = text(reason, "reason")
-        if not isinstance(code, str) or not 1 <= len(code) <= self._config.max_code_length:
-            raise ValidationError(f"code must be 1-{self._config.max_code_length} characters")
+        if not isinstance(code, str) or not 1 <= len(code) <= imports.MAX_FIELD_LENGTH:
+            raise ValidationError(f"code must be 1-{imports.MAX_FIELD_LENGTH} characters")
         rec, codes = await self._store.orders.order(distributor, order_id)
         if rec is None:
             raise NotFoundError(f"no order {order_id}")

@@ -18,12 +18,15 @@ __all__ = ["audit"]
 
 async def _check_shard(store: Store, shard: str, records: dict[str, Any], place: Any, problems: list[str]) -> None:
     """A SKU's shard (or one bucket's): codes placed, counters against its pools and
-    delivery records, conservation; its records added to *records* (a record of an
+    delivery records, expired against its batches, conservation; its records added to *records* (a record of an
     order that took codes wins over the refusals other buckets recorded for it)."""
     stats = await store.catalog.counters(shard)
-    _, parked_seqs = await store.inventory.batch_counts(shard)
+    batch_stats, parked_seqs = await store.inventory.shard_batch_counts(shard)
+    retired = await store.inventory.retired(shard)
     pooled = {"available": 0, "parked": 0}
     for seq, codes in (await store.inventory.pools(shard)).items():
+        if codes and seq in retired:
+            problems.append(f"{shard}: the pool of batch {seq} holds {len(codes)} codes past their sell-by")
         for c in codes:
             place(c, f"pool {shard}/{seq}")
             pooled["parked" if seq in parked_seqs else "available"] += 1
@@ -42,6 +45,9 @@ async def _check_shard(store: Store, shard: str, records: dict[str, Any], place:
                 sold += n - len(r.get("x", ()))
                 invalidated += len(r.get("x", ()))
     g = {f: stats.get(f, 0) for f in COUNTERS}
+    per_batch = sum(n for f, n in batch_stats.items() if f.endswith(":e"))
+    if g["expired"] != per_batch:
+        problems.append(f"{shard}: expired counter {g['expired']} != {per_batch} expired in its batches")
     for st, n in pooled.items():
         if g[st] != n:
             problems.append(f"{shard}: {st} counter {g[st]} != {n} codes in its pools")
@@ -51,7 +57,7 @@ async def _check_shard(store: Store, shard: str, records: dict[str, Any], place:
     total = sum(g[f] for f in g if f != "accepted")
     if g["accepted"] != total:
         problems.append(f"{shard}: accepted {g['accepted']} != available+reserved+sold+voided+invalidated"
-                        f"+parked {total}")
+                        f"+parked+expired {total}")
 
 
 async def audit(store: Store) -> list[str]:
@@ -73,6 +79,7 @@ async def audit(store: Store) -> list[str]:
         sku_records[sku] = {}
         for shard in await store.catalog.shards(sku):  # the SKU's own, and its other buckets
             await _check_shard(store, shard, sku_records[sku], place, problems)
+
     for dist in await store.accounts.ids():
         a = await store.accounts.get(dist)
         if a is None:

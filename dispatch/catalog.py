@@ -22,6 +22,30 @@ __all__ = ["Catalog"]
 _UNSET: Any = msgspec.UNSET
 
 
+#: SKU fields kept in its metadata HASH as JSON (the others are plain strings).
+_JSON_FIELDS = ("code_rule", "pin_rule")
+
+
+def _meta_of(fields: dict[str, Any]) -> dict[str, Any]:
+    """SKU fields as its metadata HASH keeps them."""
+    return {k: msgspec.json.encode(v) if k in _JSON_FIELDS else int(v) if isinstance(v, bool) else v
+            for k, v in fields.items()}
+
+
+def sku_of(sku: str, meta: dict[str, str]) -> Sku:
+    """A SKU from its metadata HASH."""
+    fields: dict[str, Any] = {"sku": sku, **meta}
+    for k in _JSON_FIELDS:
+        if k in fields:
+            fields[k] = msgspec.json.decode(fields[k])
+    return msgspec.convert(fields, Sku, strict=False)
+
+
+def _plain(value: Any) -> Any:
+    """A Struct argument as builtins, so check() validates every field alike."""
+    return msgspec.to_builtins(value) if isinstance(value, msgspec.Struct) else value
+
+
 def stock_of(sku: str, state: SkuState) -> Stock:
     """A SKU's codes by state, from its counters."""
     stats = state.stats
@@ -30,11 +54,8 @@ def stock_of(sku: str, state: SkuState) -> Stock:
     level = "out_of_stock" if available <= 0 else "low_stock" if available <= threshold else "in_stock"
     return Stock(sku=sku, accepted=stats.get("accepted", 0), available=available,
                  reserved=stats.get("reserved", 0), sold=stats.get("sold", 0), voided=stats.get("voided", 0),
-                 invalidated=stats.get("invalidated", 0), stock_status=level, parked=stats.get("parked", 0))
-
-
-def _sku(sku: str, meta: dict[str, Any]) -> Sku:
-    return msgspec.convert({"sku": sku, **meta}, Sku, strict=False)
+                 invalidated=stats.get("invalidated", 0), stock_status=level, parked=stats.get("parked", 0),
+                 expired=stats.get("expired", 0), expiring=stats.get("expiring", 0))
 
 
 class Catalog:
@@ -54,29 +75,43 @@ class Catalog:
     # ---- SKUs ------------------------------------------------------------------------
     async def create_sku(self, sku: str, name: str, face_value: int, currency: str, price: int,
                          low_stock_threshold: int = 0, *, sale_order: str = "oldest_first",
-                         after_sales: str = "refund", buckets: int = 1) -> Sku:
+                         after_sales: str = "refund", code_rule: Any = None, pin_rule: Any = None,
+                         free: bool = False, min_shelf_life_s: int = 0, buckets: int = 1) -> Sku:
+        """A new SKU. *code_rule* and *pin_rule* (CodeRule, or a dict of its fields) say
+        what its imported codes and PINs must look like; *buckets* the shards its stock
+        is spread over."""
         s = check(dict(sku=sku, name=name, face_value=face_value, currency=currency, price=price,
                        low_stock_threshold=low_stock_threshold, sale_order=sale_order, after_sales=after_sales,
-                       buckets=buckets), Sku, "SKU")
+                       code_rule=_plain(code_rule), pin_rule=_plain(pin_rule), free=free,
+                       min_shelf_life_s=min_shelf_life_s, buckets=buckets),
+                  Sku, "SKU")
         fields = msgspec.structs.asdict(s)
         del fields["sku"]
-        if not await self._store.catalog.create_sku(s.sku, fields):
+        if not await self._store.catalog.create_sku(s.sku, _meta_of(fields)):
             raise ConflictError(f"SKU {s.sku} exists already")
         return s
 
     async def update_sku(self, sku: str, *, name: str = _UNSET, price: int = _UNSET,
                          low_stock_threshold: int = _UNSET, status: str = _UNSET, sale_order: str = _UNSET,
-                         after_sales: str = _UNSET, buckets: int = _UNSET) -> Sku:
-        """Change a SKU; ``status="paused"`` stops its sales at once. A new number of
-        ``buckets`` takes the imports that follow; codes stay in the buckets they are in,
-        and orders look in every bucket that may hold some (purchasers see the change
-        within ``catalog_ttl_s``)."""
+                         after_sales: str = _UNSET, code_rule: Any = _UNSET, pin_rule: Any = _UNSET,
+                         free: bool = _UNSET, min_shelf_life_s: int = _UNSET, buckets: int = _UNSET) -> Sku:
+        """Change a SKU; ``status="paused"`` stops its sales at once; a rule of None
+        takes any code (or PIN) from then on. A new number of ``buckets`` takes the
+        imports that follow; codes stay in the buckets they are in, and orders look in
+        every bucket that may hold some (purchasers see the change within
+        ``catalog_ttl_s``)."""
         current = await self.get_sku(sku)
-        changes = {k: v for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
-                                         status=status, sale_order=sale_order, after_sales=after_sales,
-                                         buckets=buckets).items() if v is not _UNSET}
-        s = check(msgspec.structs.asdict(current) | changes, Sku, "SKU")
-        if not await self._store.catalog.update_sku(sku, {k: getattr(s, k) for k in changes}):
+        changes = {k: _plain(v) for k, v in dict(name=name, price=price, low_stock_threshold=low_stock_threshold,
+                                                 status=status, sale_order=sale_order, after_sales=after_sales,
+                                                 code_rule=code_rule, pin_rule=pin_rule,
+                                                 free=free, min_shelf_life_s=min_shelf_life_s,
+                                                 buckets=buckets).items()
+                   if v is not _UNSET}
+        merged = msgspec.to_builtins(current) | changes
+        if merged.get("price") == 0 and not merged.get("free"):
+            raise ConflictError(f"SKU {sku}: price 0 is only for a SKU marked free (free: true)")
+        s = check(merged, Sku, "SKU")
+        if not await self._store.catalog.update_sku(sku, _meta_of({k: getattr(s, k) for k in changes})):
             raise UnknownSkuError(f"unknown SKU {sku}")
         self._cache.pop(("sku", sku), None)
         self._prices.clear()
@@ -87,12 +122,12 @@ class Catalog:
         meta = (await self._store.catalog.sku(sku)).meta
         if not meta:
             raise UnknownSkuError(f"unknown SKU {sku}")
-        return _sku(sku, meta)
+        return sku_of(sku, meta)
 
     async def list_skus(self, *, after: str | None = None, limit: int | None = None) -> list[Sku]:
         """SKUs by id: those after *after*, at most *limit*."""
         ids = window(await self._store.catalog.sku_ids(), after, limit)
-        return [_sku(sku, st.meta) for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
+        return [sku_of(sku, st.meta) for sku, st in zip(ids, await self._store.catalog.skus(ids)) if st.meta]
 
     async def sku_details(self, *, after: str | None = None, limit: int | None = None) -> list[SkuDetail]:
         """:meth:`list_skus` with each SKU's stock and restock forecast."""
@@ -101,7 +136,7 @@ class Catalog:
         stocks = [stock_of(sku, st) for sku, st in found]
         for stock, fc in zip(stocks, await asyncio.gather(*(self.forecast(s.sku, s.available) for s in stocks))):
             stock.forecast = fc
-        return [SkuDetail(**msgspec.structs.asdict(_sku(sku, st.meta)), stock=stock)
+        return [SkuDetail(**msgspec.structs.asdict(sku_of(sku, st.meta)), stock=stock)
                 for (sku, st), stock in zip(found, stocks)]
 
     async def sku_detail(self, sku: str) -> SkuDetail:
@@ -215,7 +250,7 @@ class Catalog:
         for sku, st in zip(ids, await self._store.catalog.skus(ids)):
             if not st.meta or st.meta.get("status") != "active":
                 continue
-            s = _sku(sku, st.meta)
+            s = sku_of(sku, st.meta)
             out.append(CatalogItem(sku=sku, name=s.name, face_value=s.face_value, currency=s.currency,
                                    price=t.price_of(s) if t is not None else s.price,
                                    stock_status=stock_of(sku, st).stock_status))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import sys
@@ -175,6 +176,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         shown = report.malformed_lines[:20]
         _table("malformed lines" + (" (first 20)" if len(report.malformed_lines) > 20 else ""),
                ["line", "reason"], [(x.line, x.reason) for x in shown])
+    if report.duplicate_lines:
+        dups = report.duplicate_lines[:20]
+        _table("duplicate lines" + (" (first 20)" if len(report.duplicate_lines) > 20 else ""),
+               ["line", "repeats", "batch"], [(x.line, x.of, x.batch_id or "") for x in dups])
     return 0
 
 
@@ -182,11 +187,15 @@ def cmd_sku(args: argparse.Namespace) -> int:
     if args.action == "create":
         _record(_run(args, lambda e: e.create_sku(args.sku, args.name, args.face_value, args.currency, args.price,
                                                   args.low_stock, sale_order=args.sale_order,
-                                                  after_sales=args.after_sales, buckets=args.buckets)))
+                                                  after_sales=args.after_sales, code_rule=args.code_rule,
+                                                  pin_rule=args.pin_rule, free=args.free,
+                                                  min_shelf_life_s=args.min_shelf_life, buckets=args.buckets)))
     elif args.action == "update":
         changes = {k: v for k, v in dict(name=args.name, price=args.price, low_stock_threshold=args.low_stock,
                                          status=args.status, sale_order=args.sale_order,
-                                         after_sales=args.after_sales, buckets=args.buckets).items()
+                                         after_sales=args.after_sales, code_rule=args.code_rule,
+                                         pin_rule=args.pin_rule,
+                                         min_shelf_life_s=args.min_shelf_life, buckets=args.buckets).items()
                    if v is not None}
         _record(_run(args, lambda e: e.update_sku(args.sku, **changes)))
     else:
@@ -440,6 +449,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--currency", required=True)
     c.add_argument("--price", type=int, required=True, help="base price in minor units")
     c.add_argument("--low-stock", type=int, default=0, help="low-stock threshold")
+    c.add_argument("--free", action="store_true", help="given away: the only way to a price of 0")
     a.add_parser("list", parents=[common])
     c = a.add_parser("update", parents=[common])
     c.add_argument("sku")
@@ -448,8 +458,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--low-stock", type=int)
     c.add_argument("--status", choices=("active", "paused"))
     for c, creating in ((a.choices["create"], True), (c, False)):
-        c.add_argument("--sale-order", choices=("oldest_first", "best_rated"),
+        c.add_argument("--sale-order", choices=("oldest_first", "best_rated", "first_expiring"),
                        default="oldest_first" if creating else None, help="which batch sells first")
+        c.add_argument("--min-shelf-life", type=int, default=0 if creating else None, metavar="SECONDS",
+                       help="time a code must have left before its expires_at to be imported or sold")
+        for what in ("code", "pin"):
+            c.add_argument(f"--{what}-rule", type=json.loads, metavar="JSON",
+                           help=f'what a {what} must look like, e.g. {{"charset": "digits", "min_length": 8}}')
         c.add_argument("--after-sales", choices=("refund", "replace"), default="refund" if creating else None,
                        help="what an approved ticket gives by default")
         c.add_argument("--buckets", type=int, default=1 if creating else None,

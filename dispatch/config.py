@@ -66,6 +66,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_reserve_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
     #: How often the background sweep expires leases and recovers half-done orders.
     sweep_interval_s: Seconds = 1.0
+    #: The sweep counts a SKU's codes on sale that reach their sell-by within this
+    #: window (Stock.expiring, the dispatch_stock_expiring_codes metric) ...
+    expiring_window_s: Seconds = 7 * 86_400.0
+    #: ... and tells stock.expiring when they are at least this many (0: never).
+    expiring_alert_codes: Annotated[int, msgspec.Meta(ge=0)] = 0
     #: An order still mid-saga after this long is finished (or rolled back) by the sweep.
     recovery_grace_s: Seconds = 10.0
     #: How long prices and tiers are cached in-process before being re-read.
@@ -92,6 +97,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: A JSON body must arrive within this many seconds of the headers; an import
     #: upload may not pause longer than this between two blocks.
     body_timeout_s: Seconds = 30.0
+    #: An import upload must be complete within this many seconds of its headers,
+    #: however steadily it trickles.
+    upload_timeout_s: Seconds = 3600.0
     #: An idle keep-alive connection is closed after this many seconds.
     keepalive_timeout_s: Seconds = 15.0
     #: Open connections per worker process; one more is accepted and closed at once.

@@ -25,6 +25,12 @@ Rules:
   the import fails rather than storing ``"a,b"`` as one code (pass
   ``format="text"`` for codes with commas). Otherwise the file is plain text.
 
+- With *text_only* (the default), the body must be text: its first ``SNIFF_BYTES`` (all of it when shorter) are
+  looked at before any line is parsed, and a NUL byte, bytes that are not UTF-8,
+  or more than ``MAX_NON_TEXT_SHARE`` of characters that are control or
+  non-printable (tab, CR and LF aside) fail the whole import with
+  ValidationError: an image or random bytes are refused, not read as lines.
+
 Each accepted line becomes a *secret payload* (see encode_secret) and the code
 alone, which is what the caller deduplicates on.
 """
@@ -32,19 +38,22 @@ alone, which is what the caller deduplicates on.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
 import operator
 import os
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal, TypeAlias
 
 import msgspec
 
 from ._core import MAX_LINE_BYTES, scan_lines
 from .errors import ValidationError
+from .models import CodeRule
 
-__all__ = ["ParsedChunk", "parse_codes", "encode_secret", "decode_secret"]
+__all__ = ["ParsedChunk", "parse_codes", "Intake", "expiry_ms", "check_text", "encode_secret", "decode_secret"]
 
 Format: TypeAlias = Literal["auto", "text", "csv"]
 Source: TypeAlias = (
@@ -58,9 +67,34 @@ COLUMNS = ("code", "pin", "serial", "expires_at")
 #: Upper bound of *max_length*: four fields of it still fit in one line.
 MAX_FIELD_LENGTH = 4096
 
+#: Bytes at the start of an import that decide whether it is text at all.
+SNIFF_BYTES = 64 * 1024
+#: The most of those characters that may be control or non-printable (tab, CR, LF aside).
+MAX_NON_TEXT_SHARE = 0.05
+
 _BOM = b"\xef\xbb\xbf"
 _SEP = "\x1f"
+_SEP_BYTES = b"\x1f"
 _TOO_WIDE = f"line longer than {MAX_LINE_BYTES} bytes"
+_ODD = re.compile(r"[^\t\n\r\x20-\x7e]")  # what may be non-printable: looked at one by one
+
+
+def check_text(head: bytes, *, final: bool) -> None:
+    """ValidationError unless *head*, the start of an import (the whole of it when
+    *final*), is text: no NUL byte, UTF-8 (a sequence cut at the end of a head that is
+    not final aside), at most MAX_NON_TEXT_SHARE control or non-printable characters."""
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise ValidationError(f"the import is not text: a NUL byte at offset {nul}")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final)
+    except UnicodeDecodeError as e:
+        raise ValidationError(f"the import is not text: bytes that are not UTF-8 at offset {e.start}") from None
+    text = text.removeprefix("\ufeff")
+    odd = sum(1 for m in _ODD.finditer(text) if not m[0].isprintable())
+    if text and odd > MAX_NON_TEXT_SHARE * len(text):
+        raise ValidationError(f"the import is not text: {odd} of its first {len(text)} characters are control "
+                              f"or non-printable (at most {MAX_NON_TEXT_SHARE:.0%} allowed)")
 
 
 class ParsedChunk(msgspec.Struct, frozen=True):
@@ -111,8 +145,71 @@ def decode_secret(payload: bytes) -> tuple[str, str | None, str | None, str | No
 # --- parsing -------------------------------------------------------------------
 
 
+def expiry_ms(expires_at: str) -> int:
+    """An ``expires_at`` (ISO 8601, as the parser checked it) as unix ms: a date alone is
+    its first moment, a time without a zone is UTC (the earliest reading is the safe one)."""
+    when = datetime.fromisoformat(expires_at)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+class Intake:
+    """A SKU's rules for the lines of one import, applied chunk by chunk (conform): its
+    code and PIN rules, and a code's expiry, which must leave more than the minimum
+    shelf life from *now_ms*. At most *max_expiries* distinct expiries per import (each
+    is a sub-batch: its own pool)."""
+
+    def __init__(self, code_rule: CodeRule | None, pin_rule: CodeRule | None, *, now_ms: int,
+                 min_shelf_life_s: int = 0, max_expiries: int = 1000) -> None:
+        self._code_rule, self._pin_rule = code_rule, pin_rule
+        self._now, self._shelf_ms = now_ms, min_shelf_life_s * 1000
+        self._max_expiries = max_expiries
+        self.expiries: set[int] = set()
+
+    def conform(self, chunk: ParsedChunk) -> tuple[ParsedChunk, list[int] | None]:
+        """*chunk* with the lines that break a rule made malformed, and the expiry (unix ms,
+        0 for none) of each code kept; None when no code of the chunk has one."""
+        code_rule, pin_rule = self._code_rule, self._pin_rule
+        dated = any(_SEP_BYTES in secret for secret in chunk.secrets)  # only 4-field payloads carry one
+        if code_rule is None and pin_rule is None and not dated:
+            return chunk, None
+        secrets, codes, lines, malformed, expiries = [], [], [], list(chunk.malformed), []
+        for secret, code, line in zip(chunk.secrets, chunk.codes, chunk.lines):
+            why = code_rule.violation(code.decode()) if code_rule is not None else None
+            pin = expires_at = None
+            if dated:  # else no line has a pin or an expiry either
+                _, pin, _, expires_at = decode_secret(secret)
+            if why is None and pin_rule is not None:
+                why = "no pin (the SKU asks for one)" if pin is None else pin_rule.violation(pin, "pin")
+            expires = 0
+            if why is None and expires_at is not None:
+                expires = expiry_ms(expires_at)
+                why = self._expiry_problem(expires)
+            if why is None:
+                secrets.append(secret)
+                codes.append(code)
+                lines.append(line)
+                expiries.append(expires)
+            else:
+                malformed.append((line, why))
+        malformed.sort()
+        return ParsedChunk(secrets, codes, lines, malformed), expiries if dated else None
+
+    def _expiry_problem(self, expires: int) -> str | None:
+        if expires <= self._now:
+            return "expired (expires_at is past)"
+        if expires - self._shelf_ms <= self._now:
+            return f"expires within the SKU's minimum shelf life ({self._shelf_ms // 1000} s)"
+        if expires not in self.expiries:
+            if len(self.expiries) >= self._max_expiries:
+                return f"more than {self._max_expiries} distinct expires_at in one batch"
+            self.expiries.add(expires)
+        return None
+
+
 def parse_codes(source: Source, *, format: Format = "auto", max_length: int = 128,
-                chunk_lines: int = 10_000) -> AsyncIterator[ParsedChunk]:
+                chunk_lines: int = 10_000, text_only: bool = True) -> AsyncIterator[ParsedChunk]:
     """Parse an import, yielding a ParsedChunk per *chunk_lines* physical lines.
 
     *source* is a path (str or os.PathLike, read in BLOCK_SIZE blocks), the
@@ -134,7 +231,7 @@ def parse_codes(source: Source, *, format: Format = "auto", max_length: int = 12
         raise ValidationError(f"max_length must be an int in 1..{MAX_FIELD_LENGTH}, got {max_length!r}")
     if not _is_int(chunk_lines) or chunk_lines < 1:
         raise ValidationError(f"chunk_lines must be a positive int, got {chunk_lines!r}")
-    return _parse(_blocks(source), _Parser(format, max_length, chunk_lines))
+    return _parse(_blocks(source), _Parser(format, max_length, chunk_lines, text_only))
 
 
 async def _parse(blocks: AsyncIterator[bytes], parser: _Parser) -> AsyncIterator[ParsedChunk]:
@@ -198,7 +295,7 @@ class _Parser:
     a longer line is reported at once and the rest of it skipped.
     """
 
-    def __init__(self, format: Format, max_length: int, chunk_lines: int) -> None:
+    def __init__(self, format: Format, max_length: int, chunk_lines: int, text_only: bool = True) -> None:
         self._format = format  # "auto" turns into "text" or "csv" at the first non-blank line
         self._header_pending = format != "text"
         self._columns: tuple[str, ...] = ()
@@ -209,6 +306,8 @@ class _Parser:
         self._at_start = True  # the BOM is still to be looked for
         self._skipping = False  # inside an over-long line, dropping bytes up to its \n
         self._line = 1  # number of the next physical line
+        # the first SNIFF_BYTES, until judged by check_text
+        self._head: bytearray | None = bytearray() if text_only else None
         self._start_chunk()
 
     def _start_chunk(self) -> None:
@@ -223,6 +322,15 @@ class _Parser:
             if not isinstance(block, (bytearray, memoryview)):
                 raise TypeError(f"the source yielded {type(block).__name__}, expected bytes blocks")
             block = bytes(block)
+        if self._head is not None:  # nothing is parsed before the start is known to be text
+            self._head += block
+            if len(self._head) < SNIFF_BYTES:
+                return
+            block, self._head = bytes(self._head), None
+            check_text(block[:SNIFF_BYTES], final=False)
+        yield from self._feed(block)
+
+    def _feed(self, block: bytes) -> Iterator[ParsedChunk]:
         if self._at_start:
             self._carry += block
             if len(self._carry) < len(_BOM) and _BOM.startswith(self._carry):
@@ -256,6 +364,10 @@ class _Parser:
 
     def close(self) -> Iterator[ParsedChunk]:
         """Parse what is left (a last line without a newline) and yield the last chunk."""
+        if self._head is not None:
+            head, self._head = bytes(self._head), None
+            check_text(head, final=True)
+            yield from self._feed(head)
         if self._carry:
             data = bytes(self._carry)
             self._carry.clear()

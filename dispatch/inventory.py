@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -13,8 +14,8 @@ from typing import Any
 from . import imports
 from .catalog import Catalog
 from .config import Config
-from .errors import ConflictError, NotFoundError, SupplierBlacklistedError
-from .models import Amount, BatchReport, BatchSummary, Id, MalformedLine
+from .errors import ConflictError, NotFoundError, SupplierBlacklistedError, ValidationError
+from .models import Amount, BatchReport, BatchSummary, DuplicateLine, Id, MalformedLine
 from .records import BatchRec, check, ms_to_dt, new_id
 from .store import Store
 from .vault import Vault
@@ -29,6 +30,10 @@ _RATING_PRIOR = 10  # a new supplier starts as if it had delivered this many goo
 _CLAIM_WINDOW = 1 << 20
 #: Chunks pushed in one pipelined write, while the next ones are encrypted.
 _PUSH_GROUP = 4
+#: Distinct expiries in one import: each is a pool of its own (a sub-batch).
+_MAX_EXPIRIES = 1000
+#: first_expiring: the score of codes without an expiry (plus their seq), after every expiry in ms.
+_NO_EXPIRY = 1 << 52
 
 
 def rating(delivered: int, invalidated: int) -> float:
@@ -38,17 +43,50 @@ def rating(delivered: int, invalidated: int) -> float:
 
 class _Window:
     """Consecutive chunks of an import waiting for their claims: per chunk, its number
-    and its fresh codes as Fingerprints.fresh packs them (secrets, ends, fingerprints)."""
+    and its fresh codes as Fingerprints.fresh packs them (secrets, ends, fingerprints);
+    the line number and the expiry (unix ms, 0 for none) of each fresh code."""
 
-    __slots__ = ("chunks", "codes")
+    __slots__ = ("chunks", "codes", "lines", "expiries")
 
     def __init__(self) -> None:
         self.chunks: list[tuple[int, bytes, bytes, bytes]] = []
         self.codes = 0
+        self.lines = array("I")
+        self.expiries = array("q")
 
-    def add(self, chunk_no: int, secrets_: bytes, ends: bytes, fps: bytes) -> None:
+    def add(self, chunk_no: int, secrets_: bytes, ends: bytes, fps: bytes, lines: array[int],
+            expiries: array[int]) -> None:
         self.chunks.append((chunk_no, secrets_, ends, fps))
         self.codes += len(fps) // 16
+        self.lines += lines
+        self.expiries += expiries
+
+
+class _Duplicates:
+    """The duplicate lines of an import: counted, and the first _MALFORMED_SHOWN of each
+    kind (in this file, of earlier batches) kept to be told."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.in_file: list[DuplicateLine] = []
+        self.earlier: list[DuplicateLine] = []
+
+    def shown(self) -> list[DuplicateLine]:
+        return sorted(self.in_file + self.earlier, key=lambda d: d.line)[:_MALFORMED_SHOWN]
+
+
+def _by_expiry(expiries: array[int]) -> dict[int, list[int]]:
+    """Expiry -> the indexes of the codes that have it, in order."""
+    out: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(expiries):
+        out[e].append(i)
+    return out
+
+
+async def _chain(first: imports.ParsedChunk, rest: Any) -> Any:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 class Inventory:
@@ -68,10 +106,17 @@ class Inventory:
         *source* is a path, bytes, or a (sync or async) iterable of byte blocks, in
         the text or CSV format. Each code is encrypted; codes seen before in this
         file or in any earlier batch (any SKU) are counted as duplicates and
-        skipped. Sending the same *batch_id* again resumes it: nothing is added twice,
-        and a batch sent again whole once imported answers its report with ``replayed``.
+        skipped, and reported with their line numbers. Lines that break the SKU's code
+        or PIN rule are malformed. Sending the same *batch_id* again resumes it:
+        nothing is added twice, and a batch sent again whole once imported answers its
+        report with ``replayed``. A body that is not text, or holds no line, is refused
+        (ValidationError) before anything is stored. A code whose ``expires_at`` (CSV)
+        leaves no more than the SKU's minimum shelf life is malformed; the others are
+        kept in one pool per expiry (sub-batches), retired when it comes.
         """
-        buckets = (await self._catalog.get_sku(sku)).buckets
+        rules = await self._catalog.get_sku(sku)
+        intake = imports.Intake(rules.code_rule, rules.pin_rule, now_ms=time.time_ns() // 1_000_000,
+                                min_shelf_life_s=rules.min_shelf_life_s, max_expiries=_MAX_EXPIRIES)
         s = await self._store.aftersales.supplier(supplier)
         if s is None:
             raise NotFoundError(f"unknown supplier {supplier}")
@@ -79,70 +124,120 @@ class Inventory:
             raise SupplierBlacklistedError(f"supplier {supplier} is blacklisted: its codes are not taken")
         unit_cost = check(unit_cost, Amount, "unit_cost")
         batch_id = check(batch_id or "b" + new_id().lower(), Id, "batch_id")
-        batch = await self._open_batch(batch_id, sku, supplier, unit_cost, buckets)
+        chunks = aiter(imports.parse_codes(source, format=format, max_length=self._config.max_code_length,
+                                           chunk_lines=self._config.import_chunk))
+        # The start of the body is judged (text? a valid header?) before anything is stored.
+        first = await anext(chunks, None)
+        if first is None:
+            raise ValidationError("the import holds no codes: its body is empty or blank")
+        batch = await self._open_batch(batch_id, sku, supplier, unit_cost, rules.buckets)
         before = (batch.status, batch.accepted, batch.duplicate, batch.malformed)
 
         fingerprints = self._vault.fingerprints()
-        accepted = duplicate = malformed = 0
+        accepted = malformed = 0
+        dups = _Duplicates()
         bad: list[MalformedLine] = []
         window, chunk_no = _Window(), 0
         # One window in flight (claimed, then encrypted and pushed) while the next is read.
-        storing: asyncio.Future[tuple[int, int]] | None = None
+        storing: asyncio.Future[int] | None = None
         try:
-            async for chunk in imports.parse_codes(source, format=format, max_length=self._config.max_code_length,
-                                                  chunk_lines=self._config.import_chunk):
+            async for chunk in _chain(first, chunks):
+                chunk, expiries = intake.conform(chunk)
                 malformed += len(chunk.malformed)
                 for line, reason in chunk.malformed[: max(0, _MALFORMED_SHOWN - len(bad))]:
                     bad.append(MalformedLine(line=line, reason=reason))
                 # Off the event loop (the core lets go of the GIL): the window in flight
                 # keeps sending and reading meanwhile.
                 secrets_, ends, fps, again = await asyncio.to_thread(fingerprints.fresh, chunk.codes, chunk.secrets)
-                duplicate += again
-                window.add(chunk_no, secrets_, ends, fps)
+                lines = chunk.lines
+                if again:  # the fresh codes' lines and expiries only
+                    kept = self._repeats(fingerprints, chunk, fps, dups)
+                    lines = [lines[i] for i in kept]
+                    expiries = expiries and [expiries[i] for i in kept]
+                window.add(chunk_no, secrets_, ends, fps, array("I", lines),
+                           array("q", expiries) if expiries else array("q", bytes(8 * len(lines))))
                 chunk_no += 1
                 if window.codes >= _CLAIM_WINDOW:
                     if storing is not None:
-                        stored, taken = await storing
-                        accepted, duplicate = accepted + stored, duplicate + taken
-                    storing, window = asyncio.ensure_future(self._store_window(batch, window)), _Window()
+                        accepted += await storing
+                    storing, window = asyncio.ensure_future(self._store_window(batch, window, dups)), _Window()
             if storing is not None:
-                stored, taken = await storing
-                accepted, duplicate = accepted + stored, duplicate + taken
-            stored, taken = await self._store_window(batch, window)
-            accepted, duplicate = accepted + stored, duplicate + taken
+                accepted += await storing
+            accepted += await self._store_window(batch, window, dups)
         finally:
             if storing is not None:
                 storing.cancel()
+        duplicate = dups.count
         replayed = before == ("imported", accepted, duplicate, malformed)
         if not replayed:
             batch.status, batch.accepted, batch.duplicate, batch.malformed = "imported", accepted, duplicate, malformed
             await self._store.inventory.save_batch(batch)
+        shown = dups.shown()
         return BatchReport(batch_id=batch_id, sku=sku, supplier=supplier, accepted=accepted, duplicate=duplicate,
                            malformed=malformed, malformed_lines=bad, malformed_truncated=malformed > len(bad),
-                           replayed=replayed)
+                           duplicate_lines=shown, duplicate_truncated=duplicate > len(shown), replayed=replayed)
 
-    async def _store_window(self, batch: BatchRec, window: _Window) -> tuple[int, int]:
+    @staticmethod
+    def _repeats(fingerprints: Any, chunk: imports.ParsedChunk, fps: bytes, dups: _Duplicates) -> list[int]:
+        """The indexes in *chunk* of its fresh codes (*fps*, in order), telling the others
+        as repeats within the file. A repeat's fingerprint was seen before its line, so it
+        never equals the next fresh one: one pass pairs them."""
+        kept, j, n = [], 0, len(fps) // 16
+        for i, (code, line) in enumerate(zip(chunk.codes, chunk.lines)):
+            if j < n and fingerprints.fingerprint(code) == fps[16 * j:16 * j + 16]:
+                kept.append(i)
+                j += 1
+            else:
+                dups.count += 1
+                if len(dups.in_file) < _MALFORMED_SHOWN:
+                    dups.in_file.append(DuplicateLine(line=line, of="this_file"))
+        return kept
+
+    async def _store_window(self, batch: BatchRec, window: _Window, dups: _Duplicates) -> int:
         """Claim the fingerprints of a window, then encrypt the codes this batch owns and
-        push them chunk by chunk: (codes stored, duplicates of earlier batches)."""
+        push them chunk by chunk: the codes stored. Codes of earlier batches are told
+        to *dups*."""
         if not window.chunks:
-            return 0, 0
-        owned = await self._store.inventory.claim_fingerprints(batch.seq, b"".join(c[3] for c in window.chunks))
+            return 0
+        owned, others = await self._store.inventory.claim_fingerprints(
+            batch.seq, b"".join(c[3] for c in window.chunks))
+        dups.count += len(others)
+        owners: dict[int, BatchRec] = {}
+        for at in sorted(others)[:max(0, _MALFORMED_SHOWN - len(dups.earlier))]:
+            seq = others[at]
+            if seq not in owners:
+                owners[seq] = await self.batch_by_seq(seq)
+            b = owners[seq]
+            # another supplier's batch is not named: its codes are not this supplier's to know
+            dups.earlier.append(DuplicateLine(line=window.lines[at], of="this_sku" if b.sku == batch.sku else "other_sku",
+                                              batch_id=b.batch_id if b.supplier == batch.supplier else None))
         aad = batch.sku.encode()
         stored = at = 0
-        group: list[tuple[int, bytes, list[bytes]]] = []
+        group: list[tuple[int, int, bytes, list[bytes], int]] = []
         pushing: asyncio.Future[None] | None = None
         try:
             for chunk_no, secrets_, ends, fps in window.chunks:
                 n = len(fps) // 16
                 keep = bytes(owned[at:at + n])
+                expiries = window.expiries[at:at + n]
                 at += n
                 if keep.count(0):
                     fps = b"".join(fps[16 * i:16 * i + 16] for i in range(n) if keep[i])
+                    expiries = array("q", [e for e, k in zip(expiries, keep) if k])
                 # off the event loop too, which meanwhile writes the group in flight
                 ciphertexts = await asyncio.to_thread(self._vault.encrypt_chunk, secrets_, ends, keep, aad)
                 stored += len(ciphertexts)
-                group.append((chunk_no, hashlib.sha256(fps).digest(), ciphertexts))
-                if len(group) == _PUSH_GROUP:
+                if not any(expiries):
+                    group.append((batch.seq, chunk_no, hashlib.sha256(fps).digest(), ciphertexts, 0))
+                else:  # each expiry to its own pool
+                    for expires, picked in _by_expiry(expiries).items():
+                        seq = batch.seq
+                        if expires:
+                            seq = batch.subs.get(expires) or await self._add_sub_batch(batch, expires)
+                        part = b"".join(fps[16 * i:16 * i + 16] for i in picked)
+                        group.append((seq, chunk_no, hashlib.sha256(part).digest(), [ciphertexts[i] for i in picked],
+                                      expires))
+                if len(group) >= _PUSH_GROUP:
                     if pushing is not None:
                         await pushing
                     pushing, group = asyncio.ensure_future(self._store.inventory.push_chunks(batch, group)), []
@@ -153,7 +248,16 @@ class Inventory:
         finally:
             if pushing is not None:
                 pushing.cancel()
-        return stored, window.codes - stored
+        return stored
+
+    async def _add_sub_batch(self, batch: BatchRec, expires: int) -> int:
+        """A pool for the batch's codes that expire at *expires*, placed in the sale order
+        and parked if the batch is, before any code goes to it."""
+        seq = await self._store.inventory.add_sub_batch(batch, expires)
+        await self.requeue(batch.sku, only=batch)
+        if batch.seq in (await self._store.inventory.batch_counts(batch.sku))[1]:
+            await self._store.inventory.park_batch(batch, True)
+        return seq
 
     async def _open_batch(self, batch_id: str, sku: str, supplier: str, unit_cost: int, buckets: int) -> BatchRec:
         # a batch keeps the buckets it was opened with: a resumed import puts each part where it went first
@@ -184,8 +288,9 @@ class Inventory:
             raise NotFoundError(f"no batch has seq {seq}")
         return await self.batch(batch_id)
 
-    async def batch_counts(self, batches: Iterable[BatchRec]) -> dict[str, tuple[int, int, bool]]:
-        """batch id -> (codes delivered, codes invalidated, parked) from the SKU shards."""
+    async def batch_counts(self, batches: Iterable[BatchRec]) -> dict[str, tuple[int, int, bool, int]]:
+        """batch id -> (codes delivered, codes invalidated, parked, codes expired) from the
+        SKU shards, over all the batch's pools."""
         by_sku: dict[str, list[BatchRec]] = defaultdict(list)
         for b in batches:
             by_sku[b.sku].append(b)
@@ -193,17 +298,19 @@ class Inventory:
         for sku, group in by_sku.items():
             stats, parked = await self._store.inventory.batch_counts(sku)
             for b in group:
-                out[b.batch_id] = (stats.get(f"{b.seq}:d", 0), stats.get(f"{b.seq}:i", 0), b.seq in parked)
+                out[b.batch_id] = (sum(stats.get(f"{seq}:d", 0) for seq in b.seqs),
+                                   sum(stats.get(f"{seq}:i", 0) for seq in b.seqs), b.seq in parked,
+                                   sum(stats.get(f"{seq}:e", 0) for seq in b.seqs))
         return out
 
     async def summaries(self, batches: list[BatchRec]) -> list[BatchSummary]:
-        """Each of *batches* with its counts (delivered and invalidated read from its SKU)."""
+        """Each of *batches* with its counts (delivered, invalidated and expired read from its SKU)."""
         counts = await self.batch_counts(batches)
         return [BatchSummary(batch_id=b.batch_id, sku=b.sku, supplier=b.supplier, unit_cost=b.unit_cost,
                              status="parked" if counts[b.batch_id][2] and b.status != "voided" else b.status,
                              accepted=b.accepted, duplicate=b.duplicate, malformed=b.malformed, voided=b.voided,
                              delivered=counts[b.batch_id][0], invalidated=counts[b.batch_id][1],
-                             created_at=ms_to_dt(b.created)) for b in batches]
+                             created_at=ms_to_dt(b.created), expired=counts[b.batch_id][3]) for b in batches]
 
     async def sku_batches(self, sku: str) -> list[BatchSummary]:
         """A SKU's batches, oldest first, with their counts."""
@@ -229,20 +336,23 @@ class Inventory:
         await self._store.inventory.park_batch(batch, park)
 
     async def requeue(self, sku: str, only: BatchRec | None = None) -> None:
-        """Set the sale priority of the SKU's batches (or of the new batch *only*) from its
-        sale order: oldest first (the seq), or best-rated supplier first, then oldest."""
-        best_rated = (await self._catalog.get_sku(sku)).sale_order == "best_rated"
-        if only is not None and not best_rated:
+        """Set the sale priority of the SKU's batches (or of the batch *only*, new or with
+        a new sub-batch) from its sale order: oldest first (the seq), best-rated supplier
+        first, then oldest, or first expiring first (codes without an expiry last, oldest
+        first). A batch's sub-batches rank as the batch, but by their own expiry."""
+        order = (await self._catalog.get_sku(sku)).sale_order
+        if only is not None and order == "oldest_first" and not only.subs:
             return  # a new batch's priority is its seq already
         batches = [only] if only is not None else [b for b in await self._store.inventory.batches() if b.sku == sku]
         ratings: dict[str, float] = {}
         scores: list[tuple[int, int]] = []
         for b in batches:
             score = b.seq
-            if best_rated:
+            if order == "best_rated":
                 if b.supplier not in ratings:
                     ratings[b.supplier] = await self.supplier_rating(b.supplier)
                 score += (1000 - round(ratings[b.supplier] * 10)) << 32
-            scores.append((b.seq, score))
+            for seq, expires in [(b.seq, 0), *((s, e) for e, s in b.subs.items())]:
+                scores.append((seq, (expires or _NO_EXPIRY + b.seq) if order == "first_expiring" else score))
         if scores:
             await self._store.inventory.set_priorities(sku, scores)

@@ -5,14 +5,16 @@ Amounts are integers in minor units (cents); times are UTC datetimes.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 __all__ = [
-    "Id", "Amount", "Buckets", "Code", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
-    "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "LedgerEntry", "Statement",
+    "Id", "Amount", "Buckets", "Code", "CodeRule", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
+    "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "DuplicateLine", "LedgerEntry", "Statement",
     "StatementLine", "Limits", "Verification",
     "OrderStatus", "StockStatus",
     # after-sales
@@ -74,6 +76,60 @@ class OrderPage(_Model):
     next_cursor: str | None = None
 
 
+#: The ISO 4217 codes of the currencies in use (funds and metals aside, a few fund
+#: codes kept since prices are sometimes quoted in them).
+CURRENCIES = frozenset("""
+AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN BZD
+CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS
+GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT
+LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD
+OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP
+SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAF XCD XCG XOF
+XPF YER ZAR ZMW ZWG
+""".split())
+
+
+#: The character classes a CodeRule may ask for.
+CHARSETS = {"digits": "0-9", "alphanumeric": "A-Za-z0-9", "upper_alphanumeric": "A-Z0-9", "hex": "0-9A-Fa-f"}
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+class CodeRule(_Model, frozen=True):
+    """What a SKU's codes (or PINs) must look like: an imported line that does not
+    conform is malformed. Every part is optional."""
+
+    min_length: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    max_length: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
+    charset: Literal["digits", "alphanumeric", "upper_alphanumeric", "hex"] | None = None
+    #: A regular expression (Python syntax) the whole value must match.
+    pattern: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < self.min_length:
+            raise ValueError(f"max_length {self.max_length} is below min_length {self.min_length}")
+        if self.pattern is not None:
+            try:
+                _regex(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern is not a regular expression: {e}") from None
+
+    def violation(self, value: str, what: str = "code") -> str | None:
+        """Why *value* does not conform (naming it *what*), or None."""
+        if len(value) < self.min_length:
+            return f"{what} shorter than {self.min_length} characters"
+        if self.max_length is not None and len(value) > self.max_length:
+            return f"{what} longer than {self.max_length} characters"
+        if self.charset is not None and not _regex(f"[{CHARSETS[self.charset]}]*").fullmatch(value):
+            return f"{what} has characters outside {self.charset}"
+        if self.pattern is not None and not _regex(self.pattern).fullmatch(value):
+            return f"{what} does not match the SKU's pattern"
+        return None
+
+
 class Sku(_Model):
     sku: Id
     name: str
@@ -83,12 +139,26 @@ class Sku(_Model):
     low_stock_threshold: Amount = 0
     status: Literal["active", "paused"] = "active"
     #: Which batch sells first: the oldest, or the one whose supplier is rated best.
-    sale_order: Literal["oldest_first", "best_rated"] = "oldest_first"
+    sale_order: Literal["oldest_first", "best_rated", "first_expiring"] = "oldest_first"
     #: What an approved ticket gives the buyer by default: its money back, or another code.
     after_sales: Literal["refund", "replace"] = "refund"
     #: Shards the SKU's stock is spread over (on a Redis Cluster, over several masters):
     #: new imports are split between them; an order takes from one, another if it is empty.
     buckets: Buckets = 1
+    #: What its codes and PINs must look like (imports): None takes any.
+    code_rule: CodeRule | None = None
+    pin_rule: CodeRule | None = None
+    #: Given away: only a free SKU may have a price of 0.
+    free: bool = False
+    #: A code is sold only while it has more than this left before its expires_at, and
+    #: refused at import if it has no more.
+    min_shelf_life_s: Amount = 0
+
+    def __post_init__(self) -> None:
+        if self.currency not in CURRENCIES:
+            raise ValueError(f"currency {self.currency!r} is not an ISO 4217 code (three capitals, such as USD)")
+        if self.price == 0 and not self.free:
+            raise ValueError("price 0 is only for a SKU marked free (free: true)")
 
 
 class Supplier(_Model):
@@ -152,6 +222,10 @@ class Stock(_Model):
     stock_status: StockStatus
     #: Codes of blacklisted suppliers, kept off sale.
     parked: int = 0
+    #: Codes that reached their sell-by (expires_at - min_shelf_life_s) unsold.
+    expired: int = 0
+    #: Codes on sale that reach their sell-by within expiring_window_s (as of the last sweep).
+    expiring: int = 0
     forecast: Forecast | None = None
 
 
@@ -166,6 +240,17 @@ class MalformedLine(_Model, frozen=True):
     reason: str
 
 
+class DuplicateLine(_Model, frozen=True):
+    """A line whose code was not taken because the code was there already: earlier in this file
+    (``this_file``), in an earlier batch of this SKU (``this_sku``) or of another SKU
+    (``other_sku``). ``batch_id`` names that batch when it is the same supplier's; another
+    supplier's batch is not named."""
+
+    line: int
+    of: Literal["this_file", "this_sku", "other_sku"]
+    batch_id: str | None = None
+
+
 class BatchReport(_Model):
     batch_id: str
     sku: str
@@ -178,6 +263,9 @@ class BatchReport(_Model):
     malformed_truncated: bool = False
     #: True when this answers a batch sent before with the same id and content: nothing was added.
     replayed: bool = False
+    duplicate_lines: list[DuplicateLine] = []
+    #: True when duplicate_lines was cut to its first entries.
+    duplicate_truncated: bool = False
 
 
 class LedgerEntry(_Model):
@@ -303,6 +391,7 @@ class BatchSummary(_Model):
     delivered: int
     invalidated: int
     created_at: datetime
+    expired: int = 0
 
 
 class SupplierStats(_Model):

@@ -5,6 +5,7 @@ Shared by the engine and its after-sales half (aftersales.py); not public API.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
@@ -16,6 +17,14 @@ from .models import Event, LedgerEntry
 
 T = TypeVar("T")
 MAX_REF = 128
+#: A reference (external_ref, a top-up's or a deposit's): 1-128 characters, no control
+#: character (C0, DEL, C1). JSON Schema's pattern is searched as re.search does, where
+#: "$" also matches before a final newline: (?!\n) closes that gap.
+REF_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,%d}$(?!\n)" % MAX_REF
+#: Free text (a reason, a note): up to MAX_TEXT characters, not all whitespace, no control
+#: character but tab and newline. It is kept trimmed.
+MAX_TEXT = 1000
+TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f]*[^\s\x00-\x08\x0b-\x1f][^\x00-\x08\x0b-\x1f]*$"
 
 new_id = new_ulid  # ULIDs: 48 bits of milliseconds then 80 random bits, so ids sort by creation time
 
@@ -38,8 +47,8 @@ def check(value: Any, typ: type[T], what: str) -> T:
 
 
 def check_ref(ref: Any, what: str = "external_ref") -> str:
-    if not isinstance(ref, str) or not 1 <= len(ref) <= MAX_REF or not ref.isprintable():
-        raise ValidationError(f"{what} must be 1-{MAX_REF} printable characters")
+    if not isinstance(ref, str) or not re.search(REF_PATTERN, ref):
+        raise ValidationError(f"{what} must be 1-{MAX_REF} characters, none of them a control character")
     return ref
 
 
@@ -87,6 +96,14 @@ class BatchRec(msgspec.Struct, omit_defaults=True):
     voided: int = 0
     #: the SKU's buckets when the batch was opened: its codes are spread over 0..buckets-1
     buckets: int = 1
+    #: Sub-batches by expiry: expiry (unix ms) -> the seq of the pool of the codes that
+    #: expire then. Codes without an expiry are in the batch's own pool (seq).
+    subs: dict[int, int] = {}
+
+    @property
+    def seqs(self) -> list[int]:
+        """The seqs of every pool of the batch: its own, then its sub-batches'."""
+        return [self.seq, *self.subs.values()]
 
 
 class TicketRec(msgspec.Struct):

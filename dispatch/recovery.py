@@ -45,9 +45,14 @@ class Recovery:
                 log.exception("sweep failed; trying again in %ss", interval)
 
     async def sweep(self, grace_s: float | None = None) -> tuple[int, int]:
-        """Expire lapsed reservations and finish orders left mid-saga for longer than
-        *grace_s* (default ``recovery_grace_s``). Returns (expired, recovered)."""
+        """Expire lapsed reservations, finish orders left mid-saga for longer than
+        *grace_s* (default ``recovery_grace_s``), and retire batches past their sell-by
+        (the sales do too: this keeps the stock figures of a SKU that does not sell
+        current). Returns (expired, recovered)."""
         await self._store.replication.check()  # after a change of master, reconciled first
+        cfg = self._config
+        await self._store.inventory.retire_expired(await self._store.catalog.sku_ids(), cfg.expiring_window_s,
+                                                   cfg.expiring_alert_codes)
         grace = self._config.recovery_grace_s if grace_s is None else grace_s
         now = time.time_ns() // 1_000_000
         before = now - int(grace * 1000)

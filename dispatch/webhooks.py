@@ -31,7 +31,6 @@ import re
 import secrets
 import time
 from datetime import datetime
-from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -47,6 +46,12 @@ __all__ = ["Webhooks", "WebhookTarget", "FailedDelivery", "verify_signature"]
 log = logging.getLogger("dispatch.webhooks")
 
 MAX_URL = 2048
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+#: What a webhook URL may be (the OpenAPI document says the same): http or https, an
+#: optional user, a host (no IPv6 literal), an optional port, then anything printable.
+URL_PATTERN = (r"^[Hh][Tt][Tt][Pp][Ss]?://([^\x00-\x20\x7f/?#@\[\]]*@)?[^\x00-\x20\x7f/?#@:\[\]]+"
+               r"(:" + _PORT + r")?([/?#][^\x00-\x20\x7f]*)?$(?!\n)")
+_SCHEME = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://")
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -95,15 +100,11 @@ def _check_url(url: str) -> None:
         raise ValidationError(f"webhook url is {len(url)} characters long, over the limit of {MAX_URL}")
     if any(c <= " " or c == "\x7f" for c in url):
         raise ValidationError("webhook url must not contain spaces or control characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValidationError(f"webhook url must start with http:// or https://, not {parts.scheme or 'no scheme'!r}")
-    if not parts.hostname:
-        raise ValidationError("webhook url has no host")
-    try:
-        parts.port
-    except ValueError:
-        raise ValidationError("webhook url has an invalid port") from None
+    if not _SCHEME.match(url):
+        raise ValidationError("webhook url must start with http:// or https://")
+    if not re.search(URL_PATTERN, url):
+        raise ValidationError("webhook url has no host or an invalid port: it must be http(s)://host[:port]"
+                              "[/path...], a host name or IPv4 address, a port up to 65535")
 
 
 def _sign(secret: bytes, t: int, body: bytes) -> str:

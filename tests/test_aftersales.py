@@ -30,6 +30,14 @@ async def stock_up(engine: Engine, n: int, *, sku: str = "g100", supplier: str =
     assert report.accepted == n
 
 
+async def open_shop(engine: Engine, supplier: str, deposit: int = 0) -> None:
+    """A SKU g100, the supplier, and a distributor acme with money."""
+    await engine.create_sku("g100", "Game card", 10000, "CNY", 9500)
+    await engine.create_supplier(supplier, supplier.title(), deposit=deposit)
+    await engine.create_distributor("acme", "Acme")
+    await engine.topup("acme", 10_000_000, "seed")
+
+
 async def events(engine: Engine, kind: str, id_: str) -> list[dict[str, object]]:
     page = await engine.events(f"{kind}:{id_}", limit=10_000)
     return [{"type": e.type, "entity": e.entity, "v": e.version, "data": e.data} for e in page.events]
@@ -219,10 +227,7 @@ async def test_auto_blacklist_takes_the_suppliers_codes_off_sale(action: str, tm
     cfg = make_config(tmp_path, redis_url=flushed_redis_url, blacklist_min_delivered=5, blacklist_invalid_rate=0.1,
                       blacklist_action=action)
     async with Engine(cfg, sweep=False) as e:
-        await e.create_sku("g100", "Game card", 10000, "CNY", 9500)
-        await e.create_supplier("bad", "Bad codes", deposit=100_000)
-        await e.create_distributor("acme", "Acme")
-        await e.topup("acme", 10_000_000, "seed")
+        await open_shop(e, "bad", deposit=100_000)
         await stock_up(e, 20, supplier="bad")
         orders = [await e.purchase("acme", "g100", 1, f"o{i}") for i in range(10)]
         t1 = await e.open_ticket("acme", orders[0].order_id, orders[0].codes[0].code, "bad")
@@ -469,3 +474,86 @@ async def test_stock_report_has_a_forecast(shop: Engine) -> None:
     assert f is not None and f.history_days == 1
     assert f.daily_velocity == 10.0 and f.days_of_cover == 3.0
     assert f.reorder_qty == 10 * 14 - 30  # 14 days of lead time + review, no spread yet
+
+
+# ---- void, park, blacklist on empty and sold-out batches -------------------------------------
+
+async def _batch_states(engine: Engine, supplier: str) -> dict[str, tuple[str, int, int]]:
+    return {b.batch_id: (b.status, b.delivered, b.voided) for b in (await engine.supplier_report(supplier)).batches}
+
+
+@pytest.mark.parametrize("action", ["park", "void"])
+async def test_blacklist_and_reinstate_with_sold_out_and_empty_batches(action: str, tmp_path,
+                                                                      flushed_redis_url: str) -> None:
+    cfg = make_config(tmp_path, redis_url=flushed_redis_url, blacklist_action=action)
+    async with Engine(cfg, sweep=False) as e:
+        await open_shop(e, "sup")
+        await e.create_supplier("other", "Other")
+        await stock_up(e, 2, batch="sold-out")
+        await e.purchase("acme", "g100", 2, "all")
+        empty = await e.import_codes(codes_text("CODE", 2), sku="g100", supplier="sup", unit_cost=9000,
+                                     batch_id="empty")
+        assert (empty.accepted, empty.duplicate) == (0, 2)
+        await stock_up(e, 3, batch="full", prefix="FULL")
+        await stock_up(e, 1, batch="theirs", prefix="OTHER", supplier="other")
+
+        await e.update_supplier("sup", status="blacklisted", reason="fraud")
+        stock = await e.stock("g100")
+        assert (stock.available, stock.sold) == (1, 2)
+        assert (stock.parked, stock.voided) == ((3, 0) if action == "park" else (0, 3))
+        off = "parked" if action == "park" else "voided"
+        assert await _batch_states(e, "sup") == {"sold-out": (off, 2, 0), "empty": (off, 0, 0),
+                                                 "full": (off, 0, 0 if action == "park" else 3)}
+        assert await e.audit() == []
+        # the next orders get the other supplier's code, then none of the blacklisted one's
+        got = await e.purchase("acme", "g100", 1, "next")
+        assert got.codes[0].code.startswith("OTHER")
+        with pytest.raises(errors.OutOfStockError):
+            await e.purchase("acme", "g100", 1, "after")
+
+        await e.update_supplier("sup", status="active")
+        stock = await e.stock("g100")
+        assert (stock.available, stock.parked) == ((3, 0) if action == "park" else (0, 0))
+        if action == "park":
+            assert await _batch_states(e, "sup") == {"sold-out": ("imported", 2, 0), "empty": ("imported", 0, 0),
+                                                     "full": ("imported", 0, 0)}
+            assert len((await e.purchase("acme", "g100", 3, "back")).codes) == 3
+        assert await e.audit() == []
+
+
+async def test_void_park_and_unpark_of_empty_and_sold_out_batches(shop: Engine) -> None:
+    await stock_up(shop, 2, batch="sold-out")
+    await shop.purchase("acme", "g100", 2, "all")
+    await shop.import_codes(codes_text("CODE", 2), sku="g100", supplier="sup", unit_cost=9000, batch_id="empty")
+    inventory = shop._parts["inventory"]
+    for batch_id in ("sold-out", "empty"):
+        b = await inventory.batch(batch_id)
+        await inventory.park_batch(b, True)
+        await inventory.park_batch(b, True)  # again: nothing changes
+        assert (await _batch_states(shop, "sup"))[batch_id][0] == "parked"
+        await inventory.park_batch(b, False)
+        assert (await _batch_states(shop, "sup"))[batch_id][0] == "imported"
+        assert await shop.void_batch(batch_id) == 0
+        assert await shop.void_batch(batch_id) == 0
+        assert (await _batch_states(shop, "sup"))[batch_id] == ("voided", 2 if batch_id == "sold-out" else 0, 0)
+    stock = await shop.stock("g100")
+    assert (stock.accepted, stock.available, stock.sold, stock.voided, stock.parked) == (2, 0, 2, 0, 0)
+    assert await shop.audit() == []
+
+
+async def test_auto_blacklist_with_a_sold_out_first_batch_parks_the_rest(tmp_path, flushed_redis_url: str) -> None:
+    cfg = make_config(tmp_path, redis_url=flushed_redis_url, blacklist_min_delivered=5, blacklist_invalid_rate=0.2)
+    async with Engine(cfg, sweep=False) as e:
+        await open_shop(e, "bad", deposit=100_000)
+        await stock_up(e, 10, supplier="bad")
+        orders = [await e.purchase("acme", "g100", 1, f"o{i}") for i in range(10)]
+        await stock_up(e, 5, supplier="bad", batch="b2", prefix="MORE")
+        for o in orders[:3]:  # the third approval blacklists
+            t = await e.open_ticket("acme", o.order_id, o.codes[0].code, "bad")
+            assert (await e.resolve_ticket(t.ticket_id, "approve")).status == "approved"
+        assert (await e.get_supplier("bad")).status == "blacklisted"
+        stock = await e.stock("g100")
+        assert (stock.available, stock.parked) == (0, 5)
+        with pytest.raises(errors.OutOfStockError):
+            await e.purchase("acme", "g100", 1, "after")
+        assert await e.audit() == []

@@ -26,7 +26,7 @@ from .conftest import codes_text
 
 SKU = keys.SkuKeys("g100")
 ACME, BETA = keys.AcctKeys("acme"), keys.AcctKeys("beta")
-SUMS = "available+reserved+sold+voided+invalidated+parked"
+SUMS = "available+reserved+sold+voided+invalidated+parked+expired"
 
 
 @dataclass
@@ -186,6 +186,18 @@ async def test_accepted_off_the_sum_of_states(shop: Engine, healthy: Shop, r: ai
     await r.hincrby(SKU.stats, field, delta)
     accepted, total = (14 + delta, 14) if field == "accepted" else (14, 14 + delta)
     assert await shop.audit() == [f"g100: accepted {accepted} != {SUMS} {total}"]
+
+
+async def test_expired_off_its_batches(shop: Engine, healthy: Shop, r: aioredis.Redis) -> None:
+    await r.hincrby(SKU.stats, "expired", 1)
+    await r.hincrby(SKU.stats, "accepted", 1)
+    assert await shop.audit() == ["g100: expired counter 1 != 0 expired in its batches"]
+
+
+async def test_codes_left_in_a_retired_batch(shop: Engine, healthy: Shop, r: aioredis.Redis) -> None:
+    """Batch b1 counted past its sell-by, its pool still on sale."""
+    await r.sadd(SKU.expired, healthy.seq1)
+    assert await shop.audit() == [f"g100: the pool of batch {healthy.seq1} holds 6 codes past their sell-by"]
 
 
 @pytest.mark.parametrize("counter_too", [False, True], ids=["code-only", "code-and-counter"])

@@ -230,3 +230,29 @@ def test_tables_show_whole_values_as_text(env: dict[str, str], tmp_path: Path,
     rc, out, _ = run(capsys, "stock", "g100")
     assert rc == 0 and "Forecast(" not in out
     assert re.search(r"forecast\.daily_velocity\s*│\s*\d+\.\d\d\b", out) and "forecast.reorder_qty" in out
+
+
+def test_import_refusals_rules_and_expiry(env: dict[str, str], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "sku", "create", "pin", "--name", "P", "--face-value", "100", "--currency", "EUR",
+                     "--price", "90", "--code-rule", '{"charset": "digits"}', "--min-shelf-life", "3600",
+                     "--sale-order", "first_expiring")
+    assert rc == 0 and "first_expiring" in out
+    rc, _, err = run(capsys, "sku", "create", "bad", "--name", "B", "--face-value", "100", "--currency", "eur",
+                     "--price", "90")
+    assert rc == 1 and "currency" in err
+    run(capsys, "supplier", "create", "sup", "--name", "S")
+    png = tmp_path / "codes.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    rc, _, err = run(capsys, "import", str(png), "--sku", "pin", "--supplier", "sup", "--cost", "1")
+    assert rc == 1 and "not text" in err and "Traceback" not in err
+    f = tmp_path / "codes.csv"
+    f.write_text("code,expires_at\n12345678,2020-01-01\n1234567X,2999-01-01\n22222222,2999-01-01\n"
+                 "22222222,2999-01-01\n")
+    rc, out, _ = run(capsys, "import", str(f), "--sku", "pin", "--supplier", "sup", "--cost", "1", "--batch-id", "b")
+    assert rc == 0 and "expired (expires_at is past)" in out and "code has characters outside digits" in out
+    assert re.search(r"5\s*│\s*this_file", out), out
+    with engine(env, tmp_path) as e:
+        stock = e.stock("pin")
+        assert (stock.accepted, stock.available) == (1, 1)
+        assert [b.batch_id for b in e.supplier_report("sup").batches] == ["b"]

@@ -62,6 +62,9 @@ def ref_field_reason(field: bytes, max_length: int) -> str | None:
 
 
 def parse(source, **options) -> list[ParsedChunk]:
+    """The chunks of *source*, judged line by line (no text_only check unless asked)."""
+    options.setdefault("text_only", False)
+
     async def run():
         return [chunk async for chunk in parse_codes(source, **options)]
 

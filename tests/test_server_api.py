@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -520,7 +521,8 @@ async def test_replies_carry_every_field(server: Server) -> None:
     r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 2})
     assert r.json() == {"sku": "s1", "name": "S", "face_value": 1, "currency": "USD", "price": 2,
                         "low_stock_threshold": 0, "status": "active", "sale_order": "oldest_first",
-                        "after_sales": "refund", "buckets": 1}
+                        "after_sales": "refund", "buckets": 1, "code_rule": None,
+                        "pin_rule": None, "free": False, "min_shelf_life_s": 0}
     r = await server.admin("POST", "/admin/distributors", json={"distributor": "d1", "name": "D"})
     assert r.json()["distributor"] == {"distributor": "d1", "name": "D", "tier": None, "credit_limit": 0,
                                        "allowed_skus": None, "status": "active", "balance": 0, "held": 0,
@@ -572,3 +574,68 @@ async def test_console_files_are_served_with_a_strict_policy(server: Server) -> 
         r = await server.request("GET", path)
         assert (r.status, r.error) == (404, "not_found"), path
     assert (await server.request("POST", "/console")).status == 405
+
+
+async def test_an_import_that_is_not_text_is_refused_whole(server: Server) -> None:
+    await server.shop(codes=0)
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 40
+    noise = random.Random(7).randbytes(200_000).replace(b"\0", b"\1")
+    controls = b"".join(b"AB\x01\x02\x03CD%04d\n" % i for i in range(100))
+    for body, why in ((png, "NUL byte"), (noise, "not UTF-8"), (controls, "control or non-printable"),
+                      (b"", "no codes"), (b"\n \n", "no codes")):
+        r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000&batch_id=junk",
+                               body=body, headers={"Content-Type": "text/plain"})
+        assert (r.status, r.error) == (422, "validation_error"), (why, r)
+        assert why in r.json()["error"]["message"]
+    assert (await server.engine.stock("g100")).accepted == 0
+    report = (await server.admin("GET", "/admin/suppliers/sup/report")).json()
+    assert report["batches"] == []
+    # a body that is text is taken, its odd lines malformed one by one
+    r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000&batch_id=junk",
+                           body=b"".join(b"GOOD%08d\n" % i for i in range(40)) + b"BAD\x01\n",
+                           headers={"Content-Type": "text/plain"})
+    assert r.status == 201 and (r.json()["accepted"], r.json()["malformed"]) == (40, 1)
+    assert await server.engine.audit() == []
+
+
+async def test_a_code_rule_set_over_http_makes_lines_malformed(server: Server) -> None:
+    await server.shop(codes=0)
+    r = await server.admin("PATCH", "/admin/skus/g100", json={"code_rule": {"charset": "hex", "min_length": 8}})
+    assert r.status == 200 and r.json()["code_rule"] == {"min_length": 8, "max_length": None,
+                                                          "charset": "hex", "pattern": None}
+    r = await server.admin("PATCH", "/admin/skus/g100", json={"code_rule": {"charset": "emoji"}})
+    assert (r.status, r.error) == (422, "validation_error") and "code_rule.charset" in r.json()["error"]["message"]
+    r = await server.admin("POST", "/admin/batches?sku=g100&supplier=sup&unit_cost=9000",
+                           body=b"DEADBEEF\nNOTHEX00\nABC\n", headers={"Content-Type": "text/plain"})
+    assert r.status == 201, r
+    assert r.json()["malformed_lines"] == [{"line": 2, "reason": "code has characters outside hex"},
+                                           {"line": 3, "reason": "code shorter than 8 characters"}]
+    r = await server.as_("acme", "GET", "/v1/skus")  # the catalog reads the rule back
+    assert r.status == 200 and "g100" in [s["sku"] for s in r.json()["skus"]]
+
+
+async def test_money_catalog_and_query_values_are_checked_by_field(server: Server) -> None:
+    await server.shop(codes=0)
+    sku = {"sku": "s1", "name": "S1", "face_value": 1000, "currency": "USD", "price": 900}
+    for bad, field in (({"currency": "usd"}, "currency"), ({"currency": "XXY"}, "currency"),
+                       ({"currency": "dollars!"}, "currency"), ({"price": 0}, "price"), ({"price": 652.5}, "price")):
+        r = await server.admin("POST", "/admin/skus", json=sku | bad)
+        assert (r.status, r.error) == (422, "validation_error"), bad
+        assert field in r.json()["error"]["message"], (bad, r.json())
+    # a whole number written as a float is the integer the schema asks for
+    r = await server.admin("POST", "/admin/skus", json=sku | {"price": 652.0, "face_value": 1000.0})
+    assert r.status == 201 and r.json()["price"] == 652
+    r = await server.admin("POST", "/admin/skus", json=sku | {"sku": "gift", "price": 0, "free": True})
+    assert r.status == 201 and r.json()["free"] is True
+    r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 0})  # the SKU is not free: a conflict
+    assert (r.status, r.error) == (409, "conflict") and "price" in r.json()["error"]["message"]
+    r = await server.admin("PATCH", "/admin/skus/s1", json={"price": 0, "free": True})
+    assert r.status == 200 and (r.json()["price"], r.json()["free"]) == (0, True)
+    for path, field in (("/admin/orders/export?to=0.5", "to"), ("/admin/ledger/export?from=1700000000", "from"),
+                        ("/admin/events?stream=sku:g100&after=1-99999999999999999999", "after")):
+        r = await server.admin("GET", path)
+        assert (r.status, r.error) == (422, "validation_error"), path
+        assert field in r.json()["error"]["message"]
+    r = await server.admin("GET", "/admin/events?stream=sku:g100&after=18446744073709551615-0")
+    assert r.status == 200
+    assert (await server.admin("GET", "/admin/orders/export?to=2030-01-01T00:00:00Z")).status == 200

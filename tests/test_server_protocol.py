@@ -125,6 +125,26 @@ async def test_slow_clients_are_dropped(make_server: Any) -> None:
         assert f'dispatch_http_timeouts_total{{phase="{phase}"}}' in text
 
 
+async def test_a_trickling_upload_is_closed_at_its_deadline(make_server: Any) -> None:
+    s = await make_server(body_timeout_s=5, upload_timeout_s=0.5)
+    await s.shop(codes=0)
+    conn = await Conn.open(s.port)
+    conn.send(b"POST /admin/batches?sku=g100&supplier=sup&unit_cost=1&batch_id=slow HTTP/1.1\r\nHost: t\r\n"
+              b"Authorization: Bearer " + ADMIN.encode() + b"\r\nContent-Type: text/plain\r\n"
+              b"Content-Length: 1000000\r\n\r\n")
+    closed = False
+    for i in range(300):  # a line every 0.1 s: never idle for body_timeout_s, closed by the deadline
+        conn.send(b"TRICKLE%05d\n" % i)
+        try:
+            closed = await conn.closed_by_server(timeout=0.1)
+            break
+        except asyncio.TimeoutError:
+            pass
+    assert closed
+    assert 'dispatch_http_timeouts_total{phase="upload"} 1.0' in (await s.request("GET", "/metrics")).body.decode()
+    assert (await s.engine.stock("g100")).accepted == 0
+
+
 async def test_a_client_that_never_reads_is_cut_off(make_server: Any) -> None:
     s = await make_server(body_timeout_s=0.3)
     conn = await Conn.open(s.port)

@@ -4,11 +4,6 @@
 --   10 events  11 tickets  12 claims
 -- Supplier scripts share the money helpers: their KEYS start acct, ledger too.
 
--- Money arguments as integers: redis.call would print a large number as 1e+15.
-local function int(x)
-  return string.format('%d', x)
-end
-
 -- Every balance movement is a ledger entry carrying the balance and held amount
 -- after it, so that both are always the sums of their ledger columns. An entry is
 -- one string, "kind ref balance_delta held_delta balance held ms" joined by \31

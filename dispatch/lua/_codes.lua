@@ -51,7 +51,7 @@ local function pop_codes(queue, pool, stats, total)
       error({err = 'ERR stats.available of ' .. stats .. ' exceeds the pools'})
     end
     local need = total - #codes
-    local got = redis.call('LPOP', pool .. head, need)
+    local got = redis.call('LPOP', pool .. head, int(need))
     if got then
       local seq = tonumber(head)
       for _, c in ipairs(got) do
@@ -82,17 +82,59 @@ local function set_level(meta, stats, events, avail, threshold, was)
   else now = 1  -- in the band above the threshold: not yet re-armed
   end
   if now ~= was then
-    redis.call('HSET', stats, 'level', now)
-    local v = redis.call('HINCRBY', stats, 'ver', 1)
+    redis.call('HSET', stats, 'level', int(now))
+    local v = redis.call('HINCRBY', stats, 'ver', '1')
     emit(events, LEVEL_EVENT[now], 'stock:' .. sku, v,
          {sku = sku, level = LEVELS[now], was = LEVELS[was], available = avail, threshold = threshold})
   end
 end
 
+-- Expiry. A batch's codes share one expiry (an import is split into sub-batches by
+-- expiry); a code is sold only before its sell-by, expiry - the SKU's min_shelf_life_s.
+-- Batches past it are retired: their pools dropped and counted expired, so no code is
+-- ever sold after it. stats.next_exp (the earliest expiry still in expq) is read with
+-- the counters a script reads anyway, so retiring costs nothing until one is due.
+-- The SKU's tag prefix t names the keys (as dispatch/store/keys.py does).
+local function sku_tag(meta)
+  return string.sub(meta, 1, -5)  -- 'd:{s:ID}:' from 'd:{s:ID}:meta'
+end
+
+local function due(next_exp, shelf_s, now)
+  return next_exp ~= nil and next_exp ~= false and tonumber(next_exp) - tonumber(shelf_s or '0') * 1000 <= now
+end
+
+-- Retires every batch of the SKU (tag t) past its sell-by. returns the codes that left available
+local function retire_due(t, now, shelf_s)
+  local stats, expq = t .. 'stats', t .. 'expq'
+  local seqs = redis.call('ZRANGEBYSCORE', expq, '-inf', int(now + tonumber(shelf_s or '0') * 1000))
+  local avail, parked, all = 0, 0, 0
+  for _, seq in ipairs(seqs) do
+    if redis.call('SISMEMBER', t .. 'void', seq) == 0 then
+      local pool = t .. 'p:' .. seq
+      local n = redis.call('LLEN', pool)
+      if n > 0 then
+        redis.call('DEL', pool)
+        if redis.call('SISMEMBER', t .. 'parked', seq) == 1 then parked = parked + n else avail = avail + n end
+        redis.call('HINCRBY', t .. 'bstat', seq .. ':e', int(n))
+        all = all + n
+      end
+      redis.call('SADD', t .. 'expired', seq)
+    end
+    redis.call('ZREM', t .. 'bq', seq)
+  end
+  if #seqs > 0 then push('ZREM', expq, seqs) end
+  if avail > 0 then redis.call('HINCRBY', stats, 'available', int(-avail)) end
+  if parked > 0 then redis.call('HINCRBY', stats, 'parked', int(-parked)) end
+  if all > 0 then redis.call('HINCRBY', stats, 'expired', int(all)) end
+  local head = redis.call('ZRANGE', expq, 0, 0, 'WITHSCORES')
+  if head[2] then redis.call('HSET', stats, 'next_exp', head[2]) else redis.call('HDEL', stats, 'next_exp') end
+  return avail
+end
+
 -- A SKU's keys by name, for code shared by the SKU scripts (KEYS) and the scripts of
 -- the node that holds every shard (which name a SKU's keys from its id).
 local SKU_KEY_NAMES = {'meta', 'stats', 'queue', 'dlv', 'chunks', 'void', 'dlv_codes', 'batch_stats', 'parked',
-                       'sales', 'scores', 'events'}
+                       'sales', 'scores', 'events', 'expq', 'expired'}
 local function sku_keys(list, pool)
   local k = {pool = pool}
   for j, name in ipairs(SKU_KEY_NAMES) do k[name] = list[j] end
@@ -106,8 +148,8 @@ local function count_sold_in(k, runs)
     per[runs[j]] = (per[runs[j]] or 0) + runs[j + 1]
     n = n + runs[j + 1]
   end
-  for seq, c in pairs(per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', c) end
-  if n > 0 then redis.call('HINCRBY', k.sales, math.floor(now_ms() / 3600000), n) end
+  for seq, c in pairs(per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', int(c)) end
+  if n > 0 then redis.call('HINCRBY', k.sales, int(math.floor(now_ms() / 3600000)), int(n)) end
 end
 
 -- The SKU side of ending reservations, after their accounts decided: sell (reserved
@@ -144,16 +186,19 @@ local function settle_codes(k, id, action, acc)
     for j = 1, #b, 2 do
       local seq, count = b[j], b[j + 1]
       if redis.call('SISMEMBER', k.void, seq) == 1 then
-        redis.call('HINCRBY', k.stats, 'voided', count)
+        redis.call('HINCRBY', k.stats, 'voided', int(count))
+      elseif redis.call('SISMEMBER', k.expired, seq) == 1 then  -- retired meanwhile: past its sell-by
+        redis.call('HINCRBY', k.stats, 'expired', int(count))
+        redis.call('HINCRBY', k.batch_stats, seq .. ':e', int(count))
       else
         local back = {}
         for c = at + count - 1, at, -1 do back[#back + 1] = codes[c] end
         push('LPUSH', k.pool .. seq, back)
         if redis.call('SISMEMBER', k.parked, seq) == 1 then
-          redis.call('HINCRBY', k.stats, 'parked', count)
+          redis.call('HINCRBY', k.stats, 'parked', int(count))
         else
           redis.call('ZADD', k.queue, 'NX', redis.call('HGET', k.scores, seq) or seq, seq)
-          redis.call('HINCRBY', k.stats, 'available', count)
+          redis.call('HINCRBY', k.stats, 'available', int(count))
         end
       end
       at = at + count
@@ -178,10 +223,10 @@ end
 local function flush_settled(k, acc)
   if #acc.records == 0 then return end
   push('HSET', k.dlv, acc.records)
-  redis.call('HINCRBY', k.stats, 'reserved', string.format('%d', -acc.reserved))
+  redis.call('HINCRBY', k.stats, 'reserved', int(-acc.reserved))
   if acc.sold > 0 then
-    redis.call('HINCRBY', k.stats, 'sold', string.format('%d', acc.sold))
-    for seq, c in pairs(acc.per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', string.format('%d', c)) end
-    redis.call('HINCRBY', k.sales, string.format('%d', math.floor(now_ms() / 3600000)), string.format('%d', acc.sold))
+    redis.call('HINCRBY', k.stats, 'sold', int(acc.sold))
+    for seq, c in pairs(acc.per) do redis.call('HINCRBY', k.batch_stats, seq .. ':d', int(c)) end
+    redis.call('HINCRBY', k.sales, int(math.floor(now_ms() / 3600000)), int(acc.sold))
   end
 end

@@ -11,6 +11,13 @@
 
 local EVENTS_MAXLEN = '100000'  -- per stream, trimmed approximately
 
+-- Every number a script sends to Redis goes through int(): redis.call would format a
+-- Lua number itself, as "-0" for a negative zero (0 negated, which Redis refuses as an
+-- integer, failing the script after what it wrote before) and as 1e+15 for a large one.
+local function int(x)
+  return string.format('%d', x)
+end
+
 local NOW
 local function now_ms()
   if NOW == nil then
@@ -22,7 +29,7 @@ end
 
 local function emit(stream, kind, entity, version, data)
   redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind, 'entity', entity,
-             'v', string.format('%d', version), 'at', string.format('%d', now_ms()),
+             'v', int(version), 'at', int(now_ms()),
              'data', type(data) == 'string' and data or cmsgpack.pack(data))
 end
 
@@ -32,5 +39,5 @@ local function emit_records(stream, kind, records)
                or string.char(0xdd, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
                               math.floor(n / 256) % 256, n % 256)
   redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind,
-             'at', string.format('%d', now_ms()), 'records', head .. table.concat(records))
+             'at', int(now_ms()), 'records', head .. table.concat(records))
 end

@@ -17,6 +17,9 @@
 -- qty codes; one that gets fewer (allow_partial) is repacked here.
 -- The work is done once per SKU and per account, not per order: the pops, the
 -- counters, the ledger entries, the records and the events go out in one command each.
+-- A SKU with a batch past its sell-by has it retired before its orders are decided
+-- (retire_due, _codes.lua): known from the counters read anyway, so no extra command
+-- until one is due.
 -- Safe to run twice: an order found by its external_ref is answered as it stands.
 -- returns one flat array, per order: its status, the count of the fields that follow, and
 -- those fields (a nested array per order costs Redis a tenth of the order's work):
@@ -36,8 +39,6 @@ for s = 1, nS do sku_at[ARGV[2 + s]] = s end
 for a = 1, nA do acct_at[ARGV[2 + nS + a]] = a end
 local now = now_ms()
 
-local function int(x) return string.format('%d', x) end
-
 -- Codes as the account's orders keep them: a msgpack array of bin strings. The SKU's
 -- delivery record of a delivered order keeps its batches, not its codes: the account
 -- has them (a reservation's codes are kept on both sides, take.lua).
@@ -56,11 +57,13 @@ local skus, accts = {}, {}
 local function sku(s)
   local st = skus[s]
   if not st then
-    local m = redis.call('HMGET', sk(s, META), 'status', 'low_stock_threshold')
-    local c = redis.call('HMGET', sk(s, STATS), 'available', 'level', 'sold', 'reserved')
-    st = {status = m[1], threshold = tonumber(m[2] or '0'), avail = tonumber(c[1] or '0'),
+    local m = redis.call('HMGET', sk(s, META), 'status', 'low_stock_threshold', 'min_shelf_life_s')
+    local c = redis.call('HMGET', sk(s, STATS), 'available', 'level', 'sold', 'reserved', 'next_exp')
+    local retired = 0
+    if due(c[5], m[3], now) then retired = retire_due(sku_tag(sk(s, META)), now, m[3]) end
+    st = {status = m[1], threshold = tonumber(m[2] or '0'), avail = tonumber(c[1] or '0') - retired,
           level = tonumber(c[2] or '0'), sold = tonumber(c[3] or '0'), reserved = tonumber(c[4] or '0'),
-          total = 0, orders = {}}
+          total = 0, orders = {}, retired = retired > 0}
     skus[s] = st
   end
   return st
@@ -247,6 +250,8 @@ for s, S in pairs(skus) do
     for seq, c in pairs(per_batch) do redis.call('HINCRBY', sk(s, BSTAT), seq .. ':d', int(c)) end
     if S.total > held then redis.call('HINCRBY', sk(s, SALES), hour_s, int(S.total - held)) end
     set_level(meta, stats, sk(s, SKU_EVENTS), S.avail, S.threshold, S.level)
+  elseif S.retired then
+    set_level(sk(s, META), sk(s, STATS), sk(s, SKU_EVENTS), S.avail, S.threshold, S.level)
   end
 end
 

@@ -5,10 +5,10 @@
 -- entries  runs of: 2 hex digits of the bucket, a count byte n, n 14-byte fields; the
 --          fields are distinct. A run of one is an HSETNX; a longer run reads the bucket
 --          once (HMGET) and writes the fields no batch has in one HSET.
--- returns  {pos, status, ...} for each fingerprint not claimed now (pos: 1-based, in
---          entry order): 1 claimed earlier by this batch (a resumed import), 2 owned by
---          another batch (a duplicate). Safe to run twice: the second run answers 1 for
---          what the first claimed.
+-- returns  {pos, owner, ...} for each fingerprint not claimed now (pos: 1-based, in
+--          entry order; owner: the seq of the batch that has it, this one's when it
+--          claimed it before, as a resumed import does, another's for a duplicate).
+--          Safe to run twice: the second run answers this seq for what the first claimed.
 local seq, entries, prefix = ARGV[1], ARGV[2], KEYS[1]
 local call, sub, byte = redis.call, string.sub, string.byte
 local out, nout = {}, 0
@@ -20,7 +20,7 @@ while at <= #entries do
   if n == 1 then
     local field = sub(entries, at, at + 13)
     if call('HSETNX', key, field, seq) == 0 then
-      out[nout + 1], out[nout + 2] = pos + 1, call('HGET', key, field) == seq and 1 or 2
+      out[nout + 1], out[nout + 2] = pos + 1, call('HGET', key, field)
       nout = nout + 2
     end
   else
@@ -29,7 +29,7 @@ while at <= #entries do
     local owners = call('HMGET', key, unpack(fields, 1, n))
     for k = 1, n do
       if owners[k] then
-        out[nout + 1], out[nout + 2] = pos + k, owners[k] == seq and 1 or 2
+        out[nout + 1], out[nout + 2] = pos + k, owners[k]
         nout = nout + 2
       else
         new[nnew + 1], new[nnew + 2] = fields[k], seq

@@ -21,6 +21,6 @@ if tokens >= 1000 then
 else
   wait = math.ceil((1000 - tokens) / rate)
 end
-redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', ts)
-redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate) + 1000)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%d', ts))
+redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil(cap / rate) + 1000))
 return {ok, wait}

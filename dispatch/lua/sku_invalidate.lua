@@ -29,18 +29,19 @@ for j = 1, #r.b, 2 do
 end
 r.x[#r.x + 1] = index
 redis.call('HSET', KEYS[4], order, cmsgpack.pack(r))
-redis.call('HINCRBY', KEYS[2], 'sold', -1)
-redis.call('HINCRBY', KEYS[2], 'invalidated', 1)
-redis.call('HINCRBY', KEYS[8], seq .. ':i', 1)
+redis.call('HINCRBY', KEYS[2], 'sold', '-1')
+redis.call('HINCRBY', KEYS[2], 'invalidated', '1')
+redis.call('HINCRBY', KEYS[8], seq .. ':i', '1')
 
+if retire_if_due() then check_level() end  -- a replacement is never past its sell-by
 local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
 if replace and avail > 0 and redis.call('HGET', KEYS[1], 'status') == 'active' then
   local codes, seqs = take_codes(1)
   redis.call('HSET', KEYS[4], ticket, cmsgpack.pack({st = 'sold', b = {seqs[1], 1}, of = seq}))
   redis.call('HSET', KEYS[7], ticket, pack_codes(codes))
-  redis.call('HINCRBY', KEYS[2], 'available', -1)
-  redis.call('HINCRBY', KEYS[2], 'sold', 1)
-  redis.call('HINCRBY', KEYS[8], seqs[1] .. ':d', 1)
+  redis.call('HINCRBY', KEYS[2], 'available', '-1')
+  redis.call('HINCRBY', KEYS[2], 'sold', '1')
+  redis.call('HINCRBY', KEYS[8], seqs[1] .. ':d', '1')
   check_level()
   return {'replaced', seq, codes[1]}
 end

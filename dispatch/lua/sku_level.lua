@@ -13,7 +13,7 @@ for _ = 1, tonumber(ARGV[2]) do
   local seen = redis.call('HMGET', KEYS[2], 'bav:' .. b, 'bchg:' .. b)
   if chg > tonumber(seen[2] or '-1') then
     others = others + avail - tonumber(seen[1] or '0')
-    redis.call('HSET', KEYS[2], 'bav:' .. b, avail, 'bchg:' .. b, chg, 'others', others)
+    redis.call('HSET', KEYS[2], 'bav:' .. b, int(avail), 'bchg:' .. b, int(chg), 'others', int(others))
   end
 end
 check_level()

@@ -25,7 +25,7 @@ for j = 3, 2 + 3 * tonumber(ARGV[2]), 3 do
     if n > 0 then
       removed = removed + n
       local counter = redis.call('SISMEMBER', KEYS[9], seq) == 1 and 'parked' or 'available'
-      redis.call('HINCRBY', KEYS[2], counter, -n)
+      redis.call('HINCRBY', KEYS[2], counter, int(-n))
     end
   end
 end

@@ -14,6 +14,6 @@ if earlier then
 end
 local bal = ledger(kind, ref, kind == 'deposit' and amount or -amount, 0)
 settle_money()
-if kind == 'charge' then redis.call('HINCRBY', KEYS[1], 'invalidated', 1) end
+if kind == 'charge' then redis.call('HINCRBY', KEYS[1], 'invalidated', '1') end
 redis.call('HSET', KEYS[3], field, int(amount))
 return {'ok', int(bal)}

@@ -8,7 +8,7 @@ if redis.call('HGET', KEYS[1], 'status') == status then
   return {'again', tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')}
 end
 local supplier = string.match(KEYS[1], '{p:(.*)}')
-local v = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+local v = redis.call('HINCRBY', KEYS[1], 'ver', '1')
 redis.call('HSET', KEYS[1], 'status', status, 'reason', reason)
 emit(KEYS[4], status == 'blacklisted' and 'supplier.blacklisted' or 'supplier.reinstated', 'supplier:' .. supplier, v,
      {supplier = supplier, status = status, reason = reason, invalid_rate_bps = rate})

@@ -10,7 +10,9 @@
 -- The work is done once per call, not per order: one pass decides, one run of
 -- LPOPs takes every code the call needs, one HSET records every decision.
 -- Stock crossing its low or out level is told on the SKU's event stream.
+-- Batches past their sell-by are retired first (retire_if_due), so none of their codes is taken.
 -- returns per order: {"ok", code...} | {"out_of_stock"} | {"paused"} | {"unknown_sku"}
+local retired = retire_if_due()
 local status = redis.call('HGET', KEYS[1], 'status')
 local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
 local n = tonumber(ARGV[2])
@@ -88,12 +90,14 @@ for k, f in pairs(again) do out[k] = out[f] end
 if #records > 0 then push('HSET', KEYS[4], records) end
 if #packed > 0 then push('HSET', KEYS[7], packed) end
 if total > 0 then
-  redis.call('HINCRBY', KEYS[2], 'available', -total)
-  if total > sold then redis.call('HINCRBY', KEYS[2], 'reserved', total - sold) end
+  redis.call('HINCRBY', KEYS[2], 'available', int(-total))
+  if total > sold then redis.call('HINCRBY', KEYS[2], 'reserved', int(total - sold)) end
   if sold > 0 then
-    redis.call('HINCRBY', KEYS[2], 'sold', sold)
+    redis.call('HINCRBY', KEYS[2], 'sold', int(sold))
     count_sold(sold_runs)
   end
+  check_level()
+elseif retired then
   check_level()
 end
 return out

@@ -19,7 +19,7 @@ if decision == 'reject' then
        {ticket_id = id, order_id = t.order, sku = t.sku, code_index = t.index, status = 'rejected'})
 else
   t.status, t.replace = 'approving', replace
-  redis.call('ZADD', KEYS[8], now, id)
+  redis.call('ZADD', KEYS[8], int(now), id)
 end
 raw = cmsgpack.pack(t)
 redis.call('HSET', KEYS[11], id, raw)

@@ -5,7 +5,7 @@
 -- them before the lease ends, and the score is the claim's token (see webhook_settle).
 -- A due id without a job (deleted meanwhile) is dropped. Running twice only claims more.
 -- returns {job id, job, ...}
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', '0', ARGV[3])
 local out = {}
 for _, id in ipairs(ids) do
   local job = redis.call('HGET', KEYS[2], id)

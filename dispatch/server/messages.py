@@ -7,14 +7,16 @@ from these types and the engine's models (see openapi.py).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ..models import (Amount, BatchSummary, Buckets, Distributor, Id, OrderStatus, RateLimit, SkuDetail, Supplier,
-                      SupplierStats, Ticket, TicketStatus, Tier)
-from ..webhooks import FailedDelivery
+from ..imports import MAX_FIELD_LENGTH
+from ..models import (CURRENCIES, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id, OrderStatus, RateLimit,
+                      SkuDetail, Supplier, SupplierStats, Ticket, TicketStatus, Tier)
+from ..records import MAX_REF, MAX_TEXT, REF_PATTERN, TEXT_PATTERN
+from ..webhooks import MAX_URL, URL_PATTERN, FailedDelivery
 
 __all__ = [
     "Empty", "OrderRequest", "OrderQuery", "SkuCreate", "SkuPatch", "SupplierCreate", "TierCreate",
@@ -29,14 +31,15 @@ __all__ = [
     "PageQuery", "SkuList", "BatchList", "DistributorList", "TierList", "Live", "StoreHealth", "Overview",
 ]
 
-Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REF, pattern=REF_PATTERN)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Currency = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+#: ISO 4217 (models.CURRENCIES).
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", extra_json_schema={"enum": sorted(CURRENCIES)})]
 Seconds = Annotated[int, msgspec.Meta(ge=1)]
 Aware = Annotated[datetime, msgspec.Meta(tz=True)]
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT, pattern=TEXT_PATTERN)]
 #: Which batch sells first: the oldest, or the one whose supplier is rated best.
-SaleOrder = Literal["oldest_first", "best_rated"]
+SaleOrder = Literal["oldest_first", "best_rated", "first_expiring"]
 #: What an approved ticket gives by default: the money back, or another code.
 AfterSalesDefault = Literal["refund", "replace"]
 OrderId = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
@@ -55,6 +58,11 @@ class Empty(_In):
 
 
 class OrderRequest(_In):
+    #: reserve_ttl_s only with mode reserve (the OpenAPI document says so: openapi.py).
+    __schema_extra__: ClassVar[dict[str, Any]] = {
+        "anyOf": [{"properties": {"mode": {"const": "reserve"}}, "required": ["mode"]},
+                  {"properties": {"reserve_ttl_s": {"type": "null"}}}]}
+
     sku: Id
     qty: Annotated[int, msgspec.Meta(ge=1)]
     #: Your own id for the order: the idempotency key.
@@ -78,7 +86,13 @@ class OrderQuery(_In):
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
 
 
+#: A price of 0 only with free: true (the OpenAPI document says so: openapi.py).
+_FREE_OR_PRICED: dict[str, Any] = {"anyOf": [{"properties": {"price": {"minimum": 1}}},
+                                             {"properties": {"free": {"const": True}}, "required": ["free"]}]}
+
+
 class SkuCreate(_In):
+    __schema_extra__: ClassVar[dict[str, Any]] = _FREE_OR_PRICED
     sku: Id
     name: Name
     face_value: Amount
@@ -88,9 +102,16 @@ class SkuCreate(_In):
     sale_order: SaleOrder = "oldest_first"
     after_sales: AfterSalesDefault = "refund"
     buckets: Buckets = 1
+    code_rule: CodeRule | None = None
+    pin_rule: CodeRule | None = None
+    #: Given away: only a free SKU may have a price of 0.
+    free: bool = False
+    #: Seconds a code must have left before its expires_at to be imported or sold.
+    min_shelf_life_s: Amount = 0
 
 
 class SkuPatch(_In):
+    """A change that would leave a SKU not free with a price of 0 is a conflict (409)."""
     name: Name | UnsetType = UNSET
     price: Amount | UnsetType = UNSET
     low_stock_threshold: Amount | UnsetType = UNSET
@@ -98,6 +119,11 @@ class SkuPatch(_In):
     sale_order: SaleOrder | UnsetType = UNSET
     after_sales: AfterSalesDefault | UnsetType = UNSET
     buckets: Buckets | UnsetType = UNSET
+    #: null: any code (or PIN) is taken from then on.
+    code_rule: CodeRule | None | UnsetType = UNSET
+    pin_rule: CodeRule | None | UnsetType = UNSET
+    free: bool | UnsetType = UNSET
+    min_shelf_life_s: Amount | UnsetType = UNSET
 
 
 class SupplierCreate(_In):
@@ -162,7 +188,7 @@ class OrderExportQuery(ExportQuery):
 class TicketCreate(_In):
     order_id: OrderId
     #: The code that does not work, as it was delivered.
-    code: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIELD_LENGTH)]
     reason: Text
 
 
@@ -213,9 +239,13 @@ class EventQuery(_In):
     after: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}(\.[0-9]{1,6})?$")] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 
+    def __post_init__(self) -> None:
+        if self.after is not None and any(int(p) >= 1 << 64 for p in self.after.split(".")[0].split("-")):
+            raise ValueError(f"after {self.after!r}: each part of a stream id is below 2^64")
+
 
 class WebhookSet(_In):
-    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_URL, pattern=URL_PATTERN)]
 
 
 class LimitsSet(_In):

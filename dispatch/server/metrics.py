@@ -34,7 +34,7 @@ log = logging.getLogger("dispatch.server")
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_STATES = ("available", "reserved", "sold", "voided", "invalidated", "parked")
+_STATES = ("available", "reserved", "sold", "voided", "invalidated", "parked", "expired")
 #: Order outcomes that are not refusals.
 _SERVED = frozenset((*get_args(OrderStatus), "replayed"))
 WINDOW_S = 60
@@ -173,6 +173,8 @@ class Metrics:
         r.register(self._requests)
         self._stock = Gauge("dispatch_stock_codes", "Codes per SKU and state (read at scrape time)",
                             ["sku", "state"], registry=r)
+        self._expiring = Gauge("dispatch_stock_expiring_codes", "Codes on sale per SKU that reach their sell-by "
+                               "within expiring_window_s (as of the last sweep)", ["sku"], registry=r)
         self._webhooks = Gauge("dispatch_webhook_deliveries", "Webhook deliveries waiting for a try (due) "
                                "or failed for good (failed), read at scrape time", ["state"], registry=r)
         self.connections = Gauge("dispatch_http_connections", "Open HTTP connections", registry=r)
@@ -213,6 +215,7 @@ class Metrics:
             for s in await self._engine.stocks():
                 for state in _STATES:
                     self._stock.labels(s.sku, state).set(getattr(s, state))
+                self._expiring.labels(s.sku).set(s.expiring)
             due, failed = await self._engine.webhooks.backlog()
             self._webhooks.labels("due").set(due)
             self._webhooks.labels("failed").set(failed)

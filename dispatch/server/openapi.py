@@ -17,6 +17,8 @@ from .routes import Route
 __all__ = ["document"]
 
 _REF = "#/components/schemas/{name}"
+_UPLOAD = ("Codes, one a line, or CSV with a header naming `code`. Refused whole (422) if blank or not "
+           "text: a NUL byte, bytes that are not UTF-8, over 5 % control characters in the first 64 KiB.")
 _SECURITY = {"distributor": [{"distributor": []}], "admin": [{"admin": []}], "none": []}
 
 
@@ -42,6 +44,9 @@ def document(routes: list[Route]) -> dict[str, Any]:
             named.append(r.body)
         named += [m for t in r.out.values() if t not in (str, dict) for m in _members(t)]
     schemas, components = msgspec.json.schema_components(named, ref_template=_REF)
+    for t in named:  # what a type checks beyond its fields (see messages.SkuCreate)
+        if isinstance(t, type) and getattr(t, "__schema_extra__", None):
+            components[t.__name__].update(t.__schema_extra__)
     by_id = dict(zip(map(id, named), schemas))
 
     def schema_of(t: Any) -> dict[str, Any]:
@@ -62,7 +67,9 @@ def document(routes: list[Route]) -> dict[str, Any]:
         if params:
             op["parameters"] = params
         if r.stream:
-            text = {"schema": {"type": "string"}}
+            # text with a line that is not blank; the server also refuses (422) a body whose
+            # first 64 KiB are not text: over 5 % control characters (imports.check_text)
+            text = {"schema": {"type": "string", "pattern": r"\S", "description": _UPLOAD}}
             op["requestBody"] = {"required": True, "content": {"text/plain": text, "text/csv": text}}
         elif r.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema_of(r.body)}}}

@@ -16,7 +16,8 @@ Limits and hostile clients:
 - bytes that are not HTTP: 400 and close;
 - headers not complete ``header_timeout_s`` after the first byte, a JSON body not
   complete ``body_timeout_s`` after the headers, an upload silent for
-  ``body_timeout_s``, a keep-alive connection idle for ``keepalive_timeout_s``:
+  ``body_timeout_s`` or not complete ``upload_timeout_s`` after its headers, a
+  keep-alive connection idle for ``keepalive_timeout_s``:
   the connection is closed (nothing reached the engine); a client that reads
   none of its answers for ``body_timeout_s`` is cut off;
 - beyond ``max_connections`` open connections a new one is closed at once.
@@ -62,6 +63,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     body_timeout_s: float
     keepalive_timeout_s: float
     max_connections: int
+    upload_timeout_s: float = 3600.0
     #: Requests queued on one connection before reading pauses.
     max_pipeline: int = 32
 
@@ -70,7 +72,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
         return cls(max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
                    max_import_bytes=config.max_import_bytes, header_timeout_s=config.header_timeout_s,
                    body_timeout_s=config.body_timeout_s, keepalive_timeout_s=config.keepalive_timeout_s,
-                   max_connections=config.max_connections)
+                   max_connections=config.max_connections, upload_timeout_s=config.upload_timeout_s)
 
 
 class Handler(Protocol):
@@ -167,6 +169,7 @@ class HttpProtocol(asyncio.Protocol):
         self._parsing = True                   # False once nothing more will be read
         self._paused: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._upload_timer: asyncio.TimerHandle | None = None  # the whole upload's deadline
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._draining = False
@@ -188,6 +191,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed, self._parsing = True, False
         self._disarm()
+        self._end_upload()
         state = self._state
         state.connections.discard(self)
         state.on_connections(len(state.connections))
@@ -272,6 +276,11 @@ class HttpProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    def _end_upload(self) -> None:
+        if self._upload_timer is not None:
+            self._upload_timer.cancel()
+            self._upload_timer = None
+
     def _rearm(self) -> None:
         """The timer that fits the parser's phase: header, body, or keep-alive idle."""
         self._disarm()
@@ -289,7 +298,10 @@ class HttpProtocol(asyncio.Protocol):
         self._timer = self._loop.call_later(delay, self._timed_out, kind)
 
     def _timed_out(self, kind: str) -> None:
-        self._timer = None
+        if kind == "upload":
+            self._upload_timer = None
+        else:
+            self._timer = None
         self._state.on_timeout(kind)
         if kind != "idle":
             log.info("closing a connection: %s timeout", kind)
@@ -373,6 +385,7 @@ class HttpProtocol(asyncio.Protocol):
         req.expect_continue = req.headers.get(b"expect", b"").lower() == b"100-continue"
         if streamed:
             req.stream = BodyStream(self, req)
+            self._upload_timer = self._loop.call_later(self._limits.upload_timeout_s, self._timed_out, "upload")
         self._queue.append(req)
         self._phase = "body"
         self._rearm()
@@ -401,6 +414,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._req = None
         self._phase = "idle"
+        self._end_upload()
         req.finish()
         if not req.keep_alive or self._draining:
             self._stop_reading("close")  # nothing after this request will be answered

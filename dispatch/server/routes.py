@@ -56,7 +56,7 @@ class Catalog(msgspec.Struct):
 
 class Route:
     __slots__ = ("method", "template", "handler", "auth", "body", "query", "stream", "status", "out",
-                 "summary", "_decode", "_segments")
+                 "summary", "_decode", "_segments", "_times")
 
     def __init__(self, method: str, template: str, handler: Handler, *, auth: Auth, body: type | None,
                  query: type | None, stream: bool, status: int, out: dict[int, Any]) -> None:
@@ -71,6 +71,8 @@ class Route:
         self.out = out
         self.summary = (handler.__doc__ or handler.__name__).strip().splitlines()[0]
         self._decode = msgspec.json.Decoder(body or m.Empty).decode
+        self._times = {f.encode_name for f in msgspec.structs.fields(query) if "datetime" in repr(f.type)} \
+            if query else set()
         self._segments = [(s[1:-1], re.compile(_PARAM.get(s[1:-1], _ID)))
                           if s.startswith("{") else s for s in template.split("/")]
 
@@ -102,6 +104,11 @@ class Route:
         try:
             return self._decode(body)
         except msgspec.ValidationError as e:
+            if b"." in body:  # maybe a whole number written as 652.0: JSON Schema's integer takes it
+                try:
+                    return msgspec.convert(_whole_numbers(msgspec.json.decode(body)), self.body)
+                except msgspec.ValidationError as again:
+                    e = again  # what is wrong once whole numbers are integers
             raise ValidationError(f"invalid body: {e}") from None
         except msgspec.DecodeError as e:
             raise ValidationError(f"the body is not valid JSON: {e}") from None
@@ -120,6 +127,9 @@ class Route:
             if values:
                 raise ValidationError(f"unknown query parameter {next(iter(values))!r}")
             return None
+        for name in self._times & values.keys():  # not a unix time: 0.5 is no moment of 1970
+            if not _ISO_DATE.match(values[name]):
+                raise ValidationError(f"query parameter {name!r} must be an ISO 8601 time with a zone")
         try:
             return msgspec.convert(values, self.query, strict=False)
         except msgspec.ValidationError as e:
@@ -127,6 +137,18 @@ class Route:
 
 
 ROUTES: list[Route] = []
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _whole_numbers(value: Any) -> Any:
+    """*value* (decoded JSON) with every float that is a whole number made an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    return value
 
 
 def route(method: str, template: str, *, auth: Auth, body: type | None = None, query: type | None = None,
@@ -375,17 +397,21 @@ async def create_sku(c: Call) -> Sku:
     """Create a SKU."""
     b: m.SkuCreate = c.body
     return await c.engine.create_sku(b.sku, b.name, b.face_value, b.currency, b.price, b.low_stock_threshold,
-                                     sale_order=b.sale_order, after_sales=b.after_sales, buckets=b.buckets)
+                                     sale_order=b.sale_order, after_sales=b.after_sales, code_rule=b.code_rule,
+                                     pin_rule=b.pin_rule, free=b.free, min_shelf_life_s=b.min_shelf_life_s,
+                                     buckets=b.buckets)
 
 
 @route("PATCH", "/admin/skus/{sku}", auth="admin", body=m.SkuPatch, out=Sku)
 async def update_sku(c: Call) -> Sku:
     """Change a SKU's name, price, low-stock threshold, status (paused stops sales at once),
-    sale order, after-sales default or buckets."""
+    sale order, after-sales default, code or PIN rule, free, minimum shelf life or buckets."""
     b: m.SkuPatch = c.body
     return await c.engine.update_sku(c.params["sku"], name=b.name, price=b.price,
                                      low_stock_threshold=b.low_stock_threshold, status=b.status,
-                                     sale_order=b.sale_order, after_sales=b.after_sales, buckets=b.buckets)
+                                     sale_order=b.sale_order, after_sales=b.after_sales, code_rule=b.code_rule,
+                                     pin_rule=b.pin_rule, free=b.free, min_shelf_life_s=b.min_shelf_life_s,
+                                     buckets=b.buckets)
 
 
 @route("GET", "/admin/skus/{sku}/stock", auth="admin", out=Stock)

@@ -24,7 +24,9 @@ __all__ = ["CatalogStore", "COUNTERS"]
 
 _decode_tier = msgspec.msgpack.Decoder(Tier).decode
 #: The counters of a SKU's codes by state, summed over its buckets.
-COUNTERS = ("accepted", "available", "reserved", "sold", "voided", "invalidated", "parked")
+COUNTERS = ("accepted", "available", "reserved", "sold", "voided", "invalidated", "parked", "expired")
+#: Also summed over a SKU's buckets: its codes on sale reaching their sell-by soon.
+_SUMMED = (*COUNTERS, "expiring")
 
 
 def _sku_state(meta: dict[bytes, bytes], stats: dict[bytes, bytes]) -> SkuState:
@@ -79,6 +81,17 @@ class CatalogStore:
         """The shard ids of every bucket of the SKU that may hold its codes."""
         return [keys.bucket_shard(sku, b) for b in range(await self.spread(sku))]
 
+    async def shards_of(self, skus: Sequence[str]) -> list[list[str]]:
+        """:meth:`shards` of many SKUs, in one pipelined round."""
+        if not skus:
+            return []
+        with translated():
+            async with self._db.client.pipeline(transaction=False) as p:
+                for sku in skus:
+                    p.hget(keys.SkuKeys(sku).meta, "spread")
+                spreads = await p.execute()
+        return [[keys.bucket_shard(sku, b) for b in range(int(n or 1))] for sku, n in zip(skus, spreads)]
+
     async def counters(self, shard: str) -> dict[str, int]:
         """The counters of one shard of a SKU (its own, or a bucket's), as kept there."""
         with translated():
@@ -105,9 +118,9 @@ class CatalogStore:
             if spread:
                 async with self._db.client.pipeline(transaction=False) as p:
                     for _, shard in spread:
-                        p.hmget(keys.SkuKeys(shard).stats, COUNTERS)
+                        p.hmget(keys.SkuKeys(shard).stats, _SUMMED)
                     for (st, _), counts in zip(spread, await p.execute()):
-                        for f, n in zip(COUNTERS, counts):
+                        for f, n in zip(_SUMMED, counts):
                             st.stats[f] = st.stats.get(f, 0) + int(n or 0)
         return states
 

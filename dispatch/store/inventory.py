@@ -39,10 +39,15 @@ class InventoryStore:
     async def _sku_script(self, name: str, shards: Sequence[str], *args: Any) -> list[Any]:
         """Script *name* with *args* on each of *shards* (a SKU's buckets), in one round:
         the replies, in order. The SKU's stock level is told what changed in its buckets."""
+        return await self._sku_calls(name, shards, [args])
+
+    async def _sku_calls(self, name: str, shards: Sequence[str], arg_lists: Sequence[Sequence[Any]]) -> list[Any]:
+        """Script *name* with each of *arg_lists* on each of *shards*, in one round: the
+        replies, shard by shard. The SKU's stock level is told what changed in its buckets."""
         calls = []
         for shard in shards:
             k = keys.SkuKeys(shard)
-            calls.append((k.all, [k.pool_prefix, *args], ()))
+            calls += [(k.all, [k.pool_prefix, *args], ()) for args in arg_lists]
         replies = await self._db.run_many(name, calls)
         await self._db.tell_levels(shards)
         return replies
@@ -66,6 +71,16 @@ class InventoryStore:
             await c.hset(keys.BATCH_SEQ, str(batch.seq), batch.batch_id)
             await c.sadd(keys.SupplierKeys(batch.supplier).batches, batch.batch_id)
         return True
+
+    async def add_sub_batch(self, batch: BatchRec, expires: int) -> int:
+        """A new seq for the codes of *batch* that expire at *expires* (ms), recorded
+        (in the batch, and seq -> batch id) before any code goes to its pool."""
+        seq = await self.next_batch_seq()
+        batch.subs[expires] = seq
+        with translated():
+            await self._db.client.hset(keys.BATCH_SEQ, str(seq), batch.batch_id)
+        await self.save_batch(batch)
+        return seq
 
     async def save_batch(self, batch: BatchRec) -> None:
         with translated():
@@ -95,25 +110,31 @@ class InventoryStore:
         return [decode_batch(r) for r in raws if r is not None]
 
     async def batch_counts(self, sku: str) -> tuple[dict[str, int], set[int]]:
-        """Per-batch counters of a SKU ("seq:d" codes delivered, "seq:i" invalidated),
-        and the seqs of its parked batches, over its buckets (*sku* may be one bucket's
-        shard id: then that bucket's alone)."""
+        """Per-batch counters of a SKU ("seq:d" codes delivered, "seq:i" invalidated,
+        "seq:e" expired), and the seqs of its parked batches, over its buckets."""
         counts: dict[str, int] = {}
         parked: set[int] = set()
-        shards = [sku] if keys.BUCKET in sku else await self._db.catalog.shards(sku)
-        with translated():
-            for shard in shards:
-                k = keys.SkuKeys(shard)
-                for f, v in (await self._db.client.hgetall(k.batch_stats)).items():
-                    counts[f.decode()] = counts.get(f.decode(), 0) + int(v)
-                parked |= {int(p) for p in await self._db.client.smembers(k.parked)}
+        for shard in await self._db.catalog.shards(sku):
+            c, p = await self.shard_batch_counts(shard)
+            for f, n in c.items():
+                counts[f] = counts.get(f, 0) + n
+            parked |= p
         return counts, parked
 
+    async def shard_batch_counts(self, shard: str) -> tuple[dict[str, int], set[int]]:
+        """:meth:`batch_counts` in one shard of a SKU (its own, or a bucket's shard id)."""
+        k = keys.SkuKeys(shard)
+        with translated():
+            stats = await self._db.client.hgetall(k.batch_stats)
+            parked = await self._db.client.smembers(k.parked)
+        return {f.decode(): int(v) for f, v in stats.items()}, {int(p) for p in parked}
+
     # ---- imports ---------------------------------------------------------------------
-    async def claim_fingerprints(self, seq: int, fps: bytes) -> bytearray:
+    async def claim_fingerprints(self, seq: int, fps: bytes) -> tuple[bytearray, dict[int, int]]:
         """Claim packed 16-byte fingerprints (all distinct) for batch *seq*: a flag per
         fingerprint, 1 where the code is this batch's (claimed now, or by this batch
-        before), 0 where an earlier batch has it.
+        before), 0 where an earlier batch has it; and for each of those, its index in
+        *fps* -> the seq of the batch that has it.
 
         One fp_claim call per {f:XX} shard. Redis reads at most 16 KB of a connection per
         event-loop turn and, with appendfsync always, fsyncs after every turn that wrote,
@@ -125,31 +146,37 @@ class InventoryStore:
         lanes = [calls[k::_CLAIM_LANES] for k in range(_CLAIM_LANES)]
         answers = await asyncio.gather(*(self._db.run_many("fp_claim", lane) for lane in lanes if lane))
         owned = bytearray(b"\x01") * (len(fps) // 16)
+        others: dict[int, int] = {}
+        mine = str(seq).encode()
         for k, replies in enumerate(answers):
             for (_, _, positions), reply in zip(groups[k::_CLAIM_LANES], replies):
                 if reply:
                     where = memoryview(positions).cast("I")
                     for j in range(0, len(reply), 2):
-                        if reply[j + 1] == 2:
-                            owned[where[reply[j] - 1]] = 0
-        return owned
+                        if reply[j + 1] != mine:
+                            at = where[reply[j] - 1]
+                            owned[at] = 0
+                            others[at] = int(reply[j + 1])
+        return owned, others
 
-    async def push_chunks(self, batch: BatchRec, chunks: Sequence[tuple[int, bytes, list[bytes]]]) -> None:
-        """Put chunks ``(chunk number, digest, codes)`` on sale in the batch's pool, in
-        order and once each (a chunk sent again with the same digest adds nothing), in
-        one pipelined write. ConflictError if one differs or the batch is voided.
+    async def push_chunks(self, batch: BatchRec,
+                          chunks: Sequence[tuple[int, int, bytes, list[bytes], int]]) -> None:
+        """Put chunks ``(seq, chunk number, digest, codes, expiry ms or 0)`` on sale in
+        the batch's pools, in order and once each (a chunk sent again with the same
+        digest adds nothing), in one pipelined write. ConflictError if one differs or the
+        batch is voided.
 
         A batch spread over buckets puts every one of them a share of each chunk's codes
         (code i goes to bucket i mod buckets), each part once (under the chunk's number in
-        that bucket)."""
+        that bucket); a sub-batch's pool and its expiry are in each bucket that has a share."""
         shards = self._batch_shards(batch)
         calls, told = [], []
-        for chunk, digest, codes in chunks:
+        for seq, chunk, digest, codes, expires in chunks:
             for b, shard in enumerate(shards):
                 part = codes[b::len(shards)] if len(shards) > 1 else codes
                 if part or b == 0:
                     k = keys.SkuKeys(shard)
-                    calls.append((k.all, [k.pool_prefix, batch.seq, chunk, digest], (part,)))
+                    calls.append((k.all, [k.pool_prefix, seq, chunk, digest, expires], (part,)))
                     told.append((chunk, shard))
         replies = await self._db.run_many("import_push", calls)
         await self._db.tell_levels(shard for _, shard in told)
@@ -178,16 +205,52 @@ class InventoryStore:
         await self._sku_script("sku_requeue", await self._db.catalog.shards(sku), len(scores), *flat)
 
     async def void_batch(self, batch: BatchRec) -> tuple[bool, int]:
-        """Withdraw the batch's unsold codes (in every bucket it was spread over):
-        (voided now, not before; codes withdrawn)."""
-        replies = await self._sku_script("batch_void", self._batch_shards(batch), batch.seq)
+        """Withdraw the batch's unsold codes, from each of its pools (its own and its
+        sub-batches') in every bucket it was spread over: (voided now, not before; codes
+        withdrawn)."""
+        replies = await self._sku_calls("batch_void", self._batch_shards(batch), [[seq] for seq in batch.seqs])
         return any(r[0] == b"ok" for r in replies), sum(int(r[1]) for r in replies)
 
     async def park_batch(self, batch: BatchRec, park: bool) -> None:
-        """Take the batch's codes off sale but keep them (park), or put them back (unpark)."""
-        await self._sku_script("batch_park", self._batch_shards(batch), batch.seq, "park" if park else "unpark")
+        """Take the batch's codes off sale but keep them (park), or put them back (unpark):
+        each of its pools, in every bucket it was spread over."""
+        action = "park" if park else "unpark"
+        await self._sku_calls("batch_park", self._batch_shards(batch), [[seq, action] for seq in batch.seqs])
+
+    async def retire_expired(self, skus: Sequence[str], window_s: float, alert_codes: int) -> int:
+        """Retire the batches of *skus* past their sell-by and count the codes reaching it
+        within *window_s*, in every bucket of each (sku_expire): how many SKUs had batches
+        retired. A SKU's own shard tells stock.expiring once the codes of all its buckets
+        reach *alert_codes*, so its buckets go first (one pipelined write each way)."""
+        window_ms = int(window_s * 1000)
+        spread = await self._db.catalog.shards_of(skus)
+        buckets = [shard for shards in spread for shard in shards[1:]]
+        retired: set[str] = set()
+        others: dict[str, int] = {}
+        if buckets:
+            calls = [(k.all, [k.pool_prefix, window_ms, 0, 0], ()) for k in map(keys.SkuKeys, buckets)]
+            changed = []
+            for shard, (now, n) in zip(buckets, await self._db.run_many("sku_expire", calls)):
+                sku = shard.partition(keys.BUCKET)[0]
+                others[sku] = others.get(sku, 0) + int(n)
+                if int(now):
+                    retired.add(sku)
+                    changed.append(shard)
+            await self._db.tell_levels(changed)  # before the SKUs' own shards set their levels
+        calls = [(k.all, [k.pool_prefix, window_ms, alert_codes, others.get(sku, 0)], ())
+                 for sku, k in zip(skus, map(keys.SkuKeys, skus))]
+        for sku, (now, _) in zip(skus, await self._db.run_many("sku_expire", calls) if calls else ()):
+            if int(now):
+                retired.add(sku)
+        return len(retired)
 
     # ---- what audit() reads ------------------------------------------------------------
+    async def retired(self, sku: str) -> set[int]:
+        """The seqs of the batches retired past their sell-by in one shard of a SKU (*sku*:
+        its own, or a bucket's shard id)."""
+        with translated():
+            return {int(s) for s in await self._db.client.smembers(keys.SkuKeys(sku).expired)}
+
     async def pools(self, sku: str) -> dict[int, list[bytes]]:
         """Every batch pool that holds codes in one shard of a SKU (*sku*: its own, or a
         bucket's shard id): seq -> its codes."""

@@ -81,14 +81,15 @@ class SkuKeys:
     """Keys of one SKU shard (a SKU, or a bucket of one), in the order the SKU scripts take them."""
 
     __slots__ = ("meta", "stats", "queue", "dlv", "dlv_codes", "chunks", "void", "pool_prefix", "batch_stats",
-                 "parked", "sales", "scores", "events", "all")
+                 "parked", "sales", "scores", "events", "expq", "expired", "all")
 
     def __init__(self, sku: str) -> None:
         t = sku_tag(sku)
         self.meta = t + "meta"          # HASH name, face_value, currency, price, status, buckets, spread...
         #                                 (a bucket holds a copy: its scripts check status)
         self.stats = t + "stats"        # HASH accepted, available, reserved, sold, voided, invalidated, parked,
-        #                                 level; a bucket's: chg (its changes); a spread SKU's own: bav:B and
+        #                                 expired, level; next_exp (the earliest expiry in expq, ms: absent, none),
+        #                                 expiring; a bucket's: chg (its changes); a spread SKU's own: bav:B and
         #                                 bchg:B (what bucket B told last), others (their sum; sku_level.lua)
         self.queue = t + "bq"           # ZSET batch seq -> sale priority (lowest sold first)
         self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}}
@@ -97,13 +98,19 @@ class SkuKeys:
         self.chunks = t + "chunks"      # HASH "seq:chunk" -> digest (import idempotency)
         self.void = t + "void"          # SET of voided batch seqs
         self.pool_prefix = t + "p:"     # LIST per batch: pool_prefix .. seq
-        self.batch_stats = t + "bstat"  # HASH "seq:d" codes of batch seq delivered, "seq:i" invalidated
+        self.batch_stats = t + "bstat"  # HASH "seq:d" codes of batch seq delivered, "seq:i" invalidated,
+        #                                 "seq:e" expired
         self.parked = t + "parked"      # SET of parked batch seqs (their supplier is blacklisted)
         self.sales = t + "sales"        # HASH hour (unix ms // 3600000) -> codes sold in it
         self.scores = t + "bscore"      # HASH seq -> sale priority of the batch (absent: seq, oldest first)
         self.events = t + "events"      # STREAM stock.low, stock.out, stock.restored
+        # Batches whose codes expire (one expiry each: an import's codes are split by expiry
+        # into sub-batches, records.BatchRec.subs). retire_due (lua/_codes.lua) names these
+        # two, and void, parked, bstat, bq, stats, p:, from the tag: keep the names in step.
+        self.expq = t + "expq"          # ZSET batch seq -> expiry (ms), until the batch is retired
+        self.expired = t + "expired"    # SET of retired batch seqs: their codes are counted expired
         self.all = [self.meta, self.stats, self.queue, self.dlv, self.chunks, self.void, self.dlv_codes,
-                    self.batch_stats, self.parked, self.sales, self.scores, self.events]
+                    self.batch_stats, self.parked, self.sales, self.scores, self.events, self.expq, self.expired]
 
     def pool(self, seq: int) -> str:
         return self.pool_prefix + str(seq)
