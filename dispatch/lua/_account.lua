@@ -111,10 +111,19 @@ end
 -- An order made earlier with the same external_ref answers "exists" if it was the
 -- same request (digest), else "conflict"; then the distributor's own checks.
 local distributor
+local earlier_of  -- external_ref -> order id (or false), for every ref of the call (read_refs)
+local function read_refs(refs)
+  earlier_of = {}
+  if #refs == 0 then return end
+  local got = redis.call('HMGET', KEYS[3], unpack(refs))
+  for x, ref in ipairs(refs) do earlier_of[ref] = got[x] end
+end
+
 local function refusal(ref, digest, sku)
   local existing = opened[ref]
   if not existing then
-    local earlier = redis.call('HGET', KEYS[3], ref)
+    local earlier
+    if earlier_of then earlier = earlier_of[ref] else earlier = redis.call('HGET', KEYS[3], ref) end
     existing = earlier and redis.call('HGET', KEYS[4], earlier)
   end
   if existing then

@@ -41,3 +41,16 @@ local function emit_records(stream, kind, records)
   redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', kind,
              'at', int(now_ms()), 'records', head .. table.concat(records))
 end
+
+-- A script's replies, one table per item, as one flat array (per item: its status, the
+-- count of the fields that follow, and those fields): a nested array per item costs
+-- Redis more to send than the item's own writes (dispatch/store/orders.py, _per_item).
+local function flat(out)
+  local reply = {}
+  for _, o in ipairs(out) do
+    reply[#reply + 1] = o[1]
+    reply[#reply + 1] = #o - 1
+    for x = 2, #o do reply[#reply + 1] = o[x] end
+  end
+  return reply
+end

@@ -6,13 +6,18 @@
 -- external_ref. plan (the buckets of a SKU spread over several its take looks in, in
 -- order; "" for one) is kept with the order, so every retry looks where the first did.
 -- Safe to run twice: the second run finds the ref and answers "exists".
--- returns per order: {"ok", id} | {"exists", id, order} | {"conflict", id}
+-- returns, flat (_events.lua), per order: {"ok", id} | {"exists", id, order} | {"conflict", id}
 --   | {"unknown_distributor"} | {"suspended"} | {"not_allowed"} | {"insufficient_balance", spendable}
 --   | {"verification_required"} | {"limit_exceeded", limit, left}
 local now = now_ms()
 local out = {}
 local pending = {}
 GATE = ARGV[2] == '1'
+do  -- every external_ref of the call, looked up with one HMGET
+  local refs = {}
+  for k = 1, tonumber(ARGV[1]) do refs[k] = ARGV[3 + (k - 1) * 11 + 1] end
+  read_refs(refs)
+end
 local i = 3
 for _ = 1, tonumber(ARGV[1]) do
   local id, ref, digest, sku = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -44,4 +49,4 @@ if #pending > 0 then
   zadd_all(KEYS[8], pending)
 end
 settle_money()
-return out
+return flat(out)

@@ -3,21 +3,28 @@
 -- shard. outcome "ok", a reservation: the hold shrinks to delivered * unit_price and
 -- the lease starts; a purchase in deliver mode (the saga a cluster runs instead of
 -- deliver.lua): delivered * unit_price is charged, the hold released, the order
--- delivered with its codes and told as order.delivered.
+-- delivered with its codes and told as order.delivered (the call's in one entry).
 -- The bucket its codes came from (0: the SKU's own shard) is kept with the order (bk).
 -- Any other outcome (out_of_stock, paused, unknown_sku) releases the hold and forgets
 -- the order and its ref, so the ref can be used again.
 -- Safe to run twice: an order no longer pending is answered as it stands.
--- returns per order: {"ok", order} | {"failed", outcome} | {"gone"}
+-- returns, flat (_events.lua), per order: {"ok", order} | {"failed", outcome} | {"gone"}
 local now = now_ms()
 local out = {}
 local done = {}                      -- id -> packed record, for an order twice in one call
 local codes, leases, finished = {}, {}, {}
+local delivered = {}                 -- records of the orders delivered now: one event entry
+local records = {}                   -- each order's record, read with one HMGET
+do
+  local ids = {}
+  for k = 1, tonumber(ARGV[1]) do ids[k] = ARGV[2 + (k - 1) * 5] end
+  if #ids > 0 then records = redis.call('HMGET', KEYS[4], unpack(ids)) end
+end
 local i = 2
-for _ = 1, tonumber(ARGV[1]) do
+for k = 1, tonumber(ARGV[1]) do
   local id, outcome, n, blob, bucket = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
   i = i + 5
-  local raw = done[id] or redis.call('HGET', KEYS[4], id)
+  local raw = done[id] or records[k]
   if not raw or raw == 'gone' then
     out[#out + 1] = {'gone'}
   else
@@ -40,9 +47,10 @@ for _ = 1, tonumber(ARGV[1]) do
       ledger('purchase', id, -cost, -o.hold)
       o.status, o.hold, o.delivered, o.total = 'delivered', 0, n, cost
       o.updated, o.dat = now, now
-      done[id] = order_event(o, 'order.delivered')
-      saved[#saved + 1] = id
-      saved[#saved + 1] = done[id]
+      o.v = (o.v or 0) + 1
+      save(o)
+      done[id] = saved[#saved]
+      delivered[#delivered + 1] = done[id]
       codes[#codes + 1] = id
       codes[#codes + 1] = blob
       finished[#finished + 1] = id
@@ -71,8 +79,9 @@ for _ = 1, tonumber(ARGV[1]) do
   end
 end
 flush_saved()
+if #delivered > 0 then emit_records(KEYS[10], 'order.delivered', delivered) end
 for s = 1, #codes, 1000 do redis.call('HSET', KEYS[5], unpack(codes, s, math.min(s + 999, #codes))) end
 zadd_all(KEYS[7], leases)
 for s = 1, #finished, 1000 do redis.call('ZREM', KEYS[8], unpack(finished, s, math.min(s + 999, #finished))) end
 settle_money()
-return out
+return flat(out)

@@ -11,7 +11,7 @@
 -- LPOPs takes every code the call needs, one HSET records every decision.
 -- Stock crossing its low or out level is told on the SKU's event stream.
 -- Batches past their sell-by are retired first (retire_if_due), so none of their codes is taken.
--- returns per order: {"ok", code...} | {"out_of_stock"} | {"paused"} | {"unknown_sku"}
+-- returns, flat (_events.lua), per order: {"ok", code...} | {"out_of_stock"} | {"paused"} | {"unknown_sku"}
 local retired = retire_if_due()
 local status = redis.call('HGET', KEYS[1], 'status')
 local avail = tonumber(redis.call('HGET', KEYS[2], 'available') or '0')
@@ -23,13 +23,19 @@ local first, again = {}, {}  -- an order twice in one call (a sweep racing its r
 local sells = {}
 local total = 0
 local records = {}   -- HSET dlv field value ...
+local earlier = {}   -- each order's delivery record from an earlier run, read with one HMGET
+do
+  local asked = {}
+  for k = 1, n do asked[k] = ARGV[3 + (k - 1) * 4] end
+  if n > 0 then earlier = redis.call('HMGET', KEYS[4], unpack(asked)) end
+end
 local i = 3
 for k = 1, n do
   local id, qty, partial = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1'
   sells[k] = ARGV[i + 3] == '1'
   i = i + 4
   ids[k], want[k] = id, 0
-  local raw = redis.call('HGET', KEYS[4], id)
+  local raw = earlier[k]
   if first[id] then
     again[k] = first[id]
   elseif raw then
@@ -65,6 +71,7 @@ local codes, seqs = take_codes(total)
 -- 3. hand them out, in order
 local packed = {}    -- HSET dlv_codes field value ...
 local sold, sold_runs = 0, {}
+local sold_records = {}  -- "seq:count" -> its delivery record
 local hour = math.floor(now_ms() / 3600000)
 local at = 1
 for k = 1, n do
@@ -74,7 +81,13 @@ for k = 1, n do
     at = at + want[k]
     records[#records + 1] = ids[k]
     if sells[k] then
-      records[#records + 1] = cmsgpack.pack({st = 'sold', b = runs, h = hour})
+      local one = #runs == 2 and runs[1] .. ':' .. runs[2]  -- codes of one batch: packed once a call
+      local rec = one and sold_records[one]
+      if not rec then
+        rec = cmsgpack.pack({st = 'sold', b = runs, h = hour})
+        if one then sold_records[one] = rec end
+      end
+      records[#records + 1] = rec
       sold = sold + want[k]
       for r = 1, #runs do sold_runs[#sold_runs + 1] = runs[r] end
     else
@@ -100,4 +113,4 @@ if total > 0 then
 elseif retired then
   check_level()
 end
-return out
+return flat(out)

@@ -127,7 +127,7 @@ def _begin(reply: list[Any], item: BeginItem, dist: str) -> Any:
 
 #: Steps whose script answers one flat array (per order: status, count, fields): a nested
 #: array per order costs Redis a tenth of the order's work.
-_FLAT = frozenset({"deliver", "settle"})
+_FLAT = frozenset({"deliver", "settle", "begin", "take", "commit"})
 
 
 def _per_item(flat: list[Any]) -> list[list[Any]]:
