@@ -192,6 +192,14 @@ def test_stale_socket_is_removed(data_dir: Path) -> None:
         assert c.ping()
 
 
+def _answers(sock: Path) -> bool:
+    try:
+        with redis.Redis(unix_socket_path=str(sock), socket_timeout=1) as c:
+            return bool(c.ping())
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+
+
 def test_socket_answered_by_another_server_is_refused(data_dir: Path) -> None:
     # What a crashed dispatch process leaves behind: its redis-server, still
     # serving the socket, but no longer holding the lock.
@@ -204,7 +212,7 @@ def test_socket_answered_by_another_server_is_refused(data_dir: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not _answers(sock):  # the socket file exists a moment before the server listens on it
             assert time.monotonic() < deadline and orphan.poll() is None
             time.sleep(0.01)
         with pytest.raises(EmbeddedRedisError, match="socket in use"):
