@@ -66,7 +66,7 @@ async def test_sigterm_finishes_requests_in_flight(flushed_redis_url: str, tmp_p
     async with Engine(config, sweep=False) as engine:
         await engine.create_sku("g100", "Game card 100", 10000, "CNY", 9500)
         await engine.create_supplier("sup", "Supplier")
-        await engine.import_codes(codes_text("SIG", 2000), sku="g100", supplier="sup", unit_cost=9000)
+        await engine.import_codes(codes_text("SIG", 7000), sku="g100", supplier="sup", unit_cost=9000)  # > 16 x 200 x 2
         key = (await engine.create_distributor("acme", "Acme")).api_key
         await engine.topup("acme", 10**9, "seed")
 
