@@ -566,6 +566,8 @@ async def test_console_files_are_served_with_a_strict_policy(server: Server) -> 
     csp = r.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
     assert (r.headers["x-content-type-options"], r.headers["x-frame-options"]) == ("nosniff", "DENY")
+    slash = await server.request("GET", "/console/")  # as typed with a trailing slash
+    assert (slash.status, slash.body, slash.headers["content-security-policy"]) == (200, r.body, csp)
     for name, kind in (("app.js", "text/javascript"), ("pages.js", "text/javascript"), ("console.css", "text/css")):
         r = await server.request("GET", f"/console/{name}")
         assert r.status == 200 and r.headers["content-type"].startswith(kind), name

@@ -764,6 +764,12 @@ async def console_page(c: Call) -> Reply:
     return console.asset("index.html")
 
 
+@route("GET", "/console/", auth="none", out=str)
+async def console_page_slash(c: Call) -> Reply:
+    """The console, for an address typed with a trailing slash."""
+    return console.asset("index.html")
+
+
 @route("GET", "/console/{asset}", auth="none", out=str)
 async def console_asset(c: Call) -> Reply:
     """A file of the console: its scripts and style sheet."""
