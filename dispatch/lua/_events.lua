@@ -45,12 +45,14 @@ end
 -- A script's replies, one table per item, as one flat array (per item: its status, the
 -- count of the fields that follow, and those fields): a nested array per item costs
 -- Redis more to send than the item's own writes (dispatch/store/orders.py, _per_item).
+local function tell(reply, o)
+  reply[#reply + 1] = o[1]
+  reply[#reply + 1] = #o - 1
+  for x = 2, #o do reply[#reply + 1] = o[x] end
+end
+
 local function flat(out)
   local reply = {}
-  for _, o in ipairs(out) do
-    reply[#reply + 1] = o[1]
-    reply[#reply + 1] = #o - 1
-    for x = 2, #o do reply[#reply + 1] = o[x] end
-  end
+  for _, o in ipairs(out) do tell(reply, o) end
   return reply
 end

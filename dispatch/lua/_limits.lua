@@ -47,13 +47,13 @@ end
 -- it may go on. gate: unverified accounts may not buy.
 local function over_limit(L, qty, cost, gate)
   if gate and not L.verified then return {'verification_required'} end
-  if L.q > 0 and qty > L.q then return {'limit_exceeded', 'max_order_qty', string.format('%d', L.q)} end
-  if L.a > 0 and cost > L.a then return {'limit_exceeded', 'max_order_amount', string.format('%d', L.a)} end
+  if L.q > 0 and qty > L.q then return {'limit_exceeded', 'max_order_qty', int(L.q)} end
+  if L.a > 0 and cost > L.a then return {'limit_exceeded', 'max_order_amount', int(L.a)} end
   if L.d > 0 and L.spent_d + cost > L.d then
-    return {'limit_exceeded', 'daily', string.format('%d', math.max(0, L.d - L.spent_d))}
+    return {'limit_exceeded', 'daily', int(math.max(0, L.d - L.spent_d))}
   end
   if L.m > 0 and L.spent_m + cost > L.m then
-    return {'limit_exceeded', 'monthly', string.format('%d', math.max(0, L.m - L.spent_m))}
+    return {'limit_exceeded', 'monthly', int(math.max(0, L.m - L.spent_m))}
   end
   return nil
 end
@@ -76,6 +76,6 @@ end
 -- The account's spend fields to write back (HSET), if anything was spent.
 local function spent_fields(L)
   if not L.moved then return nil end
-  return {'sd', string.format('%d', L.day), 'sdv', string.format('%d', L.spent_d),
-          'sm', string.format('%d', L.month), 'smv', string.format('%d', L.spent_m)}
+  return {'sd', int(L.day), 'sdv', int(L.spent_d),
+          'sm', int(L.month), 'smv', int(L.spent_m)}
 end

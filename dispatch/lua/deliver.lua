@@ -274,24 +274,19 @@ end
 
 -- 4. the reply
 local reply = {}
-local function tell(o)
-  reply[#reply + 1] = o[1]
-  reply[#reply + 1] = #o - 1
-  for x = 2, #o do reply[#reply + 1] = o[x] end
-end
 for k = 1, n do
   local f = again[k]
   if f and got[f] then
-    tell({'exists', ids[f], records[f], kept[f]})
+    tell(reply, {'exists', ids[f], records[f], kept[f]})
   elseif f then
-    tell(out[f])
+    tell(reply, out[f])
   elseif got[k] then
     local codes, w = got[k], want[k]
     reply[#reply + 1] = 'ok'
     reply[#reply + 1] = w
     for c = from[k], from[k] + w - 1 do reply[#reply + 1] = codes[c] end
   else
-    tell(out[k])
+    tell(reply, out[k])
   end
 end
 return reply
