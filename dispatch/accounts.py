@@ -16,6 +16,7 @@ from .models import Access, Balance, CatalogItem, Distributor, Id, LedgerEntry, 
 from .paging import window
 from .records import check, check_ref, ledger_entries
 from .store import Store
+from .store.keys import SUB
 
 __all__ = ["Accounts"]
 
@@ -27,7 +28,7 @@ def key_hash(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-def _allowed(skus: list[str] | None) -> str:
+def allowed_field(skus: list[str] | None) -> str:
     if skus is None:
         return "*"
     for s in skus:
@@ -48,10 +49,12 @@ class Accounts:
         """Open an account; the returned API key is shown this once (only its hash is kept)."""
         d = check(dict(distributor=distributor, name=name, tier=tier, credit_limit=credit_limit,
                        allowed_skus=allowed_skus), Distributor, "distributor")
+        if SUB in d.distributor:
+            raise ValidationError(f"a distributor's id has no {SUB!r}: sub-distributors are made by their parent")
         if d.tier is not None:
             await self._catalog.get_tier(d.tier)
         fields = {"name": d.name, "tier": d.tier or "", "credit_limit": d.credit_limit,
-                  "allowed": _allowed(d.allowed_skus), "status": "active", "balance": 0,
+                  "allowed": allowed_field(d.allowed_skus), "status": "active", "balance": 0,
                   "held": 0, "created": time.time_ns() // 1_000_000}
         if not await self._store.accounts.create(d.distributor, fields):
             raise ConflictError(f"distributor {d.distributor} exists already")
@@ -70,7 +73,7 @@ class Accounts:
         fields: dict[str, Any] = {}
         for k in changes:
             if k == "allowed_skus":
-                fields["allowed"] = _allowed(d.allowed_skus)
+                fields["allowed"] = allowed_field(d.allowed_skus)
             elif k == "tier":
                 fields["tier"] = d.tier or ""
             else:

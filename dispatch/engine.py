@@ -6,6 +6,7 @@ webhook deliveries) and is a thin facade over its components, one per concept:
 ==============  ==========================================================  ==============
 ``catalog``     SKUs, tiers, prices and their cache, stock figures           catalog.py
 ``accounts``    distributors, API keys, top-ups, balances, rate limits       accounts.py
+``subs``        sub-distributors: their prices, transfers, parents' reads     subs.py
 ``compliance``  transaction limits, real-name verification                  compliance.py
 ``orders``      purchases and reservations (one step, or sagas), reads       orders.py
 ``inventory``   imports, batches, their sale order, void and park            inventory.py
@@ -46,6 +47,7 @@ from .orders import Orders
 from .recovery import Recovery
 from .sagas import Sagas
 from .store import Store
+from .subs import Subs
 from .vault import Vault, load_master_keys
 from .webhooks import Webhooks
 
@@ -121,10 +123,12 @@ class Engine:
         sagas = self._sagas = Sagas(store.orders, coalesce=cfg.coalesce, cap=cfg.coalesce_max)
         catalog = Catalog(store, cfg)
         inventory = Inventory(store, cfg, vault, catalog)
-        orders = Orders(store, cfg, vault, catalog, sagas)
+        accounts = Accounts(store, cfg, catalog)
+        subs = Subs(store, cfg, catalog, accounts)
+        orders = Orders(store, cfg, vault, catalog, sagas, subs)
         aftersales = AfterSales(store, cfg, vault, catalog, inventory, sagas)
         recovery = Recovery(store, cfg, orders, aftersales)
-        self._parts = dict(catalog=catalog, accounts=Accounts(store, cfg, catalog), orders=orders, inventory=inventory,
+        self._parts = dict(catalog=catalog, accounts=accounts, subs=subs, orders=orders, inventory=inventory,
                            aftersales=aftersales, exports=Exports(store, vault), recovery=recovery,
                            compliance=Compliance(store, vault))
         self._webhooks = Webhooks(store, vault, timeout_s=cfg.webhook_timeout_s, max_attempts=cfg.webhook_max_attempts,
@@ -208,6 +212,14 @@ class Engine:
     set_rate_limit = _Via("accounts", Accounts.set_rate_limit)
     throttle = _Via("accounts", Accounts.throttle)
     remember_signature = _Via("accounts", Accounts.remember_signature)
+
+    create_subdistributor = _Via("subs", Subs.create_subdistributor)
+    update_subdistributor = _Via("subs", Subs.update_subdistributor)
+    get_subdistributor = _Via("subs", Subs.get_subdistributor)
+    list_subdistributors = _Via("subs", Subs.list_subdistributors)
+    rotate_subdistributor_key = _Via("subs", Subs.rotate_subdistributor_key)
+    transfer = _Via("subs", Subs.transfer)
+    subdistributor_orders = _Via("subs", Subs.subdistributor_orders)
 
     purchase = _Via("orders", Orders.purchase)
     confirm = _Via("orders", Orders.confirm)

@@ -16,6 +16,8 @@ __all__ = [
     "Id", "Amount", "Buckets", "Code", "CodeRule", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "DuplicateLine", "LedgerEntry", "Statement",
     "StatementLine", "Limits", "Verification",
+    # sub-distributors
+    "AccountId", "SubDistributor", "NewSubDistributor", "SubOrder", "SubOrderPage", "MAX_SUB_DEPTH",
     "OrderStatus", "StockStatus",
     # after-sales
     "Ticket", "TicketStatus", "SupplierStats", "SupplierReport", "BatchSummary", "Forecast", "Event", "EventPage",
@@ -26,6 +28,11 @@ __all__ = [
 
 #: Ids chosen by the admin: SKUs, suppliers, tiers, distributors, batches.
 Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+#: A distributor's id, or a sub-distributor's: its parent's id, "~" and its own name (an Id),
+#: at most MAX_SUB_DEPTH levels below a distributor (store/keys.py, acct_tag).
+MAX_SUB_DEPTH = 3
+AccountId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}(~[A-Za-z0-9._-]{1,64}){0,%d}$"
+                                                % MAX_SUB_DEPTH)]
 Buckets = Annotated[int, msgspec.Meta(ge=1, le=16, description="buckets: an integer from 1 to 16")]
 Amount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 
@@ -183,7 +190,7 @@ class Tier(_Model):
 
 
 class Distributor(_Model):
-    distributor: Id
+    distributor: AccountId
     name: str
     tier: str | None = None
     credit_limit: Amount = 0
@@ -192,6 +199,58 @@ class Distributor(_Model):
     status: Literal["active", "suspended"] = "active"
     balance: int = 0
     held: int = 0
+
+
+class SubDistributor(_Model):
+    """A sub-distributor as its parent manages it: its price is the parent's plus its
+    markup (per SKU in ``markups`` where set, else ``markup_bps`` of the parent's price,
+    rounded half up); it buys from its own prepaid balance."""
+
+    subdistributor: AccountId
+    parent: AccountId
+    name: str
+    status: Literal["active", "suspended"] = "active"
+    #: None: every SKU its parent may buy.
+    allowed_skus: list[str] | None = None
+    markup_bps: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    markups: dict[str, Amount] = {}
+    #: Levels below its root distributor (1 to MAX_SUB_DEPTH).
+    depth: int = 1
+    balance: int = 0
+    held: int = 0
+
+
+class NewSubDistributor(_Model):
+    subdistributor: SubDistributor
+    #: Shown once: only its hash is stored.
+    api_key: str
+
+    def __repr__(self) -> str:
+        return f"NewSubDistributor({self.subdistributor.subdistributor!r}, api_key=<redacted>)"
+
+
+class SubOrder(_Model):
+    """A sub-distributor's order as its parent sees it: never its codes."""
+
+    order_id: str
+    external_ref: str
+    sku: str
+    qty: int
+    delivered: int
+    unit_price: int
+    total: int
+    currency: str
+    status: OrderStatus
+    refunded: int
+    created_at: datetime
+    updated_at: datetime
+    #: What the parent earns on it: its margin per code times the codes paid and kept.
+    margin: int
+
+
+class SubOrderPage(_Model):
+    orders: list[SubOrder]
+    next_cursor: str | None = None
 
 
 class NewDistributor(_Model):

@@ -36,8 +36,9 @@ from .errors import (DispatchError, IdempotencyConflictError, NotFoundError, Pri
 from .models import Code, Order, OrderPage
 from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id
 from .sagas import Sagas
+from .subs import Subs
 from .store import Store
-from .store.keys import bucket_shard
+from .store.keys import SUB, bucket_shard
 from .store.orders import NODE, BeginItem, CommitItem, DeliverItem, OrderRef, SettleItem, TakeItem
 from .store.replies import Existing, Settled, refusal
 from .vault import Vault
@@ -60,12 +61,14 @@ def plan_of(order_id: str, buckets: int, spread: int) -> str:
 class Orders:
     """Purchases, reservations and order reads of distributors."""
 
-    def __init__(self, store: Store, config: Config, vault: Vault, catalog: Catalog, sagas: Sagas) -> None:
+    def __init__(self, store: Store, config: Config, vault: Vault, catalog: Catalog, sagas: Sagas,
+                 subs: Subs) -> None:
         self._store = store
         self._config = config
         self._vault = vault
         self._catalog = catalog
         self._sagas = sagas
+        self._subs = subs
 
     async def purchase(self, distributor: str, sku: str, qty: int, external_ref: str, *,
                        mode: Literal["deliver", "reserve"] = "deliver", reserve_ttl_s: int | None = None,
@@ -94,7 +97,12 @@ class Orders:
             raise ValidationError("max_unit_price must be a non-negative integer")
         digest = hashlib.sha256(encode((sku, qty, mode, ttl, max_unit_price, bool(allow_partial)))).hexdigest()[:32]
 
-        price, currency = await self._catalog.unit_price(distributor, sku)
+        margins: tuple[int, ...] = ()
+        if SUB in distributor:  # a sub-distributor: its price is its parent's marked up
+            price, currency, chain = await self._subs.price(distributor, sku)
+            margins = tuple(chain)
+        else:
+            price, currency = await self._catalog.unit_price(distributor, sku)
         if max_unit_price is not None and price > max_unit_price:
             earlier = await self._replay(distributor, external_ref, digest)
             if earlier is not None:
@@ -104,7 +112,7 @@ class Orders:
         buckets, spread = await self._catalog.buckets(sku)
         oid = new_id()
         p = BeginItem(oid, external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)),
-                      plan_of(oid, buckets, spread))
+                      plan_of(oid, buckets, spread), margins)
         if not self._store.cluster and spread == 1:  # one atomic step on the node: no saga task needed
             return await self._at_once(distributor, p)
         return await self._sagas.run(self._saga(distributor, p))
@@ -124,9 +132,11 @@ class Orders:
                            currency=p.currency, mode="reserve", ttl=p.ttl, partial=bool(p.partial), status="reserved",
                            hold=total, total=total, delivered=p.qty, deadline=now + p.ttl * 1000, created=now,
                            updated=now)
+        if p.margins:
+            rec.mg, rec.bp = list(p.margins), p.unit_price - sum(p.margins)
         got = await self._sagas.deliver.submit(NODE, DeliverItem(p.order_id, p.ref, p.digest, p.sku, distributor,
                                                                  p.qty, p.partial, p.unit_price, encode(rec),
-                                                                 rec.deadline))
+                                                                 rec.deadline, p.margins))
         if isinstance(got, Existing):
             order = self._present(got.rec, got.codes)
             order.replayed = True

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from ._core import new_ulid, ulid_at
 from .errors import ValidationError
@@ -80,6 +81,10 @@ class OrderRec(msgspec.Struct):
     #: and the one its codes came from
     plan: str = ""
     bk: int = 0
+    #: a sub-distributor's order: its ancestors' margins per code, root first, and the
+    #: root's unit price (unit_price = bp + sum(mg)); unset (not stored) for any other
+    mg: list[int] | UnsetType = UNSET
+    bp: int | UnsetType = UNSET
 
 
 class BatchRec(msgspec.Struct, omit_defaults=True):

@@ -5,6 +5,7 @@
 -- deliver.lua): delivered * unit_price is charged, the hold released, the order
 -- delivered with its codes and told as order.delivered (the call's in one entry).
 -- The bucket its codes came from (0: the SKU's own shard) is kept with the order (bk).
+-- A sub-distributor's delivered order credits each ancestor its margin (_margins.lua).
 -- Any other outcome (out_of_stock, paused, unknown_sku) releases the hold and forgets
 -- the order and its ref, so the ref can be used again.
 -- Safe to run twice: an order no longer pending is answered as it stands.
@@ -45,6 +46,7 @@ for k = 1, tonumber(ARGV[1]) do
       local cost = n * o.unit_price
       if cost < o.hold then spend(limits(), cost - o.hold, o.created) end
       ledger('purchase', id, -cost, -o.hold)
+      if o.mg then pay_margins(chain_of(KEYS[1]), o.mg, n, id, 'margin') end
       o.status, o.hold, o.delivered, o.total = 'delivered', 0, n, cost
       o.updated, o.dat = now, now
       o.v = (o.v or 0) + 1
@@ -84,4 +86,5 @@ for s = 1, #codes, 1000 do redis.call('HSET', KEYS[5], unpack(codes, s, math.min
 zadd_all(KEYS[7], leases)
 for s = 1, #finished, 1000 do redis.call('ZREM', KEYS[8], unpack(finished, s, math.min(s + 999, #finished))) end
 settle_money()
+flush_payees()
 return flat(out)

@@ -1,7 +1,7 @@
 -- deliver(keys=[SKU keys x nS, account keys x nA],
 --         args=[nS, nA, SKU ids x nS, distributor ids x nA, n, gate (1: only verified distributors buy),
 --               n x (order_id, external_ref, digest, sku, distributor, qty, allow_partial, unit_price, record,
---                    deadline)])
+--                    deadline), margins (_margins.lua: m, m x (k, c, c margins))])
 -- Every purchase of one round, where one node holds every shard, delivered at once
 -- (deadline 0) or reserved until deadline (ms): each order is checked (its
 -- external_ref, its distributor, its SKU, its limits, its money) before it takes a code, then its
@@ -20,6 +20,9 @@
 -- A SKU with a batch past its sell-by has it retired before its orders are decided
 -- (retire_due, _codes.lua): known from the counters read anyway, so no extra command
 -- until one is due.
+-- A sub-distributor's order is also refused while an ancestor is suspended or may not buy
+-- its SKU, checked against its ancestors' limits as a ceiling, and once delivered credits
+-- each ancestor its margin (_margins.lua); a reservation's margins are paid by settle.lua.
 -- Safe to run twice: an order found by its external_ref is answered as it stands.
 -- returns one flat array, per order: its status, the count of the fields that follow, and
 -- those fields (a nested array per order costs Redis a tenth of the order's work):
@@ -79,7 +82,10 @@ local function acct(a)
           limited = false,
           held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, records = {}, codes = {}, refs = {},
           index = {}, opened = {}, delivered = {}, leases = {}}
+    adopt(ak(a, ACCT), st)
     st.tail = '\031' .. int(st.held) .. '\031' .. now_s  -- of its ledger entries: held, ms
+    st.chain = chain_of(ak(a, ACCT))
+    if st.chain then ceiling(st.limits, st.chain) end
     st.limited = any_limit(st.limits)
     accts[a] = st
   end
@@ -109,6 +115,7 @@ end
 local out, want, again = {}, {}, {}
 local ids, refs, digests, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}, {}
 local amounts = {}  -- amount -> its ledger text
+local margins = read_margins(5 + nS + nA + n * 10)  -- k -> per code, root first: sub orders only
 local i = 5 + nS + nA
 for k = 1, n do
   local id, ref, digest, sku_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -119,6 +126,7 @@ for k = 1, n do
   i = i + 10
   want[k] = 0
   local A, S = acct(a), sku(s)
+  local barred = A.chain and chain_refusal(A.chain, sku_id)
   local first = A.opened[ref]
   if first then  -- the same external_ref twice in one call: the second is told of the first
     if digests[first] == digest then again[k] = first else out[k] = {'conflict', ids[first]} end
@@ -135,6 +143,7 @@ for k = 1, n do
     elseif A.status ~= 'active' then out[k] = {'suspended'}
     elseif A.allowed ~= '*' and not string.find(',' .. A.allowed .. ',', ',' .. sku_id .. ',', 1, true) then
       out[k] = {'not_allowed'}
+    elseif barred then out[k] = barred
     elseif gate and not A.limits.verified then out[k] = {'verification_required'}
     elseif not S.status then out[k] = {'unknown_sku'}
     elseif S.status ~= 'active' then out[k] = {'paused'}
@@ -162,6 +171,7 @@ for k = 1, n do
           local amount = amounts[cost]
           if not amount then amount = int(-cost); amounts[cost] = amount end
           A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
+          if margins[k] then pay_margins(A.chain, margins[k], take, id, 'margin') end
         end
         A.opened[ref] = k
       end
@@ -271,6 +281,7 @@ for a, A in pairs(accts) do
     if #A.delivered > 0 then emit_records(ak(a, EVENTS), 'order.delivered', A.delivered) end
   end
 end
+flush_payees()
 
 -- 4. the reply
 local reply = {}

@@ -8,6 +8,7 @@
 -- form of the script names the keys of its orders' SKUs itself.
 -- A reservation past its deadline expires here, whatever the action asked for, so a
 -- lease ends exactly once whether the sweep or a late confirm gets there first.
+-- A sub-distributor's confirmed order credits each ancestor its margin (_margins.lua).
 -- Each ending is told on the account's event stream: order.delivered, order.cancelled,
 -- order.expired (the orders of a call that ended alike, in one entry).
 -- returns one flat array, per order: result, 2, order, codes (of a delivered order, else
@@ -55,6 +56,7 @@ for _ = 1, tonumber(ARGV[1]) do
         result = 'not_due'
       elseif action == 'confirm' then
         ledger('purchase', id, -o.total, -o.hold)
+        if o.mg then pay_margins(chain_of(KEYS[1]), o.mg, o.delivered, id, 'margin') end
         o.status = 'delivered'
         result = 'ok'
       else
@@ -104,6 +106,7 @@ push('ZREM', KEYS[7], ended)
 zadd_all(KEYS[8], pending)
 for kind, records in pairs(news) do emit_records(KEYS[10], kind, records) end
 settle_money()
+flush_payees()
 for _, k in pairs(sku_sides) do
   flush_settled(k, k.settled)
   set_level(k.meta, k.stats, k.events, tonumber(redis.call('HGET', k.stats, 'available') or '0'))

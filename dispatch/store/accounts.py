@@ -29,6 +29,11 @@ class AccountRow(msgspec.Struct):
     balance: int
     held: int
     rate_limit: int | None = None
+    #: a sub-distributor's markup over its parent's price: per SKU (JSON: SKU -> minor
+    #: units) where set, else in basis points
+    markup_bps: int = 0
+    markups: str = ""
+    created: int = 0
 
 
 class AccountStore:
@@ -40,6 +45,25 @@ class AccountStore:
         with translated():
             await self._db.client.sadd(keys.DISTS, dist)
         return await self._db.put(keys.AcctKeys(dist).acct, "create", fields) == "ok"
+
+    async def add_child(self, parent: str, child: str) -> None:
+        with translated():
+            await self._db.client.sadd(keys.children(parent), child)
+
+    async def children(self, parent: str) -> list[str]:
+        """The ids of *parent*'s own sub-distributors, sorted."""
+        return await self._db.members(keys.children(parent))
+
+    async def transfer(self, parent: str, child: str, reference: str, amount: int) -> int:
+        """Move *amount* of *parent*'s balance to *child*'s once per *reference*; the
+        child's balance. NotFoundError, DistributorSuspendedError, InsufficientBalanceError,
+        IdempotencyConflictError (the reference was used with another amount)."""
+        reply = await self._db.run("transfer", [keys.AcctKeys(parent).acct, keys.AcctKeys(child).acct,
+                                                keys.transfers(child)], [reference, amount, f"{child}/{reference}"])
+        if reply[0] not in (b"ok", b"again"):
+            raise refusal("transfer", reply[0], dist=parent, ref=reference, cost=amount,
+                          available=int(reply[1]) if len(reply) > 1 else 0)
+        return int(reply[1])
 
     async def update(self, dist: str, fields: dict[str, Any]) -> bool:
         """False if there is no such account."""

@@ -9,7 +9,8 @@ accounts of a round on the node that holds them all):
 ``{s:SKU~B}``  bucket B (1, 2...) of a SKU spread over several masters: a shard like the
                SKU's own, with its own pools, counters and delivery records (bucket 0 is
                the SKU's own shard; see bucket_shard)
-``{a:DIST}``   one distributor's account: balance, ledger, orders, leases, pending sagas
+``{a:DIST}``   one distributor's account: balance, ledger, orders, leases, pending sagas;
+               and its sub-distributors' accounts (a whole tree is one shard, see acct_tag)
 ``{p:SUP}``    one supplier's shard: deposit, its ledger, charges, batches, events
 ``{f:XX}``     one of 256 fingerprint shards for global dedupe of imported codes
 ``{w}``        webhook deliveries (dispatch/webhooks.py)
@@ -63,8 +64,20 @@ def sku_tag(sku: str) -> str:
     return PREFIX + "{s:" + sku + "}:"
 
 
+#: Joins a parent's id and a sub-distributor's own name in the sub's id (``shop-1~agent-a``,
+#: its sub ``shop-1~agent-a~retail``); never part of a distributor's own id (models.Id).
+SUB = "~"
+
+
 def acct_tag(dist: str) -> str:
-    return PREFIX + "{a:" + dist + "}:"
+    """The prefix of an account's keys. A sub-distributor's keys carry its root
+    distributor's hash tag (the part of its id before the first ``~``), followed by the
+    rest of its id: ``d:{a:shop-1}:~agent-a:``. So a whole tree is one shard: the account
+    script that charges a sub also credits every ancestor its margin and checks their
+    status, on one node, on one Redis or a cluster. _margins.lua names an ancestor's keys
+    from its id by the same rule."""
+    root, sep, rest = dist.partition(SUB)
+    return PREFIX + "{a:" + root + "}:" + (sep + rest + ":" if sep else "")
 
 
 def supplier_tag(supplier: str) -> str:
@@ -187,6 +200,16 @@ def fingerprint_shard(shard: int) -> str:
 def rate_bucket(dist: str) -> str:
     """HASH ``tokens`` (thousandths of a request), ``ts`` (ms): the account's token bucket."""
     return acct_tag(dist) + "rl"
+
+
+def children(dist: str) -> str:
+    """SET of the ids of the account's own sub-distributors."""
+    return acct_tag(dist) + "kids"
+
+
+def transfers(dist: str) -> str:
+    """HASH reference -> amount: transfers from the account's parent to it (once each)."""
+    return acct_tag(dist) + "xfers"
 
 
 def seen_signature(dist: str, signature: str) -> str:

@@ -53,6 +53,9 @@ class BeginItem(NamedTuple):
     ttl: int
     partial: int
     plan: str = ""
+    #: a sub-distributor's order: its ancestors' margins per code, root first (not a
+    #: field of the item: the script reads them after every item, see _packed)
+    margins: tuple[int, ...] = ()
 
 
 class DeliverItem(NamedTuple):
@@ -69,6 +72,8 @@ class DeliverItem(NamedTuple):
     unit_price: int
     record: bytes
     deadline: int = 0
+    #: as BeginItem's
+    margins: tuple[int, ...] = ()
 
 
 class TakeItem(NamedTuple):
@@ -101,6 +106,19 @@ class SettleItem(NamedTuple):
 
     order_id: str
     action: str
+
+
+def _packed(items: Sequence[Any]) -> list[Sequence[Any]]:
+    """The fields of deliver's or begin's items (all but margins), then the margins of the
+    sub-distributors' orders among them, as the scripts read them after the items
+    (_margins.lua, read_margins): m, then per such order its index (from 1), the count and
+    the margins."""
+    tail: list[int] = [0]
+    for k, item in enumerate(items, 1):
+        if item.margins:
+            tail[0] += 1
+            tail += [k, len(item.margins), *item.margins]
+    return [*(item[:-1] for item in items), tail]
 
 
 def _account_refusal(step: str, reply: list[Any], dist: str, ref: str, cost: int) -> DispatchError:
@@ -221,7 +239,7 @@ class OrderStore:
             if step == "settle":  # on one node, with the SKU side (see settle.lua)
                 return self._acct(shard), [len(items), "" if self._db.cluster else _SKU_TEMPLATE], items
             if step == "begin":
-                return self._acct(shard), [len(items), int(self._db.require_verification)], items
+                return self._acct(shard), [len(items), int(self._db.require_verification)], _packed(items)
             return self._acct(shard), [len(items)], items
         if kind == "sku":
             k = self._sku(shard)
@@ -233,7 +251,8 @@ class OrderStore:
             keys_ += self._deliver_keys(sku, "sku")
         for dist in dists:
             keys_ += self._deliver_keys(dist, "dist")
-        return keys_, [len(skus), len(dists), *skus, *dists, len(items), int(self._db.require_verification)], items
+        return (keys_, [len(skus), len(dists), *skus, *dists, len(items), int(self._db.require_verification)],
+                _packed(items))
 
     def _deliver_keys(self, id_: str, kind: str) -> list[str]:
         """The keys of a SKU or an account that deliver.lua uses, in its order."""

@@ -59,6 +59,9 @@ REFUSALS: dict[str, dict[str, tuple[type[e.DispatchError], str | None]]] = {
         "invalid_state": (e.ConflictError, "order {order} is {state}; it cannot be {action}ed"),
     },
     "topup": {"conflict": (e.IdempotencyConflictError, "top-up {ref} was made earlier with another amount")},
+    "transfer": {"conflict": (e.IdempotencyConflictError, "transfer {ref} was made earlier with another amount"),
+                 "insufficient_balance": (e.InsufficientBalanceError,
+                                          "the transfer moves {cost}, {available} is available")},
     "supplier_money": {"conflict": (e.IdempotencyConflictError,
                                     "deposit {ref} was made earlier with another amount")},
     "import_push": {

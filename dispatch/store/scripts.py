@@ -11,16 +11,18 @@ from importlib import resources
 # Scripts that share heads of helpers (their KEYS layout and little functions).
 _ACCOUNT = ("_events", "_limits", "_account")
 _SKU = ("_events", "_codes", "_sku")
+_MONEY = (*_ACCOUNT, "_margins")  # account scripts that also pay a sub-distributor's ancestors
 _PRELUDE = {
-    "deliver": ("_events", "_codes", "_limits"), "settle": ("_events", "_codes", "_limits", "_account"),
-    "begin": _ACCOUNT, "commit": _ACCOUNT, "topup": _ACCOUNT,
-    "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _ACCOUNT,
+    "deliver": ("_events", "_codes", "_limits", "_margins"),
+    "settle": ("_events", "_codes", "_limits", "_account", "_margins"),
+    "begin": _MONEY, "commit": _MONEY, "topup": _ACCOUNT, "transfer": ("_events", "_limits", "_margins"),
+    "ticket_open": _ACCOUNT, "ticket_decide": _ACCOUNT, "ticket_finish": _MONEY,
     "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,
     "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
     "batch_park": _SKU, "sku_invalidate": _SKU, "sku_requeue": _SKU, "sku_level": _SKU, "sku_reconcile": _SKU,
     "sku_expire": _SKU,
 }
-NAMES = ("deliver", "begin", "commit", "settle", "unpend", "topup", "put", "take", "sku_settle", "import_push",
+NAMES = ("deliver", "begin", "commit", "settle", "unpend", "topup", "transfer", "put", "take", "sku_settle", "import_push",
          "batch_void", "fp_claim", "rotate_key", "rate_limit", "fpkey_swap",
          "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
          "batch_park", "sku_invalidate", "sku_requeue", "sku_level", "sku_reconcile", "sku_expire",
