@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .records import PAID
+import msgspec
+
+from .records import PAID, OrderRec
 from .store import Store
 from .store.catalog import COUNTERS
+from .store.keys import SUB
+from .subs import ancestors
 
 __all__ = ["audit"]
 
@@ -60,6 +64,29 @@ async def _check_shard(store: Store, shard: str, records: dict[str, Any], place:
                         f"+parked+expired {total}")
 
 
+def _check_margins(sub_orders: list[tuple[str, OrderRec]], credited: dict[tuple[str, str], int],
+                   problems: list[str]) -> None:
+    """Every sub-distributor's order keeps margins that make its price from its root's,
+    and each ancestor was credited its margin on every code paid and kept (net of
+    clawbacks); no margin entry is left that no such order answers for."""
+    for dist, r in sub_orders:
+        chain = ancestors(dist)
+        if r.mg is msgspec.UNSET or r.bp is msgspec.UNSET or len(r.mg) != len(chain):
+            problems.append(f"{dist}/{r.id}: a sub-distributor's order without a margin for each ancestor")
+            continue
+        if sum(r.mg) != r.unit_price - r.bp:
+            problems.append(f"{dist}/{r.id}: margins {r.mg} do not sum to its price {r.unit_price} less its "
+                            f"root's {r.bp}")
+        kept = (r.delivered if r.status in PAID else 0) - (r.refunded // r.unit_price if r.unit_price else 0)
+        for anc, m in zip(chain, r.mg):
+            got = credited.pop((anc, r.id), 0)
+            if got != kept * m:
+                problems.append(f"{anc}: credited {got} in margins on {dist}/{r.id}, not {kept} codes x {m}")
+    for (anc, oid), amount in credited.items():
+        if amount:
+            problems.append(f"{anc}: margins of {amount} on order {oid}, which no order of its subs answers for")
+
+
 async def audit(store: Store) -> list[str]:
     """What is wrong in the store; an empty list when every invariant holds."""
     problems: list[str] = []
@@ -80,6 +107,9 @@ async def audit(store: Store) -> list[str]:
         for shard in await store.catalog.shards(sku):  # the SKU's own, and its other buckets
             await _check_shard(store, shard, sku_records[sku], place, problems)
 
+    margins: dict[tuple[str, str], int] = {}  # (ancestor, order id) -> margins it was credited, net
+    transfers: dict[str, list[tuple[str, int]]] = {}  # "<child>/<reference>" -> (account, amount) entries
+    sub_orders: list[tuple[str, OrderRec]] = []
     for dist in await store.accounts.ids():
         a = await store.accounts.get(dist)
         if a is None:
@@ -89,7 +119,14 @@ async def audit(store: Store) -> list[str]:
         held = sum(int(e[3]) for e in entries)
         if (bal, held) != (a.balance, a.held):
             problems.append(f"{dist}: balance/held {a.balance}/{a.held} != ledger sums {bal}/{held}")
-        if a.balance - a.held < -a.credit_limit:
+        clawed = 0  # margins taken back may leave an ancestor owing: below its floor by as much
+        for e in entries:
+            if e[0] in ("margin", "clawback"):
+                margins[dist, e[1]] = margins.get((dist, e[1]), 0) + int(e[2])
+                clawed -= min(0, int(e[2]))
+            elif e[0] == "transfer":
+                transfers.setdefault(e[1], []).append((dist, int(e[2])))
+        if a.balance - a.held < -a.credit_limit - clawed:
             problems.append(f"{dist}: balance {a.balance} - held {a.held} is below -credit_limit")
         holds = 0
         after = ""
@@ -97,6 +134,8 @@ async def audit(store: Store) -> list[str]:
             for r, got in rows:
                 after = r.id
                 holds += r.hold
+                if SUB in dist:
+                    sub_orders.append((dist, r))
                 if r.refunded > r.total:
                     problems.append(f"{dist}/{r.id}: refunded {r.refunded} is more than its total {r.total}")
                 if r.status in ("reserved", *PAID):
@@ -140,6 +179,14 @@ async def audit(store: Store) -> list[str]:
             if "of" not in rec:
                 problems.append(f"{sku}/{oid}: delivery record is {rec['st']}, but no account has the order "
                                 f"reserved or paid")
+
+    _check_margins(sub_orders, margins, problems)
+    for ref, moved in transfers.items():  # each: one debit of the parent, one equal credit of the child
+        child = ref.rpartition("/")[0]
+        amount = max(x for _, x in moved)
+        if sorted(moved) != sorted([(child.rpartition(SUB)[0], -amount), (child, amount)]):
+            problems.append(f"transfer {ref}: entries {sorted(moved)} are not one debit of the parent and one "
+                            f"equal credit of {child}")
 
     for supplier in await store.aftersales.supplier_ids():
         s = await store.aftersales.supplier(supplier)

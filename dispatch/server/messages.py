@@ -13,14 +13,14 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from ..imports import MAX_FIELD_LENGTH
-from ..models import (CURRENCIES, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id, OrderStatus, RateLimit,
-                      SkuDetail, Supplier, SupplierStats, Ticket, TicketStatus, Tier)
+from ..models import (CURRENCIES, AccountId, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id, OrderStatus,
+                      RateLimit, SkuDetail, SubDistributor, Supplier, SupplierStats, Ticket, TicketStatus, Tier)
 from ..records import MAX_REF, MAX_TEXT, REF_PATTERN, TEXT_PATTERN
 from ..webhooks import MAX_URL, URL_PATTERN, FailedDelivery
 
 __all__ = [
     "Empty", "OrderRequest", "OrderQuery", "SkuCreate", "SkuPatch", "SupplierCreate", "TierCreate",
-    "DistributorCreate", "DistributorPatch", "TopupRequest", "BatchQuery", "ExportQuery",
+    "DistributorCreate", "DistributorPatch", "TopupRequest", "SubCreate", "SubPatch", "SubList", "SubOrderQuery", "BatchQuery", "ExportQuery",
     "ErrorBody", "ErrorDetail", "Status", "NewKey", "AdminDistributor", "CreatedDistributor", "VoidReport",
     # after-sales
     "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
@@ -159,6 +159,34 @@ class DistributorPatch(_In):
     rate_limit: RateLimit | UnsetType = UNSET
 
 
+MarkupBps = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+
+
+class SubCreate(_In):
+    #: Its own name: its id is yours, "~" and this (returned as ``subdistributor``).
+    subdistributor: Id
+    name: Name
+    #: Its markup over your price: per SKU (minor units) where given, else in basis points.
+    markup_bps: MarkupBps = 0
+    markups: dict[Id, Amount] = {}
+    #: Absent or null: every SKU you may buy.
+    allowed_skus: list[Id] | None = None
+
+
+class SubPatch(_In):
+    name: Name | UnsetType = UNSET
+    status: Literal["active", "suspended"] | UnsetType = UNSET
+    allowed_skus: list[Id] | None | UnsetType = UNSET
+    markup_bps: MarkupBps | UnsetType = UNSET
+    markups: dict[Id, Amount] | UnsetType = UNSET
+
+
+class SubOrderQuery(_In):
+    #: The next_cursor of the previous page; absent: the first page.
+    cursor: OrderId | None = None
+    limit: PageSize = 50
+
+
 class TopupRequest(_In):
     amount: Annotated[int, msgspec.Meta(ge=1, le=10**15)]
     #: Your id for the payment: a repeat with the same reference credits once.
@@ -197,7 +225,7 @@ class TicketQuery(_In):
 
 
 class AdminTicketQuery(TicketQuery):
-    distributor: Id | None = None
+    distributor: AccountId | None = None
     #: The next_cursor of the previous page; absent: the first page.
     cursor: TicketId | None = None
     limit: PageSize = 100
@@ -207,7 +235,7 @@ class PageQuery(_In):
     """A page of a list ordered by id."""
 
     #: The next_cursor of the previous page; absent: the first page.
-    cursor: Id | None = None
+    cursor: AccountId | None = None
     limit: PageSize = 100
 
 
@@ -341,6 +369,10 @@ class DistributorList(_Out):
     distributors: list[AdminDistributor]
     #: Pass back as ``cursor`` for the next page (null: this is the last).
     next_cursor: str | None = None
+
+
+class SubList(_Out):
+    subdistributors: list[SubDistributor]
 
 
 class TierList(_Out):

@@ -23,8 +23,9 @@ from urllib.parse import unquote
 import msgspec
 
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
-from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, Order, OrderPage, Sku,
-                      SkuDetail, Statement, Stock, Supplier, SupplierReport, SupplierStats, Ticket, Tier, Verification)
+from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, NewSubDistributor, Order,
+                      OrderPage, Sku, SkuDetail, Statement, Stock, SubDistributor, SubOrderPage, Supplier,
+                      SupplierReport, SupplierStats, Ticket, Tier, Verification)
 from ..webhooks import WebhookTarget
 from . import console
 from . import messages as m
@@ -322,6 +323,59 @@ async def statement(c: Call) -> Statement | Reply:
 async def my_limits(c: Call) -> Limits:
     """Your transaction limits (0: none) and what today and this month (UTC) have spent."""
     return await c.engine.limits(c.distributor)
+
+
+@route("POST", "/v1/subdistributors", auth="distributor", body=m.SubCreate, status=201, out=NewSubDistributor)
+async def create_subdistributor(c: Call) -> NewSubDistributor:
+    """Open a sub-distributor of yours (id: yours, "~" and its name); its API key is in this answer only."""
+    b: m.SubCreate = c.body
+    return await c.engine.create_subdistributor(c.distributor, b.subdistributor, b.name, markup_bps=b.markup_bps,
+                                                markups=b.markups, allowed_skus=b.allowed_skus)
+
+
+@route("GET", "/v1/subdistributors", auth="distributor", out=m.SubList)
+async def list_subdistributors(c: Call) -> m.SubList:
+    """Your own sub-distributors, by id, with their balances."""
+    return m.SubList(subdistributors=await c.engine.list_subdistributors(c.distributor))
+
+
+@route("GET", "/v1/subdistributors/{subdistributor}", auth="distributor", out=SubDistributor)
+async def get_subdistributor(c: Call) -> SubDistributor:
+    """One of your sub-distributors."""
+    return await c.engine.get_subdistributor(c.distributor, c.params["subdistributor"])
+
+
+@route("PATCH", "/v1/subdistributors/{subdistributor}", auth="distributor", body=m.SubPatch, out=SubDistributor)
+async def update_subdistributor(c: Call) -> SubDistributor:
+    """Change a sub-distributor's name, status, allowed SKUs or markup; suspended stops its whole subtree."""
+    b: m.SubPatch = c.body
+    return await c.engine.update_subdistributor(c.distributor, c.params["subdistributor"], name=b.name,
+                                                status=b.status, allowed_skus=b.allowed_skus,
+                                                markup_bps=b.markup_bps, markups=b.markups)
+
+
+@route("POST", "/v1/subdistributors/{subdistributor}/keys", auth="distributor", out=m.NewKey)
+async def rotate_subdistributor_key(c: Call) -> m.NewKey:
+    """A new API key for a sub-distributor; the old one stops working (within auth_cache_ttl_s)."""
+    sub = c.params["subdistributor"]
+    return m.NewKey(distributor=sub, api_key=await c.engine.rotate_subdistributor_key(c.distributor, sub))
+
+
+@route("POST", "/v1/subdistributors/{subdistributor}/transfer", auth="distributor", body=m.TopupRequest,
+       out=SubDistributor)
+async def transfer(c: Call) -> SubDistributor:
+    """Move money from your balance (not your credit) to a sub-distributor's, once per reference."""
+    b: m.TopupRequest = c.body
+    return await c.engine.transfer(c.distributor, c.params["subdistributor"], b.amount, b.reference)
+
+
+@route("GET", "/v1/subdistributors/{subdistributor}/orders", auth="distributor", query=m.SubOrderQuery,
+       out=SubOrderPage)
+async def subdistributor_orders(c: Call) -> SubOrderPage:
+    """A sub-distributor's orders, oldest first, a page at a time, with your margin on each: never their codes."""
+    q: m.SubOrderQuery = c.query
+    return await c.engine.subdistributor_orders(c.distributor, c.params["subdistributor"], cursor=q.cursor,
+                                                limit=q.limit)
 
 
 @route("POST", "/v1/tickets", auth="distributor", body=m.TicketCreate, status=201, out=Ticket)
