@@ -31,8 +31,8 @@ Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 #: A distributor's id, or a sub-distributor's: its parent's id, "~" and its own name (an Id),
 #: at most MAX_SUB_DEPTH levels below a distributor (store/keys.py, acct_tag).
 MAX_SUB_DEPTH = 3
-AccountId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}(~[A-Za-z0-9._-]{1,64}){0,%d}$"
-                                                % MAX_SUB_DEPTH)]
+ACCOUNT_PATTERN = r"[A-Za-z0-9._-]{1,64}(~[A-Za-z0-9._-]{1,64}){0,%d}" % MAX_SUB_DEPTH
+AccountId = Annotated[str, msgspec.Meta(pattern="^" + ACCOUNT_PATTERN + "$")]
 Buckets = Annotated[int, msgspec.Meta(ge=1, le=16, description="buckets: an integer from 1 to 16")]
 Amount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 

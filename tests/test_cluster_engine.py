@@ -39,6 +39,11 @@ from .test_engine import (  # noqa: F401
     test_refusals, test_replay_and_conflict, test_reserve_confirm_cancel, test_scripts_survive_script_flush,
     test_sku_lifecycle_and_validation, test_tampered_ciphertext_is_refused, test_tier_prices,
     test_topup_is_idempotent_by_reference, test_void_batch)
+from .test_subs import (  # noqa: F401
+    test_a_parents_limits_are_a_ceiling_for_its_subs, test_a_sub_purchase_credits_every_ancestor_its_margin,
+    test_audit_finds_margins_and_transfers_off, test_many_subs_buy_at_once_while_a_transfer_races_them,
+    test_reservations_pay_margins_when_confirmed_and_refunds_take_them_back,
+    test_suspending_a_parent_stops_its_subtree_and_allowed_is_a_ceiling)
 from .test_webhooks import (  # noqa: F401
     hooks, receivers, test_distributor_isolation_and_admin_sees_everything, test_engine_events_end_to_end,
     test_failed_deliveries_are_listed_and_replayed, test_repump_never_duplicates_and_workers_never_overlap,

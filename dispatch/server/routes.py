@@ -23,7 +23,7 @@ from urllib.parse import unquote
 import msgspec
 
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
-from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, NewSubDistributor, Order,
+from ..models import (ACCOUNT_PATTERN, Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, NewSubDistributor, Order,
                       OrderPage, Sku, SkuDetail, Statement, Stock, SubDistributor, SubOrderPage, Supplier,
                       SupplierReport, SupplierStats, Ticket, Tier, Verification)
 from ..webhooks import WebhookTarget
@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 # Path parameters: order ids are ULIDs; every other id is an admin-chosen Id.
 _PARAM = {"order_id": r"[0-9A-HJKMNP-TV-Z]{26}", "ticket_id": r"tk_[0-9A-HJKMNP-TV-Z]{26}",
+          "distributor": ACCOUNT_PATTERN, "subdistributor": ACCOUNT_PATTERN,
           "job_id": r"[A-Za-z0-9._:-]{1,300}", "asset": console.ASSET_PATTERN}
 _ID = r"[A-Za-z0-9._-]{1,64}"
 
