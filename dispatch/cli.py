@@ -125,14 +125,19 @@ def _when(text: str) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
-def _prices(items: list[str]) -> dict[str, int]:
-    prices = {}
+def _pairs(items: list[str], flag: str, what: str) -> list[tuple[str, int]]:
+    """``ID=AMOUNT`` items of *flag* as (id, amount), in order."""
+    pairs = []
     for item in items:
-        sku, sep, price = item.partition("=")
-        if not sep or not price.isdigit():
-            raise DispatchError(f"--price takes SKU=PRICE (minor units), got {item!r}")
-        prices[sku] = int(price)
-    return prices
+        key, sep, amount = item.partition("=")
+        if not sep or not amount.isdigit():
+            raise DispatchError(f"{flag} takes {what} (minor units), got {item!r}")
+        pairs.append((key, int(amount)))
+    return pairs
+
+
+def _prices(items: list[str]) -> dict[str, int]:
+    return dict(_pairs(items, "--price", "SKU=PRICE"))
 
 
 def _skus(text: str | None) -> list[str] | None:
@@ -267,10 +272,25 @@ def cmd_ticket(args: argparse.Namespace) -> int:
 def cmd_tier(args: argparse.Namespace) -> int:
     if args.action == "create":
         _record(_run(args, lambda e: e.create_tier(args.tier, args.discount_bps, _prices(args.price))))
-    else:
+    elif args.action == "list":
         rows = _run(args, lambda e: e.list_tiers())
         _table("tiers", ["tier", "discount_bps", "prices"],
                [(t.tier, t.discount_bps, ", ".join(f"{k}={v}" for k, v in sorted(t.prices.items()))) for t in rows])
+    elif args.action == "rules":
+        if args.rule or args.clear or args.window:
+            rules = [{"min_spend": spend, "tier": tier}
+                     for tier, spend in _pairs(args.rule, "--rule", "TIER=MIN_SPEND")]
+            got = _run(args, lambda e: e.set_tier_rules(args.window or "rolling_30d", rules))
+        else:
+            got = _run(args, lambda e: e.tier_rules())
+        _table(f"tier rules, version {got.version}: spend over {got.window}", ["min_spend", "tier"],
+               [(r.min_spend, r.tier) for r in got.rules])
+    elif args.action == "pin":
+        _record(_run(args, lambda e: e.pin_tier(args.distributor, args.tier or None)))
+    elif args.action == "unpin":
+        _record(_run(args, lambda e: e.unpin_tier(args.distributor)))
+    else:
+        _record(_run(args, lambda e: e.tier_status(args.distributor)))
     return 0
 
 
@@ -517,13 +537,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--note")
     s.set_defaults(run=cmd_ticket)
 
-    s = sub.add_parser("tier", help="create or list price tiers")
+    s = sub.add_parser("tier", help="price tiers: create, list; volume tier rules, a distributor's tier, pins")
     a = s.add_subparsers(dest="action", required=True)
     c = a.add_parser("create", parents=[common])
     c.add_argument("tier")
     c.add_argument("--discount-bps", type=int, default=0, help="discount in basis points (500 = 5%%)")
     c.add_argument("--price", action="append", default=[], metavar="SKU=PRICE", help="explicit price (repeatable)")
     a.add_parser("list", parents=[common])
+    c = a.add_parser("rules", parents=[common],
+                     help="the volume tier rules: show them, or replace them (--rule, repeatable, ascending)")
+    c.add_argument("--window", choices=("rolling_30d", "calendar_month"),
+                   help="spend over the last 30 days (default) or the last calendar month")
+    c.add_argument("--rule", action="append", default=[], metavar="TIER=MIN_SPEND",
+                   help="spend (minor units) from which a distributor gets TIER")
+    c.add_argument("--clear", action="store_true", help="no rules: tiers by hand only")
+    c = a.add_parser("status", parents=[common], help="a distributor's tier, spend and next rule")
+    c.add_argument("distributor")
+    c = a.add_parser("pin", parents=[common], help="pin a distributor to a tier: the rules leave it alone")
+    c.add_argument("distributor")
+    c.add_argument("tier", nargs="?", default="", help="the tier (absent: none, the base price)")
+    c = a.add_parser("unpin", parents=[common], help="let the rules decide a distributor's tier again")
+    c.add_argument("distributor")
     s.set_defaults(run=cmd_tier)
 
     s = sub.add_parser("distributor", help="create, list or update distributors")

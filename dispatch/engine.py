@@ -11,6 +11,7 @@ webhook deliveries) and is a thin facade over its components, one per concept:
 ``inventory``   imports, batches, their sale order, void and park            inventory.py
 ``aftersales``  suppliers (deposits, ratings, blacklist) and tickets         aftersales.py
 ``exports``     orders and ledgers as CSV, statements, event streams         exports.py
+``tiers``       volume tiers: rules, automatic tiers, pins                   tiers.py
 ``recovery``    the sweep: expired leases, sagas a crash left half done      recovery.py
 ``webhooks``    events delivered over HTTP                                   webhooks.py
 ==============  ==========================================================  ==============
@@ -46,6 +47,7 @@ from .orders import Orders
 from .recovery import Recovery
 from .sagas import Sagas
 from .store import Store
+from .tiers import Tiers
 from .vault import Vault, load_master_keys
 from .webhooks import Webhooks
 
@@ -123,10 +125,11 @@ class Engine:
         inventory = Inventory(store, cfg, vault, catalog)
         orders = Orders(store, cfg, vault, catalog, sagas)
         aftersales = AfterSales(store, cfg, vault, catalog, inventory, sagas)
-        recovery = Recovery(store, cfg, orders, aftersales)
+        tiers = Tiers(store, catalog)
+        recovery = Recovery(store, cfg, orders, aftersales, tiers)
         self._parts = dict(catalog=catalog, accounts=Accounts(store, cfg, catalog), orders=orders, inventory=inventory,
                            aftersales=aftersales, exports=Exports(store, vault), recovery=recovery,
-                           compliance=Compliance(store, vault))
+                           compliance=Compliance(store, vault), tiers=tiers)
         self._webhooks = Webhooks(store, vault, timeout_s=cfg.webhook_timeout_s, max_attempts=cfg.webhook_max_attempts,
                                   backoff_base_s=cfg.webhook_backoff_s, backoff_cap_s=cfg.webhook_backoff_cap_s)
         if self._sweep_enabled:
@@ -241,6 +244,12 @@ class Engine:
     verification = _Via("compliance", Compliance.verification)
     verify = _Via("compliance", Compliance.verify)
     unverify = _Via("compliance", Compliance.unverify)
+    tier_rules = _Via("tiers", Tiers.tier_rules)
+    set_tier_rules = _Via("tiers", Tiers.set_tier_rules)
+    tier_status = _Via("tiers", Tiers.tier_status)
+    pin_tier = _Via("tiers", Tiers.pin_tier)
+    unpin_tier = _Via("tiers", Tiers.unpin_tier)
+    apply_tiers = _Via("tiers", Tiers.apply_tiers)
     statement_csv = _Via("exports", Exports.statement_csv)
     events = _Via("exports", Exports.events)
 

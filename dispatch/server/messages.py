@@ -14,7 +14,7 @@ from msgspec import UNSET, UnsetType
 
 from ..imports import MAX_FIELD_LENGTH
 from ..models import (CURRENCIES, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id, OrderStatus, RateLimit,
-                      SkuDetail, Supplier, SupplierStats, Ticket, TicketStatus, Tier)
+                      SkuDetail, Supplier, SupplierStats, Ticket, TicketStatus, Tier, TierRuleList, TierWindow)
 from ..records import MAX_REF, MAX_TEXT, REF_PATTERN, TEXT_PATTERN
 from ..webhooks import MAX_URL, URL_PATTERN, FailedDelivery
 
@@ -25,7 +25,7 @@ __all__ = [
     # after-sales
     "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
     "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "StatementQuery",
-    "LimitsSet", "VerificationSet", "WebhookSet", "WebhookSecret",
+    "LimitsSet", "VerificationSet", "TierRulesSet", "TierPin", "WebhookSet", "WebhookSecret",
     "FailedQuery", "FailedList", "Replayed",
     # admin reads
     "PageQuery", "SkuList", "BatchList", "DistributorList", "TierList", "Live", "StoreHealth", "Overview",
@@ -246,6 +246,19 @@ class EventQuery(_In):
 
 class WebhookSet(_In):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_URL, pattern=URL_PATTERN)]
+
+
+class TierRulesSet(_In):
+    """The volume tier rules, replacing the ones set before (no rules: tiers by hand only)."""
+
+    window: TierWindow = "rolling_30d"
+    rules: TierRuleList = []
+
+
+class TierPin(_In):
+    """Pin a distributor to a tier (null: no tier, the base price); the rules leave it alone."""
+
+    tier: Id | None
 
 
 class LimitsSet(_In):

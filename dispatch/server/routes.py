@@ -24,7 +24,8 @@ import msgspec
 
 from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
 from ..models import (Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, Order, OrderPage, Sku,
-                      SkuDetail, Statement, Stock, Supplier, SupplierReport, SupplierStats, Ticket, Tier, Verification)
+                      SkuDetail, Statement, Stock, Supplier, SupplierReport, SupplierStats, Ticket, Tier, TierRules,
+                      TierStatus, Verification)
 from ..webhooks import WebhookTarget
 from . import console
 from . import messages as m
@@ -324,6 +325,12 @@ async def my_limits(c: Call) -> Limits:
     return await c.engine.limits(c.distributor)
 
 
+@route("GET", "/v1/tier", auth="distributor", out=TierStatus)
+async def my_tier(c: Call) -> TierStatus:
+    """Your price tier, your spend in the tier window and the next rule above it."""
+    return await c.engine.tier_status(c.distributor)
+
+
 @route("POST", "/v1/tickets", auth="distributor", body=m.TicketCreate, status=201, out=Ticket)
 async def open_ticket(c: Call) -> Ticket:
     """Claim that a code you bought does not work (once per code, within the after-sales window)."""
@@ -509,6 +516,19 @@ async def get_tier(c: Call) -> Tier:
     return await c.engine.get_tier(c.params["tier"])
 
 
+@route("GET", "/admin/tier-rules", auth="admin", out=TierRules)
+async def tier_rules(c: Call) -> TierRules:
+    """The volume tier rules: spend in the window (rolling 30 days or last calendar month) -> tier."""
+    return await c.engine.tier_rules()
+
+
+@route("PUT", "/admin/tier-rules", auth="admin", body=m.TierRulesSet, out=TierRules)
+async def set_tier_rules(c: Call) -> TierRules:
+    """Replace the volume tier rules; every distributor that is not pinned gets its tier under them at once."""
+    b: m.TierRulesSet = c.body
+    return await c.engine.set_tier_rules(b.window, b.rules)
+
+
 async def _admin_view(c: Call, distributor: Distributor) -> m.AdminDistributor:
     rate = await c.engine.rate_limit(distributor.distributor)
     return m.AdminDistributor(**msgspec.structs.asdict(distributor), rate_limit=rate)
@@ -577,6 +597,24 @@ async def set_limits(c: Call) -> Limits:
     b: m.LimitsSet = c.body
     return await c.engine.set_limits(c.params["distributor"], max_order_qty=b.max_order_qty,
                                      max_order_amount=b.max_order_amount, daily=b.daily, monthly=b.monthly)
+
+
+@route("GET", "/admin/distributors/{distributor}/tier", auth="admin", out=TierStatus)
+async def tier_status(c: Call) -> TierStatus:
+    """A distributor's tier, whether it is pinned, its spend in the tier window and the next rule."""
+    return await c.engine.tier_status(c.params["distributor"])
+
+
+@route("PUT", "/admin/distributors/{distributor}/tier-pin", auth="admin", body=m.TierPin, out=TierStatus)
+async def pin_tier(c: Call) -> TierStatus:
+    """Pin a distributor to a tier (null: none): the tier rules leave it alone."""
+    return await c.engine.pin_tier(c.params["distributor"], c.body.tier)
+
+
+@route("DELETE", "/admin/distributors/{distributor}/tier-pin", auth="admin", out=TierStatus)
+async def unpin_tier(c: Call) -> TierStatus:
+    """Unpin a distributor: the tier rules decide its tier again, at once."""
+    return await c.engine.unpin_tier(c.params["distributor"])
 
 
 @route("GET", "/admin/distributors/{distributor}/verification", auth="admin", out=Verification)

@@ -37,6 +37,7 @@ SEQ = PREFIX + "{g}:seq"                # HASH counter name -> int
 FPKEY = PREFIX + "{g}:fpkey"            # the wrapped fingerprint key
 TICKETS = PREFIX + "{g}:tickets"        # HASH ticket id -> distributor id
 BATCH_SEQ = PREFIX + "{g}:batchseq"     # HASH batch seq -> batch id
+TIER_RULES = PREFIX + "{g}:tierrules"   # HASH v (version, grows with each change), rules (msgpack TierRules)
 
 # ---- webhook deliveries {w} (dispatch/webhooks.py) ------------------------------
 WEBHOOK_CURSOR = PREFIX + "{w}:cursor"    # HASH event stream key -> id of the last entry consumed
@@ -124,7 +125,8 @@ class AcctKeys:
 
     def __init__(self, dist: str) -> None:
         t = acct_tag(dist)
-        self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...
+        self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...; volume
+        #                                 tiers: tpin, trv, tver, tday, tup, tlo, tdue (lua/tier_apply.lua)
         self.ledger = t + "ledger"      # LIST of entries "kind ref b h balance held ms", \x1f-joined
         self.refs = t + "refs"          # HASH external_ref -> order id
         self.orders = t + "orders"      # HASH order id -> cmsgpack order
@@ -187,6 +189,14 @@ def fingerprint_shard(shard: int) -> str:
 def rate_bucket(dist: str) -> str:
     """HASH ``tokens`` (thousandths of a request), ``ts`` (ms): the account's token bucket."""
     return acct_tag(dist) + "rl"
+
+
+def spend_days(dist: str) -> str:
+    """HASH day (since 1970-01-01, UTC) -> what the account paid for purchases that day,
+    net of refunds: the volume tiers' spend. Written by the account's money scripts,
+    which name it from their ``acct`` key (count_spend, lua/_limits.lua); days no
+    window needs are dropped by tier_apply.lua."""
+    return acct_tag(dist) + "spend"
 
 
 def seen_signature(dist: str, signature: str) -> str:

@@ -37,6 +37,7 @@ from .inventory import InventoryStore
 from .orders import OrderStore
 from .replication import SELLING, Replication
 from .replies import translated
+from .tiers import TierStore
 from .webhooks import WebhookStore
 
 __all__ = ["Store"]
@@ -78,6 +79,7 @@ class Store:
         self.inventory = InventoryStore(self)
         self.aftersales = AfterSalesStore(self)
         self.webhooks = WebhookStore(self)
+        self.tiers = TierStore(self)
         #: Replicas waited for after each round, the master's identity watched (replication.py).
         self.replication = Replication(self, *replication)
 
