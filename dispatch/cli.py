@@ -283,8 +283,9 @@ def cmd_tier(args: argparse.Namespace) -> int:
             got = _run(args, lambda e: e.set_tier_rules(args.window or "rolling_30d", rules))
         else:
             got = _run(args, lambda e: e.tier_rules())
-        _table(f"tier rules, version {got.version}: spend over {got.window}", ["min_spend", "tier"],
-               [(r.min_spend, r.tier) for r in got.rules])
+        _table("tier rules", ["version", "window", "min_spend", "tier"],
+               [(got.version, got.window, r.min_spend, r.tier) for r in got.rules]
+               or [(got.version, "", "", "none: tiers are set by hand")])
     elif args.action == "pin":
         _record(_run(args, lambda e: e.pin_tier(args.distributor, args.tier or None)))
     elif args.action == "unpin":

@@ -95,6 +95,21 @@ def test_catalog_money_and_errors(env: dict[str, str], tmp_path: Path, capsys: p
     rc, out, _ = run(capsys, "verify", "shop", "--withdraw")
     assert rc == 0 and "unverified" in out
 
+    rc, out, _ = run(capsys, "tier", "rules", "--rule", "gold=100000")
+    assert rc == 0 and re.search(r"1\s+.\s+rolling_30d\s+.\s+100000\s+.\s+gold", out)
+    rc, _, err = run(capsys, "tier", "rules", "--rule", "gold=100000", "--rule", "platinum=900000")
+    assert (rc, err) == (1, "error: rules[1].tier: unknown tier platinum\n")
+    rc, _, err = run(capsys, "tier", "rules", "--rule", "gold=-1")
+    assert rc == 1 and "TIER=MIN_SPEND" in err and "Traceback" not in err
+    rc, out, _ = run(capsys, "tier", "pin", "shop", "gold")
+    assert rc == 0 and re.search(r"pinned\s+.\s+True", out) and re.search(r"\btier\s+.\s+gold", out)
+    rc, out, _ = run(capsys, "tier", "unpin", "shop")  # 0 spent: no rule reached
+    assert rc == 0 and re.search(r"pinned\s+.\s+False", out) and re.search(r"next_tier\s+.\s+gold", out)
+    rc, out, _ = run(capsys, "tier", "status", "shop")
+    assert rc == 0 and re.search(r"spend\s+.\s+0", out) and re.search(r"next_min_spend\s+.\s+100000", out)
+    rc, out, _ = run(capsys, "tier", "rules", "--clear")
+    assert rc == 0 and re.search(r"2\s+.\s+.\s+.\s+none: tiers are set by hand", out)
+
     rc, out, err = run(capsys, "stock", "nope")
     assert (rc, out, err) == (1, "", "error: unknown SKU nope\n")
     rc, _, err = run(capsys, "topup", "shop", "6000", "--reference", "w-1")

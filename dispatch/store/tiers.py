@@ -45,14 +45,8 @@ class TierStore:
         return rules
 
     async def set_rules(self, rules: TierRules) -> int:
-        """Store *rules* under the next version (MULTI: concurrent sets get versions in
-        the order they are stored); that version."""
-        with translated():
-            async with self._db.client.pipeline(transaction=True) as p:
-                p.hincrby(keys.TIER_RULES, "v", 1)
-                p.hset(keys.TIER_RULES, "rules", msgspec.msgpack.encode(rules))
-                version, _ = await p.execute()
-        return int(version)
+        """Store *rules* under the next version; that version."""
+        return int(await self._db.run("tier_rules", [keys.TIER_RULES], [msgspec.msgpack.encode(rules)]))
 
     async def decide(self, dist: str, action: str, rules: TierRules, pin: str | None = None) -> Decided:
         """Run tier_apply.lua for *dist* (read, apply, pin, unpin) under *rules*."""
