@@ -135,7 +135,7 @@ class AcctKeys:
         self.leases = t + "leases"      # ZSET order id -> reservation deadline (ms)
         self.pending = t + "pending"    # ZSET order id -> ms of its last saga step
         self.topups = t + "topups"      # HASH top-up reference -> amount
-        self.events = t + "events"      # STREAM order.delivered, order.expired, ticket.* ...
+        self.events = t + "events"      # STREAM order.delivered, order.expired, ticket.*, distributor.tier_changed ...
         self.tickets = t + "tickets"    # HASH ticket id -> cmsgpack ticket
         self.claims = t + "claims"      # HASH "order_id:code index" -> ticket id (a code is claimed once)
         self.all = [self.acct, self.ledger, self.refs, self.orders, self.codes, self.index, self.leases,
