@@ -138,6 +138,8 @@ class Trail:
         bounds = [_order(cursor)] if cursor else []
         if until is not None:
             bounds.append((_ms(until), 0))
+        if bounds and min(bounds) == (0, 0):
+            return AuditPage(entries=[])  # nothing is older than the first possible id
         newest = "(%d-%d" % min(bounds) if bounds else "+"
         oldest = f"{_ms(since)}-0" if since is not None else "-"
         out: list[AuditEntry] = []

@@ -217,6 +217,8 @@ async def test_pages_and_filters(server: Server) -> None:
     newer = (await _entries(server, f"?from={middle}"))["entries"]
     assert len(newer) + len(older) == 7
     assert (await server.request("GET", "/admin/audit?cursor=nope", token=ADMIN)).status == 422
+    assert (await _entries(server, "?cursor=0-0"))["entries"] == []
+    assert (await _entries(server, "?to=1970-01-01T00:00:00Z"))["entries"] == []
     [viewer] = (await _tokens(server, "viewer")).values()
     assert len((await _entries(server, "?limit=2", token=viewer))["entries"]) == 2  # a viewer reads the trail
 
