@@ -38,8 +38,9 @@ __all__ = ["Trail", "acting", "actor", "SECRETS"]
 log = logging.getLogger("dispatch.trail")
 T = TypeVar("T")
 
-#: Fields never recorded: keys, tokens and their hashes, codes and PINs, ID numbers.
-SECRETS = frozenset({"api_key", "secret", "token_hash", "code", "codes", "pin", "id_number"})
+#: Fields never recorded: keys, tokens and their hashes, codes and PINs, the identity a
+#: verification keeps encrypted (legal name, ID number).
+SECRETS = frozenset({"api_key", "secret", "token_hash", "code", "codes", "pin", "legal_name", "id_number"})
 #: Entries read per round while a filtered page fills.
 _SCAN = 500
 

@@ -187,7 +187,7 @@ async def test_the_trail_holds_before_and_after_and_never_a_secret(server: Serve
     assert entries[("set_webhook", "webhook:new")]["after"]["url"] == "http://127.0.0.1:9/h"
 
     blob = b"".join(v for f in _trail(server) for v in f.values())
-    for secret in (api_key, rotated, hook, ADMIN, ops, fin, "110101199003077777", *server.keys.values()):
+    for secret in (api_key, rotated, hook, ADMIN, ops, fin, "110101199003077777", "Li Lei", *server.keys.values()):
         assert secret.encode() not in blob, secret
     # the trail is a stream appended to: nothing in it changes afterwards
     before = _trail(server)
