@@ -13,6 +13,7 @@ accounts of a round on the node that holds them all):
 ``{p:SUP}``    one supplier's shard: deposit, its ledger, charges, batches, events
 ``{f:XX}``     one of 256 fingerprint shards for global dedupe of imported codes
 ``{w}``        webhook deliveries (dispatch/webhooks.py)
+``{t}``        the admins' audit trail: a stream of its own, away from the catalog's node
 
 Every shard with events has its own Redis Stream (``events``), written by the same
 script that makes the change, so an event is never lost nor told twice.
@@ -37,6 +38,12 @@ SEQ = PREFIX + "{g}:seq"                # HASH counter name -> int
 FPKEY = PREFIX + "{g}:fpkey"            # the wrapped fingerprint key
 TICKETS = PREFIX + "{g}:tickets"        # HASH ticket id -> distributor id
 BATCH_SEQ = PREFIX + "{g}:batchseq"     # HASH batch seq -> batch id
+ADMINS = PREFIX + "{g}:admins"          # HASH admin token name -> msgpack admins.AdminRec (role, hash...)
+ADMINKEYS = PREFIX + "{g}:adminkeys"    # HASH sha256(admin token) -> name
+
+# ---- the audit trail {t} (dispatch/trail.py) --------------------------------------
+TRAIL = PREFIX + "{t}:trail"            # STREAM one entry per admin write: actor, via, action, target,
+#                                         outcome, before, after (JSON); appended only, never trimmed
 
 # ---- webhook deliveries {w} (dispatch/webhooks.py) ------------------------------
 WEBHOOK_CURSOR = PREFIX + "{w}:cursor"    # HASH event stream key -> id of the last entry consumed

@@ -5,7 +5,7 @@ scripts (packed by the compiled core, pipelined, NOSCRIPT handled), on one Redis
 on a Redis Cluster (``store.cluster``: each round split by the master owning each
 call's slot, MOVED and ASK followed); its parts
 (``store.catalog``, ``store.accounts``, ``store.orders``, ``store.inventory``,
-``store.aftersales``, ``store.webhooks``) speak the engine's language (a distributor,
+``store.aftersales``, ``store.webhooks``, ``store.admins``) speak the engine's language (a distributor,
 a SKU, a list of order items), build keys and arguments, and turn replies into typed
 results or errors (replies.py). Every rule that must be atomic is a Lua script.
 """
@@ -30,6 +30,7 @@ from ..models import Event
 from ..records import decode_events
 from . import keys, scripts
 from .accounts import AccountStore
+from .admins import AdminStore
 from .aftersales import AfterSalesStore
 from .catalog import CatalogStore
 from .embedded import EmbeddedRedis
@@ -78,6 +79,7 @@ class Store:
         self.inventory = InventoryStore(self)
         self.aftersales = AfterSalesStore(self)
         self.webhooks = WebhookStore(self)
+        self.admins = AdminStore(self)
         #: Replicas waited for after each round, the master's identity watched (replication.py).
         self.replication = Replication(self, *replication)
 
