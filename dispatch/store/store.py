@@ -224,11 +224,13 @@ class Store:
             slots = self._slots[name] = asyncio.Semaphore(self._pool_size)
         idle = self._idle.setdefault(name, [])
         async with slots:
-            conn = idle.pop() if idle else await self._new_connection(node)
+            conn = None
             try:
+                conn = idle.pop() if idle else await self._new_connection(node)
                 yield conn
             except BaseException as e:
-                await conn.disconnect()
+                if conn is not None:
+                    await conn.disconnect()
                 if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError)) and not isinstance(e, DispatchError):
                     await self._drop_idle(name)
                     if node is not None:
