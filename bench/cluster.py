@@ -6,10 +6,15 @@ closed loop (256 callers over 8 distributors, or --distributors, single-code del
 orders) runs on each, for two catalogues: 100 SKUs picked by Zipf 1.1, and one hot
 SKU (on the cluster, spread over 3 buckets that land on the 3 masters). Each row
 gives orders/s, the CPU per order (user + system, from /proc, over the measured run
-only) of each Redis process and their sum, and each master's share of the Redis CPU.
+only) of each Redis process and their sum, each master's share of the Redis CPU,
+and the share of orders that went in one step.
 
-On one Redis a deliver purchase is one script per round; on a cluster it is the
-saga begin -> take -> commit, each step one script per shard (docs/design.md).
+On one Redis a deliver purchase is one script per round. On a cluster it is that
+script, per master, for the orders whose account lives on the master of the SKU's
+shard (or of a bucket of it), and the saga begin -> take -> commit otherwise, each
+step one script per shard (docs/design.md): so the hot SKU, whose buckets are on
+every master, sells in one step, and each of the Zipf SKUs to about a third of the
+accounts.
 
     .venv/bin/python bench/cluster.py             # 20,000 orders a row
     .venv/bin/python bench/cluster.py --orders 5000 --distributors 48
@@ -84,8 +89,9 @@ def hot_sku(engine: Engine) -> str:
 
 
 async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool,
-              dists: int) -> tuple[float, list[float]]:
-    """orders/s and CPU us per order of each Redis process, for one catalogue."""
+              dists: int) -> tuple[float, list[float], float]:
+    """orders/s, CPU us per order of each Redis process, and the share of orders
+    that went in one step, for one catalogue."""
     async with Engine(config(url, data_dir, True), sweep=False) as engine:
         await engine.create_supplier("sup", "Supplier")
         if hot:
@@ -116,7 +122,8 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool,
         await asyncio.gather(*(caller(c) for c in range(CALLERS)))
         wall, cpu = time.perf_counter() - wall0, [redis_cpu(p) for p in pids]
         assert await engine.audit() == []
-    return orders / wall, [1e6 * (b - a) / orders for a, b in zip(cpu0, cpu)]
+        one_step = engine.coalescer_stats()["deliver"][1] / orders
+    return orders / wall, [1e6 * (b - a) / orders for a, b in zip(cpu0, cpu)], one_step
 
 
 def flush(servers: list[EmbeddedRedis]) -> None:
@@ -139,16 +146,16 @@ def main() -> None:
             print(f"{args.orders} deliver orders a row, {CALLERS} callers over {args.distributors} distributors, "
                   "appendfsync always, TCP; host shared")
             print(f"{'workload':<26} {'side':<10} {'orders/s':>9} {'Redis us/order (each)':>30} {'sum':>6}"
-                  f" {'shares of the masters':>22}")
+                  f" {'shares of the masters':>22} {'one step':>9}")
             for label, hot in (("100 SKUs, Zipf 1.1", False), ("1 hot SKU (3 buckets)", True)):
                 for side, url, servers in (("one Redis", f"redis://127.0.0.1:{one.port}/0", [one]),
                                            ("cluster", cluster_url, masters)):
                     flush(servers)
-                    rate, us = asyncio.run(row(url, [s.pid for s in servers], os.path.join(d, "data"),
+                    rate, us, one_step = asyncio.run(row(url, [s.pid for s in servers], os.path.join(d, "data"),
                                                args.orders, hot, args.distributors))
                     share = " ".join(f"{100 * u / sum(us):4.0f}%" for u in us) if len(us) > 1 else ""
                     print(f"{label:<26} {side:<10} {rate:9,.0f} {' '.join(f'{u:6.1f}' for u in us):>30}"
-                          f" {sum(us):6.1f} {share:>22}")
+                          f" {sum(us):6.1f} {share:>22} {100 * one_step:8.0f}%")
         finally:
             for s in (one, *masters):
                 s.stop()

@@ -1,22 +1,24 @@
 """Orders: purchases (delivered at once, or reserved until confirmed), their reads, and
 the saga steps the recovery sweep uses to finish them.
 
-On one Redis, a purchase is one script (``deliver``) on the node that holds every
-shard, coalesced with every other purchase of its round: it checks the external_ref,
-the distributor, the SKU and the money before taking a code, then takes and debits
-(or holds the money and starts the lease) and records at once; ending a reservation
-is one script too (``settle``, both sides). A refused order never touches stock, and
-nothing is ever half done: a retry of the same external_ref finds the order, or makes it.
+Where one node holds the buyer's account and the SKU's shard (one Redis always; on a
+Redis Cluster, a master holding both, or a bucket of the SKU), a purchase is one
+script (``deliver``) on that node, coalesced with every other purchase of its round
+there: it checks the external_ref, the distributor, the SKU and the money before
+taking a code, then takes and debits (or holds the money and starts the lease) and
+records at once; on one Redis ending a reservation is one script too (``settle``, both
+sides). A refused order never touches stock, and nothing is ever half done: a retry of
+the same external_ref finds the order, or makes it.
 
-On a Redis Cluster, where no script may span shards, or for a SKU spread over buckets,
-a purchase is a short saga of idempotent steps, each one Lua script on one shard,
-coalesced per shard (sagas.py): ``begin`` (account: hold the money), ``take`` (SKU:
-codes reserved, or sold), ``commit`` (account: start the lease, or charge and
-deliver); ending such a reservation is ``settle`` (account, which fences) then
-``sku_settle`` (SKU). A SKU spread over buckets is taken from the buckets of the plan
-its order keeps from ``begin`` (:func:`plan_of`), in turn. Until its last step is done
-an order sits in its account's ``pending`` set; the sweep drives any left there by a
-crash to its end.
+Otherwise (a cluster whose masters split the two, or a spread SKU whose first bucket
+is out of stock), a purchase is a short saga of idempotent steps, each one Lua script
+on one shard, coalesced per shard (sagas.py): ``begin`` (account: hold the money),
+``take`` (SKU: codes reserved, or sold), ``commit`` (account: start the lease, or
+charge and deliver); ending such a reservation is ``settle`` (account, which fences)
+then ``sku_settle`` (SKU). A SKU spread over buckets is taken from the buckets of the
+plan its order keeps from ``begin`` (:func:`plan_of`), in turn. Until its last step is
+done an order sits in its account's ``pending`` set; the sweep drives any left there
+by a crash to its end.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ from typing import Literal
 from . import imports
 from .catalog import Catalog
 from .config import Config
-from .errors import (DispatchError, IdempotencyConflictError, NotFoundError, PriceChangedError,
+from .errors import (DispatchError, IdempotencyConflictError, NotFoundError, OutOfStockError, PriceChangedError,
                      ReservationExpiredError, ValidationError)
 from .models import Code, Order, OrderPage
 from .records import PAID, OrderRec, check_ref, encode, ms_id_floor, ms_to_dt, new_id
 from .sagas import Sagas
 from .store import Store
 from .store.keys import bucket_shard
-from .store.orders import NODE, BeginItem, CommitItem, DeliverItem, OrderRef, SettleItem, TakeItem
+from .store.orders import MOVED, BeginItem, CommitItem, DeliverItem, OrderRef, SettleItem, TakeItem
 from .store.replies import Existing, Settled, refusal
 from .vault import Vault
 
@@ -105,28 +107,40 @@ class Orders:
         oid = new_id()
         p = BeginItem(oid, external_ref, digest, sku, qty, price, currency, mode, ttl, int(bool(allow_partial)),
                       plan_of(oid, buckets, spread))
-        if not self._store.cluster and spread == 1:  # one atomic step on the node: no saga task needed
-            return await self._at_once(distributor, p)
+        where = self._store.orders.together(distributor, sku, p.plan)
+        if where is not None:  # one atomic step on the node: no saga task needed
+            try:
+                order = await self._at_once(distributor, p, *where)
+            except OutOfStockError:
+                if spread == 1:
+                    raise
+                order = None  # that bucket is empty, nothing was recorded: the saga looks in every bucket
+            if order is not None:
+                return order
         return await self._sagas.run(self._saga(distributor, p))
 
-    async def _at_once(self, distributor: str, p: BeginItem) -> Order:
-        """A purchase where one node holds every shard: one script does it all (or
-        refuses it), delivered or reserved. Dated by this clock, like its id; a lease
-        ends by it too."""
+    async def _at_once(self, distributor: str, p: BeginItem, node: str, bucket: int) -> Order | None:
+        """A purchase where *node* holds the account and *bucket* of the SKU: one script
+        does it all (or refuses it), delivered or reserved; None if the node no longer
+        serves one of them (a slot moved), which leaves the order untouched. Dated by this
+        clock, like its id; a lease ends by it too."""
         now = time.time_ns() // 1_000_000
         total = p.qty * p.unit_price
         if p.mode == "deliver":
             rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
                            currency=p.currency, mode="deliver", ttl=0, partial=bool(p.partial), status="delivered",
-                           hold=0, total=total, delivered=p.qty, deadline=0, created=now, updated=now, dat=now, v=1)
+                           hold=0, total=total, delivered=p.qty, deadline=0, created=now, updated=now, dat=now, v=1,
+                           plan=p.plan, bk=bucket)
         else:
             rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
                            currency=p.currency, mode="reserve", ttl=p.ttl, partial=bool(p.partial), status="reserved",
                            hold=total, total=total, delivered=p.qty, deadline=now + p.ttl * 1000, created=now,
-                           updated=now)
-        got = await self._sagas.deliver.submit(NODE, DeliverItem(p.order_id, p.ref, p.digest, p.sku, distributor,
-                                                                 p.qty, p.partial, p.unit_price, encode(rec),
-                                                                 rec.deadline))
+                           updated=now, plan=p.plan, bk=bucket)
+        got = await self._sagas.deliver.submit(node, DeliverItem(p.order_id, p.ref, p.digest,
+                                                                 bucket_shard(p.sku, bucket), distributor, p.qty,
+                                                                 p.partial, p.unit_price, encode(rec), rec.deadline))
+        if got is MOVED:
+            return None
         if isinstance(got, Existing):
             order = self._present(got.rec, got.codes)
             order.replayed = True

@@ -21,7 +21,7 @@ from dispatch.engine import Engine
 from dispatch.models import Order
 from dispatch.records import encode, new_id
 from dispatch.store import keys
-from dispatch.store.orders import BeginItem, TakeItem
+from dispatch.store.orders import MOVED, BeginItem, DeliverItem, TakeItem
 
 from .conftest import codes_text, make_config
 from .test_concurrency import DISTS, SKUS, many_buyers, setup_shop
@@ -44,7 +44,8 @@ async def test_buyers_on_every_master_keep_every_invariant(flushed_cluster_url: 
         await setup_shop(engine)
         await many_buyers(engine, 20261201, buyers=200, per_buyer=25, replays=10)  # 5,000 orders
         stats = engine.coalescer_stats()
-        assert stats["deliver"] == (0, 0)  # the one-node script never ran: every purchase was a saga
+        # one step where the buyer's master holds the SKU's shard, a saga where it does not
+        assert stats["deliver"][1] > 0
         assert stats["begin"][1] >= stats["commit"][1] > 0
 
 
@@ -133,6 +134,56 @@ async def test_refusals_take_no_stock_and_events_tell_the_delivery(shop: Engine)
     events = [e for e in (await shop.events("dist:acme")).events if e.type == "order.delivered"]
     assert [(e.entity, e.version) for e in events] == [(f"order:{order.order_id}", 1)]
     assert await shop.audit() == []
+
+
+# ---- where one master holds the account and the SKU ------------------------------------------
+
+def dist_names(engine: Engine, sku: str) -> tuple[str, str]:
+    """A distributor id whose account lives on the master of *sku*'s shard, and one whose does not."""
+    home = engine.store.node_of(keys.sku_tag(sku))
+    names = [f"d{i}" for i in range(1000)]
+    return (next(d for d in names if engine.store.node_of(keys.acct_tag(d)) == home),
+            next(d for d in names if engine.store.node_of(keys.acct_tag(d)) != home))
+
+
+async def test_a_buyer_on_the_skus_master_buys_in_one_step(shop: Engine) -> None:
+    near, far = dist_names(shop, "g100")
+    for d in (near, far):
+        await shop.create_distributor(d, d)
+        await shop.topup(d, 100_000, "seed")
+    await shop.import_codes(codes_text("MORE", 4), sku="g100", supplier="sup", unit_cost=5000)
+    before = shop.coalescer_stats()
+    got = [await shop.purchase(near, "g100", 1, "near-1"),
+           await shop.confirm(near, (await shop.purchase(near, "g100", 2, "near-2", mode="reserve")).order_id)]
+    after = shop.coalescer_stats()
+    assert after["deliver"][1] - before["deliver"][1] == 2  # the purchase and the reservation: one step each
+    assert after["begin"] == before["begin"] and after["take"] == before["take"]
+    got.append(await shop.purchase(far, "g100", 1, "far-1"))  # its account is elsewhere: a saga
+    assert shop.coalescer_stats()["begin"][1] == before["begin"][1] + 1
+    assert [(o.status, len(o.codes)) for o in got] == [("delivered", 1), ("delivered", 2), ("delivered", 1)]
+    assert len({c.code for o in got for c in o.codes}) == 4
+    assert (await shop.purchase(near, "g100", 1, "near-1")).replayed  # a retry finds it, on the same path
+    assert await shop.audit() == []
+
+
+async def test_a_one_step_order_whose_account_moved_is_left_untouched(shop: Engine) -> None:
+    """A one-step call's shards must be served by the master it runs on: an order whose
+    account is not (its slot moved before the call ran) is answered "moved" untouched,
+    while the call's other orders go through; the engine then sends it as a saga."""
+    near, far = dist_names(shop, "g100")
+    for d in (near, far):
+        await shop.create_distributor(d, d)
+        await shop.topup(d, 100_000, "seed")
+    rec = encode(("placeholder",))
+    items = [DeliverItem(new_id(), "moved", "digest", "g100", far, 1, 0, 9500, rec),
+             DeliverItem(new_id(), "stayed", "digest", "g100", near, 1, 0, 9500, rec)]
+    got = await shop.store.orders.step("deliver", shop.store.node_of(keys.sku_tag("g100")), items)
+    assert got[0] is MOVED and isinstance(got[1], list) and len(got[1]) == 1
+    assert (await shop.stock("g100")).available == 2
+    assert (await shop.balance(far)).balance == 100_000 and len(await shop.ledger(far)) == 1  # the top-up
+    assert (await shop.balance(near)).balance == 100_000 - 9500
+    order = await shop.purchase(far, "g100", 1, "moved")
+    assert (order.status, len(order.codes)) == ("delivered", 1)
 
 
 # ---- a hot SKU spread over every master --------------------------------------------------------

@@ -1,7 +1,11 @@
 -- deliver(keys=[SKU keys x nS, account keys x nA],
---         args=[nS, nA, SKU ids x nS, distributor ids x nA, n, gate (1: only verified distributors buy),
---               n x (order_id, external_ref, digest, sku, distributor, qty, allow_partial, unit_price, record,
+--         args=[nS, nA, shard ids x nS, distributor ids x nA, n, gate (1: only verified distributors buy), 0,
+--               n x (order_id, external_ref, digest, shard, distributor, qty, allow_partial, unit_price, record,
 --                    deadline)])
+-- On a Redis Cluster, whose EVAL refuses declared keys of several slots, the same keys
+-- come in the args instead: keys=[the first of them, to route the call], and the 0
+-- after gate is their count, followed by them (see "On a Redis Cluster" below).
+-- A shard is a SKU, or a bucket of one ("SKU~B", see dispatch/store/keys.py).
 -- Every purchase of one round, where one node holds every shard, delivered at once
 -- (deadline 0) or reserved until deadline (ms): each order is checked (its
 -- external_ref, its distributor, its SKU, its limits, its money) before it takes a code, then its
@@ -30,12 +34,32 @@
 local nS, nA = tonumber(ARGV[1]), tonumber(ARGV[2])
 local n = tonumber(ARGV[3 + nS + nA])
 local gate = ARGV[4 + nS + nA] == '1'  -- only verified distributors may buy (_limits.lua)
+local nK = tonumber(ARGV[5 + nS + nA])
+local FIRST = 6 + nS + nA + nK  -- the first order's first field
 local META, STATS, QUEUE, DLV, BSTAT, SALES, SKU_EVENTS, DLV_CODES = 1, 2, 3, 4, 5, 6, 7, 8
 local ACCT, LEDGER, REFS, ORDERS, CODES, INDEX, EVENTS, LEASES = 1, 2, 3, 4, 5, 6, 7, 8
-local function sk(s, k) return KEYS[(s - 1) * 8 + k] end
-local function ak(a, k) return KEYS[(nS + a - 1) * 8 + k] end
-local sku_at, acct_at = {}, {}
-for s = 1, nS do sku_at[ARGV[2 + s]] = s end
+-- On a Redis Cluster the shards of a call hash to several slots of one master. Each
+-- shard's keys are touched before anything is written: a shard whose slot has moved
+-- (or is moving) away is away, and its orders are answered "moved" untouched, for the
+-- engine to send as sagas, which follow redirects.
+local K = KEYS
+local away = {}  -- block number (SKUs first, then accounts) -> true
+if nK > 0 then
+  K = {}
+  for x = 1, nK do K[x] = ARGV[5 + nS + nA + x] end
+  for b = 1, nS + nA do
+    if type(redis.pcall('EXISTS', unpack(K, b * 8 - 7, b * 8))) == 'table' then away[b] = true end
+  end
+end
+local function sk(s, k) return K[(s - 1) * 8 + k] end
+local function ak(a, k) return K[(nS + a - 1) * 8 + k] end
+local sku_at, acct_at, base, bucket = {}, {}, {}, {}
+for s = 1, nS do
+  local id = ARGV[2 + s]
+  sku_at[id] = s
+  local tilde = string.find(id, '~', 1, true)  -- a bucket: the SKU it is of
+  base[s], bucket[s] = tilde and string.sub(id, 1, tilde - 1) or id, tilde ~= nil
+end
 for a = 1, nA do acct_at[ARGV[2 + nS + a]] = a end
 local now = now_ms()
 
@@ -58,12 +82,13 @@ local function sku(s)
   local st = skus[s]
   if not st then
     local m = redis.call('HMGET', sk(s, META), 'status', 'low_stock_threshold', 'min_shelf_life_s')
-    local c = redis.call('HMGET', sk(s, STATS), 'available', 'level', 'sold', 'reserved', 'next_exp')
+    local c = redis.call('HMGET', sk(s, STATS), 'available', 'level', 'sold', 'reserved', 'next_exp', 'others')
     local retired = 0
     if due(c[5], m[3], now) then retired = retire_due(sku_tag(sk(s, META)), now, m[3]) end
     st = {status = m[1], threshold = tonumber(m[2] or '0'), avail = tonumber(c[1] or '0') - retired,
           level = tonumber(c[2] or '0'), sold = tonumber(c[3] or '0'), reserved = tonumber(c[4] or '0'),
-          total = 0, orders = {}, retired = retired > 0}
+          total = 0, orders = {}, changed = retired > 0,
+          others = tonumber(c[6] or '0')}  -- what its buckets hold, if it is spread (sku_level.lua)
     skus[s] = st
   end
   return st
@@ -90,13 +115,14 @@ end
 local earlier_id = {}
 do
   local asked = {}
-  local j = 5 + nS + nA
+  local j = FIRST
   for _ = 1, n do
     local a = acct_at[ARGV[j + 4]]
     asked[a] = asked[a] or {}
     asked[a][#asked[a] + 1] = ARGV[j + 1]
     j = j + 10
   end
+  for a = 1, nA do if away[nS + a] then asked[a] = nil end end
   for a, list in pairs(asked) do
     local found = redis.call('HMGET', ak(a, REFS), unpack(list))
     local mine = {}
@@ -109,7 +135,7 @@ end
 local out, want, again = {}, {}, {}
 local ids, refs, digests, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}, {}
 local amounts = {}  -- amount -> its ledger text
-local i = 5 + nS + nA
+local i = FIRST
 for k = 1, n do
   local id, ref, digest, sku_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local s, a = sku_at[sku_id], acct_at[ARGV[i + 4]]
@@ -118,52 +144,56 @@ for k = 1, n do
   deadlines[k] = ARGV[i + 9] ~= '0' and ARGV[i + 9]
   i = i + 10
   want[k] = 0
-  local A, S = acct(a), sku(s)
-  local first = A.opened[ref]
-  if first then  -- the same external_ref twice in one call: the second is told of the first
-    if digests[first] == digest then again[k] = first else out[k] = {'conflict', ids[first]} end
+  if away[s] or away[nS + a] then
+    out[k] = {'moved'}
   else
-    local earlier = earlier_id[a][ref]
-    if earlier then
-      local rec = redis.call('HGET', ak(a, ORDERS), earlier)
-      if cmsgpack.unpack(rec).digest == digest then
-        out[k] = {'exists', earlier, rec, redis.call('HGET', ak(a, CODES), earlier) or ''}
-      else
-        out[k] = {'conflict', earlier}
-      end
-    elseif not A.status then out[k] = {'unknown_distributor'}
-    elseif A.status ~= 'active' then out[k] = {'suspended'}
-    elseif A.allowed ~= '*' and not string.find(',' .. A.allowed .. ',', ',' .. sku_id .. ',', 1, true) then
-      out[k] = {'not_allowed'}
-    elseif gate and not A.limits.verified then out[k] = {'verification_required'}
-    elseif not S.status then out[k] = {'unknown_sku'}
-    elseif S.status ~= 'active' then out[k] = {'paused'}
-    elseif S.avail == 0 or (S.avail < qty and not partial) then out[k] = {'out_of_stock'}
+    local A, S = acct(a), sku(s)
+    local first = A.opened[ref]
+    if first then  -- the same external_ref twice in one call: the second is told of the first
+      if digests[first] == digest then again[k] = first else out[k] = {'conflict', ids[first]} end
     else
-      local take = math.min(qty, S.avail)
-      local spendable = A.balance - A.held + A.credit
-      local cost = take * price
-      local over = A.limited and over_limit(A.limits, take, cost, false)
-      if over then
-        out[k] = over
-      elseif cost > spendable then
-        out[k] = {'insufficient_balance', int(spendable)}
-      else
-        if A.limited then spend(A.limits, cost) end
-        want[k] = take
-        S.avail, S.total = S.avail - take, S.total + take
-        S.orders[#S.orders + 1] = k
-        if deadlines[k] then  -- a reservation: its money is held
-          A.held, A.moved_held = A.held + cost, A.moved_held + cost
-          A.tail = '\031' .. int(A.held) .. '\031' .. now_s
-          A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. int(A.balance) .. A.tail
+      local earlier = earlier_id[a][ref]
+      if earlier then
+        local rec = redis.call('HGET', ak(a, ORDERS), earlier)
+        if cmsgpack.unpack(rec).digest == digest then
+          out[k] = {'exists', earlier, rec, redis.call('HGET', ak(a, CODES), earlier) or ''}
         else
-          A.balance, A.moved = A.balance - cost, A.moved - cost
-          local amount = amounts[cost]
-          if not amount then amount = int(-cost); amounts[cost] = amount end
-          A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
+          out[k] = {'conflict', earlier}
         end
-        A.opened[ref] = k
+      elseif not A.status then out[k] = {'unknown_distributor'}
+      elseif A.status ~= 'active' then out[k] = {'suspended'}
+      elseif A.allowed ~= '*' and not string.find(',' .. A.allowed .. ',', ',' .. base[s] .. ',', 1, true) then
+        out[k] = {'not_allowed'}
+      elseif gate and not A.limits.verified then out[k] = {'verification_required'}
+      elseif not S.status then out[k] = {'unknown_sku'}
+      elseif S.status ~= 'active' then out[k] = {'paused'}
+      elseif S.avail == 0 or (S.avail < qty and not partial) then out[k] = {'out_of_stock'}
+      else
+        local take = math.min(qty, S.avail)
+        local spendable = A.balance - A.held + A.credit
+        local cost = take * price
+        local over = A.limited and over_limit(A.limits, take, cost, false)
+        if over then
+          out[k] = over
+        elseif cost > spendable then
+          out[k] = {'insufficient_balance', int(spendable)}
+        else
+          if A.limited then spend(A.limits, cost) end
+          want[k] = take
+          S.avail, S.total = S.avail - take, S.total + take
+          S.orders[#S.orders + 1] = k
+          if deadlines[k] then  -- a reservation: its money is held
+            A.held, A.moved_held = A.held + cost, A.moved_held + cost
+            A.tail = '\031' .. int(A.held) .. '\031' .. now_s
+            A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. int(A.balance) .. A.tail
+          else
+            A.balance, A.moved = A.balance - cost, A.moved - cost
+            local amount = amounts[cost]
+            if not amount then amount = int(-cost); amounts[cost] = amount end
+            A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
+          end
+          A.opened[ref] = k
+        end
       end
     end
   end
@@ -249,9 +279,13 @@ for s, S in pairs(skus) do
                'reserved', int(S.reserved + held))
     for seq, c in pairs(per_batch) do redis.call('HINCRBY', sk(s, BSTAT), seq .. ':d', int(c)) end
     if S.total > held then redis.call('HINCRBY', sk(s, SALES), hour_s, int(S.total - held)) end
-    set_level(meta, stats, sk(s, SKU_EVENTS), S.avail, S.threshold, S.level)
-  elseif S.retired then
-    set_level(sk(s, META), sk(s, STATS), sk(s, SKU_EVENTS), S.avail, S.threshold, S.level)
+    S.changed = true
+  end
+  if not S.changed then  -- (no code left it, none was retired)
+  elseif bucket[s] then  -- a bucket keeps no level: the engine tells the SKU's own shard (sku_level.lua)
+    redis.call('HINCRBY', sk(s, STATS), 'chg', '1')
+  else
+    set_level(sk(s, META), sk(s, STATS), sk(s, SKU_EVENTS), S.avail + S.others, S.threshold, S.level)
   end
 end
 

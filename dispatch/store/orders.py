@@ -25,7 +25,7 @@ from .replies import Existing, Settled, Taken, refusal, translated
 if TYPE_CHECKING:
     from .store import Call, Store
 
-__all__ = ["OrderStore", "STEPS", "NODE", "DeliverItem", "BeginItem", "TakeItem", "CommitItem", "SettleItem",
+__all__ = ["OrderStore", "STEPS", "NODE", "MOVED", "DeliverItem", "BeginItem", "TakeItem", "CommitItem", "SettleItem",
            "OrderRef"]
 
 #: The shard of the steps that run on the node holding every shard.
@@ -57,7 +57,8 @@ class BeginItem(NamedTuple):
 
 class DeliverItem(NamedTuple):
     """deliver.lua: a purchase on one node, delivered (deadline 0) or reserved until
-    deadline (ms), and its record once done."""
+    deadline (ms), and its record once done. ``sku`` is the shard it takes from: the
+    SKU, or one of its buckets."""
 
     order_id: str
     ref: str
@@ -140,15 +141,22 @@ def _per_item(flat: list[Any]) -> list[list[Any]]:
     return out
 
 
+#: deliver's answer to an order whose account or shard its node no longer serves (a slot
+#: moved): nothing was done, and the order goes as a saga, which follows redirects.
+MOVED = object()
+
+
 def _deliver(reply: list[Any], item: DeliverItem, node: str) -> Any:
-    """The codes (encrypted) | Existing (a replay, with its codes) | an error."""
+    """The codes (encrypted) | Existing (a replay, with its codes) | MOVED | an error."""
     status = reply[0]
     if status == b"ok":
         return reply[1:]
+    if status == b"moved":
+        return MOVED
     if status == b"exists":
         return Existing(decode_order(reply[2]), decode_codes(reply[3]) if reply[3] else [])
     if status in (b"unknown_sku", b"paused", b"out_of_stock"):
-        return refusal("deliver", status, sku=item.sku)
+        return refusal("deliver", status, sku=item.sku.partition(keys.BUCKET)[0])
     return _account_refusal("deliver", reply, item.distributor, item.ref, item.qty * item.unit_price)
 
 
@@ -233,7 +241,10 @@ class OrderStore:
             keys_ += self._deliver_keys(sku, "sku")
         for dist in dists:
             keys_ += self._deliver_keys(dist, "dist")
-        return keys_, [len(skus), len(dists), *skus, *dists, len(items), int(self._db.require_verification)], items
+        head = [len(skus), len(dists), *skus, *dists, len(items), int(self._db.require_verification)]
+        if self._db.cluster:  # the keys of several slots of one master: in the args (deliver.lua)
+            return keys_[:1], [*head, len(keys_), *keys_], items
+        return keys_, [*head, 0], items
 
     def _deliver_keys(self, id_: str, kind: str) -> list[str]:
         """The keys of a SKU or an account that deliver.lua uses, in its order."""
@@ -261,10 +272,25 @@ class OrderStore:
         replies = await self._db.run_many(step, [self._call(step, s, items) for s, items in batches.items()])
         if STEPS[step][0] == "sku":
             await self._db.tell_levels(batches)
+        elif step == "deliver":
+            await self._db.tell_levels(item.sku for items in batches.values() for item in items)
         if step in _FLAT:
             replies = [_per_item(flat) for flat in replies]
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]
                 for (shard, items), got in zip(batches.items(), replies)}
+
+    def together(self, dist: str, sku: str, plan: str) -> tuple[str, int] | None:
+        """Where one node holds the distributor's account and a shard of the SKU (the
+        first bucket of the plan that it holds): (that node, the bucket). Always the one
+        Redis; on a cluster, the master of the account if it holds one, else None."""
+        buckets = [int(b) for b in plan.split(",")] if plan else [0]
+        if not self._db.cluster:
+            return NODE, buckets[0]
+        home = self._db.node_of(self._acct(dist)[0])
+        for b in buckets:
+            if self._db.node_of(self._sku(keys.bucket_shard(sku, b)).meta) == home:
+                return home, b
+        return None
 
     # ---- reads ---------------------------------------------------------------------
     async def order(self, dist: str, order_id: str) -> tuple[OrderRec | None, list[bytes]]:

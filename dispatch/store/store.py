@@ -64,7 +64,7 @@ class Store:
                  pool_size: int = 64, replication: tuple[int, int, float] = (0, 1000, 5.0)) -> None:
         self.client = client
         self.embedded = embedded
-        #: True on a Redis Cluster: a purchase then runs as a saga of one-shard steps.
+        #: True on a Redis Cluster: a purchase runs in one step only where one master holds both sides.
         self.cluster = isinstance(client, RedisCluster)
         #: Only distributors whose real name is verified may buy (Config.require_verification).
         self.require_verification = False
@@ -346,6 +346,13 @@ class Store:
             if attempt:
                 await asyncio.sleep(min(0.01 * 2 ** attempt, _MAX_PAUSE_S))
         raise rex.ClusterError(f"{len(todo)} script calls were still redirected after {_REDIRECTS} tries")
+
+    def node_of(self, key: str) -> str:
+        """The node that serves *key* (on a cluster, its master by the slot map now; else "")."""
+        if not self.cluster:
+            return ""
+        assert isinstance(self.client, RedisCluster)
+        return self.client.get_node_from_key(key).name
 
     async def _send_to_node(self, node: ClusterNode, sha: bytes, calls: Sequence[Call], idx: list[int],
                             asking: dict[int, ClusterNode], selling: bool) -> list[Any]:
