@@ -137,7 +137,7 @@ async def test_a_promoted_replica_is_reconciled_before_it_sells(
         caplog.set_level(logging.WARNING, logger="dispatch.store")
         rest = await until_served(e.purchase, "acme", "g100", 8, "rest")
         assert len(rest.codes) == 8 and not set(plain(rest)) & set(plain(sold))
-        assert e.store.master_of(keys.sku_tag("g100")) == f"127.0.0.1:{cluster.masters[sku_k].port}"
+        assert e.store.node_of(keys.sku_tag("g100")) == f"127.0.0.1:{cluster.masters[sku_k].port}"
         changes, short, fixed = e.replication_stats()
         assert changes >= 1 and short == 0 and fixed == {"g100": 1}
         assert f"the Redis master 127.0.0.1:{cluster.masters[sku_k].port}" in caplog.text

@@ -237,7 +237,7 @@ class Replication:
         connections."""
         store = self._store
         shards = [shard for spread in await store.catalog.shards_of(await store.catalog.sku_ids())
-                  for shard in spread if masters is None or store.master_of(keys.sku_tag(shard)) in masters]
+                  for shard in spread if masters is None or store.node_of(keys.sku_tag(shard)) in masters]
         if not shards:
             return {}
         paid: dict[str, set[bytes]] = {}

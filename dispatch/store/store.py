@@ -156,12 +156,6 @@ class Store:
                 raise
         return out
 
-    def master_of(self, key: str) -> str:
-        """The name of the master that holds *key* ("" for the one Redis)."""
-        if isinstance(self.client, RedisCluster):
-            return self.client.get_node_from_key(key).name
-        return ""
-
     async def _check_server(self, first: bool = False) -> None:
         """Every master is Redis >= 6.2, in the mode the URL says, with the replicas
         ``min_replicas_acked`` asks for; a cluster serves every slot. Each master's
