@@ -22,6 +22,8 @@ __all__ = [
     "SkuDetail",
     # daemon
     "Access", "CatalogItem", "KeyRotation", "RateLimit",
+    # admins
+    "Role", "ROLES", "AdminToken", "NewAdminToken", "AuditEntry", "AuditPage",
 ]
 
 #: Ids chosen by the admin: SKUs, suppliers, tiers, distributors, batches.
@@ -521,3 +523,63 @@ class KeyRotation(_Model):
 
     def __repr__(self) -> str:
         return "KeyRotation(<redacted>)"
+
+
+# ---- admins --------------------------------------------------------------------------
+
+#: What an admin token may do (dispatch/admins.py): viewer reads; operator runs the
+#: catalog, stock and distributors' accounts; finance moves money; owner does everything.
+Role = Literal["viewer", "operator", "finance", "owner"]
+ROLES: tuple[str, ...] = ("viewer", "operator", "finance", "owner")
+
+
+class AdminToken(_Model):
+    """A named admin token (never the token: only its hash is kept)."""
+
+    name: Id
+    role: Role
+    created_at: datetime
+    #: The admin who created it.
+    created_by: str
+
+
+class NewAdminToken(_Model):
+    token: AdminToken
+    #: Shown once: only its hash is stored.
+    secret: str
+
+    def __repr__(self) -> str:
+        return f"NewAdminToken({self.token!r}, <redacted>)"
+
+
+class AuditEntry(_Model):
+    """One admin write, as the audit trail keeps it (never a secret: no key, token,
+    code or ID number)."""
+
+    #: The trail's entry id: increases with time.
+    entry_id: str
+    at: datetime
+    #: Who: an admin token's name, ``owner`` (the configured token), ``cli:<user>``, or
+    #: ``engine:<user>`` for an application embedding the engine.
+    actor: str
+    #: Through what: ``POST /admin/...`` (the route), ``cli`` or ``engine``.
+    via: str
+    #: The engine action (``topup``, ``update_sku``...); for a refusal, the route's.
+    action: str
+    #: ``kind:id`` of what it changes (``distributor:acme``, ``sku:g100``...).
+    target: str
+    #: ``ok``, or the error code it failed with (``forbidden``: refused for the token's role,
+    #: before anything was read or changed).
+    outcome: str
+    #: The target's state just before and just after (null: it did not exist, or nothing
+    #: is read for this kind of target).
+    before: Any = None
+    after: Any = None
+
+
+class AuditPage(_Model):
+    """Audit entries, the most recent first."""
+
+    entries: list[AuditEntry]
+    #: Pass back as ``cursor`` for the next (older) page; null on the last.
+    next_cursor: str | None = None

@@ -4,6 +4,8 @@ exports, master key rotation, and one-line errors."""
 from __future__ import annotations
 
 import base64
+import getpass
+import json
 import re
 import time
 import secrets
@@ -271,3 +273,24 @@ def test_import_refusals_rules_and_expiry(env: dict[str, str], tmp_path: Path,
         stock = e.stock("pin")
         assert (stock.accepted, stock.available) == (1, 1)
         assert [b.batch_id for b in e.supplier_report("sup").batches] == ["b"]
+
+
+def test_admin_tokens_and_the_audit_log(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "admin-token", "create", "ann", "--role", "finance")
+    token = re.search(r"adm_[A-Za-z0-9_-]+", out)
+    assert rc == 0 and token is not None and "finance" in out
+    rc, out, _ = run(capsys, "admin-token", "list")
+    assert rc == 0 and "ann" in out and token[0] not in out
+    assert run(capsys, "distributor", "create", "shop", "--name", "Shop")[0] == 0
+    assert run(capsys, "topup", "shop", "700", "--reference", "w-1")[0] == 0
+    rc, out, _ = run(capsys, "audit-log", "--json", "--target", "shop")
+    page = json.loads(out)
+    user = f"cli:{getpass.getuser()}"
+    assert rc == 0 and [(e["actor"], e["via"], e["action"]) for e in page["entries"]] == [
+        (user, "cli", "topup"), (user, "cli", "create_distributor")]
+    assert (page["entries"][0]["before"]["balance"], page["entries"][0]["after"]["balance"]) == (0, 700)
+    rc, out, err = run(capsys, "audit-log", "--limit", "1")
+    assert rc == 0 and "topup" in out and "--cursor" in err and token[0] not in out
+    assert run(capsys, "admin-token", "revoke", "ann")[0] == 0
+    rc, _, err = run(capsys, "admin-token", "revoke", "ann")
+    assert rc == 1 and "no admin token ann" in err

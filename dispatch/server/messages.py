@@ -13,8 +13,9 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from ..imports import MAX_FIELD_LENGTH
-from ..models import (CURRENCIES, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id, OrderStatus, RateLimit,
-                      SkuDetail, Supplier, SupplierStats, Ticket, TicketStatus, Tier, TierRuleList, TierWindow)
+from ..models import (CURRENCIES, AdminToken, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id, OrderStatus,
+                      RateLimit, Role, SkuDetail, Supplier, SupplierStats, Ticket, TicketStatus, Tier,
+                      TierRuleList, TierWindow)
 from ..records import MAX_REF, MAX_TEXT, REF_PATTERN, TEXT_PATTERN
 from ..webhooks import MAX_URL, URL_PATTERN, FailedDelivery
 
@@ -27,6 +28,8 @@ __all__ = [
     "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "StatementQuery",
     "LimitsSet", "VerificationSet", "TierRulesSet", "TierPin", "WebhookSet", "WebhookSecret",
     "FailedQuery", "FailedList", "Replayed",
+    # admins
+    "TokenCreate", "TokenList", "AuditQuery",
     # admin reads
     "PageQuery", "SkuList", "BatchList", "DistributorList", "TierList", "Live", "StoreHealth", "Overview",
 ]
@@ -415,3 +418,28 @@ class FailedList(_Out):
 class Replayed(_Out):
     #: Deliveries put back to be tried again now.
     replayed: int
+
+
+# ---- admins ------------------------------------------------------------------------------
+
+class TokenCreate(_In):
+    #: The token's name: who its writes are recorded as (``owner`` is the configured token's).
+    name: Id
+    role: Role
+
+
+class TokenList(msgspec.Struct):
+    tokens: list[AdminToken]
+
+
+class AuditQuery(_In):
+    #: Entries of this actor only (a token's name, ``owner``, ``cli:<user>``...).
+    actor: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    #: Entries on this target only: ``kind:id`` (``distributor:acme``), or an id (every kind).
+    target: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    #: Made at or after this time, and before ``to``.
+    from_: Aware | None = msgspec.field(default=None, name="from")
+    to: Aware | None = None
+    #: The next_cursor of the previous page; absent: the most recent entries.
+    cursor: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,15}-[0-9]{1,19}$")] | None = None
+    limit: PageSize = 100

@@ -13,6 +13,8 @@ accounts of a round on the node that holds them all):
 ``{p:SUP}``    one supplier's shard: deposit, its ledger, charges, batches, events
 ``{f:XX}``     one of 256 fingerprint shards for global dedupe of imported codes
 ``{w}``        webhook deliveries (dispatch/webhooks.py)
+``{t}``        the admins' audit trail: a stream of its own, away from the catalog's node
+``{r:N}``      a master's replication marker (acked)
 
 Every shard with events has its own Redis Stream (``events``), written by the same
 script that makes the change, so an event is never lost nor told twice.
@@ -38,6 +40,12 @@ FPKEY = PREFIX + "{g}:fpkey"            # the wrapped fingerprint key
 TICKETS = PREFIX + "{g}:tickets"        # HASH ticket id -> distributor id
 BATCH_SEQ = PREFIX + "{g}:batchseq"     # HASH batch seq -> batch id
 TIER_RULES = PREFIX + "{g}:tierrules"   # HASH v (version, grows with each change), rules (msgpack TierRules)
+ADMINS = PREFIX + "{g}:admins"          # HASH admin token name -> msgpack admins.AdminRec (role, hash...)
+ADMINKEYS = PREFIX + "{g}:adminkeys"    # HASH sha256(admin token) -> name
+
+# ---- the audit trail {t} (dispatch/trail.py) --------------------------------------
+TRAIL = PREFIX + "{t}:trail"            # STREAM one entry per admin write: actor, via, action, target,
+#                                         outcome, before, after (JSON); appended only, never trimmed
 
 # ---- webhook deliveries {w} (dispatch/webhooks.py) ------------------------------
 WEBHOOK_CURSOR = PREFIX + "{w}:cursor"    # HASH event stream key -> id of the last entry consumed
@@ -181,6 +189,18 @@ def fingerprint_shard(shard: int) -> str:
     """The prefix of the buckets of fingerprint shard *shard* (``fp[0]``): bucket
     ``fp[1]`` is this prefix and two lowercase hex digits (what ``fp_claim`` builds)."""
     return PREFIX + "{f:%02x}:" % shard
+
+
+# ---- replication -------------------------------------------------------------------------
+
+
+def acked(n: int) -> str:
+    """STRING "": written after each round of scripts, just before ``WAIT`` (with
+    ``min_replicas_acked``), so that the connection's replication offset is the master's
+    even when the round's scripts wrote nothing (a replay of an order made on another
+    connection); see store/replication.py. One Redis writes ``acked(0)``; each master of
+    a cluster the first ``acked(n)`` whose slot it serves."""
+    return PREFIX + "{r:%d}:acked" % n
 
 
 # ---- per-account keys outside the account scripts' KEYS --------------------------------

@@ -24,7 +24,8 @@ NAMES = ("deliver", "begin", "commit", "settle", "unpend", "topup", "put", "take
          "batch_void", "fp_claim", "rotate_key", "rate_limit", "fpkey_swap",
          "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
          "batch_park", "sku_invalidate", "sku_requeue", "sku_level", "sku_reconcile", "sku_expire",
-         "webhook_enqueue", "webhook_claim", "webhook_settle", "webhook_replay", "tier_apply", "tier_rules")
+         "webhook_enqueue", "webhook_claim", "webhook_settle", "webhook_replay", "admin_token",
+         "tier_apply", "tier_rules")
 
 
 def source(name: str) -> str:
