@@ -9,9 +9,10 @@ What each role may do (the routes name their roles in dispatch/server/routes.py)
 
 ============  ==============================================================================
 ``viewer``    every admin read (the audit trail included), nothing else
-``operator``  reads; the catalog (SKUs, tiers), stock (imports, batches), suppliers (but
-              their money), tickets (rejecting), distributors (opening, status, allowed SKUs,
-              tier, rate limit, API keys, verification), distributors' webhooks, replays
+``operator``  reads; the catalog (SKUs, tiers, tier rules), stock (imports, batches),
+              suppliers (but their money), tickets (rejecting), distributors (opening,
+              status, allowed SKUs, tier and its pin, rate limit, API keys, verification),
+              distributors' webhooks, replays
 ``finance``   reads; money: top-ups, credit limits, transaction limits, supplier deposits,
               approving tickets (refunds, supplier charges)
 ``owner``     everything: admin tokens, the admin webhook, orders exported with codes in clear
