@@ -239,3 +239,27 @@ async def test_no_rules_leave_tiers_to_the_admin(shop: Server) -> None:
     assert (r.json()["tier"], r.json()["window"], r.json()["spend"], r.json()["next_tier"]) == (None, None, 57_000,
                                                                                              None)
     assert await tier_events(shop, "beta") == []
+
+
+async def test_rules_and_pins_are_operator_writes_in_the_audit_trail(shop: Server) -> None:
+    made = {}
+    for role in ("viewer", "operator"):
+        r = await shop.admin("POST", "/admin/tokens", json={"name": f"{role}-1", "role": role})
+        made[role] = r.json()["secret"]
+    r = await shop.request("PUT", "/admin/tier-rules", token=made["viewer"], json={"rules": []})
+    assert (r.status, r.error) == (403, "forbidden")
+    r = await shop.request("PUT", "/admin/distributors/beta/tier-pin", token=made["viewer"], json={"tier": "gold"})
+    assert (r.status, r.error) == (403, "forbidden")
+    assert (await shop.request("GET", "/admin/tier-rules", token=made["viewer"])).json()["version"] == 1
+    r = await shop.request("PUT", "/admin/distributors/beta/tier-pin", token=made["operator"], json={"tier": "gold"})
+    assert r.status == 200
+    r = await shop.request("PUT", "/admin/tier-rules", token=made["operator"], json={"rules": []})
+    assert r.status == 200
+    latest = reversed((await shop.admin("GET", "/admin/audit")).json()["entries"])
+    entries = {(e["action"], e["target"]): e for e in latest}
+    pin = entries[("pin_tier", "distributor_tier:beta")]
+    assert (pin["actor"], pin["before"]["tier"], pin["after"]["tier"], pin["after"]["pinned"]) == (
+        "operator-1", None, "gold", True)
+    rules = entries[("set_tier_rules", "tier_rules")]
+    assert (rules["actor"], rules["before"]["version"], rules["after"]) == (
+        "operator-1", 1, {"window": "rolling_30d", "rules": [], "version": 2})
