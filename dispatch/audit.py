@@ -7,6 +7,7 @@ in each of these ways and expects the check to say so.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -18,6 +19,10 @@ from .store.keys import SUB
 from .subs import ancestors
 
 __all__ = ["audit"]
+
+#: Days of spend checked against the ledger: those tier_apply.lua keeps (61 back), less
+#: one for a day that ends while the audit reads.
+_SPEND_DAYS_CHECKED = 60
 
 
 async def _check_shard(store: Store, shard: str, records: dict[str, Any], place: Any, problems: list[str]) -> None:
@@ -87,6 +92,23 @@ def _check_margins(sub_orders: list[tuple[str, OrderRec]], credited: dict[tuple[
             problems.append(f"{anc}: margins of {amount} on order {oid}, which no order of its subs answers for")
 
 
+async def _check_spend(store: Store, dist: str, entries: list[list[str]], problems: list[str]) -> None:
+    """The account's spend by day (volume tiers) against its ledger: each day's count is
+    what that day's purchase and refund entries moved, for every day a window may still
+    need (the older ones are dropped as the days pass)."""
+    since = time.time_ns() // 86_400_000_000_000 - _SPEND_DAYS_CHECKED
+    paid: dict[int, int] = {}
+    for e in entries:
+        if e[0] in ("purchase", "refund"):
+            day = int(e[6]) // 86_400_000
+            paid[day] = paid.get(day, 0) - int(e[2])
+    counted = await store.tiers.spend_days(dist)
+    for day in sorted(set(paid) | set(counted)):
+        if day >= since and paid.get(day, 0) != counted.get(day, 0):
+            problems.append(f"{dist}: spend of day {day} counted {counted.get(day, 0)} != {paid.get(day, 0)} "
+                            f"paid in its ledger")
+
+
 async def audit(store: Store) -> list[str]:
     """What is wrong in the store; an empty list when every invariant holds."""
     problems: list[str] = []
@@ -128,6 +150,7 @@ async def audit(store: Store) -> list[str]:
                 transfers.setdefault(e[1], []).append((dist, int(e[2])))
         if a.balance - a.held < -a.credit_limit - clawed:
             problems.append(f"{dist}: balance {a.balance} - held {a.held} is below -credit_limit")
+        await _check_spend(store, dist, entries, problems)
         holds = 0
         after = ""
         while rows := await store.orders.order_records(dist, after, "~", 1000):

@@ -2,7 +2,8 @@
 calls the engine (or the server); errors are one line on stderr and a non-zero exit.
 
 With the embedded store, a command run while ``dispatch serve`` holds the data
-directory talks to the daemon's redis-server through its socket.
+directory talks to the daemon's redis-server through its socket. Writes go into the
+audit trail as actor ``cli:<user>`` (the OS user).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import getpass
 import json
 import logging
 import os
@@ -31,6 +33,8 @@ from .config import Config
 from .engine import Engine
 from .errors import DispatchError, NotFoundError
 from .exports import Exports
+from .models import ROLES
+from .trail import acting
 
 __all__ = ["main"]
 
@@ -67,7 +71,8 @@ def _run(args: argparse.Namespace, work: Callable[[Engine], Awaitable[T]]) -> T:
 
     async def run() -> T:
         async with Engine(config, sweep=False) as engine:
-            return await work(engine)
+            with acting(f"cli:{getpass.getuser()}", "cli"):
+                return await work(engine)
 
     return asyncio.run(run())
 
@@ -125,14 +130,19 @@ def _when(text: str) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
-def _prices(items: list[str]) -> dict[str, int]:
-    prices = {}
+def _pairs(items: list[str], flag: str, what: str) -> list[tuple[str, int]]:
+    """``ID=AMOUNT`` items of *flag* as (id, amount), in order."""
+    pairs = []
     for item in items:
-        sku, sep, price = item.partition("=")
-        if not sep or not price.isdigit():
-            raise DispatchError(f"--price takes SKU=PRICE (minor units), got {item!r}")
-        prices[sku] = int(price)
-    return prices
+        key, sep, amount = item.partition("=")
+        if not sep or not amount.isdigit():
+            raise DispatchError(f"{flag} takes {what} (minor units), got {item!r}")
+        pairs.append((key, int(amount)))
+    return pairs
+
+
+def _prices(items: list[str]) -> dict[str, int]:
+    return dict(_pairs(items, "--price", "SKU=PRICE"))
 
 
 def _skus(text: str | None) -> list[str] | None:
@@ -231,17 +241,17 @@ def cmd_supplier(args: argparse.Namespace) -> int:
 
 def cmd_webhook(args: argparse.Namespace) -> int:
     if args.action == "set":  # distributor None: the admin webhook (every event)
-        secret = _run(args, lambda e: e.webhooks.set_target(args.distributor, args.url))
+        secret = _run(args, lambda e: e.set_webhook(args.distributor, args.url))
         out.print(f"signing secret (shown once):\n[bold]{secret}[/bold]")
     elif args.action == "remove":
-        if not _run(args, lambda e: e.webhooks.remove_target(args.distributor)):
+        if not _run(args, lambda e: e.remove_webhook(args.distributor)):
             raise NotFoundError("no webhook is registered")
     elif args.action == "replay":
         async def replay(e: Engine) -> int:
             if args.job:
-                await e.webhooks.replay(args.job)
+                await e.replay_webhook(args.job)
                 return 1
-            return await e.webhooks.replay_all()
+            return await e.replay_webhooks()
 
         out.print(f"{_run(args, replay)} deliveries will be tried again")
     else:
@@ -267,10 +277,26 @@ def cmd_ticket(args: argparse.Namespace) -> int:
 def cmd_tier(args: argparse.Namespace) -> int:
     if args.action == "create":
         _record(_run(args, lambda e: e.create_tier(args.tier, args.discount_bps, _prices(args.price))))
-    else:
+    elif args.action == "list":
         rows = _run(args, lambda e: e.list_tiers())
         _table("tiers", ["tier", "discount_bps", "prices"],
                [(t.tier, t.discount_bps, ", ".join(f"{k}={v}" for k, v in sorted(t.prices.items()))) for t in rows])
+    elif args.action == "rules":
+        if args.rule or args.clear or args.window:
+            rules = [{"min_spend": spend, "tier": tier}
+                     for tier, spend in _pairs(args.rule, "--rule", "TIER=MIN_SPEND")]
+            got = _run(args, lambda e: e.set_tier_rules(args.window or "rolling_30d", rules))
+        else:
+            got = _run(args, lambda e: e.tier_rules())
+        _table("tier rules", ["version", "window", "min_spend", "tier"],
+               [(got.version, got.window, r.min_spend, r.tier) for r in got.rules]
+               or [(got.version, "", "", "none: tiers are set by hand")])
+    elif args.action == "pin":
+        _record(_run(args, lambda e: e.pin_tier(args.distributor, args.tier or None)))
+    elif args.action == "unpin":
+        _record(_run(args, lambda e: e.unpin_tier(args.distributor)))
+    else:
+        _record(_run(args, lambda e: e.tier_status(args.distributor)))
     return 0
 
 
@@ -356,6 +382,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise DispatchError(f"verifying needs {', '.join(missing)} too")
         _record(_run(args, lambda e: e.verify(args.distributor, args.legal_name, args.id_type, args.id_number,
                                               args.by)))
+    return 0
+
+
+def cmd_admin_token(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        new = _run(args, lambda e: e.create_admin_token(args.name, args.role))
+        _record(new.token)
+        out.print(f"admin token (shown once, only its hash is kept):\n[bold]{new.secret}[/bold]")
+    elif args.action == "revoke":
+        _record(_run(args, lambda e: e.revoke_admin_token(args.name)))
+    else:
+        _table("admin tokens", ["name", "role", "created_at", "created_by"],
+               [(t.name, t.role, t.created_at.isoformat(), t.created_by)
+                for t in _run(args, lambda e: e.list_admin_tokens())])
+    return 0
+
+
+def cmd_audit_log(args: argparse.Namespace) -> int:
+    page = _run(args, lambda e: e.audit_trail(actor=args.actor, target=args.target, since=args.from_,
+                                              until=args.to, cursor=args.cursor, limit=args.limit))
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(page).decode() + "\n")
+        return 0
+    _table("audit trail, most recent first", ["at", "actor", "via", "action", "target", "outcome", "before", "after"],
+           [(x.at.isoformat(timespec="milliseconds"), x.actor, x.via, x.action, x.target, x.outcome,
+             msgspec.json.encode(x.before).decode(), msgspec.json.encode(x.after).decode()) for x in page.entries])
+    if page.next_cursor:
+        err.print(f"older entries: --cursor {page.next_cursor}")
     return 0
 
 
@@ -517,13 +571,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--note")
     s.set_defaults(run=cmd_ticket)
 
-    s = sub.add_parser("tier", help="create or list price tiers")
+    s = sub.add_parser("tier", help="price tiers: create, list; volume tier rules, a distributor's tier, pins")
     a = s.add_subparsers(dest="action", required=True)
     c = a.add_parser("create", parents=[common])
     c.add_argument("tier")
     c.add_argument("--discount-bps", type=int, default=0, help="discount in basis points (500 = 5%%)")
     c.add_argument("--price", action="append", default=[], metavar="SKU=PRICE", help="explicit price (repeatable)")
     a.add_parser("list", parents=[common])
+    c = a.add_parser("rules", parents=[common],
+                     help="the volume tier rules: show them, or replace them (--rule, repeatable, ascending)")
+    c.add_argument("--window", choices=("rolling_30d", "calendar_month"),
+                   help="spend over the last 30 days (default) or the last calendar month")
+    c.add_argument("--rule", action="append", default=[], metavar="TIER=MIN_SPEND",
+                   help="spend (minor units) from which a distributor gets TIER")
+    c.add_argument("--clear", action="store_true", help="no rules: tiers by hand only")
+    c = a.add_parser("status", parents=[common], help="a distributor's tier, spend and next rule")
+    c.add_argument("distributor")
+    c = a.add_parser("pin", parents=[common], help="pin a distributor to a tier: the rules leave it alone")
+    c.add_argument("distributor")
+    c.add_argument("tier", nargs="?", default="", help="the tier (absent: none, the base price)")
+    c = a.add_parser("unpin", parents=[common], help="let the rules decide a distributor's tier again")
+    c.add_argument("distributor")
     s.set_defaults(run=cmd_tier)
 
     s = sub.add_parser("distributor", help="create, list or update distributors")
@@ -610,6 +678,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="FILE.png", help="plot throughput and latency over time")
     s.add_argument("--quiet", action="store_true", help="no live progress")
     s.set_defaults(run=cmd_loadtest)
+
+    s = sub.add_parser("admin-token", help="named admin tokens with a role: create, list, revoke")
+    a = s.add_subparsers(dest="action", required=True)
+    c = a.add_parser("create", parents=[common], help="prints the token once")
+    c.add_argument("name")
+    c.add_argument("--role", choices=ROLES, required=True)
+    a.add_parser("list", parents=[common])
+    c = a.add_parser("revoke", parents=[common], help="refused from the next request on")
+    c.add_argument("name")
+    s.set_defaults(run=cmd_admin_token)
+
+    s = sub.add_parser("audit-log", parents=[common], help="the audit trail of admin writes, most recent first")
+    s.add_argument("--actor", help="a token's name, owner, cli:<user>...")
+    s.add_argument("--target", help="kind:id (distributor:acme), or an id: every kind")
+    s.add_argument("--from", dest="from_", type=_when, help="ISO 8601; UTC unless it names a zone")
+    s.add_argument("--to", type=_when, help="ISO 8601, exclusive")
+    s.add_argument("--cursor", help="the next page: what the last one printed")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true", help="the page as JSON")
+    s.set_defaults(run=cmd_audit_log)
 
     s = sub.add_parser("keys", parents=[common], help="rotate the master key (re-wraps the fingerprint key)")
     s.set_defaults(run=cmd_keys)

@@ -43,7 +43,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Seconds to wait for Redis on connect and per command before failing.
     redis_timeout_s: Seconds = 5.0
     #: Replicas that must have a round's writes (WAIT, or WAITAOF on Redis >= 7.2) before
-    #: any caller of the round hears its answer; 0 answers once the master has them.
+    #: any caller of the round hears its answer (on a cluster: of every master the round
+    #: wrote to); 0 answers once the master has them.
     min_replicas_acked: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
     #: How long a round waits for those replicas before it fails as store_unavailable.
     replica_ack_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
@@ -139,15 +140,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     def __post_init__(self) -> None:
         # a malformed cluster or sentinel URL is refused here, by name
-        cluster = self.redis_url is not None and cluster_url(self.redis_url) is not None
         if self.redis_url is not None:
+            cluster_url(self.redis_url)
             sentinel_url(self.redis_url)
         if self.min_replicas_acked and self.redis_url is None:
             raise ConfigError("min_replicas_acked needs replicas: the embedded Redis has none; "
-                              "set redis_url to a master with replicas (redis+sentinel:// or redis://)")
-        if self.min_replicas_acked and cluster:
-            raise ConfigError("min_replicas_acked is not supported on a Redis Cluster yet; "
-                              "set it to 0, or use one master with replicas (redis+sentinel://)")
+                              "set redis_url to masters with replicas (redis+sentinel://, redis+cluster:// "
+                              "or redis://)")
         if self.max_reserve_ttl_s < self.reserve_ttl_s:
             raise ConfigError(
                 f"max_reserve_ttl_s ({self.max_reserve_ttl_s}) is below reserve_ttl_s ({self.reserve_ttl_s})"

@@ -12,13 +12,18 @@ webhook deliveries) and is a thin facade over its components, one per concept:
 ``inventory``   imports, batches, their sale order, void and park            inventory.py
 ``aftersales``  suppliers (deposits, ratings, blacklist) and tickets         aftersales.py
 ``exports``     orders and ledgers as CSV, statements, event streams         exports.py
+``tiers``       volume tiers: rules, automatic tiers, pins                   tiers.py
 ``recovery``    the sweep: expired leases, sagas a crash left half done      recovery.py
 ``webhooks``    events delivered over HTTP                                   webhooks.py
+``admins``      named admin tokens and their roles                           admins.py
+``trail``       the audit trail of admin writes                              trail.py
 ==============  ==========================================================  ==============
 
 Each component takes what it needs (the store, the config, the vault, the components
 it builds on) in its constructor; the engine's public methods are theirs
-(``engine.create_sku`` is the catalog's ``create_sku``).
+(``engine.create_sku`` is the catalog's ``create_sku``). A method that changes what
+admins own (``_Write``: SKUs, accounts, money, suppliers, tickets, webhooks, tokens) is
+recorded in the audit trail on every call, whoever calls it (trail.py).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import inspect
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +40,7 @@ from typing import Any
 import msgspec
 
 from .accounts import Accounts
+from .admins import Admins
 from .aftersales import AfterSales
 from .audit import audit
 from .catalog import Catalog
@@ -48,6 +55,8 @@ from .recovery import Recovery
 from .sagas import Sagas
 from .store import Store
 from .subs import Subs
+from .tiers import Tiers
+from .trail import Trail
 from .vault import Vault, load_master_keys
 from .webhooks import Webhooks
 
@@ -82,6 +91,35 @@ class _Via:
         if part is None:
             raise DispatchError("the engine is not started")
         return getattr(part, self.name)
+
+
+class _Write(_Via):
+    """A facade method that changes what admins own: each call is recorded in the audit
+    trail (trail.py) as action *name* on the *kind* target named by argument *param*."""
+
+    def __init__(self, part: str | None, func: Callable[..., Any], kind: str, param: str | None) -> None:
+        super().__init__(part or "", func)
+        self.kind, self.param, self.action = kind, param, func.__name__
+        self._signature = inspect.signature(func)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.action = name
+
+    def __get__(self, engine: Engine | None, owner: type) -> Any:
+        if engine is None:
+            return self
+        trail = engine._parts.get("trail")
+        if trail is None:
+            raise DispatchError("the engine is not started")
+        write = super().__get__(engine, owner) if self.part else self.__wrapped__.__get__(engine, owner)
+
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            bound = self._signature.bind(None, *args, **kwargs).arguments
+            return await trail.record(self.action, self.kind, bound.get(self.param) if self.param else None,
+                                      lambda: write(*args, **kwargs))
+
+        recorded.__doc__, recorded.__name__ = self.__doc__, self.action
+        return recorded
 
 
 class Engine:
@@ -127,12 +165,27 @@ class Engine:
         subs = Subs(store, cfg, catalog, accounts)
         orders = Orders(store, cfg, vault, catalog, sagas, subs)
         aftersales = AfterSales(store, cfg, vault, catalog, inventory, sagas)
-        recovery = Recovery(store, cfg, orders, aftersales)
+        tiers = Tiers(store, catalog)
+        recovery = Recovery(store, cfg, orders, aftersales, tiers)
+        compliance, admins = Compliance(store, vault), Admins(store)
+        webhooks = self._webhooks = Webhooks(store, vault, timeout_s=cfg.webhook_timeout_s,
+                                             max_attempts=cfg.webhook_max_attempts,
+                                             backoff_base_s=cfg.webhook_backoff_s,
+                                             backoff_cap_s=cfg.webhook_backoff_cap_s)
+
+        async def batch(batch_id: str) -> Any:
+            return (await inventory.summaries([await inventory.batch(batch_id)]))[0]
+
+        # what the trail reads of each kind of target, before and after a write
+        trail = Trail(store, dict(sku=catalog.get_sku, tier=catalog.get_tier, stock=catalog.stock,
+                                  distributor=accounts.get_distributor, rate_limit=accounts.rate_limit,
+                                  limits=compliance.limits, verification=compliance.verification,
+                                  tier_rules=lambda _: tiers.tier_rules(), distributor_tier=tiers.tier_status,
+                                  supplier=aftersales.get_supplier, ticket=aftersales.get_ticket, batch=batch,
+                                  webhook=webhooks.target, admin_token=admins.admin_token))
         self._parts = dict(catalog=catalog, accounts=accounts, subs=subs, orders=orders, inventory=inventory,
                            aftersales=aftersales, exports=Exports(store, vault), recovery=recovery,
-                           compliance=Compliance(store, vault))
-        self._webhooks = Webhooks(store, vault, timeout_s=cfg.webhook_timeout_s, max_attempts=cfg.webhook_max_attempts,
-                                  backoff_base_s=cfg.webhook_backoff_s, backoff_cap_s=cfg.webhook_backoff_cap_s)
+                           compliance=compliance, tiers=tiers, webhooks=webhooks, admins=admins, trail=trail)
         if self._sweep_enabled:
             self._stop = asyncio.Event()
             self._background = [asyncio.create_task(recovery.run(self._stop), name="dispatch-sweep"),
@@ -184,12 +237,12 @@ class Engine:
         return self._webhooks
 
     # ---- the facade --------------------------------------------------------------------
-    create_sku = _Via("catalog", Catalog.create_sku)
+    create_sku = _Write("catalog", Catalog.create_sku, "sku", "sku")
     get_sku = _Via("catalog", Catalog.get_sku)
     list_skus = _Via("catalog", Catalog.list_skus)
     sku_detail = _Via("catalog", Catalog.sku_detail)
     sku_details = _Via("catalog", Catalog.sku_details)
-    create_tier = _Via("catalog", Catalog.create_tier)
+    create_tier = _Write("catalog", Catalog.create_tier, "tier", "tier")
     get_tier = _Via("catalog", Catalog.get_tier)
     list_tiers = _Via("catalog", Catalog.list_tiers)
     unit_price = _Via("catalog", Catalog.unit_price)
@@ -197,19 +250,19 @@ class Engine:
     stocks = _Via("catalog", Catalog.stocks)
     forecast = _Via("catalog", Catalog.forecast)
 
-    create_distributor = _Via("accounts", Accounts.create_distributor)
-    update_distributor = _Via("accounts", Accounts.update_distributor)
+    create_distributor = _Write("accounts", Accounts.create_distributor, "distributor", "distributor")
+    update_distributor = _Write("accounts", Accounts.update_distributor, "distributor", "distributor")
     get_distributor = _Via("accounts", Accounts.get_distributor)
     list_distributors = _Via("accounts", Accounts.list_distributors)
     catalog = _Via("accounts", Accounts.catalog)
-    rotate_api_key = _Via("accounts", Accounts.rotate_api_key)
+    rotate_api_key = _Write("accounts", Accounts.rotate_api_key, "distributor", "distributor")
     authenticate = _Via("accounts", Accounts.authenticate)
     access = _Via("accounts", Accounts.access)
-    topup = _Via("accounts", Accounts.topup)
+    topup = _Write("accounts", Accounts.topup, "distributor", "distributor")
     balance = _Via("accounts", Accounts.balance)
     ledger = _Via("accounts", Accounts.ledger)
     rate_limit = _Via("accounts", Accounts.rate_limit)
-    set_rate_limit = _Via("accounts", Accounts.set_rate_limit)
+    set_rate_limit = _Write("accounts", Accounts.set_rate_limit, "rate_limit", "distributor")
     throttle = _Via("accounts", Accounts.throttle)
     remember_signature = _Via("accounts", Accounts.remember_signature)
 
@@ -228,45 +281,65 @@ class Engine:
     get_order_by_ref = _Via("orders", Orders.get_order_by_ref)
     list_orders = _Via("orders", Orders.list_orders)
 
-    import_codes = _Via("inventory", Inventory.import_codes)
-    void_batch = _Via("inventory", Inventory.void_batch)
+    import_codes = _Write("inventory", Inventory.import_codes, "stock", "sku")
+    void_batch = _Write("inventory", Inventory.void_batch, "batch", "batch_id")
     sku_batches = _Via("inventory", Inventory.sku_batches)
 
-    create_supplier = _Via("aftersales", AfterSales.create_supplier)
+    create_supplier = _Write("aftersales", AfterSales.create_supplier, "supplier", "supplier")
     get_supplier = _Via("aftersales", AfterSales.get_supplier)
     list_suppliers = _Via("aftersales", AfterSales.list_suppliers)
     supplier_stats = _Via("aftersales", AfterSales.supplier_stats)
-    update_supplier = _Via("aftersales", AfterSales.update_supplier)
-    deposit = _Via("aftersales", AfterSales.deposit)
+    update_supplier = _Write("aftersales", AfterSales.update_supplier, "supplier", "supplier")
+    deposit = _Write("aftersales", AfterSales.deposit, "supplier", "supplier")
     supplier_ledger = _Via("aftersales", AfterSales.supplier_ledger)
     supplier_report = _Via("aftersales", AfterSales.supplier_report)
     open_ticket = _Via("aftersales", AfterSales.open_ticket)
     get_ticket = _Via("aftersales", AfterSales.get_ticket)
     list_tickets = _Via("aftersales", AfterSales.list_tickets)
-    resolve_ticket = _Via("aftersales", AfterSales.resolve_ticket)
+    resolve_ticket = _Write("aftersales", AfterSales.resolve_ticket, "ticket", "ticket_id")
 
     export_orders = _Via("exports", Exports.export_orders)
     export_ledger = _Via("exports", Exports.export_ledger)
     statement = _Via("exports", Exports.statement)
     limits = _Via("compliance", Compliance.limits)
-    set_limits = _Via("compliance", Compliance.set_limits)
+    set_limits = _Write("compliance", Compliance.set_limits, "limits", "distributor")
     verification = _Via("compliance", Compliance.verification)
-    verify = _Via("compliance", Compliance.verify)
-    unverify = _Via("compliance", Compliance.unverify)
+    verify = _Write("compliance", Compliance.verify, "verification", "distributor")
+    unverify = _Write("compliance", Compliance.unverify, "verification", "distributor")
+    tier_rules = _Via("tiers", Tiers.tier_rules)
+    set_tier_rules = _Write("tiers", Tiers.set_tier_rules, "tier_rules", None)
+    tier_status = _Via("tiers", Tiers.tier_status)
+    pin_tier = _Write("tiers", Tiers.pin_tier, "distributor_tier", "distributor")
+    unpin_tier = _Write("tiers", Tiers.unpin_tier, "distributor_tier", "distributor")
+    apply_tiers = _Via("tiers", Tiers.apply_tiers)
     statement_csv = _Via("exports", Exports.statement_csv)
     events = _Via("exports", Exports.events)
+
+    set_webhook = _Write("webhooks", Webhooks.set_target, "webhook", "distributor")
+    remove_webhook = _Write("webhooks", Webhooks.remove_target, "webhook", "distributor")
+    replay_webhook = _Write("webhooks", Webhooks.replay, "webhook_delivery", "job_id")
+    replay_webhooks = _Write("webhooks", Webhooks.replay_all, "webhook_deliveries", None)
+
+    create_admin_token = _Write("admins", Admins.create_admin_token, "admin_token", "name")
+    revoke_admin_token = _Write("admins", Admins.revoke_admin_token, "admin_token", "name")
+    list_admin_tokens = _Via("admins", Admins.list_admin_tokens)
+    admin_by_token = _Via("admins", Admins.admin_by_token)
+    audit_trail = _Via("trail", Trail.audit_trail)
+    refused = _Via("trail", Trail.refused)
 
     sweep = _Via("recovery", Recovery.sweep)
     _update_sku = _Via("catalog", Catalog.update_sku)
     _requeue = _Via("inventory", Inventory.requeue)
 
-    async def update_sku(self, sku: str, **changes: Any) -> Any:
+    async def _change_sku(self, sku: str, **changes: Any) -> Any:
         """Change a SKU (see :meth:`Catalog.update_sku`); a new ``sale_order`` re-ranks
         its batches at once."""
         s = await self._update_sku(sku, **changes)
         if changes.get("sale_order", msgspec.UNSET) is not msgspec.UNSET:
             await self._requeue(sku)
         return s
+
+    update_sku = _Write(None, _change_sku, "sku", "sku")
 
     async def audit(self) -> list[str]:
         """Check the invariants (docs/design.md) over the whole store; returns what is wrong.
@@ -288,7 +361,7 @@ class Engine:
         codes taken out of each SKU's pools by reconciliation) since start."""
         return self.store.replication.stats()
 
-    async def rotate_master_key(self) -> KeyRotation:
+    async def _new_master_key(self) -> KeyRotation:
         """Make a new master key and re-wrap the fingerprint key under it.
 
         Stored codes keep their key id: they stay readable while every key returned in
@@ -315,3 +388,5 @@ class Engine:
             raise ConflictError("the fingerprint key changed meanwhile (another rotation?); try again")
         return KeyRotation(master_key=base64.b64encode(new).decode(),
                            old_master_keys=[base64.b64encode(k).decode() for k in current])
+
+    rotate_master_key = _Write(None, _new_master_key, "master_key", None)

@@ -22,6 +22,7 @@ __all__ = [
     "DistributorSuspendedError",
     "SkuPausedError",
     "UnauthorizedError",
+    "ForbiddenError",
     "ConflictError",
     "ReservationExpiredError",
     "StoreUnavailableError",
@@ -131,6 +132,12 @@ class UnauthorizedError(DispatchError, PermissionError):
     """Missing or invalid credentials."""
 
     code = "unauthorized"
+
+
+class ForbiddenError(DispatchError, PermissionError):
+    """The admin token's role does not allow this; the message names the role it needs."""
+
+    code = "forbidden"
 
 
 class ConflictError(DispatchError):

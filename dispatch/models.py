@@ -6,7 +6,7 @@ Amounts are integers in minor units (cents); times are UTC datetimes.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
@@ -15,7 +15,7 @@ import msgspec
 __all__ = [
     "Id", "Amount", "Buckets", "Code", "CodeRule", "Order", "OrderPage", "Sku", "Supplier", "Tier", "Distributor",
     "NewDistributor", "Balance", "Stock", "BatchReport", "MalformedLine", "DuplicateLine", "LedgerEntry", "Statement",
-    "StatementLine", "Limits", "Verification",
+    "StatementLine", "Limits", "Verification", "TierWindow", "TierRule", "TierRuleList", "TierRules", "TierStatus",
     # sub-distributors
     "AccountId", "SubDistributor", "NewSubDistributor", "SubOrder", "SubOrderPage", "MAX_SUB_DEPTH",
     "OrderStatus", "StockStatus",
@@ -24,6 +24,8 @@ __all__ = [
     "SkuDetail",
     # daemon
     "Access", "CatalogItem", "KeyRotation", "RateLimit",
+    # admins
+    "Role", "ROLES", "AdminToken", "NewAdminToken", "AuditEntry", "AuditPage",
 ]
 
 #: Ids chosen by the admin: SKUs, suppliers, tiers, distributors, batches.
@@ -356,6 +358,54 @@ class Limits(_Model, omit_defaults=False):
     spent_this_month: int = 0
 
 
+#: The spend volume tiers follow: the last 30 UTC days (today included), or the last
+#: whole calendar month (UTC), which sets the tier for the month that follows it.
+TierWindow = Literal["rolling_30d", "calendar_month"]
+
+
+class TierRule(_Model):
+    """Spend of at least ``min_spend`` (minor units) in the window earns ``tier``."""
+
+    min_spend: Amount
+    tier: Id
+
+
+#: Tier rules: ascending by ``min_spend``, each tier at most once.
+TierRuleList = Annotated[list[TierRule], msgspec.Meta(max_length=32)]
+
+
+class TierRules(_Model):
+    """Volume tiers: a distributor that is not pinned gets the tier of the highest rule
+    its spend reaches (none reached: no tier, the base price). No rules: tiers are
+    set by hand only."""
+
+    window: TierWindow = "rolling_30d"
+    rules: TierRuleList = []
+    #: Grows with every change of the rules (reads only).
+    version: int = 0
+
+
+class TierStatus(_Model, omit_defaults=False):
+    """A distributor's tier, the spend it follows and what the next rule needs."""
+
+    distributor: str
+    tier: str | None
+    #: Pinned: set by hand, the rules leave it alone.
+    pinned: bool
+    #: None: there are no tier rules.
+    window: TierWindow | None
+    #: The UTC days (inclusive) of the spend that sets the tier.
+    window_from: date
+    window_to: date
+    #: What was paid for purchases in the window, net of refunds.
+    spend: int
+    #: calendar_month: this month's spend so far (it sets next month's tier); else as ``spend``.
+    accruing: int
+    #: The next rule above ``accruing`` (None: none above).
+    next_tier: str | None = None
+    next_min_spend: int | None = None
+
+
 class Verification(_Model, omit_defaults=False):
     """A distributor's real-name verification (the ID number is stored encrypted and
     shown only by its last 4 characters)."""
@@ -483,9 +533,9 @@ class Event(_Model):
     event_id: str
     #: order.delivered, order.cancelled, order.expired, order.refunded, ticket.opened,
     #: ticket.approved, ticket.rejected, stock.low, stock.out, stock.restored,
-    #: supplier.blacklisted, supplier.reinstated
+    #: supplier.blacklisted, supplier.reinstated, distributor.tier_changed
     type: str
-    #: "order:<id>", "ticket:<id>", "stock:<sku>", "supplier:<id>"
+    #: "order:<id>", "ticket:<id>", "stock:<sku>", "supplier:<id>", "distributor:<id>"
     entity: str
     #: The entity's version: anything older than what a receiver holds is stale.
     version: int
@@ -532,3 +582,63 @@ class KeyRotation(_Model):
 
     def __repr__(self) -> str:
         return "KeyRotation(<redacted>)"
+
+
+# ---- admins --------------------------------------------------------------------------
+
+#: What an admin token may do (dispatch/admins.py): viewer reads; operator runs the
+#: catalog, stock and distributors' accounts; finance moves money; owner does everything.
+Role = Literal["viewer", "operator", "finance", "owner"]
+ROLES: tuple[str, ...] = ("viewer", "operator", "finance", "owner")
+
+
+class AdminToken(_Model):
+    """A named admin token (never the token: only its hash is kept)."""
+
+    name: Id
+    role: Role
+    created_at: datetime
+    #: The admin who created it.
+    created_by: str
+
+
+class NewAdminToken(_Model):
+    token: AdminToken
+    #: Shown once: only its hash is stored.
+    secret: str
+
+    def __repr__(self) -> str:
+        return f"NewAdminToken({self.token!r}, <redacted>)"
+
+
+class AuditEntry(_Model):
+    """One admin write, as the audit trail keeps it (never a secret: no key, token,
+    code or ID number)."""
+
+    #: The trail's entry id: increases with time.
+    entry_id: str
+    at: datetime
+    #: Who: an admin token's name, ``owner`` (the configured token), ``cli:<user>``, or
+    #: ``engine:<user>`` for an application embedding the engine.
+    actor: str
+    #: Through what: ``POST /admin/...`` (the route), ``cli`` or ``engine``.
+    via: str
+    #: The engine action (``topup``, ``update_sku``...); for a refusal, the route's.
+    action: str
+    #: ``kind:id`` of what it changes (``distributor:acme``, ``sku:g100``...).
+    target: str
+    #: ``ok``, or the error code it failed with (``forbidden``: refused for the token's role,
+    #: before anything was read or changed).
+    outcome: str
+    #: The target's state just before and just after (null: it did not exist, or nothing
+    #: is read for this kind of target).
+    before: Any = None
+    after: Any = None
+
+
+class AuditPage(_Model):
+    """Audit entries, the most recent first."""
+
+    entries: list[AuditEntry]
+    #: Pass back as ``cursor`` for the next (older) page; null on the last.
+    next_cursor: str | None = None

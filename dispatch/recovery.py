@@ -1,4 +1,5 @@
-"""The recovery sweep: leases that ran out, and sagas a crash left half done.
+"""The recovery sweep: leases that ran out, sagas a crash left half done, and the
+volume tiers that are due (tiers.py).
 
 Every saga step is idempotent and every saga leaves a trace until its last step
 (a reservation or ticket in its account's ``pending`` set), so the sweep only has to
@@ -18,6 +19,7 @@ from .config import Config
 from .errors import DispatchError
 from .orders import Orders
 from .store import Store
+from .tiers import Tiers
 
 __all__ = ["Recovery"]
 
@@ -25,8 +27,9 @@ log = logging.getLogger("dispatch.engine")
 
 
 class Recovery:
-    def __init__(self, store: Store, config: Config, orders: Orders, aftersales: AfterSales) -> None:
+    def __init__(self, store: Store, config: Config, orders: Orders, aftersales: AfterSales, tiers: Tiers) -> None:
         self._store = store
+        self._tiers = tiers
         self._config = config
         self._orders = orders
         self._aftersales = aftersales
@@ -48,7 +51,7 @@ class Recovery:
         """Expire lapsed reservations, finish orders left mid-saga for longer than
         *grace_s* (default ``recovery_grace_s``), and retire batches past their sell-by
         (the sales do too: this keeps the stock figures of a SKU that does not sell
-        current). Returns (expired, recovered)."""
+        current), and decide the volume tiers that are due. Returns (expired, recovered)."""
         await self._store.replication.check()  # after a change of master, reconciled first
         cfg = self._config
         await self._store.inventory.retire_expired(await self._store.catalog.sku_ids(), cfg.expiring_window_s,
@@ -67,6 +70,7 @@ class Recovery:
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, DispatchError):
                 log.error("sweep step failed: %r", r)
+        await self._tiers.sweep(dists)
         expired = sum(1 for r in results[:len(expiries)] if r is True)
         recovered = sum(1 for r in results[len(expiries):] if r is True)
         return expired, recovered

@@ -164,78 +164,139 @@ def _free_cluster_port() -> int:
 
 class RedisClusterProcesses:
     """Three masters started from the same binary, each with its own directory, AOF
-    (``appendfsync always``) and nodes.conf, the 16384 slots split between them."""
+    (``appendfsync always``) and nodes.conf, the 16384 slots split between them; with
+    *replicas*, that many replicas of each master (``replicas[k]`` are master k's).
+    *node_timeout_ms* is ``cluster-node-timeout``: how long a master is unreachable
+    before the others count it failed and its replica is promoted."""
 
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory, binary: str, masters: int = 3) -> None:
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, binary: str, masters: int = 3,
+                 replicas: int = 0, node_timeout_ms: int = 5000) -> None:
         self.binary = binary
         self.masters: list[RedisProcess] = []
-        for _ in range(masters):
-            for attempt in range(5):
-                server = RedisProcess(tmp_path_factory.mktemp("cluster"), binary=binary, appendfsync="always",
-                                      extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                                  "--cluster-node-timeout", "5000"])
-                server.port = _free_cluster_port()
-                try:
-                    server.start()
-                except EmbeddedRedisError as e:
-                    if "in use" in str(e) and attempt < 4:
-                        continue
-                    self.stop()
-                    raise
-                self.masters.append(server)
-                break
+        self.replicas: list[list[RedisProcess]] = [[] for _ in range(masters)]
+        try:
+            for k in range(masters):
+                self.masters.append(self._start(tmp_path_factory, node_timeout_ms))
+            for k in range(masters):
+                for _ in range(replicas):
+                    self.replicas[k].append(self._start(tmp_path_factory, node_timeout_ms))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, tmp_path_factory: pytest.TempPathFactory, node_timeout_ms: int) -> RedisProcess:
+        for attempt in range(5):
+            server = RedisProcess(tmp_path_factory.mktemp("cluster"), binary=self.binary, appendfsync="always",
+                                  extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                              "--cluster-node-timeout", str(node_timeout_ms)])
+            server.port = _free_cluster_port()
+            try:
+                server.start()
+            except EmbeddedRedisError as e:
+                if "in use" in str(e) and attempt < 4:
+                    continue
+                raise
+            return server
+        raise AssertionError("unreachable")
+
+    @property
+    def nodes(self) -> list[RedisProcess]:
+        return [*self.masters, *(r for rs in self.replicas for r in rs)]
 
     @property
     def url(self) -> str:
         """``redis+cluster://127.0.0.1:<port>,...``: every master as a seed node."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{m.port}" for m in self.masters)
 
-    def client(self, k: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.masters[k].port)
+    def client(self, k: int | RedisProcess) -> redis.Redis:
+        """A client of master *k*, or of the node given."""
+        node = self.masters[k] if isinstance(k, int) else k
+        return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
 
     def form(self, timeout: float = 30.0) -> None:
-        """Give each master an equal range of slots, introduce them, and wait for the
-        cluster to be ok."""
+        """Give each master an equal range of slots, introduce every node, make the
+        replicas replicate their masters, and wait for the cluster to be ok."""
         n = len(self.masters)
         for k, _ in enumerate(self.masters):
             lo, hi = k * CLUSTER_SLOTS // n, (k + 1) * CLUSTER_SLOTS // n
             with self.client(k) as c:
                 c.execute_command("CLUSTER ADDSLOTS", *range(lo, hi))
         with self.client(0) as c:
-            for m in self.masters[1:]:
+            for m in self.nodes[1:]:
                 c.execute_command("CLUSTER MEET", "127.0.0.1", m.port)
+        deadline = time.monotonic() + timeout
+        for k, replicas in enumerate(self.replicas):
+            with self.client(k) as c:
+                master_id = c.execute_command("CLUSTER MYID")
+            for r in replicas:
+                with self.client(r) as c:
+                    while True:  # it must have heard of its master first
+                        try:
+                            c.execute_command("CLUSTER REPLICATE", master_id)
+                            break
+                        except redis.ResponseError:
+                            if time.monotonic() > deadline:
+                                raise
+                            time.sleep(0.05)
         self.wait_ok(timeout)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Wait until every node sees every slot assigned, ``cluster_state:ok``, and knows
-        every master's address."""
-        n = len(self.masters)
+        every node; every master knows every owner's address, and has its replicas
+        linked and in sync."""
         deadline = time.monotonic() + timeout
-        for k, _ in enumerate(self.masters):
-            with self.client(k) as c:
-                while True:
-                    fields = {f: str(v) for f, v in c.execute_command("CLUSTER INFO").items()}
-                    if (fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(n)
-                            and fields.get("cluster_slots_assigned") == str(CLUSTER_SLOTS)):
-                        break
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"the cluster is not ok after {timeout} s: {fields}")
-                    time.sleep(0.05)
+
+        def until(what: str, ok: Callable[[], object]) -> None:
+            while not ok():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{what}: not so after {timeout} s")
+                time.sleep(0.05)
+
+        for node in self.nodes:
+            with self.client(node) as c:
+                until(f"the cluster is ok at {node.port}", lambda: (
+                    (fields := {f: str(v) for f, v in c.execute_command("CLUSTER INFO").items()})
+                    .get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(len(self.nodes))
+                    and fields.get("cluster_slots_assigned") == str(CLUSTER_SLOTS)))
         # redis-py asks one node for the slot map: each must know every owner's address
-        for k, _ in enumerate(self.masters):
+        for k, replicas in enumerate(self.replicas):
             with self.client(k) as c:
-                while len(c.execute_command("CLUSTER SLOTS")) < n:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"node {k} does not know every master's slots")
-                    time.sleep(0.05)
+                until(f"master {k} knows every master's slots",
+                      lambda: len(c.execute_command("CLUSTER SLOTS")) >= len(self.masters))
+                until(f"master {k}'s replicas in sync", lambda: (
+                    (info := c.info("replication"))["connected_slaves"] == len(replicas)
+                    and all(info[f"slave{i}"]["state"] == "online"
+                            and info[f"slave{i}"]["offset"] == info["master_repl_offset"]
+                            for i in range(len(replicas)))))
 
     def flushall(self) -> None:
         for k, _ in enumerate(self.masters):
             with self.client(k) as c:
                 c.flushall()
 
+    def fail_over(self, k: int, timeout: float = 30.0) -> float:
+        """SIGKILL master *k*; wait until the cluster has promoted its first replica and is
+        ok again; restart the killed node (it rejoins as a replica of the new master) and
+        wait for it to be in sync. The masters and replicas are then listed as they are
+        now. Seconds from the kill to the promotion."""
+        old, new = self.masters[k], self.replicas[k][0]
+        old.kill()
+        killed = time.monotonic()
+        deadline = killed + timeout
+        with self.client(new) as c:
+            while (c.execute_command("ROLE")[0] != b"master"
+                   or str(c.execute_command("CLUSTER INFO")["cluster_state"]) != "ok"):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the replica of master {k} was not promoted within {timeout} s")
+                time.sleep(0.02)
+        promoted = time.monotonic() - killed
+        self.masters[k], self.replicas[k] = new, [*self.replicas[k][1:], old]
+        old.start()
+        self.wait_ok(timeout)
+        return promoted
+
     def stop(self) -> None:
-        for m in self.masters:
+        for m in self.nodes:
             m.stop(timeout=2)
 
 

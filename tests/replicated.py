@@ -1,4 +1,5 @@
-"""Fixtures of replicated Redis: a master with replicas, and sentinels watching them.
+"""Fixtures of replicated Redis: a master with replicas, sentinels watching them, and a
+Redis Cluster whose masters have a replica each.
 
 Every server is a real redis-server started from the same binary as the other fixtures
 (each of ``REDIS_BINARIES`` for a master with a replica, the first for sentinels), on free ports, stopped at the end of the test.
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import _BINARY_PARAMS, REDIS_BINARIES, RedisProcess, _free_port
+from tests.conftest import _BINARY_PARAMS, REDIS_BINARIES, RedisClusterProcesses, RedisProcess, _free_port
 
 SERVICE = "cards"
 
@@ -175,3 +176,15 @@ def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentine
         yield group
     finally:
         group.stop()
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """Three masters with one replica each, for this test only; ``cluster-node-timeout``
+    1 s, so a killed master's replica is promoted within a few seconds."""
+    cluster = RedisClusterProcesses(tmp_path_factory, _binary(), replicas=1, node_timeout_ms=1000)
+    try:
+        cluster.form()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -358,3 +358,26 @@ async def test_a_cancelled_order_that_kept_its_codes(shop: Engine, healthy: Shop
     h = healthy
     await set_account_codes(r, BETA, h.cancelled, await delivered_codes(r, h.cancelled))
     assert await shop.audit() == [f"beta/{h.cancelled}: 1 codes kept for a cancelled order"]
+
+
+# ---- volume tiers: spend by day ------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["more", "dropped", "a-day-without-purchases", "a-day-no-window-needs"])
+async def test_a_days_spend_off_the_ledger(shop: Engine, healthy: Shop, r: aioredis.Redis, where: str) -> None:
+    """acme paid 3 x 9025 today and was refunded 9025: its day counts 18050."""
+    today = time.time_ns() // 86_400_000_000_000
+    spend = keys.spend_days("acme")
+    assert await r.hgetall(spend) == {str(today).encode(): b"18050"}
+    if where == "more":
+        await r.hincrby(spend, str(today), 1)
+        expected = [f"acme: spend of day {today} counted 18051 != 18050 paid in its ledger"]
+    elif where == "dropped":
+        await r.hdel(spend, str(today))
+        expected = [f"acme: spend of day {today} counted 0 != 18050 paid in its ledger"]
+    elif where == "a-day-without-purchases":
+        await r.hset(spend, str(today - 3), 500)
+        expected = [f"acme: spend of day {today - 3} counted 500 != 0 paid in its ledger"]
+    else:  # older than any window needs: tier_apply.lua drops it, the audit lets it be
+        await r.hset(spend, str(today - 61), 500)
+        expected = []
+    assert await shop.audit() == expected

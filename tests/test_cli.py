@@ -4,6 +4,8 @@ exports, master key rotation, and one-line errors."""
 from __future__ import annotations
 
 import base64
+import getpass
+import json
 import re
 import time
 import secrets
@@ -94,6 +96,21 @@ def test_catalog_money_and_errors(env: dict[str, str], tmp_path: Path, capsys: p
     assert rc == 1 and "--id-type, --id-number, --by" in err
     rc, out, _ = run(capsys, "verify", "shop", "--withdraw")
     assert rc == 0 and "unverified" in out
+
+    rc, out, _ = run(capsys, "tier", "rules", "--rule", "gold=100000")
+    assert rc == 0 and re.search(r"1\s+.\s+rolling_30d\s+.\s+100000\s+.\s+gold", out)
+    rc, _, err = run(capsys, "tier", "rules", "--rule", "gold=100000", "--rule", "platinum=900000")
+    assert (rc, err) == (1, "error: rules[1].tier: unknown tier platinum\n")
+    rc, _, err = run(capsys, "tier", "rules", "--rule", "gold=-1")
+    assert rc == 1 and "TIER=MIN_SPEND" in err and "Traceback" not in err
+    rc, out, _ = run(capsys, "tier", "pin", "shop", "gold")
+    assert rc == 0 and re.search(r"pinned\s+.\s+True", out) and re.search(r"\btier\s+.\s+gold", out)
+    rc, out, _ = run(capsys, "tier", "unpin", "shop")  # 0 spent: no rule reached
+    assert rc == 0 and re.search(r"pinned\s+.\s+False", out) and re.search(r"next_tier\s+.\s+gold", out)
+    rc, out, _ = run(capsys, "tier", "status", "shop")
+    assert rc == 0 and re.search(r"spend\s+.\s+0", out) and re.search(r"next_min_spend\s+.\s+100000", out)
+    rc, out, _ = run(capsys, "tier", "rules", "--clear")
+    assert rc == 0 and re.search(r"2\s+.\s+.\s+.\s+none: tiers are set by hand", out)
 
     rc, out, err = run(capsys, "stock", "nope")
     assert (rc, out, err) == (1, "", "error: unknown SKU nope\n")
@@ -256,3 +273,24 @@ def test_import_refusals_rules_and_expiry(env: dict[str, str], tmp_path: Path,
         stock = e.stock("pin")
         assert (stock.accepted, stock.available) == (1, 1)
         assert [b.batch_id for b in e.supplier_report("sup").batches] == ["b"]
+
+
+def test_admin_tokens_and_the_audit_log(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "admin-token", "create", "ann", "--role", "finance")
+    token = re.search(r"adm_[A-Za-z0-9_-]+", out)
+    assert rc == 0 and token is not None and "finance" in out
+    rc, out, _ = run(capsys, "admin-token", "list")
+    assert rc == 0 and "ann" in out and token[0] not in out
+    assert run(capsys, "distributor", "create", "shop", "--name", "Shop")[0] == 0
+    assert run(capsys, "topup", "shop", "700", "--reference", "w-1")[0] == 0
+    rc, out, _ = run(capsys, "audit-log", "--json", "--target", "shop")
+    page = json.loads(out)
+    user = f"cli:{getpass.getuser()}"
+    assert rc == 0 and [(e["actor"], e["via"], e["action"]) for e in page["entries"]] == [
+        (user, "cli", "topup"), (user, "cli", "create_distributor")]
+    assert (page["entries"][0]["before"]["balance"], page["entries"][0]["after"]["balance"]) == (0, 700)
+    rc, out, err = run(capsys, "audit-log", "--limit", "1")
+    assert rc == 0 and "topup" in out and "--cursor" in err and token[0] not in out
+    assert run(capsys, "admin-token", "revoke", "ann")[0] == 0
+    rc, _, err = run(capsys, "admin-token", "revoke", "ann")
+    assert rc == 1 and "no admin token ann" in err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -33,10 +34,11 @@ def _node(cluster: RedisClusterProcesses, port: int) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=port)
 
 
-def migrate(cluster: RedisClusterProcesses, slot: int, src_port: int, dst_port: int) -> int:
+def migrate(cluster: RedisClusterProcesses, slot: int, src_port: int, dst_port: int,
+            half_moved: Callable[[], None] = lambda: None) -> int:
     """Move *slot* from one master to another as redis-cli --cluster reshard does, a few
-    keys at a time with pauses (so that load runs while the slot is half moved): the
-    keys moved."""
+    keys at a time with pauses (so that load runs while the slot is half moved), calling
+    *half_moved* after the first few: the keys moved."""
     src, dst = _node(cluster, src_port), _node(cluster, dst_port)
     moved = 0
     try:
@@ -45,6 +47,8 @@ def migrate(cluster: RedisClusterProcesses, slot: int, src_port: int, dst_port: 
         src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
         while batch := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 3):
             src.execute_command("MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *batch)
+            if not moved:
+                half_moved()
             moved += len(batch)
             time.sleep(0.03)
         for node in (dst, src):  # the target first: it must own the slot before the source lets go
@@ -114,15 +118,22 @@ async def test_slots_migrated_under_load_keep_every_invariant(flushed_cluster_ur
                     done_while_moving += 1
                 i += 1
 
+        def some_orders_made() -> None:
+            """Holds a slot half moved until orders were made meanwhile (however busy the
+            host is), or a minute passed (then the assertion below fails)."""
+            start, deadline = done_while_moving, time.monotonic() + 60
+            while done_while_moving < start + 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
         shoppers = [asyncio.create_task(shopper(n, random.Random(n))) for n in range(200)]
         try:
             await asyncio.sleep(0.5)
             moving = True
             for slot, src, dst in moves:  # there, then back
-                assert await asyncio.to_thread(migrate, redis_cluster, slot, src, dst) > 0
+                assert await asyncio.to_thread(migrate, redis_cluster, slot, src, dst, some_orders_made) > 0
             assert client.get_node_from_key(keys.sku_tag(hot)).port in (moves[0][1], moves[0][2])
             for slot, src, dst in moves:
-                assert await asyncio.to_thread(migrate, redis_cluster, slot, dst, src) > 0
+                assert await asyncio.to_thread(migrate, redis_cluster, slot, dst, src, some_orders_made) > 0
             moving = False
             await asyncio.sleep(0.5)
         finally:

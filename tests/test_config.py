@@ -151,7 +151,6 @@ def test_malformed_sentinel_urls_are_named(url: str, message: str) -> None:
 
 @pytest.mark.parametrize("env, message", [
     ({"DISPATCH_MIN_REPLICAS_ACKED": "1"}, "the embedded Redis has none"),
-    ({"DISPATCH_MIN_REPLICAS_ACKED": "1", "DISPATCH_REDIS_URL": "redis+cluster://h:7000"}, "not supported on a Redis Cluster"),
     ({"DISPATCH_MIN_REPLICAS_ACKED": "-1", "DISPATCH_REDIS_URL": "redis://h:6379"}, "min_replicas_acked"),
     ({"DISPATCH_MIN_REPLICAS_ACKED": "one", "DISPATCH_REDIS_URL": "redis://h:6379"}, "min_replicas_acked"),
     ({"DISPATCH_REPLICA_ACK_TIMEOUT_MS": "0"}, "replica_ack_timeout_ms"),
@@ -161,7 +160,8 @@ def test_bad_replication_settings_are_named(env: dict[str, str], message: str) -
         Config.load(environ=env)
 
 
-def test_replicas_acked_with_an_external_redis() -> None:
+@pytest.mark.parametrize("url", ["redis+sentinel://h:26379/m", "redis+cluster://h:7000,h:7001"])
+def test_replicas_acked_with_an_external_redis(url: str) -> None:
     cfg = Config.load(environ={"DISPATCH_MIN_REPLICAS_ACKED": "2", "DISPATCH_REPLICA_ACK_TIMEOUT_MS": "250",
-                               "DISPATCH_REDIS_URL": "redis+sentinel://h:26379/m"})
+                               "DISPATCH_REDIS_URL": url})
     assert (cfg.min_replicas_acked, cfg.replica_ack_timeout_ms) == (2, 250)

@@ -90,7 +90,7 @@ async def test_without_replicas_acked_a_frozen_replica_stops_nothing(replicated:
             assert len((await e.purchase("acme", "g", 2, "r")).codes) == 2
         finally:
             replicated.thaw(replicated.replicas[0])
-        assert e.store.replication.wait == b""
+        assert e.store.replication.wait() == b""
 
 
 async def test_a_change_of_master_is_reconciled_before_anything_is_sold(

@@ -9,6 +9,10 @@ from .httpkit import make_server, server  # noqa: F401  (fixtures)
 from .test_server_api import (  # noqa: F401
     test_admin_catalog_endpoints, test_distributors_see_only_their_own, test_health_openapi_and_metrics,
     test_import_void_and_export, test_order_refusals, test_order_replay_and_reads, test_reserve_confirm_cancel)
+from .test_tiers import (  # noqa: F401
+    test_a_pinned_distributor_is_not_moved, test_a_refund_counts_against_the_spend,
+    test_buying_across_a_rule_moves_up_once_and_then_pays_the_tier_price,
+    test_racing_buyers_and_deciders_tell_one_change, shop)
 
 pytestmark = pytest.mark.cluster
 

@@ -11,6 +11,7 @@
 -- call, by settle_money().
 local balance, held, moved_balance, moved_held
 local entries = {}
+local paid = 0  -- for purchases, net of refunds (count_spend, _limits.lua)
 
 local function money()
   if balance == nil then
@@ -25,6 +26,7 @@ local function ledger(kind, ref, balance_delta, held_delta)
   money()
   balance, held = balance + balance_delta, held + held_delta
   moved_balance, moved_held = moved_balance + balance_delta, moved_held + held_delta
+  if kind == 'purchase' or kind == 'refund' then paid = paid - balance_delta end
   entries[#entries + 1] = string.format('%s\31%s\31%d\31%d\31%d\31%d\31%d', kind, ref, balance_delta, held_delta,
                                         balance, held, now_ms())
   return balance, held
@@ -43,6 +45,7 @@ end
 
 -- Must end every script that called ledger() or spend().
 local function settle_money()
+  if paid ~= 0 then count_spend(KEYS[1], limits(), paid) end
   local spent = account_limits and spent_fields(account_limits)
   if spent then redis.call('HSET', KEYS[1], unpack(spent)) end
   if balance == nil then return end

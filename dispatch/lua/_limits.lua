@@ -10,7 +10,8 @@
 -- counted when it is paid or its money held, while a daily or monthly limit is set; a
 -- reservation that ends without being paid gives it back to its day and month, if they
 -- are still the current ones.
-local LIMIT_FIELDS = {'lim_q', 'lim_a', 'lim_d', 'lim_m', 'sd', 'sdv', 'sm', 'smv', 'verified'}
+-- Volume tiers read tday, tup, tlo (set by tier_apply.lua; count_spend below).
+local LIMIT_FIELDS = {'lim_q', 'lim_a', 'lim_d', 'lim_m', 'sd', 'sdv', 'sm', 'smv', 'verified', 'tday', 'tup', 'tlo'}
 
 -- Months since 1970-01 of a day since 1970-01-01 (the civil calendar, proleptic Gregorian).
 local function month_of_day(days)
@@ -34,7 +35,8 @@ local function limits_of(v, now)
           day = day, month = month,
           spent_d = tonumber(v[5]) == day and tonumber(v[6]) or 0,
           spent_m = tonumber(v[7]) == month and tonumber(v[8]) or 0,
-          verified = v[9] == '1', moved = false}
+          verified = v[9] == '1', moved = false,
+          tday = tonumber(v[10]), tup = tonumber(v[11]) or math.huge, tlo = tonumber(v[12]) or -math.huge}
 end
 
 -- Whether the account has any limit at all (the usual account has none: nothing to check).
@@ -78,4 +80,13 @@ local function spent_fields(L)
   if not L.moved then return nil end
   return {'sd', int(L.day), 'sdv', int(L.spent_d),
           'sm', int(L.month), 'smv', int(L.spent_m)}
+end
+
+-- Volume tiers: what an account paid for purchases (net of refunds) by UTC day, in the
+-- HASH named from its acct key ("spend": day -> amount), one HINCRBY per script call.
+-- When today's count reaches tup or falls below tlo (set by tier_apply.lua for the day
+-- it decided, tday) the account is flagged (tdue) for the sweep to decide its tier again.
+local function count_spend(acct_key, L, amount)
+  local today = redis.call('HINCRBY', string.sub(acct_key, 1, -5) .. 'spend', int(L.day), int(amount))
+  if L.tday == L.day and (today >= L.tup or today < L.tlo) then redis.call('HSET', acct_key, 'tdue', '1') end
 end

@@ -104,7 +104,7 @@ local function acct(a)
                          unpack(LIMIT_FIELDS))
     st = {status = h[1], allowed = h[2], credit = tonumber(h[3]) or 0, balance = tonumber(h[4]) or 0,
           limits = limits_of({unpack(h, 6, 5 + #LIMIT_FIELDS)}, now),
-          limited = false,
+          limited = false, paid = 0,  -- paid: for purchases (count_spend, _limits.lua)
           held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, records = {}, codes = {}, refs = {},
           index = {}, opened = {}, delivered = {}, leases = {}}
     adopt(ak(a, ACCT), st)
@@ -196,7 +196,7 @@ for k = 1, n do
             A.tail = '\031' .. int(A.held) .. '\031' .. now_s
             A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. int(A.balance) .. A.tail
           else
-            A.balance, A.moved = A.balance - cost, A.moved - cost
+            A.balance, A.moved, A.paid = A.balance - cost, A.moved - cost, A.paid + cost
             local amount = amounts[cost]
             if not amount then amount = int(-cost); amounts[cost] = amount end
             A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
@@ -306,6 +306,7 @@ for a, A in pairs(accts) do
     if A.moved_held ~= 0 then redis.call('HINCRBY', ak(a, ACCT), 'held', int(A.moved_held)) end
     local spent = spent_fields(A.limits)
     if spent then redis.call('HSET', ak(a, ACCT), unpack(spent)) end
+    if A.paid > 0 then count_spend(ak(a, ACCT), A.limits, A.paid) end
     push('RPUSH', ak(a, LEDGER), A.entries)
     push('HSET', ak(a, ORDERS), A.records)
     push('HSET', ak(a, CODES), A.codes)

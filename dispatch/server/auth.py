@@ -1,5 +1,6 @@
-"""Who is asking: distributor API keys (cached briefly), the admin token, and
-optional request signatures.
+"""Who is asking: distributor API keys (cached briefly), admin tokens (the configured
+one, the owner, and named ones with a role, looked up on every request: a revoked one
+is refused at once), and optional request signatures.
 
 Signatures (``require_signatures``): a distributor request carries
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..admins import OWNER, Admin
 from ..config import Config
 from ..engine import Engine
 from ..errors import UnauthorizedError
@@ -70,12 +72,16 @@ class Authenticator:
         self._admin = config.admin_token.encode() if config.admin_token else None
         self._cache: dict[str, tuple[float, Access]] = {}
 
-    def admin(self, req: Request) -> None:
+    async def admin(self, req: Request) -> Admin:
+        """The admin behind the request's token: the configured token is the owner."""
         if self._admin is None:
             raise UnauthorizedError("admin endpoints are disabled: no admin_token is configured")
         token = _bearer(req)
-        if token is None or not hmac.compare_digest(token.encode(), self._admin):
+        if token is None:
             raise UnauthorizedError("missing or invalid admin token")
+        if hmac.compare_digest(token.encode(), self._admin):
+            return Admin(OWNER, "owner")
+        return await self._engine.admin_by_token(token)
 
     async def distributor(self, req: Request) -> Access:
         """The distributor behind the request's API key (and signature, when required)."""

@@ -13,8 +13,9 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from ..imports import MAX_FIELD_LENGTH
-from ..models import (CURRENCIES, AccountId, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id, OrderStatus,
-                      RateLimit, SkuDetail, SubDistributor, Supplier, SupplierStats, Ticket, TicketStatus, Tier)
+from ..models import (CURRENCIES, AccountId, AdminToken, Amount, BatchSummary, Buckets, CodeRule, Distributor, Id,
+                      OrderStatus, RateLimit, Role, SkuDetail, SubDistributor, Supplier, SupplierStats, Ticket,
+                      TicketStatus, Tier, TierRuleList, TierWindow)
 from ..records import MAX_REF, MAX_TEXT, REF_PATTERN, TEXT_PATTERN
 from ..webhooks import MAX_URL, URL_PATTERN, FailedDelivery
 
@@ -25,8 +26,10 @@ __all__ = [
     # after-sales
     "TicketCreate", "TicketQuery", "AdminTicketQuery", "TicketResolve", "TicketList", "SupplierPatch",
     "DepositRequest", "SupplierList", "OrderExportQuery", "EventQuery", "StatementQuery",
-    "LimitsSet", "VerificationSet", "WebhookSet", "WebhookSecret",
+    "LimitsSet", "VerificationSet", "TierRulesSet", "TierPin", "WebhookSet", "WebhookSecret",
     "FailedQuery", "FailedList", "Replayed",
+    # admins
+    "TokenCreate", "TokenList", "AuditQuery",
     # admin reads
     "PageQuery", "SkuList", "BatchList", "DistributorList", "TierList", "Live", "StoreHealth", "Overview",
 ]
@@ -276,6 +279,19 @@ class WebhookSet(_In):
     url: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_URL, pattern=URL_PATTERN)]
 
 
+class TierRulesSet(_In):
+    """The volume tier rules, replacing the ones set before (no rules: tiers by hand only)."""
+
+    window: TierWindow = "rolling_30d"
+    rules: TierRuleList = []
+
+
+class TierPin(_In):
+    """Pin a distributor to a tier (null: no tier, the base price); the rules leave it alone."""
+
+    tier: Id | None
+
+
 class LimitsSet(_In):
     """Every limit at once; an absent one (or 0) is no limit."""
 
@@ -434,3 +450,28 @@ class FailedList(_Out):
 class Replayed(_Out):
     #: Deliveries put back to be tried again now.
     replayed: int
+
+
+# ---- admins ------------------------------------------------------------------------------
+
+class TokenCreate(_In):
+    #: The token's name: who its writes are recorded as (``owner`` is the configured token's).
+    name: Id
+    role: Role
+
+
+class TokenList(msgspec.Struct):
+    tokens: list[AdminToken]
+
+
+class AuditQuery(_In):
+    #: Entries of this actor only (a token's name, ``owner``, ``cli:<user>``...).
+    actor: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    #: Entries on this target only: ``kind:id`` (``distributor:acme``), or an id (every kind).
+    target: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    #: Made at or after this time, and before ``to``.
+    from_: Aware | None = msgspec.field(default=None, name="from")
+    to: Aware | None = None
+    #: The next_cursor of the previous page; absent: the most recent entries.
+    cursor: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,15}-[0-9]{1,19}$")] | None = None
+    limit: PageSize = 100

@@ -84,6 +84,14 @@ def document(routes: list[Route]) -> dict[str, Any]:
             else:
                 content = {"application/json": {"schema": schema_of(t)}}
             responses[str(status)] = {"description": r.summary, "content": content}
+        if r.auth == "admin":
+            roles = " or ".join(sorted(r.roles - {"owner"}) or ["owner"])
+            op["x-roles"] = sorted(r.roles | {"owner"})
+            op["description"] = f"Admin role needed: {roles} (or owner)" + (
+                "; a read is open to every role." if "viewer" in r.roles else ".")
+            responses["403"] = {"description": f"forbidden: the token's role is not {roles} (or owner), or a "
+                                               "part of the request needs another",
+                                "content": {"application/json": {"schema": schema_of(ErrorBody)}}}
         if r.auth != "none":
             responses["default"] = error
         op["responses"] = responses
@@ -97,7 +105,9 @@ def document(routes: list[Route]) -> dict[str, Any]:
             "schemas": components,
             "securitySchemes": {
                 "distributor": {"type": "http", "scheme": "bearer", "description": "a distributor's API key"},
-                "admin": {"type": "http", "scheme": "bearer", "description": "the admin token"},
+                "admin": {"type": "http", "scheme": "bearer",
+                          "description": "an admin token: the configured one (owner), or a named one with a role "
+                                         "(viewer, operator, finance, owner); see each operation's x-roles"},
             },
         },
     }

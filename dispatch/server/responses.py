@@ -34,6 +34,7 @@ STATUS_LINES: dict[int, bytes] = {
 ERRORS: dict[type[errors.DispatchError], tuple[int, str]] = {cls: (status, cls.code) for cls, status in (
     (errors.BadRequestError, 400),              # malformed HTTP (the connection is closed)
     (errors.UnauthorizedError, 401),
+    (errors.ForbiddenError, 403),               # the admin token's role lacks the route's
     (errors.InsufficientBalanceError, 402),
     (errors.SkuNotAllowedError, 403),
     (errors.DistributorSuspendedError, 403),

@@ -1,8 +1,9 @@
 """The route table: every endpoint of HTTP API v1, one small handler each, and the
 :class:`Router` that is the protocol's handler.
 
-A route declares who may call it (``auth``), the Struct its JSON body and query
-string decode into, and what it answers; the generic code in :meth:`Router.__call__`
+A route declares who may call it (``auth``; for an admin route, the ``role`` or roles
+it needs: a read is open to every role, a write names its own, see admins.py), the
+Struct its JSON body and query string decode into, and what it answers; the generic code in :meth:`Router.__call__`
 does the checking and decoding, so a handler only calls the engine and returns a
 Struct (sent with the route's status), ``(status, Struct)``, or a Reply. Errors are
 raised, never built here (see responses.py).
@@ -22,10 +23,14 @@ from urllib.parse import unquote
 
 import msgspec
 
-from ..errors import MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError, ValidationError
-from ..models import (ACCOUNT_PATTERN, Balance, BatchReport, CatalogItem, Distributor, EventPage, Limits, NewSubDistributor, Order,
-                      OrderPage, Sku, SkuDetail, Statement, Stock, SubDistributor, SubOrderPage, Supplier,
-                      SupplierReport, SupplierStats, Ticket, Tier, Verification)
+from ..admins import Admin, require
+from ..errors import (ForbiddenError, MethodNotAllowedError, NotFoundError, RateLimitedError, StoreUnavailableError,
+                      ValidationError)
+from ..models import (ACCOUNT_PATTERN, AdminToken, AuditPage, Balance, BatchReport, CatalogItem, Distributor,
+                      EventPage, Limits, NewAdminToken, NewSubDistributor, Order, OrderPage, Sku, SkuDetail, Statement,
+                      Stock, SubDistributor, SubOrderPage, Supplier, SupplierReport, SupplierStats, Ticket, Tier,
+                      TierRules, TierStatus, Verification)
+from ..trail import acting
 from ..webhooks import WebhookTarget
 from . import console
 from . import messages as m
@@ -42,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["Route", "Router", "ROUTES", "Catalog"]
 
 Auth = Literal["distributor", "admin", "none"]
+#: The role an admin route needs, or the roles of which any will do (owner always will).
+Roles = str | tuple[str, ...]
 Handler = Callable[["Call"], Awaitable[Any]]
 T = TypeVar("T")
 
@@ -57,15 +64,16 @@ class Catalog(msgspec.Struct):
 
 
 class Route:
-    __slots__ = ("method", "template", "handler", "auth", "body", "query", "stream", "status", "out",
+    __slots__ = ("method", "template", "handler", "auth", "roles", "body", "query", "stream", "status", "out",
                  "summary", "_decode", "_segments", "_times")
 
-    def __init__(self, method: str, template: str, handler: Handler, *, auth: Auth, body: type | None,
-                 query: type | None, stream: bool, status: int, out: dict[int, Any]) -> None:
+    def __init__(self, method: str, template: str, handler: Handler, *, auth: Auth, roles: frozenset[str],
+                 body: type | None, query: type | None, stream: bool, status: int, out: dict[int, Any]) -> None:
         self.method = method
         self.template = template
         self.handler = handler
         self.auth = auth
+        self.roles = roles
         self.body = body
         self.query = query
         self.stream = stream
@@ -153,12 +161,20 @@ def _whole_numbers(value: Any) -> Any:
     return value
 
 
-def route(method: str, template: str, *, auth: Auth, body: type | None = None, query: type | None = None,
-          stream: bool = False, status: int = 200, out: Any = None) -> Callable[[Handler], Handler]:
-    """Add the decorated handler to ROUTES. *out*: the response type (or {status: type})."""
+def route(method: str, template: str, *, auth: Auth, role: Roles | None = None, body: type | None = None,
+          query: type | None = None, stream: bool = False, status: int = 200,
+          out: Any = None) -> Callable[[Handler], Handler]:
+    """Add the decorated handler to ROUTES. *out*: the response type (or {status: type});
+    *role*: what an admin route needs (a read: viewer, unless given; a write must say)."""
+    if auth == "admin" and role is None:
+        if method != "GET":
+            raise TypeError(f"admin write {method} {template} must name the role it needs")
+        role = "viewer"
+    roles = frozenset((role,) if isinstance(role, str) else role or ())
+
     def add(handler: Handler) -> Handler:
         outs = out if isinstance(out, dict) else {status: out}
-        ROUTES.append(Route(method, template, handler, auth=auth, body=body, query=query, stream=stream,
+        ROUTES.append(Route(method, template, handler, auth=auth, roles=roles, body=body, query=query, stream=stream,
                             status=status, out=outs))
         return handler
     return add
@@ -168,7 +184,8 @@ class Call:
     """What a handler gets: the engine, the decoded request, who is asking, and the
     server's metrics, shared state (``draining``) and OpenAPI document."""
 
-    __slots__ = ("engine", "metrics", "state", "openapi", "request", "params", "body", "query", "distributor")
+    __slots__ = ("engine", "metrics", "state", "openapi", "request", "params", "body", "query", "distributor",
+                 "admin")
 
     def __init__(self, router: Router, request: Request) -> None:
         self.engine = router.engine
@@ -180,6 +197,13 @@ class Call:
         self.body: Any = None
         self.query: Any = None
         self.distributor = ""
+        self.admin: Admin | None = None
+
+    def need(self, roles: Roles, what: str) -> None:
+        """ForbiddenError unless the admin's role permits *what* (a part of the route that
+        needs more than the route itself: money moved by an otherwise operator's write)."""
+        assert self.admin is not None
+        require(self.admin, frozenset((roles,) if isinstance(roles, str) else roles), what)
 
 
 class Router:
@@ -228,14 +252,28 @@ class Router:
         route: Route = req.route
         c = Call(self, req)
         if route.auth == "admin":
-            self.auth.admin(req)
-        elif route.auth == "distributor":
+            c.admin = await self.auth.admin(req)
+            with acting(c.admin.name, f"{route.method} {route.template}"):
+                try:
+                    require(c.admin, route.roles, f"{route.method} {route.template}")
+                    return await self._run(route, c)
+                except ForbiddenError:
+                    if route.method != "GET":  # a refused write is in the trail too
+                        target = ",".join(f"{k}:{v}" for k, v in c.params.items()) or "-"
+                        await self.engine.refused(route.handler.__name__, target, "forbidden")
+                    raise
+        if route.auth == "distributor":
             access = await self.auth.distributor(req)
             req.distributor = c.distributor = access.distributor
             if access.rate_limit:
                 wait = await self.engine.throttle(access.distributor, access.rate_limit)
                 if wait:
                     raise RateLimitedError(f"over {access.rate_limit} requests a second", retry_after=wait)
+        return await self._run(route, c)
+
+    async def _run(self, route: Route, c: Call) -> Reply | StreamReply:
+        """Decode the query and body, run the handler, make its reply."""
+        req = c.request
         c.query = route.decode_query(req.query)
         if not route.stream and req.method in ("POST", "PATCH", "PUT"):
             c.body = route.decode_body(req.body)
@@ -379,6 +417,12 @@ async def subdistributor_orders(c: Call) -> SubOrderPage:
                                                 limit=q.limit)
 
 
+@route("GET", "/v1/tier", auth="distributor", out=TierStatus)
+async def my_tier(c: Call) -> TierStatus:
+    """Your price tier, your spend in the tier window and the next rule above it."""
+    return await c.engine.tier_status(c.distributor)
+
+
 @route("POST", "/v1/tickets", auth="distributor", body=m.TicketCreate, status=201, out=Ticket)
 async def open_ticket(c: Call) -> Ticket:
     """Claim that a code you bought does not work (once per code, within the after-sales window)."""
@@ -447,7 +491,7 @@ async def sku_batches(c: Call) -> m.BatchList:
     """A SKU's batches, oldest first: supplier, unit cost, status and counts."""
     return m.BatchList(batches=await c.engine.sku_batches(c.params["sku"]))
 
-@route("POST", "/admin/skus", auth="admin", body=m.SkuCreate, status=201, out=Sku)
+@route("POST", "/admin/skus", auth="admin", role="operator", body=m.SkuCreate, status=201, out=Sku)
 async def create_sku(c: Call) -> Sku:
     """Create a SKU."""
     b: m.SkuCreate = c.body
@@ -457,7 +501,7 @@ async def create_sku(c: Call) -> Sku:
                                      buckets=b.buckets)
 
 
-@route("PATCH", "/admin/skus/{sku}", auth="admin", body=m.SkuPatch, out=Sku)
+@route("PATCH", "/admin/skus/{sku}", auth="admin", role="operator", body=m.SkuPatch, out=Sku)
 async def update_sku(c: Call) -> Sku:
     """Change a SKU's name, price, low-stock threshold, status (paused stops sales at once),
     sale order, after-sales default, code or PIN rule, free, minimum shelf life or buckets."""
@@ -475,10 +519,12 @@ async def stock(c: Call) -> Stock:
     return await c.engine.stock(c.params["sku"])
 
 
-@route("POST", "/admin/suppliers", auth="admin", body=m.SupplierCreate, status=201, out=Supplier)
+@route("POST", "/admin/suppliers", auth="admin", role="operator", body=m.SupplierCreate, status=201, out=Supplier)
 async def create_supplier(c: Call) -> Supplier:
     """Create a supplier."""
     b: m.SupplierCreate = c.body
+    if b.deposit:
+        c.need("finance", "an opening deposit")
     return await c.engine.create_supplier(b.supplier, b.name, b.deposit)
 
 
@@ -495,14 +541,15 @@ async def get_supplier(c: Call) -> SupplierStats:
     return await c.engine.supplier_stats(c.params["supplier"])
 
 
-@route("PATCH", "/admin/suppliers/{supplier}", auth="admin", body=m.SupplierPatch, out=Supplier)
+@route("PATCH", "/admin/suppliers/{supplier}", auth="admin", role="operator", body=m.SupplierPatch, out=Supplier)
 async def update_supplier(c: Call) -> Supplier:
     """Rename a supplier, blacklist it (its unsold codes leave sale) or reinstate it."""
     b: m.SupplierPatch = c.body
     return await c.engine.update_supplier(c.params["supplier"], name=b.name, status=b.status, reason=b.reason)
 
 
-@route("POST", "/admin/suppliers/{supplier}/deposit", auth="admin", body=m.DepositRequest, out=Supplier)
+@route("POST", "/admin/suppliers/{supplier}/deposit", auth="admin", role="finance", body=m.DepositRequest,
+       out=Supplier)
 async def deposit(c: Call) -> Supplier:
     """Credit a supplier's deposit; the same reference credits once."""
     b: m.DepositRequest = c.body
@@ -530,10 +577,13 @@ async def admin_ticket(c: Call) -> Ticket:
     return await c.engine.get_ticket(c.params["ticket_id"])
 
 
-@route("POST", "/admin/tickets/{ticket_id}/resolve", auth="admin", body=m.TicketResolve, out=Ticket)
+@route("POST", "/admin/tickets/{ticket_id}/resolve", auth="admin", role=("operator", "finance"),
+       body=m.TicketResolve, out=Ticket)
 async def resolve_ticket(c: Call) -> Ticket:
     """Approve (code invalidated, supplier charged, refund or replacement) or reject a ticket."""
     b: m.TicketResolve = c.body
+    if b.decision == "approve":
+        c.need("finance", "approving a ticket (a refund or replacement, the supplier charged)")
     return await c.engine.resolve_ticket(c.params["ticket_id"], b.decision, replace=b.replace, note=b.note)
 
 
@@ -544,7 +594,7 @@ async def events(c: Call) -> EventPage:
     return await c.engine.events(q.stream, q.after, q.limit)
 
 
-@route("POST", "/admin/tiers", auth="admin", body=m.TierCreate, status=201, out=Tier)
+@route("POST", "/admin/tiers", auth="admin", role="operator", body=m.TierCreate, status=201, out=Tier)
 async def create_tier(c: Call) -> Tier:
     """Create a price tier: a discount, and explicit prices per SKU."""
     b: m.TierCreate = c.body
@@ -564,15 +614,31 @@ async def get_tier(c: Call) -> Tier:
     return await c.engine.get_tier(c.params["tier"])
 
 
+@route("GET", "/admin/tier-rules", auth="admin", out=TierRules)
+async def tier_rules(c: Call) -> TierRules:
+    """The volume tier rules: spend in the window (rolling 30 days or last calendar month) -> tier."""
+    return await c.engine.tier_rules()
+
+
+@route("PUT", "/admin/tier-rules", auth="admin", role="operator", body=m.TierRulesSet, out=TierRules)
+async def set_tier_rules(c: Call) -> TierRules:
+    """Replace the volume tier rules; every distributor that is not pinned gets its tier under them at once."""
+    b: m.TierRulesSet = c.body
+    return await c.engine.set_tier_rules(b.window, b.rules)
+
+
 async def _admin_view(c: Call, distributor: Distributor) -> m.AdminDistributor:
     rate = await c.engine.rate_limit(distributor.distributor)
     return m.AdminDistributor(**msgspec.structs.asdict(distributor), rate_limit=rate)
 
 
-@route("POST", "/admin/distributors", auth="admin", body=m.DistributorCreate, status=201, out=m.CreatedDistributor)
+@route("POST", "/admin/distributors", auth="admin", role="operator", body=m.DistributorCreate, status=201,
+       out=m.CreatedDistributor)
 async def create_distributor(c: Call) -> m.CreatedDistributor:
     """Open a distributor account; its API key is in this answer only."""
     b: m.DistributorCreate = c.body
+    if b.credit_limit:
+        c.need("finance", "a credit limit")
     new = await c.engine.create_distributor(b.distributor, b.name, b.tier, b.credit_limit, b.allowed_skus)
     if b.rate_limit is not None:
         await c.engine.set_rate_limit(b.distributor, b.rate_limit)
@@ -592,12 +658,16 @@ async def get_distributor(c: Call) -> m.AdminDistributor:
     return await _admin_view(c, await c.engine.get_distributor(c.params["distributor"]))
 
 
-@route("PATCH", "/admin/distributors/{distributor}", auth="admin", body=m.DistributorPatch,
-       out=m.AdminDistributor)
+@route("PATCH", "/admin/distributors/{distributor}", auth="admin", role=("operator", "finance"),
+       body=m.DistributorPatch, out=m.AdminDistributor)
 async def update_distributor(c: Call) -> m.AdminDistributor:
     """Change a distributor's tier, credit limit, allowed SKUs, status or rate limit."""
     b: m.DistributorPatch = c.body
     dist = c.params["distributor"]
+    if b.credit_limit is not msgspec.UNSET:
+        c.need("finance", "changing a credit limit")
+    if any(getattr(b, f) is not msgspec.UNSET for f in b.__struct_fields__ if f != "credit_limit"):
+        c.need("operator", "changing a distributor's name, tier, allowed SKUs, status or rate limit")
     d = await c.engine.update_distributor(dist, name=b.name, tier=b.tier, credit_limit=b.credit_limit,
                                           allowed_skus=b.allowed_skus, status=b.status)
     if b.rate_limit is not msgspec.UNSET:
@@ -626,12 +696,32 @@ async def limits(c: Call) -> Limits:
     return await c.engine.limits(c.params["distributor"])
 
 
-@route("PUT", "/admin/distributors/{distributor}/limits", auth="admin", body=m.LimitsSet, out=Limits)
+@route("PUT", "/admin/distributors/{distributor}/limits", auth="admin", role="finance", body=m.LimitsSet,
+       out=Limits)
 async def set_limits(c: Call) -> Limits:
     """Set every transaction limit of a distributor (absent or 0: none), checked with each purchase."""
     b: m.LimitsSet = c.body
     return await c.engine.set_limits(c.params["distributor"], max_order_qty=b.max_order_qty,
                                      max_order_amount=b.max_order_amount, daily=b.daily, monthly=b.monthly)
+
+
+@route("GET", "/admin/distributors/{distributor}/tier", auth="admin", out=TierStatus)
+async def tier_status(c: Call) -> TierStatus:
+    """A distributor's tier, whether it is pinned, its spend in the tier window and the next rule."""
+    return await c.engine.tier_status(c.params["distributor"])
+
+
+@route("PUT", "/admin/distributors/{distributor}/tier-pin", auth="admin", role="operator", body=m.TierPin,
+       out=TierStatus)
+async def pin_tier(c: Call) -> TierStatus:
+    """Pin a distributor to a tier (null: none): the tier rules leave it alone."""
+    return await c.engine.pin_tier(c.params["distributor"], c.body.tier)
+
+
+@route("DELETE", "/admin/distributors/{distributor}/tier-pin", auth="admin", role="operator", out=TierStatus)
+async def unpin_tier(c: Call) -> TierStatus:
+    """Unpin a distributor: the tier rules decide its tier again, at once."""
+    return await c.engine.unpin_tier(c.params["distributor"])
 
 
 @route("GET", "/admin/distributors/{distributor}/verification", auth="admin", out=Verification)
@@ -640,28 +730,29 @@ async def verification(c: Call) -> Verification:
     return await c.engine.verification(c.params["distributor"])
 
 
-@route("PUT", "/admin/distributors/{distributor}/verification", auth="admin", body=m.VerificationSet,
-       out=Verification)
+@route("PUT", "/admin/distributors/{distributor}/verification", auth="admin", role="operator",
+       body=m.VerificationSet, out=Verification)
 async def verify(c: Call) -> Verification:
     """Record a distributor's real name as verified (the identity is stored encrypted)."""
     b: m.VerificationSet = c.body
     return await c.engine.verify(c.params["distributor"], b.legal_name, b.id_type, b.id_number, b.verified_by)
 
 
-@route("DELETE", "/admin/distributors/{distributor}/verification", auth="admin", out=Verification)
+@route("DELETE", "/admin/distributors/{distributor}/verification", auth="admin", role="operator", out=Verification)
 async def unverify(c: Call) -> Verification:
     """Withdraw a distributor's verification; with require_verification it can no longer buy."""
     return await c.engine.unverify(c.params["distributor"])
 
 
-@route("POST", "/admin/distributors/{distributor}/keys", auth="admin", out=m.NewKey)
+@route("POST", "/admin/distributors/{distributor}/keys", auth="admin", role="operator", out=m.NewKey)
 async def rotate_key(c: Call) -> m.NewKey:
     """A new API key for the distributor; the old one stops working (within auth_cache_ttl_s)."""
     dist = c.params["distributor"]
     return m.NewKey(distributor=dist, api_key=await c.engine.rotate_api_key(dist))
 
 
-@route("POST", "/admin/distributors/{distributor}/topup", auth="admin", body=m.TopupRequest, out=Balance)
+@route("POST", "/admin/distributors/{distributor}/topup", auth="admin", role="finance", body=m.TopupRequest,
+       out=Balance)
 async def topup(c: Call) -> Balance:
     """Credit a balance; the same reference credits once."""
     b: m.TopupRequest = c.body
@@ -671,7 +762,7 @@ async def topup(c: Call) -> Balance:
 _IMPORT_FORMATS = {b"text/plain": "text", b"text/csv": "csv", b"": "auto", b"application/octet-stream": "auto"}
 
 
-@route("POST", "/admin/batches", auth="admin", query=m.BatchQuery, stream=True, status=201,
+@route("POST", "/admin/batches", auth="admin", role="operator", query=m.BatchQuery, stream=True, status=201,
        out={201: BatchReport, 200: BatchReport})
 async def import_batch(c: Call) -> Any:
     """Upload a batch of codes (text/plain: one a line; text/csv: with a header naming `code`), streamed:
@@ -686,7 +777,7 @@ async def import_batch(c: Call) -> Any:
     return (200, report) if report.replayed else (201, report)
 
 
-@route("POST", "/admin/batches/{batch_id}/void", auth="admin", out=m.VoidReport)
+@route("POST", "/admin/batches/{batch_id}/void", auth="admin", role="operator", out=m.VoidReport)
 async def void_batch(c: Call) -> m.VoidReport:
     """Withdraw a batch's unsold codes from sale."""
     batch_id = c.params["batch_id"]
@@ -695,7 +786,7 @@ async def void_batch(c: Call) -> m.VoidReport:
 
 async def _set_webhook(c: Call, distributor: str | None) -> m.WebhookSecret:
     url = c.body.url
-    return m.WebhookSecret(url=url, secret=await c.engine.webhooks.set_target(distributor, url))
+    return m.WebhookSecret(url=url, secret=await c.engine.set_webhook(distributor, url))
 
 
 async def _webhook(c: Call, distributor: str | None) -> WebhookTarget:
@@ -706,12 +797,12 @@ async def _webhook(c: Call, distributor: str | None) -> WebhookTarget:
 
 
 async def _remove_webhook(c: Call, distributor: str | None) -> m.Status:
-    if not await c.engine.webhooks.remove_target(distributor):
+    if not await c.engine.remove_webhook(distributor):
         raise NotFoundError("no webhook is registered")
     return m.Status("removed")
 
 
-@route("PUT", "/admin/webhook", auth="admin", body=m.WebhookSet, out=m.WebhookSecret)
+@route("PUT", "/admin/webhook", auth="admin", role="owner", body=m.WebhookSet, out=m.WebhookSecret)
 async def set_admin_webhook(c: Call) -> m.WebhookSecret:
     """Register the admin webhook (every event); the answer holds its signing secret, shown once."""
     return await _set_webhook(c, None)
@@ -723,13 +814,14 @@ async def admin_webhook(c: Call) -> WebhookTarget:
     return await _webhook(c, None)
 
 
-@route("DELETE", "/admin/webhook", auth="admin", out=m.Status)
+@route("DELETE", "/admin/webhook", auth="admin", role="owner", out=m.Status)
 async def remove_admin_webhook(c: Call) -> m.Status:
     """Unregister the admin webhook."""
     return await _remove_webhook(c, None)
 
 
-@route("PUT", "/admin/distributors/{distributor}/webhook", auth="admin", body=m.WebhookSet, out=m.WebhookSecret)
+@route("PUT", "/admin/distributors/{distributor}/webhook", auth="admin", role="operator", body=m.WebhookSet,
+       out=m.WebhookSecret)
 async def set_webhook(c: Call) -> m.WebhookSecret:
     """Register a distributor's webhook (its own events); the answer holds its signing secret, shown once."""
     return await _set_webhook(c, c.params["distributor"])
@@ -741,7 +833,7 @@ async def webhook(c: Call) -> WebhookTarget:
     return await _webhook(c, c.params["distributor"])
 
 
-@route("DELETE", "/admin/distributors/{distributor}/webhook", auth="admin", out=m.Status)
+@route("DELETE", "/admin/distributors/{distributor}/webhook", auth="admin", role="operator", out=m.Status)
 async def remove_webhook(c: Call) -> m.Status:
     """Unregister a distributor's webhook."""
     return await _remove_webhook(c, c.params["distributor"])
@@ -753,17 +845,17 @@ async def failed_webhooks(c: Call) -> m.FailedList:
     return m.FailedList(deliveries=await c.engine.webhooks.failed(c.query.limit))
 
 
-@route("POST", "/admin/webhooks/failed/{job_id}/replay", auth="admin", out=m.Replayed)
+@route("POST", "/admin/webhooks/failed/{job_id}/replay", auth="admin", role="operator", out=m.Replayed)
 async def replay_webhook(c: Call) -> m.Replayed:
     """Try a failed delivery again now, with its tries counted afresh."""
-    await c.engine.webhooks.replay(c.params["job_id"])
+    await c.engine.replay_webhook(c.params["job_id"])
     return m.Replayed(replayed=1)
 
 
-@route("POST", "/admin/webhooks/failed/replay", auth="admin", out=m.Replayed)
+@route("POST", "/admin/webhooks/failed/replay", auth="admin", role="operator", out=m.Replayed)
 async def replay_webhooks(c: Call) -> m.Replayed:
     """Try every failed delivery again now."""
-    return m.Replayed(replayed=await c.engine.webhooks.replay_all())
+    return m.Replayed(replayed=await c.engine.replay_webhooks())
 
 
 def _csv(blocks: Any, name: str) -> StreamReply:
@@ -775,6 +867,8 @@ def _csv(blocks: Any, name: str) -> StreamReply:
 async def export_orders(c: Call) -> StreamReply:
     """Every distributor's orders created in [from, to), as CSV (streamed; codes masked unless codes=plain)."""
     q: m.OrderExportQuery = c.query
+    if q.codes == "plain":
+        c.need("owner", "exporting codes in clear")
     return _csv(c.engine.export_orders(q.from_, q.to, show_codes=q.codes == "plain"), "orders.csv")
 
 
@@ -783,6 +877,34 @@ async def export_ledger(c: Call) -> StreamReply:
     """Every ledger entry (distributors, then suppliers) made in [from, to), as CSV (streamed)."""
     q: m.ExportQuery = c.query
     return _csv(c.engine.export_ledger(q.from_, q.to), "ledger.csv")
+
+
+@route("POST", "/admin/tokens", auth="admin", role="owner", body=m.TokenCreate, status=201, out=NewAdminToken)
+async def create_token(c: Call) -> NewAdminToken:
+    """Create a named admin token with a role; the token is in this answer only (its hash is kept)."""
+    b: m.TokenCreate = c.body
+    return await c.engine.create_admin_token(b.name, b.role)
+
+
+@route("GET", "/admin/tokens", auth="admin", role="owner", out=m.TokenList)
+async def list_tokens(c: Call) -> m.TokenList:
+    """Named admin tokens by name, with their roles (never the tokens)."""
+    return m.TokenList(tokens=await c.engine.list_admin_tokens())
+
+
+@route("DELETE", "/admin/tokens/{name}", auth="admin", role="owner", out=AdminToken)
+async def revoke_token(c: Call) -> AdminToken:
+    """Revoke a named admin token: it is refused (401) from the next request on, by every worker."""
+    return await c.engine.revoke_admin_token(c.params["name"])
+
+
+@route("GET", "/admin/audit", auth="admin", query=m.AuditQuery, out=AuditPage)
+async def audit_trail(c: Call) -> AuditPage:
+    """The audit trail of admin writes, the most recent first, a page at a time: who, through
+    what, which action on which target, its outcome, and the target before and after."""
+    q: m.AuditQuery = c.query
+    return await c.engine.audit_trail(actor=q.actor, target=q.target, since=q.from_, until=q.to, cursor=q.cursor,
+                                      limit=q.limit)
 
 
 # ============================================================================================

@@ -14,6 +14,8 @@ accounts of a round on the node that holds them all):
 ``{p:SUP}``    one supplier's shard: deposit, its ledger, charges, batches, events
 ``{f:XX}``     one of 256 fingerprint shards for global dedupe of imported codes
 ``{w}``        webhook deliveries (dispatch/webhooks.py)
+``{t}``        the admins' audit trail: a stream of its own, away from the catalog's node
+``{r:N}``      a master's replication marker (acked)
 
 Every shard with events has its own Redis Stream (``events``), written by the same
 script that makes the change, so an event is never lost nor told twice.
@@ -38,6 +40,13 @@ SEQ = PREFIX + "{g}:seq"                # HASH counter name -> int
 FPKEY = PREFIX + "{g}:fpkey"            # the wrapped fingerprint key
 TICKETS = PREFIX + "{g}:tickets"        # HASH ticket id -> distributor id
 BATCH_SEQ = PREFIX + "{g}:batchseq"     # HASH batch seq -> batch id
+TIER_RULES = PREFIX + "{g}:tierrules"   # HASH v (version, grows with each change), rules (msgpack TierRules)
+ADMINS = PREFIX + "{g}:admins"          # HASH admin token name -> msgpack admins.AdminRec (role, hash...)
+ADMINKEYS = PREFIX + "{g}:adminkeys"    # HASH sha256(admin token) -> name
+
+# ---- the audit trail {t} (dispatch/trail.py) --------------------------------------
+TRAIL = PREFIX + "{t}:trail"            # STREAM one entry per admin write: actor, via, action, target,
+#                                         outcome, before, after (JSON); appended only, never trimmed
 
 # ---- webhook deliveries {w} (dispatch/webhooks.py) ------------------------------
 WEBHOOK_CURSOR = PREFIX + "{w}:cursor"    # HASH event stream key -> id of the last entry consumed
@@ -137,7 +146,8 @@ class AcctKeys:
 
     def __init__(self, dist: str) -> None:
         t = acct_tag(dist)
-        self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...
+        self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...; volume
+        #                                 tiers: tpin, trv, tver, tday, tup, tlo, tdue (lua/tier_apply.lua)
         self.ledger = t + "ledger"      # LIST of entries "kind ref b h balance held ms", \x1f-joined
         self.refs = t + "refs"          # HASH external_ref -> order id
         self.orders = t + "orders"      # HASH order id -> cmsgpack order
@@ -146,7 +156,7 @@ class AcctKeys:
         self.leases = t + "leases"      # ZSET order id -> reservation deadline (ms)
         self.pending = t + "pending"    # ZSET order id -> ms of its last saga step
         self.topups = t + "topups"      # HASH top-up reference -> amount
-        self.events = t + "events"      # STREAM order.delivered, order.expired, ticket.* ...
+        self.events = t + "events"      # STREAM order.delivered, order.expired, ticket.*, distributor.tier_changed ...
         self.tickets = t + "tickets"    # HASH ticket id -> cmsgpack ticket
         self.claims = t + "claims"      # HASH "order_id:code index" -> ticket id (a code is claimed once)
         self.all = [self.acct, self.ledger, self.refs, self.orders, self.codes, self.index, self.leases,
@@ -194,6 +204,18 @@ def fingerprint_shard(shard: int) -> str:
     return PREFIX + "{f:%02x}:" % shard
 
 
+# ---- replication -------------------------------------------------------------------------
+
+
+def acked(n: int) -> str:
+    """STRING "": written after each round of scripts, just before ``WAIT`` (with
+    ``min_replicas_acked``), so that the connection's replication offset is the master's
+    even when the round's scripts wrote nothing (a replay of an order made on another
+    connection); see store/replication.py. One Redis writes ``acked(0)``; each master of
+    a cluster the first ``acked(n)`` whose slot it serves."""
+    return PREFIX + "{r:%d}:acked" % n
+
+
 # ---- per-account keys outside the account scripts' KEYS --------------------------------
 
 
@@ -210,6 +232,14 @@ def children(dist: str) -> str:
 def transfers(dist: str) -> str:
     """HASH reference -> amount: transfers from the account's parent to it (once each)."""
     return acct_tag(dist) + "xfers"
+
+
+def spend_days(dist: str) -> str:
+    """HASH day (since 1970-01-01, UTC) -> what the account paid for purchases that day,
+    net of refunds: the volume tiers' spend. Written by the account's money scripts,
+    which name it from their ``acct`` key (count_spend, lua/_limits.lua); days no
+    window needs are dropped by tier_apply.lua."""
+    return acct_tag(dist) + "spend"
 
 
 def seen_signature(dist: str, signature: str) -> str:

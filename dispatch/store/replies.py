@@ -34,6 +34,19 @@ def translated() -> Iterator[None]:
         raise e.StoreUnavailableError(f"redis is unavailable: {type(exc).__name__}: {exc}") from None
     except (rex.RedisError, rex.RedisClusterException) as exc:
         raise e.StoreUnavailableError(f"redis refused a command: {exc}") from None
+    except (AttributeError, TypeError) as exc:
+        # redis-py closes a cluster node's connections when it reads the slot map again
+        # (after a failover), in use or not; a command on one then fails inside redis-py
+        if not _raised_in_redis(exc):
+            raise
+        raise e.StoreUnavailableError(f"redis is unavailable: a connection closed under a command ({exc})") from None
+
+
+def _raised_in_redis(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
 
 
 #: A script's refusal -> (error, message). A message is formatted with the call's

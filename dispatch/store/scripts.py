@@ -20,13 +20,14 @@ _PRELUDE = {
     "supplier_money": _ACCOUNT, "supplier_status": _ACCOUNT,
     "take": _SKU, "sku_settle": _SKU, "import_push": _SKU, "batch_void": _SKU,
     "batch_park": _SKU, "sku_invalidate": _SKU, "sku_requeue": _SKU, "sku_level": _SKU, "sku_reconcile": _SKU,
-    "sku_expire": _SKU,
+    "sku_expire": _SKU, "tier_apply": ("_events", "_limits"),
 }
 NAMES = ("deliver", "begin", "commit", "settle", "unpend", "topup", "transfer", "put", "take", "sku_settle", "import_push",
          "batch_void", "fp_claim", "rotate_key", "rate_limit", "fpkey_swap",
          "ticket_open", "ticket_decide", "ticket_finish", "supplier_money", "supplier_status",
          "batch_park", "sku_invalidate", "sku_requeue", "sku_level", "sku_reconcile", "sku_expire",
-         "webhook_enqueue", "webhook_claim", "webhook_settle", "webhook_replay")
+         "webhook_enqueue", "webhook_claim", "webhook_settle", "webhook_replay", "admin_token",
+         "tier_apply", "tier_rules")
 
 
 def source(name: str) -> str:

@@ -5,7 +5,7 @@ scripts (packed by the compiled core, pipelined, NOSCRIPT handled), on one Redis
 on a Redis Cluster (``store.cluster``: each round split by the master owning each
 call's slot, MOVED and ASK followed); its parts
 (``store.catalog``, ``store.accounts``, ``store.orders``, ``store.inventory``,
-``store.aftersales``, ``store.webhooks``) speak the engine's language (a distributor,
+``store.aftersales``, ``store.webhooks``, ``store.admins``) speak the engine's language (a distributor,
 a SKU, a list of order items), build keys and arguments, and turn replies into typed
 results or errors (replies.py). Every rule that must be atomic is a Lua script.
 """
@@ -22,6 +22,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis import exceptions as rex
+from redis.crc import key_slot
 
 from .._core import pack_calls
 from ..config import Config, SentinelUrl, cluster_url, sentinel_url
@@ -30,6 +31,7 @@ from ..models import Event
 from ..records import decode_events
 from . import keys, scripts
 from .accounts import AccountStore
+from .admins import AdminStore
 from .aftersales import AfterSalesStore
 from .catalog import CatalogStore
 from .embedded import EmbeddedRedis
@@ -37,6 +39,7 @@ from .inventory import InventoryStore
 from .orders import OrderStore
 from .replication import SELLING, Replication
 from .replies import translated
+from .tiers import TierStore
 from .webhooks import WebhookStore
 
 __all__ = ["Store"]
@@ -72,12 +75,15 @@ class Store:
         #: The script path's own connections: per node on a cluster ("" for the one Redis)
         self._idle: dict[str, list[Connection]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._rereading: asyncio.Task[None] | None = None
         self.catalog = CatalogStore(self)
         self.accounts = AccountStore(self)
         self.orders = OrderStore(self)
         self.inventory = InventoryStore(self)
         self.aftersales = AfterSalesStore(self)
         self.webhooks = WebhookStore(self)
+        self.admins = AdminStore(self)
+        self.tiers = TierStore(self)
         #: Replicas waited for after each round, the master's identity watched (replication.py).
         self.replication = Replication(self, *replication)
 
@@ -122,7 +128,7 @@ class Store:
         try:
             if store.cluster:
                 await store._initialize_cluster()
-            await store._check_server()
+            await store._check_server(first=True)
         except BaseException:
             await store.close()
             raise
@@ -140,37 +146,57 @@ class Store:
                                   "are not in cluster mode: use redis:// for one Redis") from None
             raise
 
-    async def _each_master(self, *command: Any) -> list[Any]:
-        """A command that is not about a key (INFO, PING, SCRIPT...) run on the one Redis,
-        or on every master of a cluster: their replies."""
-        if isinstance(self.client, RedisCluster):
-            return [await node.execute_command(*command) for node in self.client.get_primaries()]
-        return [await self.client.execute_command(*command)]
+    async def each_master(self, *command: Any) -> dict[str, Any]:
+        """A command that is not about a key (INFO, PING, SCRIPT...) run on the one Redis
+        (named ""), or on every master of a cluster (by name): their replies."""
+        if not isinstance(self.client, RedisCluster):
+            return {"": await self.client.execute_command(*command)}
+        out = {}
+        for node in self.client.get_primaries():
+            try:
+                out[node.name] = await node.execute_command(*command)
+            except (rex.ConnectionError, rex.TimeoutError, OSError):
+                self._reread_slots()  # it may have been replaced by its replica
+                raise
+        return out
 
-    async def _check_server(self) -> None:
-        """Every master is Redis >= 6.2, in the mode the URL says; a cluster serves every slot."""
+    async def _check_server(self, first: bool = False) -> None:
+        """Every master is Redis >= 6.2, in the mode the URL says, with the replicas
+        ``min_replicas_acked`` asks for; a cluster serves every slot. Each master's
+        identity is read (*first*: at start), and a change of master reconciled."""
         with translated():
-            infos = await self._each_master("INFO", "server")
-            for info in infos:
+            versions = []
+            for info in (await self.each_master("INFO", "server")).values():
                 version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
                 if version < MIN_VERSION:
                     raise ConfigError(f"Redis {info['redis_version']} is too old: card-dispatch needs >= 6.2")
+                versions.append(version)
             if not self.cluster:
                 if str((await self.client.info("cluster")).get("cluster_enabled")) == "1":
                     raise ConfigError("redis_url names one Redis (redis://), but it is a Redis Cluster node: "
                                       "use redis+cluster://host:port[,host:port...]")
-                self.replication.use_server(version)
-                await self.replication.check()
-                return
-            for state in await self._each_master("CLUSTER INFO"):
-                assigned = int(state.get("cluster_slots_assigned", 0))
-                if state.get("cluster_state") != "ok" or assigned != CLUSTER_SLOTS:
-                    raise StoreUnavailableError(
-                        f"the Redis Cluster is not ok: cluster_state {state.get('cluster_state')}, "
-                        f"{assigned} of {CLUSTER_SLOTS} slots assigned")
+            else:
+                for state in (await self.each_master("CLUSTER INFO")).values():
+                    assigned = int(state.get("cluster_slots_assigned", 0))
+                    if state.get("cluster_state") != "ok" or assigned != CLUSTER_SLOTS:
+                        raise StoreUnavailableError(
+                            f"the Redis Cluster is not ok: cluster_state {state.get('cluster_state')}, "
+                            f"{assigned} of {CLUSTER_SLOTS} slots assigned")
+        self.replication.use_server(min(versions))
+        want = self.replication.replicas
+        for master, n in (await self.replication.check(first)).items():
+            if n < want:
+                raise StoreUnavailableError(
+                    f"min_replicas_acked is {want}, but the Redis master{' ' + master if master else ''} has {n} "
+                    f"replica{'s' if n != 1 else ''} connected: every purchase would fail as store_unavailable; "
+                    "connect replicas to it, or lower min_replicas_acked")
 
     async def close(self) -> None:
         await self.replication.close()
+        if self._rereading is not None:
+            self._rereading.cancel()
+            with contextlib.suppress(BaseException):
+                await self._rereading
         with contextlib.suppress(Exception):
             await self._drop_idle()
             await self.client.aclose()
@@ -188,34 +214,36 @@ class Store:
         slot map, in flight or not. A connection that saw an error is dropped, never
         reused (a reply may still be on its way); one that lost its server drops every idle
         one too, so the next round connects afresh (under Sentinel: to the master the
-        sentinels name now). A new connection of the one Redis reads the identity of its
-        server first."""
+        sentinels name now; on a cluster, after its slot map is read again). A new
+        connection reads the identity of its server first."""
         name = "" if node is None else node.name
         slots = self._slots.get(name)
         if slots is None:
             slots = self._slots[name] = asyncio.Semaphore(self._pool_size)
         idle = self._idle.setdefault(name, [])
         async with slots:
-            if idle:
-                conn = idle.pop()
-            elif node is None:
-                conn = await self._new_connection()
-            else:
-                conn = node.connection_class(**node.connection_kwargs)
+            conn = None
             try:
+                conn = idle.pop() if idle else await self._new_connection(node)
                 yield conn
             except BaseException as e:
-                await conn.disconnect()
+                if conn is not None:
+                    await conn.disconnect()
                 if isinstance(e, (rex.ConnectionError, rex.TimeoutError, OSError)) and not isinstance(e, DispatchError):
                     await self._drop_idle(name)
+                    if node is not None:
+                        self._reread_slots()
                 raise
             idle.append(conn)
 
-    async def _new_connection(self) -> Connection:
-        conn = self.client.connection_pool.make_connection()
+    async def _new_connection(self, node: ClusterNode | None) -> Connection:
+        if node is None:
+            conn = self.client.connection_pool.make_connection()
+        else:
+            conn = node.connection_class(**node.connection_kwargs)
         try:
             await conn.connect()
-            await self.replication.identify(conn)
+            await self.replication.identify(conn, "" if node is None else node.name)
         except BaseException:
             await conn.disconnect()
             raise
@@ -245,8 +273,8 @@ class Store:
         sha = script.sha.encode()
         if self.cluster:
             with translated():
-                return await self._run_on_cluster(script, sha, calls)
-        packed = pack_calls(sha, list(calls)) + self.replication.wait
+                return await self._run_on_cluster(name, script, sha, calls)
+        packed = pack_calls(sha, list(calls)) + self.replication.wait()
         with translated():
             for attempt in (1, 2):
                 try:
@@ -263,15 +291,18 @@ class Store:
                     await self.client.script_load(script.script)
         raise AssertionError("unreachable")
 
-    async def _run_on_cluster(self, script: Any, sha: bytes, calls: Sequence[Call]) -> list[Any]:
+    async def _run_on_cluster(self, name: str, script: Any, sha: bytes, calls: Sequence[Call]) -> list[Any]:
         """:meth:`run_many` on a cluster: the calls grouped by the master owning the slot
         of each call's first key, one pipelined write per master, at once. A call
         answered MOVED is sent again where the refreshed slot map says, one answered
         ASK is sent to the node named, after ASKING, one answered NOSCRIPT after the
         script is loaded there, one answered TRYAGAIN (its keys split by a slot being
-        migrated) a moment later, with a growing pause: every script is safe to run twice."""
+        migrated) a moment later, with a growing pause: every script is safe to run twice.
+        With min_replicas_acked each master's replicas are waited for (replication.py)
+        before any reply is handed out."""
         client = self.client
         assert isinstance(client, RedisCluster)
+        selling = name in SELLING
         replies: list[Any] = [None] * len(calls)
         todo: Sequence[int] = range(len(calls))
         asking: dict[int, ClusterNode] = {}
@@ -280,7 +311,7 @@ class Store:
             for i in todo:
                 node = asking.get(i) or client.get_node_from_key(calls[i][0][0])
                 by_node.setdefault(node, []).append(i)
-            answers = await asyncio.gather(*(self._send_to_node(node, sha, calls, idx, asking)
+            answers = await asyncio.gather(*(self._send_to_node(node, sha, calls, idx, asking, selling)
                                              for node, idx in by_node.items()))
             asking, again, unloaded = {}, [], set()
             for (node, idx), got in zip(by_node.items(), answers):
@@ -322,15 +353,19 @@ class Store:
         return self.client.get_node_from_key(key).name
 
     async def _send_to_node(self, node: ClusterNode, sha: bytes, calls: Sequence[Call], idx: list[int],
-                            asking: dict[int, ClusterNode]) -> list[Any]:
+                            asking: dict[int, ClusterNode], selling: bool) -> list[Any]:
         """Calls *idx* sent to one node in one write, on a connection of the script path's
-        own to that node; each reply, or the error reply it got (a redirect is the caller's to follow)."""
+        own to that node, then the wait for its replicas; each reply, or the error reply it
+        got (a redirect is the caller's to follow). *selling* calls wait while the node's
+        pools are reconciled."""
         if any(i in asking for i in idx):
             packed = b"".join((_ASKING if i in asking else b"") + pack_calls(sha, [calls[i]]) for i in idx)
         else:
             packed = pack_calls(sha, [calls[i] for i in idx])
         async with self._connection(node) as conn:
-            await conn.send_packed_command(packed)
+            if selling:
+                await self.replication.selling_allowed(node.name)
+            await conn.send_packed_command(packed + self.replication.wait(node.name))
             out: list[Any] = []
             for i in idx:
                 if i in asking:
@@ -339,7 +374,32 @@ class Store:
                     out.append(await conn.read_response())
                 except rex.ResponseError as e:  # read whole: the connection stays in step
                     out.append(e)
+            await self.replication.acked(conn, node.name, wrote=not all(isinstance(r, rex.ResponseError) for r in out))
             return out
+
+    def marker(self, master: str) -> str:
+        """The replication marker key of *master* (replication.py): ``keys.acked(0)`` on
+        the one Redis; on a cluster the first ``keys.acked(n)`` in a slot it serves."""
+        if not isinstance(self.client, RedisCluster):
+            return keys.acked(0)
+        slots = self.client.nodes_manager.slots_cache
+        for n in range(100 * CLUSTER_SLOTS):
+            owners = slots.get(key_slot(keys.acked(n).encode()))
+            if owners and owners[0].name == master:
+                return keys.acked(n)
+        raise rex.ClusterError(f"the Redis master {master} serves no slot")
+
+    def _reread_slots(self) -> None:
+        """Read the cluster's slot map again, in the background, once at a time: a master
+        the script path cannot reach may have been replaced by its replica (redis-py
+        reads it again only on its own commands' errors)."""
+        if self._rereading is None or self._rereading.done():
+            self._rereading = asyncio.get_running_loop().create_task(self._reread(), name="dispatch-slots")
+
+    async def _reread(self) -> None:
+        assert isinstance(self.client, RedisCluster)
+        with contextlib.suppress(Exception):  # the next error asks again
+            await self.client.nodes_manager.initialize()
 
     # ---- small helpers of the parts ---------------------------------------------------
     async def tell_levels(self, shards: Iterable[str]) -> None:
@@ -395,17 +455,16 @@ class Store:
         return self.client.scan_iter(match=match, count=1000)
 
     async def ready(self) -> None:
-        """Redis answers (every master of a cluster, every slot served) and every script is
-        in its script cache (loaded again if flushed)."""
+        """Redis answers (every master of a cluster, every slot served), each master has the
+        replicas min_replicas_acked asks for, and every script is in its script cache
+        (loaded again if flushed)."""
         scripts_ = list(self._scripts.values())
+        await self._check_server()
         with translated():
-            if self.cluster:
-                await self._check_server()
-            await self._each_master("PING")
-            for present in await self._each_master("SCRIPT EXISTS", *(s.sha for s in scripts_)):
+            for present in (await self.each_master("SCRIPT EXISTS", *(s.sha for s in scripts_))).values():
                 for script, ok in zip(scripts_, present):
                     if not ok:
-                        await self._each_master("SCRIPT LOAD", script.script)
+                        await self.each_master("SCRIPT LOAD", script.script)
 
     async def events(self, kind: str, id_: str, after: str | None, count: int) -> list[Event]:
         """Up to *count* events of the stream of a distributor (``dist``), a SKU (``sku``)
