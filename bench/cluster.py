@@ -4,7 +4,12 @@ Four redis-server processes from the same binary, each on TCP with ``appendfsync
 always``: one alone, three formed into a cluster (CLUSTER ADDSLOTS, MEET). The same
 closed loop (256 callers over 8 distributors, or --distributors, single-code deliver
 orders) runs on each, for two catalogues: 100 SKUs picked by Zipf 1.1, and one hot
-SKU (on the cluster, spread over 3 buckets that land on the 3 masters). Each row
+SKU (on the cluster, spread over 3 buckets that land on the 3 masters), and the
+Zipf SKUs again, each spread over the fewest buckets that put one on every master
+(on one Redis: 1, the same catalogue); on the
+cluster a second time with 3 x the callers, so that each master gets the rounds one
+Redis gets (a round's per-call costs, the script's start and the fsync, are shared
+by as many orders as on one Redis). Each row
 gives orders/s, the CPU per order (user + system, from /proc, over the measured run
 only) of each Redis process and their sum, each master's share of the Redis CPU,
 and the share of orders that went in one step.
@@ -79,22 +84,32 @@ def form(masters: list[EmbeddedRedis]) -> None:
         c.close()
 
 
+def masters_of(engine: Engine, sku: str, buckets: int) -> int:
+    """How many masters the first *buckets* buckets of *sku* live on."""
+    return len({engine.store.node_of(keys.sku_tag(keys.bucket_shard(sku, b))) for b in range(buckets)})
+
+
 def hot_sku(engine: Engine) -> str:
     """A SKU id whose 3 buckets live on 3 different masters (one Redis: any)."""
     if not engine.store.cluster:
         return "hot0"
-    client = engine.store.client
-    return next(f"hot{i}" for i in range(1000) if len({client.get_node_from_key(keys.sku_tag(keys.bucket_shard(
-        f"hot{i}", b))).name for b in range(3)}) == 3)
+    return next(f"hot{i}" for i in range(1000) if masters_of(engine, f"hot{i}", 3) == 3)
 
 
-async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool,
-              dists: int) -> tuple[float, list[float], float]:
+def on_every_master(engine: Engine, sku: str) -> int:
+    """The fewest buckets of *sku* that have one on every master (one Redis: 1)."""
+    if not engine.store.cluster:
+        return 1
+    return next((n for n in range(1, keys.MAX_BUCKETS + 1) if masters_of(engine, sku, n) == 3), keys.MAX_BUCKETS)
+
+
+async def row(url: str, pids: list[int], data_dir: str, orders: int, workload: str,
+              dists: int, callers: int) -> tuple[float, list[float], float]:
     """orders/s, CPU us per order of each Redis process, and the share of orders
     that went in one step, for one catalogue."""
     async with Engine(config(url, data_dir, True), sweep=False) as engine:
         await engine.create_supplier("sup", "Supplier")
-        if hot:
+        if workload == "hot":
             skus = [hot_sku(engine)]
             picks = np.zeros(orders, int)
             await engine.create_sku(skus[0], "Hot", 100, "CNY", 100, buckets=3 if engine.store.cluster else 1)
@@ -104,7 +119,8 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool,
             weights = zipf_weights(100, 1.1)
             picks = np.random.default_rng(7).choice(100, size=orders, p=weights)
             for s, sku in enumerate(skus):
-                await engine.create_sku(sku, sku, 100, "CNY", 100)
+                spread = on_every_master(engine, sku) if workload == "zipf-spread" else 1
+                await engine.create_sku(sku, sku, 100, "CNY", 100, buckets=spread)
                 await engine.import_codes(codes(f"S{s}X", int((picks == s).sum()) + 10), sku=sku, supplier="sup",
                                           unit_cost=50)
         for d in range(dists):
@@ -119,7 +135,7 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, hot: bool,
                 await engine.purchase(f"d{c % dists}", skus[picks[i]], 1, f"o{i}")
 
         cpu0, wall0 = [redis_cpu(p) for p in pids], time.perf_counter()
-        await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+        await asyncio.gather(*(caller(c) for c in range(callers)))
         wall, cpu = time.perf_counter() - wall0, [redis_cpu(p) for p in pids]
         assert await engine.audit() == []
         one_step = engine.coalescer_stats()["deliver"][1] / orders
@@ -143,18 +159,22 @@ def main() -> None:
         try:
             form(masters)
             cluster_url = "redis+cluster://" + ",".join(f"127.0.0.1:{m.port}" for m in masters)
-            print(f"{args.orders} deliver orders a row, {CALLERS} callers over {args.distributors} distributors, "
+            print(f"{args.orders} deliver orders a row over {args.distributors} distributors, "
                   "appendfsync always, TCP; host shared")
-            print(f"{'workload':<26} {'side':<10} {'orders/s':>9} {'Redis us/order (each)':>30} {'sum':>6}"
+            print(f"{'workload':<26} {'side':<22} {'orders/s':>9} {'Redis us/order (each)':>30} {'sum':>6}"
                   f" {'shares of the masters':>22} {'one step':>9}")
-            for label, hot in (("100 SKUs, Zipf 1.1", False), ("1 hot SKU (3 buckets)", True)):
-                for side, url, servers in (("one Redis", f"redis://127.0.0.1:{one.port}/0", [one]),
-                                           ("cluster", cluster_url, masters)):
+            for label, workload in (("100 SKUs, Zipf 1.1", "zipf"), ("same, on every master", "zipf-spread"),
+                                    ("1 hot SKU (3 buckets)", "hot")):
+                for side, url, servers, callers in (
+                        ("one Redis", f"redis://127.0.0.1:{one.port}/0", [one], CALLERS),
+                        ("cluster", cluster_url, masters, CALLERS),
+                        ("cluster, callers x3", cluster_url, masters, 3 * CALLERS)):
                     flush(servers)
                     rate, us, one_step = asyncio.run(row(url, [s.pid for s in servers], os.path.join(d, "data"),
-                                               args.orders, hot, args.distributors))
+                                                         args.orders, workload, args.distributors, callers))
+                    side = f"{side} ({callers})"
                     share = " ".join(f"{100 * u / sum(us):4.0f}%" for u in us) if len(us) > 1 else ""
-                    print(f"{label:<26} {side:<10} {rate:9,.0f} {' '.join(f'{u:6.1f}' for u in us):>30}"
+                    print(f"{label:<26} {side:<22} {rate:9,.0f} {' '.join(f'{u:6.1f}' for u in us):>30}"
                           f" {sum(us):6.1f} {share:>22} {100 * one_step:8.0f}%")
         finally:
             for s in (one, *masters):

@@ -491,6 +491,7 @@ async def sku_batches(c: Call) -> m.BatchList:
     """A SKU's batches, oldest first: supplier, unit cost, status and counts."""
     return m.BatchList(batches=await c.engine.sku_batches(c.params["sku"]))
 
+
 @route("POST", "/admin/skus", auth="admin", role="operator", body=m.SkuCreate, status=201, out=Sku)
 async def create_sku(c: Call) -> Sku:
     """Create a SKU."""
