@@ -8,6 +8,7 @@ in each of these ways and expects the check to say so.
 from __future__ import annotations
 
 import time
+from datetime import date, timedelta
 from typing import Any
 
 import msgspec
@@ -109,6 +110,34 @@ async def _check_spend(store: Store, dist: str, entries: list[list[str]], proble
                             f"paid in its ledger")
 
 
+def _month_of_day(day: int) -> int:
+    """Months since 1970-01 of a day since 1970-01-01, as _limits.lua counts them."""
+    d = date(1970, 1, 1) + timedelta(days=day)
+    return (d.year - 1970) * 12 + d.month - 1
+
+
+async def _check_limits(store: Store, dist: str, entries: list[list[str]], problems: list[str]) -> None:
+    """The spend the account's daily and monthly limits count (_limits.lua) against its
+    ledger: never below 0, nor above what that day's (month's) holds and purchases moved,
+    all a spend can come from (it is counted only while a limit is set, and a hold that
+    becomes a purchase counts once, so it may be less)."""
+    sd, sdv, sm, smv = (int(v) if v else 0 for v in await store.accounts.fields(dist, ["sd", "sdv", "sm", "smv"]))
+    if not (sdv or smv):
+        return
+    by_day: dict[int, int] = {}
+    for e in entries:
+        if e[0] in ("hold", "purchase"):
+            day = int(e[6]) // 86_400_000
+            by_day[day] = by_day.get(day, 0) + (int(e[3]) if e[0] == "hold" else -int(e[2]))
+    by_month: dict[int, int] = {}
+    for day, amount in by_day.items():
+        by_month[_month_of_day(day)] = by_month.get(_month_of_day(day), 0) + amount
+    for what, counted, most in (("day", sdv, by_day.get(sd, 0)), ("month", smv, by_month.get(sm, 0))):
+        if not 0 <= counted <= most:
+            problems.append(f"{dist}: the limits count {counted} spent this {what}, its ledger's holds and "
+                            f"purchases {most}")
+
+
 async def audit(store: Store) -> list[str]:
     """What is wrong in the store; an empty list when every invariant holds."""
     problems: list[str] = []
@@ -151,6 +180,7 @@ async def audit(store: Store) -> list[str]:
         if a.balance - a.held < -a.credit_limit - clawed:
             problems.append(f"{dist}: balance {a.balance} - held {a.held} is below -credit_limit")
         await _check_spend(store, dist, entries, problems)
+        await _check_limits(store, dist, entries, problems)
         holds = 0
         after = ""
         while rows := await store.orders.order_records(dist, after, "~", 1000):

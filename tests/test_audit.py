@@ -381,3 +381,23 @@ async def test_a_days_spend_off_the_ledger(shop: Engine, healthy: Shop, r: aiore
         await r.hset(spend, str(today - 61), 500)
         expected = []
     assert await shop.audit() == expected
+
+
+# ---- transaction limits: the spend they count -------------------------------------------------
+
+@pytest.mark.parametrize("where", ["day-above-the-ledger", "month-below-zero"])
+async def test_a_limits_spend_off_the_ledger(shop: Engine, healthy: Shop, r: aioredis.Redis, where: str) -> None:
+    """With limits set, beta buys 2 codes at 9500: its day and month count 19000."""
+    await shop.set_limits("beta", daily=100_000, monthly=1_000_000)
+    await shop.purchase("beta", "g100", 2, "limited")
+    got = await shop.limits("beta")
+    assert (got.spent_today, got.spent_this_month) == (19_000, 19_000)
+    assert await shop.audit() == []
+    # more than every hold and purchase of the day: the two reservations' 9500 each, and 19000
+    if where == "day-above-the-ledger":
+        await r.hset(BETA.acct, "sdv", 38_001)
+        expected = ["beta: the limits count 38001 spent this day, its ledger's holds and purchases 38000"]
+    else:
+        await r.hset(BETA.acct, "smv", -1)
+        expected = ["beta: the limits count -1 spent this month, its ledger's holds and purchases 38000"]
+    assert await shop.audit() == expected
