@@ -32,6 +32,7 @@ from ceiling import redis_cpu
 from cluster import form, start
 from dispatch.config import Config
 from dispatch.engine import Engine
+from dispatch.store import keys
 from dispatch.store.embedded import EmbeddedRedis
 
 
@@ -86,7 +87,10 @@ async def one_round(url: str, data_dir: str, acked: int, orders: int, callers: i
                     masters: list[int], replicas: list[int]) -> Row:
     cfg = Config(redis_url=url, data_dir=data_dir, min_replicas_acked=acked, master_key=MASTER_KEY, catalog_ttl_s=60.0)
     async with Engine(cfg, sweep=False) as e:
-        sku = f"s{tag}"
+        # every round's SKU on the same master, so that both settings buy the same mix of
+        # one-step orders and sagas (on a cluster, one step where the buyer's account is there)
+        home = e.store.node_of(keys.sku_tag("s"))
+        sku = next(f"s{tag}-{i}" for i in range(10_000) if e.store.node_of(keys.sku_tag(f"s{tag}-{i}")) == home)
         await e.create_sku(sku, sku, 1000, "CNY", 1)
         if not await e.list_suppliers():
             await e.create_supplier("sup", "Supplier")
