@@ -34,6 +34,8 @@
 --   | "unknown_distributor", 0 | "suspended", 0 | "not_allowed", 0 | "unknown_sku", 0
 --   | "paused", 0 | "out_of_stock", 0 | "insufficient_balance", 1, spendable
 --   | "verification_required", 0 | "limit_exceeded", 2, limit, left  (_limits.lua)
+--   | "moved", 0 (see "On a Redis Cluster")
+-- and after the orders, if a bucket is down to its threshold: "tell", n, its shard ids.
 local nS, nA = tonumber(ARGV[1]), tonumber(ARGV[2])
 local n = tonumber(ARGV[3 + nS + nA])
 local gate = ARGV[4 + nS + nA] == '1'  -- only verified distributors may buy (_limits.lua)
@@ -210,6 +212,7 @@ for k = 1, n do
 end
 
 -- 2. per SKU: take every code its orders need, oldest batch first, and hand them out
+local to_tell = {}  -- the buckets whose stock the engine tells their SKU (sku_level.lua)
 local hour = math.floor(now / 3600000)
 local hour_s = int(hour)
 -- state -> seq -> count -> the delivery record of that many codes of batch seq, packed once
@@ -292,8 +295,15 @@ for s, S in pairs(skus) do
     S.changed = true
   end
   if not S.changed then  -- (no code left it, none was retired)
-  elseif bucket[s] then  -- a bucket keeps no level: the engine tells the SKU's own shard (sku_level.lua)
-    redis.call('HINCRBY', sk(s, STATS), 'chg', '1')
+  elseif bucket[s] then
+    -- A bucket keeps no level: the engine tells the SKU's own shard what it holds
+    -- (sku_level.lua), after a purchase only when it is down to the threshold. Above it
+    -- the whole SKU is too, and was before (a purchase only takes), so its level stands;
+    -- and the SKU can only reach a level once every bucket is down to it, each told.
+    if S.avail <= S.threshold then
+      redis.call('HINCRBY', sk(s, STATS), 'chg', '1')
+      to_tell[#to_tell + 1] = ARGV[2 + s]
+    end
   else
     set_level(sk(s, META), sk(s, STATS), sk(s, SKU_EVENTS), S.avail + S.others, S.threshold, S.level)
   end
@@ -335,4 +345,5 @@ for k = 1, n do
     tell(reply, out[k])
   end
 end
+if #to_tell > 0 then tell(reply, {'tell', unpack(to_tell)}) end
 return reply

@@ -290,10 +290,12 @@ class OrderStore:
         replies = await self._db.run_many(step, [self._call(step, s, items) for s, items in batches.items()])
         if STEPS[step][0] == "sku":
             await self._db.tell_levels(batches)
-        elif step == "deliver":
-            await self._db.tell_levels(item.sku for items in batches.values() for item in items)
         if step in _FLAT:
             replies = [_per_item(flat) for flat in replies]
+        if step == "deliver":  # the buckets deliver.lua says are down to their threshold
+            told = [got.pop()[1:] for got, items in zip(replies, batches.values()) if len(got) > len(items)]
+            if told:
+                await self._db.tell_levels(shard.decode() for shards in told for shard in shards)
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]
                 for (shard, items), got in zip(batches.items(), replies)}
 
