@@ -12,7 +12,7 @@ Redis gets (a round's per-call costs, the script's start and the fsync, are shar
 by as many orders as on one Redis). Each row
 gives orders/s, the CPU per order (user + system, from /proc, over the measured run
 only) of each Redis process and their sum, each master's share of the Redis CPU,
-and the share of orders that went in one step.
+the share of orders that went in one step and their mean count a call (batch).
 
 On one Redis a deliver purchase is one script per round. On a cluster it is that
 script, per master, for the orders whose account lives on the master of the SKU's
@@ -104,9 +104,9 @@ def on_every_master(engine: Engine, sku: str) -> int:
 
 
 async def row(url: str, pids: list[int], data_dir: str, orders: int, workload: str,
-              dists: int, callers: int) -> tuple[float, list[float], float]:
-    """orders/s, CPU us per order of each Redis process, and the share of orders
-    that went in one step, for one catalogue."""
+              dists: int, callers: int) -> tuple[float, list[float], float, float]:
+    """orders/s, CPU us per order of each Redis process, the share of orders that went
+    in one step and the mean count of orders in a one-step call, for one catalogue."""
     async with Engine(config(url, data_dir, True), sweep=False) as engine:
         await engine.create_supplier("sup", "Supplier")
         if workload == "hot":
@@ -138,8 +138,8 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, workload: s
         await asyncio.gather(*(caller(c) for c in range(callers)))
         wall, cpu = time.perf_counter() - wall0, [redis_cpu(p) for p in pids]
         assert await engine.audit() == []
-        one_step = engine.coalescer_stats()["deliver"][1] / orders
-    return orders / wall, [1e6 * (b - a) / orders for a, b in zip(cpu0, cpu)], one_step
+        calls, one_step = engine.coalescer_stats()["deliver"]
+    return orders / wall, [1e6 * (b - a) / orders for a, b in zip(cpu0, cpu)], one_step / orders, one_step / calls
 
 
 def flush(servers: list[EmbeddedRedis]) -> None:
@@ -162,7 +162,7 @@ def main() -> None:
             print(f"{args.orders} deliver orders a row over {args.distributors} distributors, "
                   "appendfsync always, TCP; host shared")
             print(f"{'workload':<26} {'side':<22} {'orders/s':>9} {'Redis us/order (each)':>30} {'sum':>6}"
-                  f" {'shares of the masters':>22} {'one step':>9}")
+                  f" {'shares of the masters':>22} {'one step':>9} {'batch':>6}")
             for label, workload in (("100 SKUs, Zipf 1.1", "zipf"), ("same, on every master", "zipf-spread"),
                                     ("1 hot SKU (3 buckets)", "hot")):
                 for side, url, servers, callers in (
@@ -170,12 +170,12 @@ def main() -> None:
                         ("cluster", cluster_url, masters, CALLERS),
                         ("cluster, callers x3", cluster_url, masters, 3 * CALLERS)):
                     flush(servers)
-                    rate, us, one_step = asyncio.run(row(url, [s.pid for s in servers], os.path.join(d, "data"),
+                    rate, us, one_step, batch = asyncio.run(row(url, [s.pid for s in servers], os.path.join(d, "data"),
                                                          args.orders, workload, args.distributors, callers))
                     side = f"{side} ({callers})"
                     share = " ".join(f"{100 * u / sum(us):4.0f}%" for u in us) if len(us) > 1 else ""
                     print(f"{label:<26} {side:<22} {rate:9,.0f} {' '.join(f'{u:6.1f}' for u in us):>30}"
-                          f" {sum(us):6.1f} {share:>22} {100 * one_step:8.0f}%")
+                          f" {sum(us):6.1f} {share:>22} {100 * one_step:8.0f}% {batch:6.1f}")
         finally:
             for s in (one, *masters):
                 s.stop()
