@@ -7,9 +7,9 @@ orders) runs on each, for two catalogues: 100 SKUs picked by Zipf 1.1, and one h
 SKU (on the cluster, spread over 3 buckets that land on the 3 masters), and the
 Zipf SKUs again, each spread over the fewest buckets that put one on every master
 (on one Redis: 1, the same catalogue); on the
-cluster a second time with 3 x the callers, so that each master gets the rounds one
-Redis gets (a round's per-call costs, the script's start and the fsync, are shared
-by as many orders as on one Redis). Each row
+cluster a second time with 3 x the callers, meant to give each master calls as big
+as one Redis's (a call's fixed costs, the script's start and the fsync, are shared
+by the orders it carries). Each row
 gives orders/s, the CPU per order (user + system, from /proc, over the measured run
 only) of each Redis process and their sum, each master's share of the Redis CPU,
 the share of orders that went in one step and their mean count a call (batch).
