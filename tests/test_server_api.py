@@ -500,11 +500,14 @@ async def test_access_log_has_no_code_and_no_key(server: Server, caplog: pytest.
         await server.as_("acme", "GET", f"/v1/orders/{order['order_id']}")
         await server.as_("acme", "POST", "/v1/orders", json={"bad": 1})
         await server.request("GET", "/nope")
+        await server.admin("GET", "/admin/skus")
     lines = [rec.access for rec in caplog.records if rec.name == "dispatch.access"]
-    assert len(lines) == 4
+    assert len(lines) == 5
     first = lines[0]
-    assert (first["method"], first["route"], first["status"], first["distributor"]) == ("POST", "/v1/orders", 201,
-                                                                                         "acme")
+    assert (first["method"], first["route"], first["status"], first["distributor"], first["admin"]) == (
+        "POST", "/v1/orders", 201, "acme", None)
+    assert (lines[4]["route"], lines[4]["status"], lines[4]["admin"], lines[4]["distributor"]) == (
+        "/admin/skus", 200, "owner", None)  # the admin token's name: who did it
     assert lines[1]["route"] == "/v1/orders/{order_id}"
     assert lines[3]["route"] == "-"
     text = caplog.text

@@ -93,4 +93,4 @@ class App:
             access_log.info("%s %s %d", method, route, status,
                             extra={"access": {"method": req.method or "-", "route": route, "status": status,
                                               "ms": round(seconds * 1000, 3), "distributor": req.distributor,
-                                              "worker": self.worker}})
+                                              "admin": req.admin, "worker": self.worker}})

@@ -45,7 +45,7 @@ class Request:
     """
 
     __slots__ = ("method", "target", "path", "query", "headers", "http11", "keep_alive", "route", "params",
-                 "error", "body", "stream", "complete", "expect_continue", "distributor", "started", "_waiter",
+                 "error", "body", "stream", "complete", "expect_continue", "distributor", "admin", "started", "_waiter",
                  "_parts", "_size")
 
     def __init__(self) -> None:
@@ -64,6 +64,8 @@ class Request:
         self.complete = False
         self.expect_continue = False
         self.distributor: str | None = None
+        #: The name of the admin token that made the request, once authenticated.
+        self.admin: str | None = None
         self.started = time.perf_counter()
         self._waiter: asyncio.Future[None] | None = None
         self._parts: list[bytes] = []

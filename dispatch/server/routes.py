@@ -253,6 +253,7 @@ class Router:
         c = Call(self, req)
         if route.auth == "admin":
             c.admin = await self.auth.admin(req)
+            req.admin = c.admin.name
             with acting(c.admin.name, f"{route.method} {route.template}"):
                 try:
                     require(c.admin, route.roles, f"{route.method} {route.template}")
