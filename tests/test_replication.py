@@ -52,6 +52,10 @@ async def test_a_round_waits_for_its_replica(replicated: Replicated, tmp_path: o
                 order = await e.purchase("acme", "g", 1, f"r{i}")
                 # acknowledged means the replica has it already: no waiting here
                 assert replica.hexists(keys.AcctKeys("acme").orders, order.order_id)
+        with Replicated.client(replicated.master) as master:  # WAITAOF where the server has it (>= 7.2)
+            version = tuple(int(x) for x in master.info("server")["redis_version"].split(".")[:2])
+            used = {c for c in ("wait", "waitaof") if f"cmdstat_{c}" in master.info("commandstats")}
+            assert used == ({"waitaof"} if version >= (7, 2) else {"wait"})
 
 
 async def test_a_round_short_of_its_replica_is_unavailable_and_its_retry_finds_the_same_order(
