@@ -42,10 +42,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     redis_pool_size: Positive = 64
     #: Seconds to wait for Redis on connect and per command before failing.
     redis_timeout_s: Seconds = 5.0
-    #: Replicas that must have a round's writes (WAIT, or WAITAOF on Redis >= 7.2) before
-    #: any caller of the round hears its answer (on a cluster: of every master the round
-    #: wrote to); 0 answers once the master has them.
+    #: Replicas that must have a round's writes before any caller of the round hears its
+    #: answer (on a cluster: of every master the round wrote to); 0 answers once the
+    #: master has them.
     min_replicas_acked: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    #: What those replicas must have done: "received" the writes (WAIT: enough for a
+    #: replica promoted after the master died), or "fsynced" them to their AOF (WAITAOF:
+    #: also when every machine loses power; needs Redis >= 7.2 or Valkey, whose replicas
+    #: acknowledge it only about once a second, so each round waits that long).
+    replica_ack: Literal["received", "fsynced"] = "received"
     #: How long a round waits for those replicas before it fails as store_unavailable.
     replica_ack_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
 

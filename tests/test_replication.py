@@ -52,10 +52,30 @@ async def test_a_round_waits_for_its_replica(replicated: Replicated, tmp_path: o
                 order = await e.purchase("acme", "g", 1, f"r{i}")
                 # acknowledged means the replica has it already: no waiting here
                 assert replica.hexists(keys.AcctKeys("acme").orders, order.order_id)
-        with Replicated.client(replicated.master) as master:  # WAITAOF where the server has it (>= 7.2)
-            version = tuple(int(x) for x in master.info("server")["redis_version"].split(".")[:2])
-            used = {c for c in ("wait", "waitaof") if f"cmdstat_{c}" in master.info("commandstats")}
-            assert used == ({"waitaof"} if version >= (7, 2) else {"wait"})
+        with Replicated.client(replicated.master) as master:  # replica_ack "received": WAIT
+            assert {c for c in ("wait", "waitaof") if f"cmdstat_{c}" in master.info("commandstats")} == {"wait"}
+
+
+async def test_fsynced_acknowledgements_wait_with_waitaof(replicated: Replicated, tmp_path: os.PathLike[str]) -> None:
+    """replica_ack = "fsynced": WAITAOF where every master has it (Redis >= 7.2, Valkey),
+    whose replicas acknowledge their fsync about once a second (hence the long timeout);
+    refused at start on an older server, naming what to use instead."""
+    with Replicated.client(replicated.master) as master:
+        version = tuple(int(x) for x in master.info("server")["redis_version"].split(".")[:2])
+    cfg = make_config(tmp_path, redis_url=replicated.master.tcp_url, min_replicas_acked=1, replica_ack="fsynced",
+                      replica_ack_timeout_ms=10_000)
+    if version < (7, 2):
+        with pytest.raises(errors.ConfigError, match='replica_ack = "fsynced" waits with WAITAOF, which needs'):
+            async with Engine(cfg, sweep=False):
+                pass
+        return
+    async with Engine(cfg, sweep=False) as e:
+        await open_shop(e)
+        order = await e.purchase("acme", "g", 1, "fsynced")
+        with Replicated.client(replicated.replicas[0]) as replica:
+            assert replica.hexists(keys.AcctKeys("acme").orders, order.order_id)
+    with Replicated.client(replicated.master) as master:
+        assert "cmdstat_waitaof" in master.info("commandstats")
 
 
 async def test_a_round_short_of_its_replica_is_unavailable_and_its_retry_finds_the_same_order(

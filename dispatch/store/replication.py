@@ -7,8 +7,9 @@ each master of a Redis Cluster alike:
 
 - **Acknowledged means replicated.** With ``min_replicas_acked`` = n > 0 every round of
   script calls sent to a master is followed, in the same write on the same connection,
-  by ``WAIT n timeout`` (``WAITAOF 0 n timeout`` on Redis >= 7.2 and Valkey, whose
-  replicas then need ``appendonly yes``); the round's replies are handed to their
+  by ``WAIT n timeout`` (with ``replica_ack = "fsynced"``, ``WAITAOF 0 n timeout``:
+  Redis >= 7.2 and Valkey, whose replicas then need ``appendonly yes`` and acknowledge
+  their fsync only about once a second); the round's replies are handed to their
   callers only once every master it wrote to answers n. Both wait for the connection's
   last replicated write, which since Redis 7 a command that replicates nothing leaves
   where it was (a round that only replays orders made on other connections); so a
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as rex
 from redis.asyncio.connection import Connection
 
-from ..errors import StoreUnavailableError
+from ..errors import ConfigError, StoreUnavailableError
 from ..records import PAID
 from . import keys
 from .replies import translated
@@ -74,9 +75,12 @@ class Replication:
     the identity of each master, watched. A master is named by its address on a
     cluster (redis-py's node name), ``""`` for the one Redis."""
 
-    def __init__(self, store: Store, replicas: int = 0, timeout_ms: int = 1000, wait_s: float = 5.0) -> None:
+    def __init__(self, store: Store, replicas: int = 0, timeout_ms: int = 1000, wait_s: float = 5.0,
+                 fsynced: bool = False) -> None:
         self._store = store
         self.replicas = replicas
+        #: Wait for the replicas' AOF fsync (WAITAOF), not only their receipt (WAIT).
+        self.fsynced = fsynced
         self.timeout_ms = timeout_ms
         self._wait_s = wait_s
         self._wait = b""
@@ -98,10 +102,14 @@ class Replication:
         self.reconciled: dict[str, int] = {}
 
     def use_server(self, version: tuple[int, int]) -> None:
-        """Choose WAITAOF where every master has it (Redis >= 7.2; Valkey reports 7.2), else WAIT."""
+        """WAITAOF when replica_ack is "fsynced" (every master must have it: Redis >= 7.2;
+        Valkey reports 7.2), else WAIT."""
         if not self.replicas:
             return
-        self._aof = version >= (7, 2)
+        if self.fsynced and version < (7, 2):
+            raise ConfigError(f"replica_ack = \"fsynced\" waits with WAITAOF, which needs Redis >= 7.2 or Valkey "
+                              f"on every master; the oldest here is {version[0]}.{version[1]}: use \"received\"")
+        self._aof = self.fsynced
         wait = (_command("WAITAOF", 0, self.replicas, self.timeout_ms) if self._aof
                 else _command("WAIT", self.replicas, self.timeout_ms))
         if wait != self._wait:

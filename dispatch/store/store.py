@@ -63,7 +63,7 @@ class Store:
     """A connection to the Redis that holds everything (embedded or external)."""
 
     def __init__(self, client: aioredis.Redis | RedisCluster, embedded: EmbeddedRedis | None = None,
-                 pool_size: int = 64, replication: tuple[int, int, float] = (0, 1000, 5.0)) -> None:
+                 pool_size: int = 64, replication: tuple[int, int, float, bool] = (0, 1000, 5.0, False)) -> None:
         self.client = client
         self.embedded = embedded
         #: True on a Redis Cluster: a purchase runs in one step only where one master holds both sides.
@@ -123,7 +123,8 @@ class Store:
                 raise ConfigError(f"redis_url is not a valid Redis URL: {e}") from None
             client = aioredis.Redis(connection_pool=pool)
         store = cls(client, embedded, config.redis_pool_size,
-                    (config.min_replicas_acked, config.replica_ack_timeout_ms, config.redis_timeout_s))
+                    (config.min_replicas_acked, config.replica_ack_timeout_ms, config.redis_timeout_s,
+                     config.replica_ack == "fsynced"))
         store.require_verification = config.require_verification
         try:
             if store.cluster:
