@@ -163,8 +163,8 @@ async def test_two_workers_on_the_embedded_store(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in daemon.out.read_text().splitlines()]  # every line is JSON
     access = [x for x in lines if x["logger"] == "dispatch.access"]
     assert {x["worker"] for x in access if x["route"] == "/v1/orders"} == {0, 1}
-    assert all(set(x) == {"ts", "level", "logger", "pid", "method", "route", "status", "ms", "distributor", "worker"}
-               for x in access)
+    assert all(set(x) == {"ts", "level", "logger", "pid", "method", "route", "status", "ms", "distributor", "admin",
+                          "worker"} for x in access)
     assert all(set(x) >= {"ts", "level", "logger", "pid", "msg"} for x in lines if x not in access)
     assert any("with 2 workers" in x.get("msg", "") for x in lines)
     assert daemon.err.read_text() == ""
