@@ -18,8 +18,9 @@ from dispatch.records import decode_codes
 from dispatch.server.responses import lookup
 from dispatch.store import keys
 
-from .conftest import RedisClusterProcesses, codes_text, make_config
+from .conftest import RedisClusterProcesses, make_config
 from .replicated import replicated_cluster, wait_for  # noqa: F401
+from .test_replication import open_shop, plain
 
 pytestmark = pytest.mark.cluster
 
@@ -29,17 +30,6 @@ def master_of(cluster: RedisClusterProcesses, engine: Engine, tag: str) -> int:
     port = engine.store.client.get_node_from_key(tag).port
     return next(k for k, m in enumerate(cluster.masters) if m.port == port)
 
-
-async def open_shop(engine: Engine, stock: int = 20) -> None:
-    await engine.create_supplier("sup", "Supplier")
-    await engine.create_sku("g100", "Game card", 1000, "CNY", 900)
-    await engine.import_codes(codes_text("G", stock), sku="g100", supplier="sup", unit_cost=500)
-    await engine.create_distributor("acme", "Acme")
-    await engine.topup("acme", 1_000_000, "seed")
-
-
-def plain(order) -> list[str]:  # type: ignore[no-untyped-def]
-    return [c.code for c in order.codes]
 
 
 async def until_served(call, *args, **kw):  # type: ignore[no-untyped-def]
@@ -59,7 +49,7 @@ async def test_every_master_of_a_round_waits_for_its_replica(replicated_cluster:
     async with Engine(cfg, sweep=False) as e:
         sku_k, acct_k = master_of(cluster, e, keys.sku_tag("g100")), master_of(cluster, e, keys.acct_tag("acme"))
         assert sku_k != acct_k  # the saga's steps wait on two masters
-        await open_shop(e)
+        await open_shop(e, sku="g100")
         with cluster.client(cluster.replicas[sku_k][0]) as sku_replica, \
                 cluster.client(cluster.replicas[acct_k][0]) as acct_replica:
             for r in (sku_replica, acct_replica):
@@ -94,7 +84,7 @@ async def test_a_round_short_of_one_replica_is_unavailable_and_its_retry_finds_t
     cluster = replicated_cluster
     cfg = make_config(tmp_path, redis_url=cluster.url, min_replicas_acked=1, replica_ack_timeout_ms=300)
     async with Engine(cfg, sweep=False) as e:
-        await open_shop(e, stock=10)
+        await open_shop(e, stock=10, sku="g100")
         replica = cluster.replicas[master_of(cluster, e, keys.sku_tag("g100"))][0]
         os.kill(replica.pid, signal.SIGSTOP)  # linked, but it acknowledges nothing
         try:
@@ -120,7 +110,7 @@ async def test_a_promoted_replica_is_reconciled_before_it_sells(
     must not hand that code out again."""
     cluster = replicated_cluster
     async with Engine(make_config(tmp_path, redis_url=cluster.url, redis_timeout_s=2.0), sweep=False) as e:
-        await open_shop(e, stock=10)
+        await open_shop(e, stock=10, sku="g100")
         sold = await e.purchase("acme", "g100", 2, "sold")
         k, a = keys.SkuKeys("g100"), keys.AcctKeys("acme")
         sku_k = master_of(cluster, e, keys.sku_tag("g100"))

@@ -22,10 +22,10 @@ from .conftest import RedisProcess, codes_text, make_config
 from .replicated import Replicated, SentinelGroup, replicated, sentinel_group, wait_for  # noqa: F401
 
 
-async def open_shop(engine: Engine, stock: int = 20) -> None:
+async def open_shop(engine: Engine, stock: int = 20, sku: str = "g") -> None:
     await engine.create_supplier("sup", "Supplier")
-    await engine.create_sku("g", "Game card", 1000, "CNY", 900)
-    await engine.import_codes(codes_text("G", stock), sku="g", supplier="sup", unit_cost=500)
+    await engine.create_sku(sku, "Game card", 1000, "CNY", 900)
+    await engine.import_codes(codes_text("G", stock), sku=sku, supplier="sup", unit_cost=500)
     await engine.create_distributor("acme", "Acme")
     await engine.topup("acme", 1_000_000, "seed")
 
