@@ -292,10 +292,13 @@ class OrderStore:
             await self._db.tell_levels(batches)
         if step in _FLAT:
             replies = [_per_item(flat) for flat in replies]
-        if step == "deliver":  # the buckets deliver.lua says are down to their threshold
-            told = [got.pop()[1:] for got, items in zip(replies, batches.values()) if len(got) > len(items)]
-            if told:
-                await self._db.tell_levels(shard.decode() for shards in told for shard in shards)
+        if step == "deliver":  # after its orders, a call may name buckets down to their threshold
+            low: list[str] = []
+            for got, items in zip(replies, batches.values()):
+                if len(got) > len(items):
+                    low += (shard.decode() for shard in got.pop()[1:])
+            if low:
+                await self._db.tell_levels(low)
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]
                 for (shard, items), got in zip(batches.items(), replies)}
 
