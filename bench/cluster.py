@@ -2,27 +2,37 @@
 
 Four redis-server processes from the same binary, each on TCP with ``appendfsync
 always``: one alone, three formed into a cluster (CLUSTER ADDSLOTS, MEET). The same
-closed loop (256 callers over 8 distributors, or --distributors, single-code deliver
-orders) runs on each, for two catalogues: 100 SKUs picked by Zipf 1.1, and one hot
-SKU (on the cluster, spread over 3 buckets that land on the 3 masters), and the
-Zipf SKUs again, each spread over the fewest buckets that put one on every master
-(on one Redis: 1, the same catalogue); on the
-cluster a second time with 3 x the callers, meant to give each master calls as big
-as one Redis's (a call's fixed costs, the script's start and the fsync, are shared
-by the orders it carries). Each row
-gives orders/s, the CPU per order (user + system, from /proc, over the measured run
-only) of each Redis process and their sum, each master's share of the Redis CPU,
-the share of orders that went in one step and their mean count a call (batch).
+closed loop (single-code deliver orders by 256 callers over 9 distributors, or
+--distributors) runs on each, for three catalogues: 100 SKUs picked by Zipf 1.1; the
+same SKUs each spread over the fewest buckets that put one on every master (on one
+Redis: 1, the same catalogue); one hot SKU (on the cluster in 3 buckets on the 3
+masters). On the cluster it runs a second time with 3 x the callers, meant to give
+each master calls as big as one Redis's (a call's fixed costs, the script's start and
+the fsync, are shared by the orders it carries).
+
+The catalogue is a shop's in steady selling, the same on both sides:
+- each SKU holds twice the orders the run makes of it (--stock), so the measured run
+  is selling, not selling out. A spread SKU's buckets hold equal shares, and a bucket
+  that runs dry sends its master's buyers to the saga, which looks in every bucket:
+  a sell-out's tail, which --stock 1 shows in the one-step column.
+- the distributors' ids are picked so their accounts fall on the masters in turn, as
+  a shop's many accounts do by their hash (with a few ids picked blindly, one master
+  can hold half of them and so take half the orders).
+
+Each row gives orders/s, the CPU per order (user + system, from /proc, over the
+measured run only) of the engine's process and of each Redis process with the
+Redis sum, each master's share of the Redis CPU, the share of orders that went in
+one step (not as a saga) and the mean count of orders a one-step call (batch).
 
 On one Redis a deliver purchase is one script per round. On a cluster it is that
 script, per master, for the orders whose account lives on the master of the SKU's
 shard (or of a bucket of it), and the saga begin -> take -> commit otherwise, each
-step one script per shard (docs/design.md): so the hot SKU, whose buckets are on
-every master, sells in one step, and each of the Zipf SKUs to about a third of the
-accounts.
+step one script per shard (docs/design.md): so the hot SKU and the spread SKUs, which
+have a bucket on every master, sell in one step, and each unspread Zipf SKU to the
+third of the accounts that share its master.
 
-    .venv/bin/python bench/cluster.py             # 20,000 orders a row
-    .venv/bin/python bench/cluster.py --orders 5000 --distributors 48
+    .venv/bin/python bench/cluster.py             # 20,000 orders a row, about two minutes
+    .venv/bin/python bench/cluster.py --orders 5000 --distributors 48 --stock 1
 """
 
 from __future__ import annotations
@@ -89,6 +99,18 @@ def masters_of(engine: Engine, sku: str, buckets: int) -> int:
     return len({engine.store.node_of(keys.sku_tag(keys.bucket_shard(sku, b))) for b in range(buckets)})
 
 
+def dist_names(engine: Engine, n: int) -> list[str]:
+    """*n* distributor ids whose accounts fall on the masters in turn (one Redis: d0..)."""
+    names = [f"d{i}" for i in range(10 * n + 100)]
+    if not engine.store.cluster:
+        return names[:n]
+    on: dict[str, list[str]] = {}
+    for d in names:
+        on.setdefault(engine.store.node_of(keys.acct_tag(d)), []).append(d)
+    turn = [d for group in zip(*on.values()) for d in group]
+    return turn[:n]
+
+
 def hot_sku(engine: Engine) -> str:
     """A SKU id whose 3 buckets live on 3 different masters (one Redis: any)."""
     if not engine.store.cluster:
@@ -96,50 +118,48 @@ def hot_sku(engine: Engine) -> str:
     return next(f"hot{i}" for i in range(1000) if masters_of(engine, f"hot{i}", 3) == 3)
 
 
-def on_every_master(engine: Engine, sku: str) -> int:
-    """The fewest buckets of *sku* that have one on every master (one Redis: 1)."""
-    if not engine.store.cluster:
-        return 1
-    return next((n for n in range(1, keys.MAX_BUCKETS + 1) if masters_of(engine, sku, n) == 3), keys.MAX_BUCKETS)
-
-
 async def row(url: str, pids: list[int], data_dir: str, orders: int, workload: str,
-              dists: int, callers: int) -> tuple[float, list[float], float, float]:
-    """orders/s, CPU us per order of each Redis process, the share of orders that went
-    in one step and the mean count of orders in a one-step call, for one catalogue."""
+              dists: int, callers: int, stock: int) -> tuple[float, float, list[float], float, float]:
+    """orders/s, CPU us per order of the engine's process and of each Redis process,
+    the share of orders that went in one step and the mean count of orders in a
+    one-step call, for one catalogue."""
     async with Engine(config(url, data_dir, True), sweep=False) as engine:
         await engine.create_supplier("sup", "Supplier")
         if workload == "hot":
             skus = [hot_sku(engine)]
             picks = np.zeros(orders, int)
             await engine.create_sku(skus[0], "Hot", 100, "CNY", 100, buckets=3 if engine.store.cluster else 1)
-            await engine.import_codes(codes("HOTX", orders + 100), sku=skus[0], supplier="sup", unit_cost=50)
+            await engine.import_codes(codes("HOTX", stock * orders + 100), sku=skus[0], supplier="sup", unit_cost=50)
         else:
             skus = [f"s{s}" for s in range(100)]
             weights = zipf_weights(100, 1.1)
             picks = np.random.default_rng(7).choice(100, size=orders, p=weights)
             for s, sku in enumerate(skus):
-                spread = on_every_master(engine, sku) if workload == "zipf-spread" else 1
+                spread = engine.buckets_on_every_master(sku) if workload == "zipf-spread" else 1
                 await engine.create_sku(sku, sku, 100, "CNY", 100, buckets=spread)
-                await engine.import_codes(codes(f"S{s}X", int((picks == s).sum()) + 10), sku=sku, supplier="sup",
+                await engine.import_codes(codes(f"S{s}X", stock * int((picks == s).sum()) + 10), sku=sku, supplier="sup",
                                           unit_cost=50)
-        for d in range(dists):
-            await engine.create_distributor(f"d{d}", f"D{d}")
-            await engine.topup(f"d{d}", 10**12, "seed")
+        buyers = dist_names(engine, dists)
+        for d in buyers:
+            await engine.create_distributor(d, d)
+            await engine.topup(d, 10**12, "seed")
         gc.collect()
         tune_gc()
         nxt = iter(range(orders))
 
         async def caller(c: int) -> None:
             for i in nxt:
-                await engine.purchase(f"d{c % dists}", skus[picks[i]], 1, f"o{i}")
+                await engine.purchase(buyers[c % dists], skus[picks[i]], 1, f"o{i}")
 
-        cpu0, wall0 = [redis_cpu(p) for p in pids], time.perf_counter()
+        cpu0, own0, wall0 = [redis_cpu(p) for p in pids], time.process_time(), time.perf_counter()
         await asyncio.gather(*(caller(c) for c in range(callers)))
-        wall, cpu = time.perf_counter() - wall0, [redis_cpu(p) for p in pids]
+        wall, own, cpu = time.perf_counter() - wall0, time.process_time() - own0, [redis_cpu(p) for p in pids]
         assert await engine.audit() == []
-        calls, one_step = engine.coalescer_stats()["deliver"]
-    return orders / wall, [1e6 * (b - a) / orders for a, b in zip(cpu0, cpu)], one_step / orders, one_step / calls
+        stats = engine.coalescer_stats()
+    calls, tried = stats["deliver"]  # tried in one step, of which the sagas took over those of a dry bucket
+    one_step = orders - stats["begin"][1]
+    return (orders / wall, 1e6 * own / orders, [1e6 * (b - a) / orders for a, b in zip(cpu0, cpu)],
+            one_step / orders, one_step / calls)
 
 
 def flush(servers: list[EmbeddedRedis]) -> None:
@@ -151,7 +171,8 @@ def flush(servers: list[EmbeddedRedis]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--orders", type=int, default=20_000, help="orders a row")
-    ap.add_argument("--distributors", type=int, default=8, help="buyers' accounts (shards spread over the masters)")
+    ap.add_argument("--distributors", type=int, default=9, help="buyers' accounts (their shards in turn on the masters)")
+    ap.add_argument("--stock", type=int, default=2, help="codes a SKU holds per order the run makes of it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         one = start(os.path.join(d, "one"), cluster=False)
@@ -159,10 +180,10 @@ def main() -> None:
         try:
             form(masters)
             cluster_url = "redis+cluster://" + ",".join(f"127.0.0.1:{m.port}" for m in masters)
-            print(f"{args.orders} deliver orders a row over {args.distributors} distributors, "
+            print(f"{args.orders} deliver orders a row over {args.distributors} distributors, stock x{args.stock}, "
                   "appendfsync always, TCP; host shared")
-            print(f"{'workload':<26} {'side':<22} {'orders/s':>9} {'Redis us/order (each)':>30} {'sum':>6}"
-                  f" {'shares of the masters':>22} {'one step':>9} {'batch':>6}")
+            print(f"{'workload':<22} {'side':<25} {'orders/s':>9} {'engine us':>9} {'Redis us/order (each)':>23}"
+                  f" {'sum':>6} {'shares of the masters':>22} {'one step':>9} {'batch':>6}")
             for label, workload in (("100 SKUs, Zipf 1.1", "zipf"), ("same, on every master", "zipf-spread"),
                                     ("1 hot SKU (3 buckets)", "hot")):
                 for side, url, servers, callers in (
@@ -170,11 +191,12 @@ def main() -> None:
                         ("cluster", cluster_url, masters, CALLERS),
                         ("cluster, callers x3", cluster_url, masters, 3 * CALLERS)):
                     flush(servers)
-                    rate, us, one_step, batch = asyncio.run(row(url, [s.pid for s in servers], os.path.join(d, "data"),
-                                                         args.orders, workload, args.distributors, callers))
+                    rate, own, us, one_step, batch = asyncio.run(row(
+                        url, [s.pid for s in servers], os.path.join(d, "data"), args.orders, workload,
+                        args.distributors, callers, args.stock))
                     side = f"{side} ({callers})"
                     share = " ".join(f"{100 * u / sum(us):4.0f}%" for u in us) if len(us) > 1 else ""
-                    print(f"{label:<26} {side:<22} {rate:9,.0f} {' '.join(f'{u:6.1f}' for u in us):>30}"
+                    print(f"{label:<22} {side:<25} {rate:9,.0f} {own:9.1f} {' '.join(f'{u:6.1f}' for u in us):>23}"
                           f" {sum(us):6.1f} {share:>22} {100 * one_step:8.0f}% {batch:6.1f}")
         finally:
             for s in (one, *masters):

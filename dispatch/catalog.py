@@ -179,6 +179,12 @@ class Catalog:
         self._prices[distributor, sku] = (time.monotonic() + self._config.catalog_ttl_s, price)
         return price
 
+    def buckets_on_every_master(self, sku: str) -> int:
+        """The fewest buckets of *sku* that put one on every master as the cluster's slots
+        are served now (1 on one Redis; at most 16), so that every buyer's purchase of it
+        is one step: a bucket's master is its hash slot's."""
+        return self._store.catalog.buckets_on_every_master(sku)
+
     async def buckets(self, sku: str) -> tuple[int, int]:
         """(buckets, spread) of *sku*: new codes go to buckets 0..buckets-1, and
         0..spread-1 may hold some. Cached for ``catalog_ttl_s``."""

@@ -193,21 +193,36 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _buckets(value: str) -> int | str:
+    if value == "masters" or value.isdigit():
+        return value if value == "masters" else int(value)
+    raise argparse.ArgumentTypeError(f"an integer from 1 to 16, or masters, not {value!r}")
+
+
+def _spread(e: Engine, sku: str, buckets: int | str | None) -> int | None:
+    return e.buckets_on_every_master(sku) if buckets == "masters" else buckets  # type: ignore[return-value]
+
+
 def cmd_sku(args: argparse.Namespace) -> int:
     if args.action == "create":
         _record(_run(args, lambda e: e.create_sku(args.sku, args.name, args.face_value, args.currency, args.price,
                                                   args.low_stock, sale_order=args.sale_order,
                                                   after_sales=args.after_sales, code_rule=args.code_rule,
                                                   pin_rule=args.pin_rule, free=args.free,
-                                                  min_shelf_life_s=args.min_shelf_life, buckets=args.buckets)))
+                                                  min_shelf_life_s=args.min_shelf_life,
+                                                  buckets=_spread(e, args.sku, args.buckets))))
     elif args.action == "update":
         changes = {k: v for k, v in dict(name=args.name, price=args.price, low_stock_threshold=args.low_stock,
                                          status=args.status, sale_order=args.sale_order,
                                          after_sales=args.after_sales, code_rule=args.code_rule,
                                          pin_rule=args.pin_rule,
-                                         min_shelf_life_s=args.min_shelf_life, buckets=args.buckets).items()
+                                         min_shelf_life_s=args.min_shelf_life).items()
                    if v is not None}
-        _record(_run(args, lambda e: e.update_sku(args.sku, **changes)))
+
+        def update(e: Engine) -> Awaitable[Any]:
+            buckets = _spread(e, args.sku, args.buckets)
+            return e.update_sku(args.sku, **changes, **({} if buckets is None else {"buckets": buckets}))
+        _record(_run(args, update))
     else:
         skus = _run(args, lambda e: e.list_skus())
         _table("SKUs", ["sku", "name", "face_value", "currency", "price", "threshold", "status"],
@@ -521,8 +536,9 @@ def _parser() -> argparse.ArgumentParser:
                            help=f'what a {what} must look like, e.g. {{"charset": "digits", "min_length": 8}}')
         c.add_argument("--after-sales", choices=("refund", "replace"), default="refund" if creating else None,
                        help="what an approved ticket gives by default")
-        c.add_argument("--buckets", type=int, default=1 if creating else None,
-                       help="shards its stock is spread over (1-16; on a cluster, over masters)")
+        c.add_argument("--buckets", type=_buckets, default=1 if creating else None, metavar="N|masters",
+                       help="shards its stock is spread over (1-16; on a cluster, over masters by hash slot;"
+                            " masters: the fewest that put one on every master)")
     s.set_defaults(run=cmd_sku)
 
     s = sub.add_parser("supplier", help="create, list, update, fund or report on suppliers")

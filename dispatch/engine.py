@@ -241,6 +241,7 @@ class Engine:
     get_sku = _Via("catalog", Catalog.get_sku)
     list_skus = _Via("catalog", Catalog.list_skus)
     sku_detail = _Via("catalog", Catalog.sku_detail)
+    buckets_on_every_master = _Via("catalog", Catalog.buckets_on_every_master)
     sku_details = _Via("catalog", Catalog.sku_details)
     create_tier = _Write("catalog", Catalog.create_tier, "tier", "tier")
     get_tier = _Via("catalog", Catalog.get_tier)

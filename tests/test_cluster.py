@@ -166,6 +166,54 @@ async def test_a_buyer_on_the_skus_master_buys_in_one_step(shop: Engine) -> None
     assert await shop.audit() == []
 
 
+async def test_a_sku_with_a_bucket_on_every_master_sells_to_every_buyer_in_one_step(shop: Engine) -> None:
+    n = shop.buckets_on_every_master("spread")
+    placed = [shop.store.node_of(keys.sku_tag(keys.bucket_shard("spread", b))) for b in range(n)]
+    assert len(set(placed)) == 3 and set(placed) == set(shop.store.masters())
+    assert len(set(placed[:-1])) < 3  # the fewest that do
+    await shop.create_sku("spread", "Spread", 100, "CNY", 100, buckets=n)
+    await shop.import_codes(codes_text("SPRD", 4 * n), sku="spread", supplier="sup", unit_cost=50)
+    buyers: dict[str, str] = {}  # master -> a distributor whose account it holds
+    for d in (f"b{i}" for i in range(1000)):
+        buyers.setdefault(shop.store.node_of(keys.acct_tag(d)), d)
+    assert len(buyers) == 3
+    for d in buyers.values():
+        await shop.create_distributor(d, d)
+        await shop.topup(d, 10_000, "seed")
+    before = shop.coalescer_stats()
+    got = [await shop.purchase(d, "spread", 2, f"{d}-1") for d in buyers.values()]
+    after = shop.coalescer_stats()
+    assert after["deliver"][1] - before["deliver"][1] == 3 and after["begin"] == before["begin"]
+    assert len({c.code for o in got for c in o.codes}) == 6
+    assert (await shop.stock("spread")).available == 4 * n - 6
+    assert await shop.audit() == []
+
+
+def test_the_cli_spreads_a_sku_over_every_master(flushed_cluster_url: str, tmp_path: os.PathLike[str],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from dispatch import SyncEngine
+    from dispatch.cli import main
+
+    config = make_config(tmp_path, redis_url=flushed_cluster_url)
+    for name, value in (("DISPATCH_REDIS_URL", flushed_cluster_url), ("DISPATCH_DATA_DIR", config.data_dir),
+                        ("DISPATCH_MASTER_KEY", config.master_key)):
+        monkeypatch.setenv(name, value)
+    assert main(["sku", "create", "wide", "--name", "W", "--face-value", "100", "--currency", "CNY", "--price", "90",
+                 "--buckets", "masters"]) == 0
+    assert main(["sku", "create", "narrow", "--name", "N", "--face-value", "100", "--currency", "CNY",
+                 "--price", "90"]) == 0
+    assert main(["sku", "update", "narrow", "--buckets", "masters"]) == 0
+    with pytest.raises(SystemExit):
+        main(["sku", "update", "narrow", "--buckets", "most"])
+    assert "an integer from 1 to 16, or masters, not 'most'" in capsys.readouterr().err
+    with SyncEngine(config, sweep=False) as e:
+        for sku in ("wide", "narrow"):
+            n = e.get_sku(sku).buckets
+            assert n == e.buckets_on_every_master(sku) > 1
+            assert len({e.store.node_of(keys.sku_tag(keys.bucket_shard(sku, b))) for b in range(n)}) == 3
+
+
 async def test_a_one_step_order_whose_account_moved_is_left_untouched(shop: Engine) -> None:
     """A one-step call's shards must be served by the master it runs on: an order whose
     account is not (its slot moved before the call ran) is answered "moved" untouched,

@@ -72,6 +72,14 @@ class CatalogStore:
             for b in range(1, spread):
                 await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).meta, mapping=meta)
 
+    def buckets_on_every_master(self, sku: str) -> int:
+        masters, seen = set(self._db.masters()), set()
+        for b in range(keys.MAX_BUCKETS):
+            seen.add(self._db.node_of(keys.sku_tag(keys.bucket_shard(sku, b))))
+            if seen >= masters:
+                return b + 1
+        return keys.MAX_BUCKETS
+
     async def spread(self, sku: str) -> int:
         """The buckets that may hold the SKU's codes: 0..spread-1 (1 when unknown)."""
         with translated():

@@ -346,6 +346,12 @@ class Store:
                 await asyncio.sleep(min(0.01 * 2 ** attempt, _MAX_PAUSE_S))
         raise rex.ClusterError(f"{len(todo)} script calls were still redirected after {_REDIRECTS} tries")
 
+    def masters(self) -> list[str]:
+        """The masters' names by the slot map now (one Redis: [""], as :meth:`node_of` names it)."""
+        if not isinstance(self.client, RedisCluster):
+            return [""]
+        return [node.name for node in self.client.get_primaries()]
+
     def node_of(self, key: str) -> str:
         """The node that serves *key* (on a cluster, its master by the slot map now; else "")."""
         if not self.cluster:
