@@ -46,6 +46,7 @@ class CatalogStore:
         buckets = int(fields.get("buckets", 1))
         if await self._db.put(keys.SkuKeys(sku).meta, "create", {**fields, "spread": buckets}) != "ok":
             return False
+        await self._pin_deliveries([sku])
         await self._copy_meta(sku, buckets, {})  # a new SKU has no codes to sell yet
         return True
 
@@ -71,6 +72,13 @@ class CatalogStore:
             meta.pop("spread", None)
             for b in range(1, spread):
                 await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).meta, mapping=meta)
+        await self._pin_deliveries([keys.bucket_shard(sku, b) for b in range(1, spread)])
+
+    async def _pin_deliveries(self, shards: list[str]) -> None:
+        """Each shard's delivery records kept a hash table from the start (keys.DLV_PIN)."""
+        with translated():
+            for shard in shards:
+                await self._db.client.hset(keys.SkuKeys(shard).dlv, keys.DLV_PIN, keys.DLV_PIN_VALUE)
 
     def buckets_on_every_master(self, sku: str) -> int:
         masters, seen = set(self._db.masters()), set()

@@ -98,6 +98,15 @@ def events_key(kind: str, id_: str) -> str:
     tag = {"dist": acct_tag, "sku": sku_tag, "supplier": supplier_tag}[kind]
     return tag(id_) + "events"
 
+#: A field of every SKU shard's delivery records (SkuKeys.dlv) from its creation, whose
+#: value is longer than a small hash may hold (hash-max-ziplist-value, 64 bytes by
+#: default), so Redis keeps the hash a hash table from its first order: as a small hash
+#: (a flat list) every new order's record would be a scan of every field before it, which
+#: in a catalogue of many SKUs, most with fewer than 128 orders, was a tenth of Redis's
+#: work per order. Readers of the hash skip it.
+DLV_PIN = "~"
+DLV_PIN_VALUE = "a hash table: this value is longer than hash-max-ziplist-value (64 bytes by default)"
+
 
 class SkuKeys:
     """Keys of one SKU shard (a SKU, or a bucket of one), in the order the SKU scripts take them."""
@@ -114,7 +123,8 @@ class SkuKeys:
         #                                 expiring; a bucket's: chg (its changes); a spread SKU's own: bav:B and
         #                                 bchg:B (what bucket B told last), others (their sum; sku_level.lua)
         self.queue = t + "bq"           # ZSET batch seq -> sale priority (lowest sold first)
-        self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}}
+        self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}};
+        #                                 and DLV_PIN (see there)
         self.dlv_codes = t + "dlvc"     # HASH order id -> its codes, each with a 2-byte length prefix (reservations
         #                                 and replacements; a delivered order's codes are its account's)
         self.chunks = t + "chunks"      # HASH "seq:chunk" -> digest (import idempotency)
