@@ -144,11 +144,17 @@ local out, want, again = {}, {}, {}
 local ids, refs, digests, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}, {}
 local amounts = {}  -- amount -> its ledger text
 local margins = read_margins(FIRST + n * 10)  -- k -> per code, root first: sub orders only
+local numbers = {}  -- the orders' quantities and prices repeat: each string is read as a number once
+local function num(text)
+  local x = numbers[text]
+  if not x then x = tonumber(text); numbers[text] = x end
+  return x
+end
 local i = FIRST
 for k = 1, n do
   local id, ref, digest, sku_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local s, a = sku_at[sku_id], acct_at[ARGV[i + 4]]
-  local qty, partial, price = tonumber(ARGV[i + 5]), ARGV[i + 6] == '1', tonumber(ARGV[i + 7])
+  local qty, partial, price = num(ARGV[i + 5]), ARGV[i + 6] == '1', num(ARGV[i + 7])
   ids[k], refs[k], digests[k], records[k], prices[k], owners[k], qtys[k] = id, ref, digest, ARGV[i + 8], price, a, qty
   deadlines[k] = ARGV[i + 9] ~= '0' and ARGV[i + 9]
   i = i + 10
