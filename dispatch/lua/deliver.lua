@@ -162,7 +162,7 @@ for k = 1, n do
   if away[s] or away[nS + a] then
     out[k] = {'moved'}
   else
-    local A, S = acct(a), sku(s)
+    local A, S = accts[a] or acct(a), skus[s] or sku(s)
     local barred = A.chain and chain_refusal(A.chain, base[s])
     local first = A.opened[ref]
     if first then  -- the same external_ref twice in one call: the second is told of the first
@@ -225,6 +225,7 @@ local hour_s = int(hour)
 local packed = {sold = {}, reserved = {}}
 local got, from = {}, {}  -- a taken order's codes: got[k][from[k]] on, want[k] of them
 local kept = {}         -- a taken order's codes as its account keeps them
+local heads = {}        -- code length -> the msgpack head of a list of one code that long
 for s, S in pairs(skus) do
   if S.total > 0 then
     local meta, stats = sk(s, META), sk(s, STATS)
@@ -239,8 +240,8 @@ for s, S in pairs(skus) do
       local seq, rec = seqs[at]
       local st = deadlines[k] and 'reserved' or 'sold'
       if seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
-        local of_batch = packed[st][seq] or {}
-        packed[st][seq] = of_batch
+        local of_batch = packed[st][seq]
+        if not of_batch then of_batch = {}; packed[st][seq] = of_batch end
         rec = of_batch[w]
         if not rec then
           rec = cmsgpack.pack(st == 'sold' and {st = st, b = {seq, w}, h = hour} or {st = st, b = {seq, w}})
@@ -270,7 +271,14 @@ for s, S in pairs(skus) do
       end
       dlv[#dlv + 1] = id
       dlv[#dlv + 1] = rec
-      kept[k] = w == 1 and '\145' .. bin(codes[at]) or bin_list(codes, at, last)
+      local c = codes[at]
+      if w == 1 and #c < 256 then  -- the common case, in one concatenation
+        local head = heads[#c]
+        if not head then head = '\145\196' .. string.char(#c); heads[#c] = head end
+        kept[k] = head .. c
+      else
+        kept[k] = bin_list(codes, at, last)
+      end
       got[k], from[k] = codes, at
       at = last + 1
       local A = accts[owners[k]]
