@@ -53,8 +53,10 @@ def check_ref(ref: Any, what: str = "external_ref") -> str:
     return ref
 
 
-class OrderRec(msgspec.Struct):
-    """An order as the account scripts store it (cmsgpack map)."""
+class OrderRec(msgspec.Struct, omit_defaults=True):
+    """An order as the account scripts store it (cmsgpack map). A field at its default
+    is left out (the scripts read a missing one as its default): every field is work for
+    each script that reads the record and packs it again."""
 
     id: str
     ref: str
@@ -168,7 +170,7 @@ def decode_events(entry_id: str, fields: dict[bytes, bytes]) -> list[Event]:
     try:
         kind, at = fields[b"type"].decode(), ms_to_dt(int(fields[b"at"]))
         if b"records" in fields:
-            return [Event(event_id=f"{entry_id}.{k}", type=kind, entity="order:" + r["id"], version=int(r["v"]),
+            return [Event(event_id=f"{entry_id}.{k}", type=kind, entity="order:" + r["id"], version=int(r.get("v", 0)),
                           at=at, data=_order_event_data(r))
                     for k, r in enumerate(msgspec.msgpack.decode(fields[b"records"], type=list[dict[str, Any]]))]
         entity = fields[b"entity"].decode()
