@@ -263,7 +263,7 @@ class Inventory:
         # a batch keeps the buckets it was opened with: a resumed import puts each part where it went first
         fresh = BatchRec(batch_id=batch_id, sku=sku, supplier=supplier, unit_cost=unit_cost,
                          seq=await self._store.inventory.next_batch_seq(), created=time.time_ns() // 1_000_000,
-                         buckets=buckets)
+                         buckets=buckets, route=self._store.inventory.route(sku, buckets))
         if await self._store.inventory.create_batch(fresh):
             await self.requeue(sku, only=fresh)
             return fresh

@@ -101,8 +101,11 @@ class BatchRec(msgspec.Struct, omit_defaults=True):
     duplicate: int = 0
     malformed: int = 0
     voided: int = 0
-    #: the SKU's buckets when the batch was opened: its codes are spread over 0..buckets-1
+    #: the SKU's buckets when the batch was opened: its codes are spread over 0..buckets-1,
+    #: code i of a chunk to the bucket at i mod its length in route ("2,0,1,0"; "": the
+    #: buckets in turn)
     buckets: int = 1
+    route: str = ""
     #: Sub-batches by expiry: expiry (unix ms) -> the seq of the pool of the codes that
     #: expire then. Codes without an expiry are in the batch's own pool (seq).
     subs: dict[int, int] = {}

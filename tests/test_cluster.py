@@ -189,6 +189,27 @@ async def test_a_sku_with_a_bucket_on_every_master_sells_to_every_buyer_in_one_s
     assert await shop.audit() == []
 
 
+async def test_an_import_gives_every_master_an_equal_share_of_a_spread_sku(shop: Engine) -> None:
+    """Buckets land on masters by hash slot, so a master may hold more of a SKU's buckets
+    than another; each master still gets a third of a batch, each bucket its part of it."""
+    def masters_of_buckets(sku: str, n: int) -> dict[str, list[int]]:
+        on: dict[str, list[int]] = {}
+        for b in range(n):
+            on.setdefault(shop.store.node_of(keys.sku_tag(keys.bucket_shard(sku, b))), []).append(b)
+        return on
+
+    sku = next(f"u{i}" for i in range(1000) if sorted(map(len, masters_of_buckets(f"u{i}", 4).values())) == [1, 1, 2])
+    await shop.create_sku(sku, "Uneven", 100, "CNY", 100, buckets=4)
+    await shop.import_codes(codes_text("UNEV", 600), sku=sku, supplier="sup", unit_cost=50)
+    held = {b: int(await shop.store.client.hget(keys.SkuKeys(keys.bucket_shard(sku, b)).stats, "available"))
+            for b in range(4)}
+    per_master = {m: sum(held[b] for b in bs) for m, bs in masters_of_buckets(sku, 4).items()}
+    assert sorted(per_master.values()) == [200, 200, 200] and sum(held.values()) == 600
+    assert sorted(held.values()) == [100, 100, 200, 200]
+    assert (await shop.stock(sku)).available == 600
+    assert await shop.audit() == []
+
+
 def test_the_cli_spreads_a_sku_over_every_master(flushed_cluster_url: str, tmp_path: os.PathLike[str],
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ fingerprints that dedupe every code ever imported, and the fingerprint key."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,24 @@ class InventoryStore:
     def _batch_shards(batch: BatchRec) -> list[str]:
         """The buckets a batch's codes were spread over."""
         return [keys.bucket_shard(batch.sku, b) for b in range(batch.buckets)]
+
+    def route(self, sku: str, buckets: int) -> str:
+        """Where a new batch of *sku* spread over *buckets* puts its codes (BatchRec.route):
+        an equal share on every master that holds some of the buckets, as the cluster's
+        slots are served now, and on each master an equal share to each of its buckets;
+        "" (the buckets in turn) where that is the same. A purchase takes from a bucket on
+        its buyer's master, and buyers' accounts fall on the masters evenly: an equal
+        share per bucket would leave a master with fewer buckets dry first."""
+        on: dict[str, list[int]] = {}
+        for b in range(buckets):
+            on.setdefault(self._db.node_of(keys.sku_tag(keys.bucket_shard(sku, b))), []).append(b)
+        counts = [len(held) for held in on.values()]
+        if len(set(counts)) <= 1:
+            return ""
+        turns = math.lcm(*counts)
+        if turns > keys.MAX_BUCKETS:  # a longer route than the buckets are worth: near enough
+            turns = max(counts)
+        return ",".join(str(held[t % len(held)]) for t in range(turns) for held in on.values())
 
     # ---- batches -------------------------------------------------------------------
     async def next_batch_seq(self) -> int:
@@ -167,13 +186,21 @@ class InventoryStore:
         batch is voided.
 
         A batch spread over buckets puts every one of them a share of each chunk's codes
-        (code i goes to bucket i mod buckets), each part once (under the chunk's number in
-        that bucket); a sub-batch's pool and its expiry are in each bucket that has a share."""
+        (code i goes to the bucket at i mod its length in its route), each part once
+        (under the chunk's number in that bucket); a sub-batch's pool and its expiry are in
+        each bucket that has a share."""
         shards = self._batch_shards(batch)
+        route = [int(b) for b in batch.route.split(",")] if batch.route else list(range(len(shards)))
         calls, told = [], []
         for seq, chunk, digest, codes, expires in chunks:
+            parts: list[list[bytes]] = [[] for _ in shards]
+            if len(shards) == 1:
+                parts[0] = codes
+            else:
+                for at, b in enumerate(route):
+                    parts[b] += codes[at::len(route)]
             for b, shard in enumerate(shards):
-                part = codes[b::len(shards)] if len(shards) > 1 else codes
+                part = parts[b]
                 if part or b == 0:
                     k = keys.SkuKeys(shard)
                     calls.append((k.all, [k.pool_prefix, seq, chunk, digest, expires], (part,)))
