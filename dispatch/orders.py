@@ -117,15 +117,18 @@ class Orders:
                       plan_of(oid, buckets, spread), margins)
         where = self._store.orders.together(distributor, sku, p.plan)
         if where is not None:  # one atomic step on the node: no saga task needed
-            try:
-                order = await self._at_once(distributor, p, *where)
-            except OutOfStockError:
-                if spread == 1:
-                    raise
-                order = None  # that bucket is empty, nothing was recorded: the saga looks in every bucket
-            if order is not None:
+            node, buckets = where
+            for bucket in buckets:
+                try:
+                    order = await self._at_once(distributor, p, node, bucket)
+                except OutOfStockError:
+                    if spread == 1:
+                        raise
+                    continue  # that bucket is empty, nothing was recorded: the next one on the node
+                if order is None:  # a slot moved: the saga follows redirects
+                    break
                 return order
-        return await self._sagas.run(self._saga(distributor, p))
+        return await self._sagas.run(self._saga(distributor, p))  # it looks in every bucket
 
     async def _at_once(self, distributor: str, p: BeginItem, node: str, bucket: int) -> Order | None:
         """A purchase where *node* holds the account and *bucket* of the SKU: one script

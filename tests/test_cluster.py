@@ -210,6 +210,25 @@ async def test_an_import_gives_every_master_an_equal_share_of_a_spread_sku(shop:
     assert await shop.audit() == []
 
 
+async def test_a_dry_bucket_sends_its_buyer_to_another_on_the_same_master(shop: Engine) -> None:
+    sku = next(f"p{i}" for i in range(1000)
+               if shop.store.node_of(keys.sku_tag(f"p{i}")) == shop.store.node_of(keys.sku_tag(f"p{i}~1")))
+    buyer = next(f"c{i}" for i in range(1000)
+                 if shop.store.node_of(keys.acct_tag(f"c{i}")) == shop.store.node_of(keys.sku_tag(sku)))
+    await shop.create_distributor(buyer, buyer)
+    await shop.topup(buyer, 10_000, "seed")
+    await shop.create_sku(sku, "Pair", 100, "CNY", 100)
+    await shop.import_codes(codes_text("PAIR", 40), sku=sku, supplier="sup", unit_cost=50)
+    await shop.update_sku(sku, buckets=2)  # bucket 1 is new and empty; each order looks there first by even odds
+    before = shop.coalescer_stats()
+    got = [await shop.purchase(buyer, sku, 1, f"pair-{i}") for i in range(40)]
+    after = shop.coalescer_stats()
+    assert after["begin"] == before["begin"]  # every one in one step
+    assert after["deliver"][1] - before["deliver"][1] > 40  # some tried the dry bucket first
+    assert len({o.codes[0].code for o in got}) == 40 and (await shop.stock(sku)).available == 0
+    assert await shop.audit() == []
+
+
 def test_the_cli_spreads_a_sku_over_every_master(flushed_cluster_url: str, tmp_path: os.PathLike[str],
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -302,18 +302,17 @@ class OrderStore:
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]
                 for (shard, items), got in zip(batches.items(), replies)}
 
-    def together(self, dist: str, sku: str, plan: str) -> tuple[str, int] | None:
-        """Where one node holds the distributor's account and a shard of the SKU (the
-        first bucket of the plan that it holds): (that node, the bucket). Always the one
-        Redis; on a cluster, the master of the account if it holds one, else None."""
+    def together(self, dist: str, sku: str, plan: str) -> tuple[str, list[int]] | None:
+        """Where one node holds the distributor's account and shards of the SKU: (that
+        node, the buckets of the plan it holds, in the plan's order). On one Redis the
+        plan's first bucket only (the saga looks in the others, each once); on a cluster,
+        on the master of the account if it holds any, else None."""
         buckets = [int(b) for b in plan.split(",")] if plan else [0]
         if not self._db.cluster:
-            return NODE, buckets[0]
+            return NODE, buckets[:1]
         home = self._db.node_of(self._acct(dist)[0])
-        for b in buckets:
-            if self._db.node_of(self._sku(keys.bucket_shard(sku, b)).meta) == home:
-                return home, b
-        return None
+        here = [b for b in buckets if self._db.node_of(self._sku(keys.bucket_shard(sku, b)).meta) == home]
+        return (home, here) if here else None
 
     # ---- reads ---------------------------------------------------------------------
     async def order(self, dist: str, order_id: str) -> tuple[OrderRec | None, list[bytes]]:
