@@ -12,9 +12,9 @@ the fsync, are shared by the orders it carries).
 
 The catalogue is a shop's in steady selling, the same on both sides:
 - each SKU holds twice the orders the run makes of it (--stock), so the measured run
-  is selling, not selling out. A spread SKU's buckets hold equal shares, and a bucket
-  that runs dry sends its master's buyers to the saga, which looks in every bucket:
-  a sell-out's tail, which --stock 1 shows in the one-step column.
+  is selling, not selling out. --stock 1 shows a sell-out: once a spread SKU's
+  buckets on a master are dry, that master's buyers go on as sagas, which look in
+  every bucket (the one-step column).
 - the distributors' ids are picked so their accounts fall on the masters in turn, as
   a shop's many accounts do by their hash (with a few ids picked blindly, one master
   can hold half of them and so take half the orders).
