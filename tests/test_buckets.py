@@ -193,3 +193,21 @@ async def test_pausing_a_spread_sku_stops_every_bucket(shop: Engine) -> None:
     assert all(isinstance(r, Order) for r in await buy_all(shop, 3, "q"))
     assert (await shop.stock("g100")).sold == 3
     assert await shop.audit() == []
+
+
+async def test_delivery_records_are_a_hash_table_from_the_start(shop: Engine) -> None:
+    """A small hash is a flat list that every new field scans: a SKU's delivery records
+    are pinned a hash table from its creation (keys.DLV_PIN), and readers skip the pin."""
+    async def encodings() -> list[bytes]:
+        return [await shop.store.client.object("encoding", keys.SkuKeys(s).dlv) for s in ("g100", "g100~1")]
+
+    await shop.update_sku("g100", buckets=2)
+    assert await encodings() == [b"hashtable", b"hashtable"]
+    await shop.store.client.delete(keys.SkuKeys("g100").dlv)  # as a SKU made before the pin
+    await shop.update_sku("g100", price=9100)
+    assert await encodings() == [b"hashtable", b"hashtable"]
+    await stock_up(shop, 4)
+    order = await shop.purchase("acme", "g100", 1, "pinned")
+    deliveries = {**await shop.store.inventory.deliveries("g100"), **await shop.store.inventory.deliveries("g100~1")}
+    assert list(deliveries) == [order.order_id]
+    assert await shop.audit() == []

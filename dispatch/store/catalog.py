@@ -46,8 +46,8 @@ class CatalogStore:
         buckets = int(fields.get("buckets", 1))
         if await self._db.put(keys.SkuKeys(sku).meta, "create", {**fields, "spread": buckets}) != "ok":
             return False
-        await self._pin_deliveries([sku])
         await self._copy_meta(sku, buckets, {})  # a new SKU has no codes to sell yet
+        await self._pin_deliveries(sku, buckets)
         return True
 
     async def update_sku(self, sku: str, fields: dict[str, Any]) -> bool:
@@ -58,7 +58,10 @@ class CatalogStore:
             spread = max(spread, int(fields["buckets"]))
             fields = {**fields, "spread": spread}
         await self._copy_meta(sku, spread, fields)
-        return await self._db.put(keys.SkuKeys(sku).meta, "update", fields) == "ok"
+        if await self._db.put(keys.SkuKeys(sku).meta, "update", fields) != "ok":
+            return False
+        await self._pin_deliveries(sku, spread)  # (a SKU made before the pin gets it here)
+        return True
 
     async def _copy_meta(self, sku: str, spread: int, changes: dict[str, Any]) -> None:
         """The SKU's metadata with *changes* copied to its buckets 1..spread-1 (their
@@ -72,13 +75,12 @@ class CatalogStore:
             meta.pop("spread", None)
             for b in range(1, spread):
                 await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).meta, mapping=meta)
-        await self._pin_deliveries([keys.bucket_shard(sku, b) for b in range(1, spread)])
 
-    async def _pin_deliveries(self, shards: list[str]) -> None:
-        """Each shard's delivery records kept a hash table from the start (keys.DLV_PIN)."""
+    async def _pin_deliveries(self, sku: str, spread: int) -> None:
+        """The delivery records of each shard of the SKU kept a hash table (keys.DLV_PIN)."""
         with translated():
-            for shard in shards:
-                await self._db.client.hset(keys.SkuKeys(shard).dlv, keys.DLV_PIN, keys.DLV_PIN_VALUE)
+            for b in range(spread):
+                await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).dlv, keys.DLV_PIN, keys.DLV_PIN_VALUE)
 
     def buckets_on_every_master(self, sku: str) -> int:
         masters, seen = set(self._db.masters()), set()
