@@ -137,8 +137,8 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, workload: s
             for s, sku in enumerate(skus):
                 spread = engine.buckets_on_every_master(sku) if workload == "zipf-spread" else 1
                 await engine.create_sku(sku, sku, 100, "CNY", 100, buckets=spread)
-                await engine.import_codes(codes(f"S{s}X", stock * int((picks == s).sum()) + 10), sku=sku, supplier="sup",
-                                          unit_cost=50)
+                await engine.import_codes(codes(f"S{s}X", stock * int((picks == s).sum()) + 10), sku=sku,
+                                          supplier="sup", unit_cost=50)
         buyers = dist_names(engine, dists)
         for d in buyers:
             await engine.create_distributor(d, d)
@@ -156,10 +156,9 @@ async def row(url: str, pids: list[int], data_dir: str, orders: int, workload: s
         wall, own, cpu = time.perf_counter() - wall0, time.process_time() - own0, [redis_cpu(p) for p in pids]
         assert await engine.audit() == []
         stats = engine.coalescer_stats()
-    calls, tried = stats["deliver"]  # tried in one step, of which the sagas took over those of a dry bucket
-    one_step = orders - stats["begin"][1]
+    calls, items = stats["deliver"]  # one-step calls and their orders, a dry bucket's tries among them
     return (orders / wall, 1e6 * own / orders, [1e6 * (b - a) / orders for a, b in zip(cpu0, cpu)],
-            one_step / orders, one_step / calls)
+            1 - stats["begin"][1] / orders, items / calls)
 
 
 def flush(servers: list[EmbeddedRedis]) -> None:
@@ -171,7 +170,8 @@ def flush(servers: list[EmbeddedRedis]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--orders", type=int, default=20_000, help="orders a row")
-    ap.add_argument("--distributors", type=int, default=9, help="buyers' accounts (their shards in turn on the masters)")
+    ap.add_argument("--distributors", type=int, default=9,
+                    help="buyers' accounts (their shards in turn on the masters)")
     ap.add_argument("--stock", type=int, default=2, help="codes a SKU holds per order the run makes of it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:

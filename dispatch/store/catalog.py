@@ -80,7 +80,8 @@ class CatalogStore:
         """The delivery records of each shard of the SKU kept a hash table (keys.DLV_PIN)."""
         with translated():
             for b in range(spread):
-                await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).dlv, keys.DLV_PIN, keys.DLV_PIN_VALUE)
+                dlv = keys.SkuKeys(keys.bucket_shard(sku, b)).dlv
+                await self._db.client.hset(dlv, keys.DLV_PIN, keys.DLV_PIN_VALUE)
 
     def buckets_on_every_master(self, sku: str) -> int:
         masters, seen = set(self._db.masters()), set()

@@ -98,12 +98,13 @@ def events_key(kind: str, id_: str) -> str:
     tag = {"dist": acct_tag, "sku": sku_tag, "supplier": supplier_tag}[kind]
     return tag(id_) + "events"
 
+
 #: A field of every SKU shard's delivery records (SkuKeys.dlv) from its creation, whose
 #: value is longer than a small hash may hold (hash-max-ziplist-value, 64 bytes by
 #: default), so Redis keeps the hash a hash table from its first order: as a small hash
-#: (a flat list) every new order's record would be a scan of every field before it, which
-#: in a catalogue of many SKUs, most with fewer than 128 orders, was a tenth of Redis's
-#: work per order. Readers of the hash skip it.
+#: (a flat list) every new order's record would be a scan of every field before it, paid
+#: by every order of a SKU with fewer than 128 (many SKUs of a catalogue;
+#: bench/redis_instructions.py's Zipf row). Readers of the hash skip it.
 DLV_PIN = "~"
 DLV_PIN_VALUE = "a hash table: this value is longer than hash-max-ziplist-value (64 bytes by default)"
 
