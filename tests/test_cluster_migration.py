@@ -22,7 +22,7 @@ from dispatch.engine import Engine
 from dispatch.models import Order
 from dispatch.store import keys
 
-from .conftest import RedisClusterProcesses, make_config
+from .conftest import RedisClusterProcesses, codes_text, make_config
 from .test_concurrency import DISTS, SKUS, Ledger, check_invariants, setup_shop
 
 pytestmark = pytest.mark.cluster
@@ -151,3 +151,48 @@ async def test_slots_migrated_under_load_keep_every_invariant(flushed_cluster_ur
         await check_invariants(engine, seen)
         print(f"{len(seen.outcomes)} orders, {done_while_moving} made while slots moved, "
               f"{retried} retryable errors retried")
+
+
+async def test_a_script_refuses_while_the_slot_of_its_keys_is_moving(flushed_cluster_url: str, redis_cluster,
+                                                                       tmp_path) -> None:
+    """A script touches keys it does not declare (a batch's pool); in a slot half moved
+    one may be on the other master already, where Redis fails the script after what it
+    wrote. Here a SKU's second pool has moved ahead of the rest of its slot, and every
+    key a one-step purchase checks is still home: an order that needs both pools is
+    refused as retryable with nothing taken, and goes through once the slot has moved."""
+    engine = Engine(make_config(tmp_path, redis_url=flushed_cluster_url), sweep=False)
+    async with engine:
+        client = engine.store.client
+        sku = "moving"
+        home = client.get_node_from_key(keys.sku_tag(sku))
+        buyer = next(d for d in (f"b{i}" for i in range(1000)) if client.get_node_from_key(keys.acct_tag(d)) == home)
+        await engine.create_supplier("sup", "Supplier")
+        await engine.create_sku(sku, "Moving", 100, "CNY", 100)
+        await engine.create_distributor(buyer, buyer)
+        await engine.topup(buyer, 10_000, "seed")
+        await engine.import_codes(codes_text("ONE", 4), sku=sku, supplier="sup", unit_cost=50, batch_id="b1")
+        await engine.import_codes(codes_text("TWO", 2), sku=sku, supplier="sup", unit_cost=50, batch_id="b2")
+        await engine.purchase(buyer, sku, 1, "sold")  # the SKU's sales counters exist,
+        held = await engine.purchase(buyer, sku, 1, "held", mode="reserve")  # and its reserved codes
+        pools = [keys.SkuKeys(sku).pool_prefix + s.decode() for s in await client.zrange(keys.SkuKeys(sku).queue, 0, -1)]
+        assert len(pools) == 2
+        slot = client.keyslot(keys.sku_tag(sku))
+        target = next(m for m in redis_cluster.masters if m.port != home.port)
+        with _node(redis_cluster, home.port) as src, _node(redis_cluster, target.port) as dst:
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER MYID"))
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst.execute_command("CLUSTER MYID"))
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", pools[1])
+            with pytest.raises(errors.StoreUnavailableError):
+                await engine.purchase(buyer, sku, 3, "across")  # the first pool's 2 codes, then the second's
+            asking = dst.pipeline(transaction=False)
+            asking.execute_command("ASKING")
+            asking.llen(pools[1])
+            assert src.llen(pools[0]) == 2 and asking.execute()[1] == 2  # nothing taken
+        assert await asyncio.to_thread(migrate, redis_cluster, slot, home.port, target.port) > 0
+        order, _ = await until_resolved(engine.purchase, buyer, sku, 3, "across")
+        assert isinstance(order, Order) and sorted(c.code[:3] for c in order.codes) == ["ONE", "ONE", "TWO"]
+        await until_resolved(engine.confirm, buyer, held.order_id)
+        stock = await engine.stock(sku)
+        assert (stock.accepted, stock.available, stock.sold) == (6, 1, 5)
+        assert await engine.audit() == []
+        assert await asyncio.to_thread(migrate, redis_cluster, slot, target.port, home.port) > 0  # as it was

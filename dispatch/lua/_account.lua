@@ -3,6 +3,7 @@
 --   1 acct  2 ledger  3 refs  4 orders  5 codes  6 index  7 leases  8 pending  9 topups
 --   10 events  11 tickets  12 claims
 -- Supplier scripts share the money helpers: their KEYS start acct, ledger too.
+if moving(KEYS[1]) then return redis.error_reply(MOVING) end
 
 -- Every balance movement is a ledger entry carrying the balance and held amount
 -- after it, so that both are always the sums of their ledger columns. An entry is

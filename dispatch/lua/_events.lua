@@ -18,6 +18,30 @@ local function int(x)
   return string.format('%d', x)
 end
 
+-- On a Redis Cluster a slot changes masters key by key. A script also touches keys it
+-- does not declare (a batch's pool, the day's spend...), which in a slot half moved may
+-- already, or still, be on the other master, where Redis fails the script, and a
+-- failed script keeps what it wrote before. So a script refuses, before it writes
+-- anything, while this master is moving or taking the slot of its shard: moving(key)
+-- (CLUSTER NODES read once a call; off a cluster it fails, and nothing moves). The
+-- engine sends a call refused with TRYAGAIN again a moment later, as Redis's own.
+local MOVING = 'TRYAGAIN this master is moving the slot of these keys to another, or taking it'
+local moving_slots  -- slot -> true
+local function moving(key)
+  if moving_slots == nil then
+    moving_slots = {}
+    local nodes = redis.pcall('CLUSTER', 'NODES')
+    if type(nodes) == 'string' and (string.find(nodes, '->-', 1, true) or string.find(nodes, '-<-', 1, true)) then
+      for line in string.gmatch(nodes, '[^\n]+') do
+        if string.find(line, 'myself', 1, true) then
+          for slot in string.gmatch(line, '%[(%d+)%-[<>]%-') do moving_slots[tonumber(slot)] = true end
+        end
+      end
+    end
+  end
+  return next(moving_slots) ~= nil and moving_slots[redis.call('CLUSTER', 'KEYSLOT', key)] == true
+end
+
 local NOW
 local function now_ms()
   if NOW == nil then

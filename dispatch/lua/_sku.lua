@@ -6,6 +6,7 @@
 -- ARGV[1] is always the pool prefix: a batch's pool is the LIST pool_prefix .. seq.
 
 local POOL = ARGV[1]
+if moving(KEYS[1]) then return redis.error_reply(MOVING) end
 
 -- A batch's place in the sale order: lowest first; oldest first unless scored.
 local function score_of(seq)

@@ -45,15 +45,17 @@ local META, STATS, QUEUE, DLV, BSTAT, SALES, SKU_EVENTS, DLV_CODES = 1, 2, 3, 4,
 local ACCT, LEDGER, REFS, ORDERS, CODES, INDEX, EVENTS, LEASES = 1, 2, 3, 4, 5, 6, 7, 8
 -- On a Redis Cluster the shards of a call hash to several slots of one master. Each
 -- shard's keys are touched before anything is written: a shard whose slot has moved
--- (or is moving) away is away, and its orders are answered "moved" untouched, for the
--- engine to send as sagas, which follow redirects.
+-- away, or is being moved (moving, _events.lua), is away, and its orders are answered
+-- "moved" untouched, for the engine to send as sagas, which follow redirects.
 local K = KEYS
 local away = {}  -- block number (SKUs first, then accounts) -> true
 if nK > 0 then
   K = {}
   for x = 1, nK do K[x] = ARGV[5 + nS + nA + x] end
   for b = 1, nS + nA do
-    if type(redis.pcall('EXISTS', unpack(K, b * 8 - 7, b * 8))) == 'table' then away[b] = true end
+    if moving(K[b * 8 - 7]) or type(redis.pcall('EXISTS', unpack(K, b * 8 - 7, b * 8))) == 'table' then
+      away[b] = true
+    end
   end
 end
 local function sk(s, k) return K[(s - 1) * 8 + k] end
