@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from dispatch import errors
+from dispatch import SyncEngine, errors
+from dispatch.cli import main
 from dispatch.engine import Engine
 from dispatch.models import Order
 from dispatch.records import encode, new_id
@@ -232,9 +233,6 @@ async def test_a_dry_bucket_sends_its_buyer_to_another_on_the_same_master(shop: 
 def test_the_cli_spreads_a_sku_over_every_master(flushed_cluster_url: str, tmp_path: os.PathLike[str],
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from dispatch import SyncEngine
-    from dispatch.cli import main
-
     config = make_config(tmp_path, redis_url=flushed_cluster_url)
     for name, value in (("DISPATCH_REDIS_URL", flushed_cluster_url), ("DISPATCH_DATA_DIR", config.data_dir),
                         ("DISPATCH_MASTER_KEY", config.master_key)):
