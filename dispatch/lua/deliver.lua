@@ -1,7 +1,11 @@
 -- deliver(keys=[SKU keys x nS, account keys x nA],
 --         args=[nS, nA, shard ids x nS, distributor ids x nA, n, gate (1: only verified distributors buy), 0,
---               n x (order_id, external_ref, digest, shard, distributor, qty, allow_partial, unit_price, record,
---                    deadline), margins (_margins.lua: m, m x (k, c, c margins))])
+--               nT, nT x terms (qty, allow_partial, unit_price, deadline),
+--               n x (order_id, external_ref, record, where), margins (_margins.lua: m, m x (k, c, c margins))])
+-- An order's shard, distributor and terms are numbers from 0, in one: where =
+-- (terms x nS + shard) x nA + distributor. The arguments are a tenth of Redis's work per
+-- order: so each distinct terms go once a call, and the request's digest is read from
+-- its record, only where an external_ref comes again.
 -- On a Redis Cluster, whose EVAL refuses declared keys of several slots, the same keys
 -- come in the args instead: keys=[the first of them, to route the call], and the 0
 -- after gate is their count, followed by them (see "On a Redis Cluster" below).
@@ -15,8 +19,8 @@
 -- cluster (take.lua, commit.lua), and it ends with settle.lua, both sides at once.
 -- KEYS come in blocks of 8, the SKUs' then the accounts' (the keys of SkuKeys and
 -- AcctKeys this script uses, in the order of DELIVER_SKU_KEYS and DELIVER_ACCT_KEYS,
--- dispatch/store/orders.py); an order names its SKU and distributor, found in the
--- header's ids.
+-- dispatch/store/orders.py); an order's terms name its SKU and distributor by their
+-- place in the header.
 -- The record (delivered, version 1; or reserved, version 0) is packed by the engine for
 -- qty codes; one that gets fewer (allow_partial) is repacked here.
 -- The work is done once per SKU and per account, not per order: the pops, the
@@ -40,7 +44,8 @@ local nS, nA = tonumber(ARGV[1]), tonumber(ARGV[2])
 local n = tonumber(ARGV[3 + nS + nA])
 local gate = ARGV[4 + nS + nA] == '1'  -- only verified distributors may buy (_limits.lua)
 local nK = tonumber(ARGV[5 + nS + nA])
-local FIRST = 6 + nS + nA + nK  -- the first order's first field
+local nT = tonumber(ARGV[6 + nS + nA + nK])
+local FIRST = 7 + nS + nA + nK + nT * 4  -- the first order's first field
 local META, STATS, QUEUE, DLV, BSTAT, SALES, SKU_EVENTS, DLV_CODES = 1, 2, 3, 4, 5, 6, 7, 8
 local ACCT, LEDGER, REFS, ORDERS, CODES, INDEX, EVENTS, LEASES = 1, 2, 3, 4, 5, 6, 7, 8
 -- On a Redis Cluster the shards of a call hash to several slots of one master. Each
@@ -60,14 +65,12 @@ if nK > 0 then
 end
 local function sk(s, k) return K[(s - 1) * 8 + k] end
 local function ak(a, k) return K[(nS + a - 1) * 8 + k] end
-local sku_at, acct_at, base, bucket = {}, {}, {}, {}
+local base, bucket = {}, {}
 for s = 1, nS do
   local id = ARGV[2 + s]
-  sku_at[id] = s
   local tilde = string.find(id, '~', 1, true)  -- a bucket: the SKU it is of
   base[s], bucket[s] = tilde and string.sub(id, 1, tilde - 1) or id, tilde ~= nil
 end
-for a = 1, nA do acct_at[ARGV[2 + nS + a]] = a end
 local now = now_ms()
 
 -- Codes as the account's orders keep them: a msgpack array of bin strings. The SKU's
@@ -121,16 +124,27 @@ local function acct(a)
   return st
 end
 
+-- The call's terms, from 1.
+local terms = {}
+do
+  local j = 7 + nS + nA + nK
+  for t = 1, nT do
+    terms[t] = {qty = tonumber(ARGV[j]), partial = ARGV[j + 1] == '1', price = tonumber(ARGV[j + 2]),
+                deadline = ARGV[j + 3] ~= '0' and ARGV[j + 3]}
+    j = j + 4
+  end
+end
+
 -- 0. every external_ref of the call, looked up with one HMGET per account
 local earlier_id = {}
 do
   local asked = {}
   local j = FIRST
   for _ = 1, n do
-    local a = acct_at[ARGV[j + 4]]
+    local a = tonumber(ARGV[j + 3]) % nA + 1
     asked[a] = asked[a] or {}
     asked[a][#asked[a] + 1] = ARGV[j + 1]
-    j = j + 10
+    j = j + 4
   end
   for a = 1, nA do if away[nS + a] then asked[a] = nil end end
   for a, list in pairs(asked) do
@@ -143,23 +157,22 @@ end
 
 -- 1. decide, in order. out[k]: the reply of an order refused or found; a taken one has none yet
 local out, want, again = {}, {}, {}
-local ids, refs, digests, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}, {}
+local ids, refs, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}
 local amounts = {}  -- amount -> its ledger text
-local margins = read_margins(FIRST + n * 10)  -- k -> per code, root first: sub orders only
-local numbers = {}  -- the orders' quantities and prices repeat: each string is read as a number once
-local function num(text)
-  local x = numbers[text]
-  if not x then x = tonumber(text); numbers[text] = x end
-  return x
-end
+local margins = read_margins(FIRST + n * 4)  -- k -> per code, root first: sub orders only
+local function digest_of(record) return cmsgpack.unpack(record).digest end
 local i = FIRST
 for k = 1, n do
-  local id, ref, digest, sku_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local s, a = sku_at[sku_id], acct_at[ARGV[i + 4]]
-  local qty, partial, price = num(ARGV[i + 5]), ARGV[i + 6] == '1', num(ARGV[i + 7])
-  ids[k], refs[k], digests[k], records[k], prices[k], owners[k], qtys[k] = id, ref, digest, ARGV[i + 8], price, a, qty
-  deadlines[k] = ARGV[i + 9] ~= '0' and ARGV[i + 9]
-  i = i + 10
+  local id, ref, w = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 3])
+  local a = w % nA
+  w = (w - a) / nA
+  local s = w % nS
+  local T = terms[(w - s) / nS + 1]
+  s, a = s + 1, a + 1
+  local qty, partial, price = T.qty, T.partial, T.price
+  ids[k], refs[k], records[k], prices[k], owners[k], qtys[k], deadlines[k] = id, ref, ARGV[i + 2], price, a, qty,
+                                                                             T.deadline
+  i = i + 4
   want[k] = 0
   if away[s] or away[nS + a] then
     out[k] = {'moved'}
@@ -168,12 +181,13 @@ for k = 1, n do
     local barred = A.chain and chain_refusal(A.chain, base[s])
     local first = A.opened[ref]
     if first then  -- the same external_ref twice in one call: the second is told of the first
-      if digests[first] == digest then again[k] = first else out[k] = {'conflict', ids[first]} end
+      if digest_of(records[first]) == digest_of(records[k]) then again[k] = first
+      else out[k] = {'conflict', ids[first]} end
     else
       local earlier = earlier_id[a][ref]
       if earlier then
         local rec = redis.call('HGET', ak(a, ORDERS), earlier)
-        if cmsgpack.unpack(rec).digest == digest then
+        if digest_of(rec) == digest_of(records[k]) then
           out[k] = {'exists', earlier, rec, redis.call('HGET', ak(a, CODES), earlier) or ''}
         else
           out[k] = {'conflict', earlier}

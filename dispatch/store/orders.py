@@ -54,7 +54,7 @@ class BeginItem(NamedTuple):
     partial: int
     plan: str = ""
     #: a sub-distributor's order: its ancestors' margins per code, root first (not a
-    #: field of the item: the script reads them after every item, see _packed)
+    #: field of the item: the script reads them after every item, see _margins)
     margins: tuple[int, ...] = ()
 
 
@@ -110,16 +110,20 @@ class SettleItem(NamedTuple):
 
 
 def _packed(items: Sequence[Any]) -> list[Sequence[Any]]:
-    """The fields of deliver's or begin's items (all but margins), then the margins of the
-    sub-distributors' orders among them, as the scripts read them after the items
-    (_margins.lua, read_margins): m, then per such order its index (from 1), the count and
-    the margins."""
+    """The fields of begin's items (all but margins), then their margins (_margins)."""
+    return [*(item[:-1] for item in items), _margins(items)]
+
+
+def _margins(items: Sequence[Any]) -> list[int]:
+    """The margins of the sub-distributors' orders among deliver's or begin's items, as the
+    scripts read them after the items (_margins.lua, read_margins): m, then per such order
+    its index (from 1), the count and the margins."""
     tail: list[int] = [0]
     for k, item in enumerate(items, 1):
         if item.margins:
             tail[0] += 1
             tail += [k, len(item.margins), *item.margins]
-    return [*(item[:-1] for item in items), tail]
+    return tail
 
 
 def _account_refusal(step: str, reply: list[Any], dist: str, ref: str, cost: int) -> DispatchError:
@@ -252,17 +256,30 @@ class OrderStore:
         if kind == "sku":
             k = self._sku(shard)
             return k.all, [k.pool_prefix, len(items)], items
-        skus = list(dict.fromkeys(item.sku for item in items))
-        dists = list(dict.fromkeys(item.distributor for item in items))
+        skus: dict[str, int] = {}
+        dists: dict[str, int] = {}
+        terms: dict[tuple[int, int, int, int], int] = {}
+        for item in items:
+            skus.setdefault(item.sku, len(skus))
+            dists.setdefault(item.distributor, len(dists))
+            terms.setdefault((item.qty, item.partial, item.unit_price, item.deadline), len(terms))
+        nS, nA = len(skus), len(dists)
+        rows: list[Sequence[Any]] = [  # where: an order's terms, shard and distributor in one (deliver.lua)
+            (item.order_id, item.ref, item.record,
+             (terms[item.qty, item.partial, item.unit_price, item.deadline] * nS + skus[item.sku]) * nA
+             + dists[item.distributor])
+            for item in items]
         keys_: list[str] = []
         for sku in skus:
             keys_ += self._deliver_keys(sku, "sku")
         for dist in dists:
             keys_ += self._deliver_keys(dist, "dist")
-        head = [len(skus), len(dists), *skus, *dists, len(items), int(self._db.require_verification)]
+        head = [nS, nA, *skus, *dists, len(items), int(self._db.require_verification)]
+        tail = [len(terms), *(x for t in terms for x in t)]
+        rows.append(_margins(items))
         if self._db.cluster:  # the keys of several slots of one master: in the args (deliver.lua)
-            return keys_[:1], [*head, len(keys_), *keys_], _packed(items)
-        return keys_, [*head, 0], _packed(items)
+            return keys_[:1], [*head, len(keys_), *keys_, *tail], rows
+        return keys_, [*head, 0, *tail], rows
 
     def _deliver_keys(self, id_: str, kind: str) -> list[str]:
         """The keys of a SKU or an account that deliver.lua uses, in its order."""
