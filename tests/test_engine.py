@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import msgspec
 import pytest
+import redis.asyncio as aredis
 
 from dispatch import errors
 from dispatch.engine import Engine
@@ -229,6 +230,27 @@ async def test_reserve_confirm_cancel(shop: Engine) -> None:
     assert len({c.code for c in again.codes} & {c.code for c in done.codes}) == 0
     with pytest.raises(errors.NotFoundError):
         await shop.confirm("beta", r.order_id)
+    assert await shop.audit() == []
+
+
+async def test_an_ended_reservation_has_its_changed_fields_appended_to_its_record(
+        shop: Engine, flushed_redis_url: str) -> None:
+    await stock_up(shop, 2)
+    r = await shop.purchase("acme", "g100", 2, "res-patch", mode="reserve", reserve_ttl_s=60)
+    done = await shop.confirm("acme", r.order_id)
+    client = aredis.Redis.from_url(flushed_redis_url)
+    raw = await client.hget(keys.AcctKeys("acme").orders, r.order_id)
+    await client.aclose()
+    # settle.lua appends what changed rather than packing the record again: each reader
+    # keeps a key's last value
+    assert b"\xa6status\xa8reserved" in raw and raw.endswith(b"\xa1v\x01")
+    assert raw.index(b"\xa6status\xa8reserved") < raw.index(b"\xa6status\xa9delivered")
+    stored = await shop.get_order("acme", r.order_id)
+    assert (stored.status, stored.codes) == ("delivered", done.codes)
+    assert (await shop.balance("acme")).held == 0
+    # a script reading it (cmsgpack) sees the last values too: after-sales needs it delivered
+    ticket = await shop.open_ticket("acme", r.order_id, done.codes[0].code, "used")
+    assert ticket.status == "open"
     assert await shop.audit() == []
 
 

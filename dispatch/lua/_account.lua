@@ -23,13 +23,21 @@ local function money()
   return balance, held
 end
 
+-- The amounts of a call's entries repeat (one price, one hold), and its time is one:
+-- each is formatted once.
+local texts = {}
+local now_text
 local function ledger(kind, ref, balance_delta, held_delta)
   money()
   balance, held = balance + balance_delta, held + held_delta
   moved_balance, moved_held = moved_balance + balance_delta, moved_held + held_delta
   if kind == 'purchase' or kind == 'refund' then paid = paid - balance_delta end
-  entries[#entries + 1] = string.format('%s\31%s\31%d\31%d\31%d\31%d\31%d', kind, ref, balance_delta, held_delta,
-                                        balance, held, now_ms())
+  local b, h = texts[balance_delta], texts[held_delta]
+  if not b then b = int(balance_delta); texts[balance_delta] = b end
+  if not h then h = int(held_delta); texts[held_delta] = h end
+  now_text = now_text or int(now_ms())
+  entries[#entries + 1] = kind .. '\31' .. ref .. '\31' .. b .. '\31' .. h .. '\31' .. int(balance) .. '\31' .. int(held)
+                          .. '\31' .. now_text
   return balance, held
 end
 
@@ -62,6 +70,27 @@ local saved = {}
 local function save(o)
   saved[#saved + 1] = o.id
   saved[#saved + 1] = cmsgpack.pack(o)
+end
+
+-- A record changed in a few fields is not unpacked and packed again: the fields (msgpack
+-- key and value pairs, count of them) are appended to its map, whose readers (msgspec,
+-- cmsgpack) keep the last value of a key met twice. Saved as save() does; returns it.
+local function save_patched(id, raw, fields, count)
+  local b = string.byte(raw, 1)
+  local n, body
+  if b >= 0x80 and b <= 0x8f then
+    n, body = b - 0x80, 2
+  elseif b == 0xde then
+    n, body = string.byte(raw, 2) * 256 + string.byte(raw, 3), 4
+  else
+    error({err = 'ERR the record of order ' .. id .. ' is not a msgpack map'})
+  end
+  n = n + count
+  local patched = (n < 16 and string.char(0x80 + n) or string.char(0xde, math.floor(n / 256), n % 256))
+                  .. string.sub(raw, body) .. fields
+  saved[#saved + 1] = id
+  saved[#saved + 1] = patched
+  return patched
 end
 
 local function flush_saved()
