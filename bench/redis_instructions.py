@@ -64,19 +64,25 @@ class Counted:
     def _control(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(self.server.pid)], check=True, capture_output=True)
 
-    async def measure(self, work: Callable[[], Awaitable[int]]) -> float:
-        """Instructions per order of *work* (which returns its number of orders)."""
+    async def measure(self, work: Callable[[], Awaitable[int]]) -> tuple[float, float]:
+        """Instructions and append-only-file bytes per order of *work* (which returns its
+        number of orders)."""
         for f in glob.glob(os.path.join(self.out, "cg.*.*")):
             os.remove(f)
+        aof = self.aof_size()
         self._control("-i", "on")
         orders = await work()
         self._control("-i", "off")
+        aof = self.aof_size() - aof
         self._control("-d")
         total = 0
         for f in glob.glob(os.path.join(self.out, "cg.*.*")):
             with open(f) as fh:
                 total += sum(int(line.split()[1]) for line in fh if line.startswith("totals:"))
-        return total / orders
+        return total / orders, aof / orders
+
+    def aof_size(self) -> int:
+        return int(redis.Redis.from_url(self.server.url).info("persistence")["aof_current_size"])
 
 
 def record(status: str, deadline: int = 0) -> bytes:
@@ -87,7 +93,7 @@ def record(status: str, deadline: int = 0) -> bytes:
                            updated=0, dat=0, v=0 if deadline else 1))
 
 
-async def engine_rows(counted: Counted, data_dir: str) -> dict[str, float]:
+async def engine_rows(counted: Counted, data_dir: str) -> dict[str, tuple[float, float]]:
     rows = {}
     url = counted.server.url
     for label, skus, batch, warm, n in (("deliver, 1 SKU", 1, 64, 6_400, 6_400),
@@ -135,7 +141,7 @@ async def engine_rows(counted: Counted, data_dir: str) -> dict[str, float]:
     return rows
 
 
-async def floor_row(counted: Counted) -> float:
+async def floor_row(counted: Counted) -> tuple[float, float]:
     r = redis.asyncio.Redis.from_url(counted.server.url)
     await r.flushall()
     sha = await r.script_load(ceiling.DELIVER)
@@ -171,9 +177,10 @@ def main() -> None:
             rows["floor"] = asyncio.run(floor_row(counted))
         finally:
             counted.server.stop()
-    print("Redis instructions per order (callgrind; the kernel's work for Redis is not counted)")
-    for label, n in rows.items():
-        print(f"{label:18} {n:>10,.0f}")
+    print("per order: Redis instructions (callgrind; the kernel's work for Redis is not counted), "
+          "and bytes appended to the AOF")
+    for label, (n, aof) in rows.items():
+        print(f"{label:18} {n:>10,.0f} {aof:>8,.0f}")
 
 
 if __name__ == "__main__":
