@@ -195,19 +195,31 @@ async def test_pausing_a_spread_sku_stops_every_bucket(shop: Engine) -> None:
     assert await shop.audit() == []
 
 
-async def test_delivery_records_are_a_hash_table_from_the_start(shop: Engine) -> None:
-    """A small hash is a flat list that every new field scans: a SKU's delivery records
-    are pinned a hash table from its creation (keys.DLV_PIN), and readers skip the pin."""
+async def test_the_hashes_a_purchase_reads_are_hash_tables_from_the_start(shop: Engine) -> None:
+    """A small hash is a flat list that every field read or added scans: an account, and a
+    SKU's metadata, counters and delivery records, are pinned hash tables from their
+    creation (keys.PIN), and readers skip the pin."""
+    skus = [keys.SkuKeys(s) for s in ("g100", "g100~1")]
+
     async def encodings() -> list[bytes]:
-        return [await shop.store.client.object("encoding", keys.SkuKeys(s).dlv) for s in ("g100", "g100~1")]
+        return [await shop.store.client.object("encoding", key)
+                for key in [*(k for s in skus for k in (s.meta, s.stats, s.dlv)), keys.AcctKeys("acme").acct]]
 
     await shop.update_sku("g100", buckets=2)
-    assert await encodings() == [b"hashtable", b"hashtable"]
-    await shop.store.client.delete(keys.SkuKeys("g100").dlv)  # as a SKU made before the pin
+    assert await encodings() == [b"hashtable"] * 7
+    for s in skus:  # as a SKU made before the pin
+        await shop.store.client.hdel(s.meta, keys.PIN)
+        await shop.store.client.hdel(s.stats, keys.PIN)
+        await shop.store.client.delete(s.dlv)
     await shop.update_sku("g100", price=9100)
-    assert await encodings() == [b"hashtable", b"hashtable"]
+    assert await encodings() == [b"hashtable"] * 7
     await stock_up(shop, 4)
     order = await shop.purchase("acme", "g100", 1, "pinned")
     deliveries = {**await shop.store.inventory.deliveries("g100"), **await shop.store.inventory.deliveries("g100~1")}
     assert list(deliveries) == [order.order_id]
+    state = await shop.store.catalog.sku("g100")
+    assert keys.PIN not in state.meta and keys.PIN not in state.stats
+    assert keys.PIN not in await shop.store.catalog.counters("g100~1")
+    assert (await shop.stock("g100")).available == 3
+    assert (await shop.get_distributor("acme")).name
     assert await shop.audit() == []

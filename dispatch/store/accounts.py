@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AccountStore", "AccountRow", "LedgerRow"]
 
+_PIN = keys.PIN.encode()
+
 #: A ledger entry as stored (see _account.lua): kind, ref, amount, held delta, balance, held, ms.
 LedgerRow = list[str]
 
@@ -44,7 +46,7 @@ class AccountStore:
         """A new account with *fields*; False if it exists."""
         with translated():
             await self._db.client.sadd(keys.DISTS, dist)
-        return await self._db.put(keys.AcctKeys(dist).acct, "create", fields) == "ok"
+        return await self._db.put(keys.AcctKeys(dist).acct, "create", {**fields, keys.PIN: keys.PIN_VALUE}) == "ok"
 
     async def add_child(self, parent: str, child: str) -> None:
         with translated():
@@ -66,8 +68,8 @@ class AccountStore:
         return int(reply[1])
 
     async def update(self, dist: str, fields: dict[str, Any]) -> bool:
-        """False if there is no such account."""
-        return await self._db.put(keys.AcctKeys(dist).acct, "update", fields) == "ok"
+        """False if there is no such account. (An account made before keys.PIN gets it here.)"""
+        return await self._db.put(keys.AcctKeys(dist).acct, "update", {**fields, keys.PIN: keys.PIN_VALUE}) == "ok"
 
     async def fields(self, dist: str, names: list[str]) -> list[bytes | None]:
         """Fields *names* of the account's hash, as stored (None where absent)."""
@@ -86,7 +88,8 @@ class AccountStore:
             raw = await self._db.client.hgetall(keys.AcctKeys(dist).acct)
         if not raw:
             return None
-        return msgspec.convert({k.decode(): v.decode() for k, v in raw.items()}, AccountRow, strict=False)
+        return msgspec.convert({k.decode(): v.decode() for k, v in raw.items() if k != _PIN}, AccountRow,
+                               strict=False)
 
     async def rate_limit(self, dist: str) -> int | None:
         """The account's own rate limit; None when it has none (or there is no account)."""

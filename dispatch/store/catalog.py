@@ -29,10 +29,13 @@ COUNTERS = ("accepted", "available", "reserved", "sold", "voided", "invalidated"
 _SUMMED = (*COUNTERS, "expiring")
 
 
+_PIN = keys.PIN.encode()
+
+
 def _sku_state(meta: dict[bytes, bytes], stats: dict[bytes, bytes]) -> SkuState:
-    m = {a.decode(): b.decode() for a, b in meta.items()}
+    m = {a.decode(): b.decode() for a, b in meta.items() if a != _PIN}
     spread = int(m.pop("spread", 1))
-    return SkuState(m, {a.decode(): int(b) for a, b in stats.items()}, spread)
+    return SkuState(m, {a.decode(): int(b) for a, b in stats.items() if a != _PIN}, spread)
 
 
 class CatalogStore:
@@ -47,7 +50,7 @@ class CatalogStore:
         if await self._db.put(keys.SkuKeys(sku).meta, "create", {**fields, "spread": buckets}) != "ok":
             return False
         await self._copy_meta(sku, buckets, {})  # a new SKU has no codes to sell yet
-        await self._pin_deliveries(sku, buckets)
+        await self._pin(sku, buckets)
         return True
 
     async def update_sku(self, sku: str, fields: dict[str, Any]) -> bool:
@@ -60,7 +63,7 @@ class CatalogStore:
         await self._copy_meta(sku, spread, fields)
         if await self._db.put(keys.SkuKeys(sku).meta, "update", fields) != "ok":
             return False
-        await self._pin_deliveries(sku, spread)  # (a SKU made before the pin gets it here)
+        await self._pin(sku, spread)  # (a SKU made before the pin gets it here)
         return True
 
     async def _copy_meta(self, sku: str, spread: int, changes: dict[str, Any]) -> None:
@@ -76,12 +79,16 @@ class CatalogStore:
             for b in range(1, spread):
                 await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).meta, mapping=meta)
 
-    async def _pin_deliveries(self, sku: str, spread: int) -> None:
-        """The delivery records of each shard of the SKU kept a hash table (keys.DLV_PIN)."""
+    async def _pin(self, sku: str, spread: int) -> None:
+        """The metadata, counters and delivery records of each shard of the SKU kept hash
+        tables (keys.PIN)."""
         with translated():
-            for b in range(spread):
-                dlv = keys.SkuKeys(keys.bucket_shard(sku, b)).dlv
-                await self._db.client.hset(dlv, keys.DLV_PIN, keys.DLV_PIN_VALUE)
+            async with self._db.client.pipeline(transaction=False) as p:
+                for b in range(spread):
+                    k = keys.SkuKeys(keys.bucket_shard(sku, b))
+                    for key in (k.meta, k.stats, k.dlv):
+                        p.hset(key, keys.PIN, keys.PIN_VALUE)
+                await p.execute()
 
     def buckets_on_every_master(self, sku: str) -> int:
         masters, seen = set(self._db.masters()), set()
@@ -114,7 +121,8 @@ class CatalogStore:
     async def counters(self, shard: str) -> dict[str, int]:
         """The counters of one shard of a SKU (its own, or a bucket's), as kept there."""
         with translated():
-            return {f.decode(): int(v) for f, v in (await self._db.client.hgetall(keys.SkuKeys(shard).stats)).items()}
+            stats = await self._db.client.hgetall(keys.SkuKeys(shard).stats)
+        return {f.decode(): int(v) for f, v in stats.items() if f != _PIN}
 
     async def sku_ids(self) -> list[str]:
         return await self._db.members(keys.SKUS)

@@ -99,14 +99,15 @@ def events_key(kind: str, id_: str) -> str:
     return tag(id_) + "events"
 
 
-#: A field of every SKU shard's delivery records (SkuKeys.dlv) from its creation, whose
-#: value is longer than a small hash may hold (hash-max-ziplist-value, 64 bytes by
-#: default), so Redis keeps the hash a hash table from its first order: as a small hash
-#: (a flat list) every new order's record would be a scan of every field before it, paid
-#: by every order of a SKU with fewer than 128 (many SKUs of a catalogue;
-#: bench/redis_instructions.py's Zipf row). Readers of the hash skip it.
-DLV_PIN = "~"
-DLV_PIN_VALUE = "a hash table: this value is longer than hash-max-ziplist-value (64 bytes by default)"
+#: A field, from their creation, of the hashes a purchase reads or writes field by field
+#: (an account; a SKU shard's metadata, counters and delivery records), whose value is
+#: longer than a small hash may hold (hash-max-ziplist-value, 64 bytes by default), so
+#: Redis keeps each a hash table: a small hash is a flat list, where reading a field is
+#: a scan of the fields before it (of all of them, for one that is absent, as most of an
+#: account's limits are) and a new order's delivery record a scan of every record
+#: before it. Readers of these hashes skip it.
+PIN = "~"
+PIN_VALUE = "a hash table: this value is longer than hash-max-ziplist-value (64 bytes by default)"
 
 
 class SkuKeys:
@@ -125,7 +126,7 @@ class SkuKeys:
         #                                 bchg:B (what bucket B told last), others (their sum; sku_level.lua)
         self.queue = t + "bq"           # ZSET batch seq -> sale priority (lowest sold first)
         self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}};
-        #                                 and DLV_PIN (see there)
+        #                                 and PIN (see there, as on meta, stats and an account's acct)
         self.dlv_codes = t + "dlvc"     # HASH order id -> its codes, each with a 2-byte length prefix (reservations
         #                                 and replacements; a delivered order's codes are its account's)
         self.chunks = t + "chunks"      # HASH "seq:chunk" -> digest (import idempotency)
