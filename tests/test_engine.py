@@ -110,6 +110,18 @@ async def test_replay_and_conflict(shop: Engine) -> None:
     assert (await shop.balance("acme")).balance == 1_000_000 - 2 * 9025
 
 
+async def test_concurrent_same_ref_with_another_request_is_a_conflict(shop: Engine) -> None:
+    await stock_up(shop, 5)
+    # one round: deliver.lua reads the digests from the records it was given
+    got = await asyncio.gather(shop.purchase("acme", "g100", 1, "dup2"), shop.purchase("acme", "g100", 2, "dup2"),
+                               shop.purchase("acme", "g100", 1, "dup2"), return_exceptions=True)
+    assert isinstance(got[1], errors.IdempotencyConflictError)
+    assert not isinstance(got[0], Exception) and not isinstance(got[2], Exception)
+    assert got[2].order_id == got[0].order_id and got[2].replayed and got[2].codes == got[0].codes
+    assert (await shop.stock("g100")).sold == 1
+    assert await shop.audit() == []
+
+
 async def test_concurrent_same_ref_makes_one_order(shop: Engine) -> None:
     await stock_up(shop, 20)
     orders = await asyncio.gather(*(shop.purchase("acme", "g100", 3, "dup") for _ in range(20)))

@@ -135,13 +135,19 @@ do
   end
 end
 
--- 0. every external_ref of the call, looked up with one HMGET per account
+-- 0. every external_ref of the call, looked up with one HMGET per account; each order's
+-- where, read once (tonumber is strtod: dear), and once per distinct text
 local earlier_id = {}
+local wheres = {}  -- k -> where
 do
-  local asked = {}
+  local asked, read = {}, {}
   local j = FIRST
-  for _ = 1, n do
-    local a = tonumber(ARGV[j + 3]) % nA + 1
+  for k = 1, n do
+    local text = ARGV[j + 3]
+    local w = read[text]
+    if not w then w = tonumber(text); read[text] = w end
+    wheres[k] = w
+    local a = w % nA + 1
     asked[a] = asked[a] or {}
     asked[a][#asked[a] + 1] = ARGV[j + 1]
     j = j + 4
@@ -155,25 +161,27 @@ do
   end
 end
 
--- 1. decide, in order. out[k]: the reply of an order refused or found; a taken one has none yet
+-- 1. decide, in order. out[k]: the reply of an order refused or found; a taken one has none yet.
+-- An order's fields are read from ARGV where needed (first_arg[k] the first), its terms and
+-- account kept: an array per field, grown order by order, was dear.
 local out, want, again = {}, {}, {}
-local ids, refs, records, prices, owners, qtys, deadlines = {}, {}, {}, {}, {}, {}, {}
+local first_arg, tk, owners = {}, {}, {}
+local repacked = {}  -- k -> its record, packed again for fewer codes (allow_partial)
+local function record_of(k) return repacked[k] or ARGV[first_arg[k] + 2] end
 local amounts = {}  -- amount -> its ledger text
 local margins = read_margins(FIRST + n * 4)  -- k -> per code, root first: sub orders only
 local function digest_of(record) return cmsgpack.unpack(record).digest end
 local i = FIRST
 for k = 1, n do
-  local id, ref, w = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 3])
+  local id, ref, w = ARGV[i], ARGV[i + 1], wheres[k]
   local a = w % nA
   w = (w - a) / nA
   local s = w % nS
   local T = terms[(w - s) / nS + 1]
   s, a = s + 1, a + 1
   local qty, partial, price = T.qty, T.partial, T.price
-  ids[k], refs[k], records[k], prices[k], owners[k], qtys[k], deadlines[k] = id, ref, ARGV[i + 2], price, a, qty,
-                                                                             T.deadline
+  first_arg[k], tk[k], owners[k] = i, T, a
   i = i + 4
-  want[k] = 0
   if away[s] or away[nS + a] then
     out[k] = {'moved'}
   else
@@ -181,13 +189,13 @@ for k = 1, n do
     local barred = A.chain and chain_refusal(A.chain, base[s])
     local first = A.opened[ref]
     if first then  -- the same external_ref twice in one call: the second is told of the first
-      if digest_of(records[first]) == digest_of(records[k]) then again[k] = first
-      else out[k] = {'conflict', ids[first]} end
+      if digest_of(record_of(first)) == digest_of(record_of(k)) then again[k] = first
+      else out[k] = {'conflict', ARGV[first_arg[first]]} end
     else
       local earlier = earlier_id[a][ref]
       if earlier then
         local rec = redis.call('HGET', ak(a, ORDERS), earlier)
-        if digest_of(rec) == digest_of(records[k]) then
+        if digest_of(rec) == digest_of(record_of(k)) then
           out[k] = {'exists', earlier, rec, redis.call('HGET', ak(a, CODES), earlier) or ''}
         else
           out[k] = {'conflict', earlier}
@@ -215,7 +223,7 @@ for k = 1, n do
           want[k] = take
           S.avail, S.total = S.avail - take, S.total + take
           S.orders[#S.orders + 1] = k
-          if deadlines[k] then  -- a reservation: its money is held
+          if T.deadline then  -- a reservation: its money is held
             A.held, A.moved_held = A.held + cost, A.moved_held + cost
             A.tail = '\031' .. int(A.held) .. '\031' .. now_s
             A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. int(A.balance) .. A.tail
@@ -251,10 +259,11 @@ for s, S in pairs(skus) do
     local held = 0  -- codes reserved
     local at = 1
     for _, k in ipairs(S.orders) do
-      local w, id = want[k], ids[k]
+      local w, j, T = want[k], first_arg[k], tk[k]
+      local id = ARGV[j]
       local last = at + w - 1
       local seq, rec = seqs[at]
-      local st = deadlines[k] and 'reserved' or 'sold'
+      local st = T.deadline and 'reserved' or 'sold'
       if seqs[last] == seq then  -- codes of one batch (pop_codes gives each batch's codes together)
         local of_batch = packed[st][seq]
         if not of_batch then of_batch = {}; packed[st][seq] = of_batch end
@@ -298,22 +307,24 @@ for s, S in pairs(skus) do
       got[k], from[k] = codes, at
       at = last + 1
       local A = accts[owners[k]]
-      if w < qtys[k] then  -- allow_partial: fewer codes than asked for
-        local r = cmsgpack.unpack(records[k])
-        r.delivered, r.total = w, w * prices[k]
-        if deadlines[k] then r.hold = r.total end
-        records[k] = cmsgpack.pack(r)
+      local record = ARGV[j + 2]
+      if w < T.qty then  -- allow_partial: fewer codes than asked for
+        local r = cmsgpack.unpack(record)
+        r.delivered, r.total = w, w * T.price
+        if T.deadline then r.hold = r.total end
+        record = cmsgpack.pack(r)
+        repacked[k] = record
       end
       local m = #A.records
-      A.records[m + 1], A.records[m + 2] = id, records[k]
+      A.records[m + 1], A.records[m + 2] = id, record
       A.codes[m + 1], A.codes[m + 2] = id, kept[k]
-      A.refs[m + 1], A.refs[m + 2] = refs[k], id
+      A.refs[m + 1], A.refs[m + 2] = ARGV[j + 1], id
       A.index[m + 1], A.index[m + 2] = '0', id
-      if deadlines[k] then
-        A.leases[#A.leases + 1] = deadlines[k]
+      if T.deadline then
+        A.leases[#A.leases + 1] = T.deadline
         A.leases[#A.leases + 1] = id
       else
-        A.delivered[#A.delivered + 1] = records[k]
+        A.delivered[#A.delivered + 1] = record
       end
     end
     push('HSET', sk(s, DLV), dlv)
@@ -363,7 +374,7 @@ local reply = {}
 for k = 1, n do
   local f = again[k]
   if f and got[f] then
-    tell(reply, {'exists', ids[f], records[f], kept[f]})
+    tell(reply, {'exists', ARGV[first_arg[f]], record_of(f), kept[f]})
   elseif f then
     tell(reply, out[f])
   elseif got[k] then
