@@ -42,6 +42,14 @@ local function moving(key)
   return next(moving_slots) ~= nil and moving_slots[redis.call('CLUSTER', 'KEYSLOT', key)] == true
 end
 
+-- A table with room for n array slots, for a script to set each (to anything but nil)
+-- before reading it: an array grown a slot at a time is rehashed at every doubling, dear
+-- for the arrays a script fills per item. (Any n values would do: ARGV's.)
+local function sized(n)
+  if n > 1000 or n > #ARGV then return {} end
+  return {unpack(ARGV, 1, n)}
+end
+
 local NOW
 local function now_ms()
   if NOW == nil then

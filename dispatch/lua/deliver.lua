@@ -138,7 +138,7 @@ end
 -- 0. every external_ref of the call, looked up with one HMGET per account; each order's
 -- where, read once (tonumber is strtod: dear), and once per distinct text
 local earlier_id = {}
-local wheres = {}  -- k -> where
+local wheres = sized(n)  -- k -> where
 do
   local asked, read = {}, {}
   local j = FIRST
@@ -161,13 +161,14 @@ do
   end
 end
 
--- 1. decide, in order. out[k]: the reply of an order refused or found; a taken one has none yet.
--- An order's fields are read from ARGV where needed (first_arg[k] the first), its terms and
--- account kept: an array per field, grown order by order, was dear.
-local out, want, again = {}, {}, {}
-local first_arg, tk, owners = {}, {}, {}
+-- 1. decide, in order. out[k]: the reply of an order refused or found; a taken one has none
+-- yet, want[k] > 0 codes. An order's fields are read from ARGV where needed (its first at
+-- FIRST + 4k - 4), its account and terms from its where: an array per field, grown order
+-- by order, was dear.
+local out, want, again = {}, sized(n), {}
+local NSA = nS * nA
 local repacked = {}  -- k -> its record, packed again for fewer codes (allow_partial)
-local function record_of(k) return repacked[k] or ARGV[first_arg[k] + 2] end
+local function record_of(k) return repacked[k] or ARGV[FIRST + 4 * k - 2] end
 local amounts = {}  -- amount -> its ledger text
 local margins = read_margins(FIRST + n * 4)  -- k -> per code, root first: sub orders only
 local function digest_of(record) return cmsgpack.unpack(record).digest end
@@ -180,7 +181,7 @@ for k = 1, n do
   local T = terms[(w - s) / nS + 1]
   s, a = s + 1, a + 1
   local qty, partial, price = T.qty, T.partial, T.price
-  first_arg[k], tk[k], owners[k] = i, T, a
+  want[k] = 0
   i = i + 4
   if away[s] or away[nS + a] then
     out[k] = {'moved'}
@@ -190,7 +191,7 @@ for k = 1, n do
     local first = A.opened[ref]
     if first then  -- the same external_ref twice in one call: the second is told of the first
       if digest_of(record_of(first)) == digest_of(record_of(k)) then again[k] = first
-      else out[k] = {'conflict', ARGV[first_arg[first]]} end
+      else out[k] = {'conflict', ARGV[FIRST + 4 * first - 4]} end
     else
       local earlier = earlier_id[a][ref]
       if earlier then
@@ -248,7 +249,6 @@ local hour_s = int(hour)
 -- state -> seq -> count -> the delivery record of that many codes of batch seq, packed once
 local packed = {sold = {}, reserved = {}}
 local got, from = {}, {}  -- a taken order's codes: got[k][from[k]] on, want[k] of them
-local kept = {}         -- a taken order's codes as its account keeps them
 local heads = {}        -- code length -> the msgpack head of a list of one code that long
 for s, S in pairs(skus) do
   if S.total > 0 then
@@ -259,8 +259,8 @@ for s, S in pairs(skus) do
     local held = 0  -- codes reserved
     local at = 1
     for _, k in ipairs(S.orders) do
-      local w, j, T = want[k], first_arg[k], tk[k]
-      local id = ARGV[j]
+      local w, j, where = want[k], FIRST + 4 * k - 4, wheres[k]
+      local id, T = ARGV[j], terms[(where - where % NSA) / NSA + 1]
       local last = at + w - 1
       local seq, rec = seqs[at]
       local st = T.deadline and 'reserved' or 'sold'
@@ -296,17 +296,17 @@ for s, S in pairs(skus) do
       end
       dlv[#dlv + 1] = id
       dlv[#dlv + 1] = rec
-      local c = codes[at]
+      local c, kept = codes[at]
       if w == 1 and #c < 256 then  -- the common case, in one concatenation
         local head = heads[#c]
         if not head then head = '\145\196' .. string.char(#c); heads[#c] = head end
-        kept[k] = head .. c
+        kept = head .. c
       else
-        kept[k] = bin_list(codes, at, last)
+        kept = bin_list(codes, at, last)
       end
       got[k], from[k] = codes, at
       at = last + 1
-      local A = accts[owners[k]]
+      local A = accts[where % nA + 1]
       local record = ARGV[j + 2]
       if w < T.qty then  -- allow_partial: fewer codes than asked for
         local r = cmsgpack.unpack(record)
@@ -317,7 +317,7 @@ for s, S in pairs(skus) do
       end
       local m = #A.records
       A.records[m + 1], A.records[m + 2] = id, record
-      A.codes[m + 1], A.codes[m + 2] = id, kept[k]
+      A.codes[m + 1], A.codes[m + 2] = id, kept
       A.refs[m + 1], A.refs[m + 2] = ARGV[j + 1], id
       A.index[m + 1], A.index[m + 2] = '0', id
       if T.deadline then
@@ -374,7 +374,7 @@ local reply = {}
 for k = 1, n do
   local f = again[k]
   if f and got[f] then
-    tell(reply, {'exists', ARGV[first_arg[f]], record_of(f), kept[f]})
+    tell(reply, {'exists', ARGV[FIRST + 4 * f - 4], record_of(f), bin_list(got[f], from[f], from[f] + want[f] - 1)})
   elseif f then
     tell(reply, out[f])
   elseif got[k] then
