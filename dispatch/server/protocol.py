@@ -372,8 +372,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._count_header(len(name) + len(value) + 4)
         name = name.lower()
-        earlier = req.headers.get(name)
-        req.headers[name] = value if earlier is None else earlier + b", " + value
+        headers = req.headers
+        if name in headers:
+            headers[name] += b", " + value
+        else:
+            headers[name] = value
 
     def _count_header(self, n: int) -> None:
         self._header_bytes += n
@@ -548,7 +551,7 @@ class HttpProtocol(asyncio.Protocol):
               headers: list[tuple[bytes, bytes]], keep: bool) -> list[bytes]:
         parts = [STATUS_LINES[status], b"content-type: ", content_type, b"\r\n", self._state.date_header()]
         if length is not None:
-            parts += [b"content-length: ", str(length).encode(), b"\r\n"]
+            parts.append(b"content-length: %d\r\n" % length)
         elif req.http11:
             parts.append(b"transfer-encoding: chunked\r\n")
         for name, value in headers:
@@ -561,9 +564,14 @@ class HttpProtocol(asyncio.Protocol):
         return parts
 
     def _send(self, req: Request, reply: Reply, keep: bool) -> None:
-        parts = self._head(req, reply.status, reply.content_type, len(reply.body), reply.headers, keep)
-        parts.append(reply.body)
         assert self.transport is not None
+        body = reply.body
+        if keep and req.http11 and not reply.headers:  # most answers: nothing but the usual head
+            self.transport.write(b"%bcontent-type: %b\r\n%bcontent-length: %d\r\n\r\n%b" % (
+                STATUS_LINES[reply.status], reply.content_type, self._state.date_header(), len(body), body))
+            return
+        parts = self._head(req, reply.status, reply.content_type, len(body), reply.headers, keep)
+        parts.append(body)
         self.transport.write(b"".join(parts))
 
     async def _send_stream(self, req: Request, reply: StreamReply, keep: bool) -> bool:
