@@ -114,6 +114,7 @@ class Catalog:
         if not await self._store.catalog.update_sku(sku, _meta_of({k: getattr(s, k) for k in changes})):
             raise UnknownSkuError(f"unknown SKU {sku}")
         self._cache.pop(("sku", sku), None)
+        self._cache.pop(("buckets", sku), None)
         self._prices.clear()
         self._spreads.pop(sku, None)
         return s
@@ -191,12 +192,15 @@ class Catalog:
         hit = self._spreads.get(sku)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        s: Sku = await self._cached("sku", sku, self.get_sku)
-        got = (s.buckets, max(s.buckets, await self._store.catalog.spread(sku)))
+        got: tuple[int, int] = await self._cached("buckets", sku, self._buckets)
         if len(self._spreads) > 100_000:
             self._spreads.clear()
         self._spreads[sku] = (time.monotonic() + self._config.catalog_ttl_s, got)
         return got
+
+    async def _buckets(self, sku: str) -> tuple[int, int]:
+        s: Sku = await self._cached("sku", sku, self.get_sku)
+        return s.buckets, max(s.buckets, await self._store.catalog.spread(sku))
 
     def forget_distributor(self, distributor: str) -> None:
         """Its tier changed (or its account did): its prices are looked up afresh."""

@@ -33,8 +33,8 @@ class Coalescer:
     busy with the replies of the last one.
     """
 
-    __slots__ = ("_send", "_cap", "_depth", "_queues", "_busy", "_flush_soon", "_tasks", "rounds", "batches",
-                 "items")
+    __slots__ = ("_send", "_cap", "_depth", "_queues", "_busy", "_flush_soon", "_tasks", "_loop", "rounds",
+                 "batches", "items")
 
     def __init__(self, send: SendRound, cap: int = 256, depth: int = 1) -> None:
         self._send = send
@@ -44,13 +44,17 @@ class Coalescer:
         self._busy: dict[str, int] = {}    # shard -> its calls in flight
         self._flush_soon = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # asyncio.get_running_loop() asks the OS for the process id on every call
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.rounds = 0   # rounds sent,
         self.batches = 0  # script calls in them (one per shard and round),
         self.items = 0    # and items: the mean batch is items / batches
 
     def submit(self, shard: str, item: Any) -> asyncio.Future[Any]:
         """Queue *item* for *shard*; the future gets its own reply."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         fut = loop.create_future()
         queue = self._queues.get(shard)
         if queue is None:
@@ -78,7 +82,7 @@ class Coalescer:
                 del self._queues[shard]
             self._busy[shard] = busy + 1
         if batches:
-            task = asyncio.get_running_loop().create_task(self._round(batches))
+            task = self._loop.create_task(self._round(batches))  # type: ignore[union-attr]
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -120,7 +124,7 @@ class Coalescer:
                 else:
                     del self._busy[shard]
             if any(s in self._queues for s in batches):
-                self._schedule(asyncio.get_running_loop())
+                self._schedule(self._loop)  # type: ignore[arg-type]
 
     async def drain(self) -> None:
         """Wait until every queued call has been sent and answered."""

@@ -22,6 +22,7 @@ MAX_REF = 128
 #: character (C0, DEL, C1). JSON Schema's pattern is searched as re.search does, where
 #: "$" also matches before a final newline: (?!\n) closes that gap.
 REF_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,%d}$(?!\n)" % MAX_REF
+_REF = re.compile(REF_PATTERN)
 #: Free text (a reason, a note): up to MAX_TEXT characters, not all whitespace, no control
 #: character but tab and newline. It is kept trimmed.
 MAX_TEXT = 1000
@@ -48,7 +49,7 @@ def check(value: Any, typ: type[T], what: str) -> T:
 
 
 def check_ref(ref: Any, what: str = "external_ref") -> str:
-    if not isinstance(ref, str) or not re.search(REF_PATTERN, ref):
+    if not isinstance(ref, str) or not _REF.search(ref):
         raise ValidationError(f"{what} must be 1-{MAX_REF} characters, none of them a control character")
     return ref
 

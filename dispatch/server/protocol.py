@@ -94,9 +94,10 @@ def _ignore(*args: Any) -> None:
 
 
 class ServerState:
-    """What every connection of one server shares: the open connections, the requests
-    being answered, whether the server is draining, the date header of this second,
-    and hooks told what happens (for metrics; they do nothing unless given):
+    """What every connection of one server shares: the open connections, the tasks
+    answering them (one per connection that has had a request), whether the server is
+    draining, the date header of this second, and hooks told what happens (for metrics;
+    they do nothing unless given):
 
     - ``on_reply(request, status)`` after each answer is written;
     - ``on_timeout(phase)`` when a connection is closed by a timer (header, body, idle, write);
@@ -136,7 +137,7 @@ class ServerState:
         while self.tasks and time.monotonic() < deadline:
             await asyncio.wait(list(self.tasks), timeout=deadline - time.monotonic())
         if self.tasks:
-            log.warning("shutdown: %d requests still running after %.1f s; cutting them off",
+            log.warning("shutdown: %d connections still answering after %.1f s; cutting them off",
                         len(self.tasks), timeout)
         for conn in list(self.connections):
             conn.close()
@@ -162,13 +163,18 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._queue: deque[Request] = deque()
         self._runner: asyncio.Task[None] | None = None
+        self._waiting: asyncio.Future[None] | None = None  # the runner's, while the queue is empty
+        self._answering = False
         self._req: Request | None = None       # the request being parsed
         self._url = b""
         self._header_bytes = 0
         self._phase = "idle"                   # idle | headers | body: what the parser waits for
         self._parsing = True                   # False once nothing more will be read
         self._paused: set[str] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None    # when the timeout of this phase (_kind) expires
+        self._kind = ""
+        self._timer: asyncio.TimerHandle | None = None  # fires at _timer_at, at or before _deadline
+        self._timer_at = 0.0
         self._upload_timer: asyncio.TimerHandle | None = None  # the whole upload's deadline
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -190,7 +196,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed, self._parsing = True, False
-        self._disarm()
+        self._stop_timer()
         self._end_upload()
         state = self._state
         state.connections.discard(self)
@@ -201,12 +207,14 @@ class HttpProtocol(asyncio.Protocol):
         if self._req is not None:
             self._req.finish(gone)
         self._wake_drain()
+        self._wake_runner()
 
     def close(self, *, abort: bool = False) -> None:
         """Close after what is buffered is sent, or at once with *abort*."""
         if not self.closed:
             self.closed, self._parsing = True, False
-            self._disarm()
+            self._stop_timer()
+            self._wake_runner()
             assert self.transport is not None
             if abort:
                 self.transport.abort()
@@ -218,14 +226,14 @@ class HttpProtocol(asyncio.Protocol):
         self._draining = True
         if self.closed:
             return
-        if not self._queue and self._runner is None:
+        if self.idle:
             self.close()
         elif self._phase != "body":  # a request still arriving in headers never reached the engine
             self._stop_reading("shutdown")
 
     @property
     def idle(self) -> bool:
-        return not self._queue and self._runner is None
+        return not self._queue and not self._answering
 
     # ---- flow control --------------------------------------------------------------------
     def pause(self, reason: str) -> None:
@@ -271,7 +279,14 @@ class HttpProtocol(asyncio.Protocol):
                 self.close(abort=True)  # a plain close would wait for the unread buffer forever
 
     # ---- timers ----------------------------------------------------------------------------
+    # A connection moves through three timeouts per request; one timer serves them all.
+    # Arming only moves the deadline, and the timer, when it fires early, sleeps on to
+    # it: a timer is made again only when a deadline comes before the one it fires at.
     def _disarm(self) -> None:
+        self._deadline = None
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -282,8 +297,8 @@ class HttpProtocol(asyncio.Protocol):
             self._upload_timer = None
 
     def _rearm(self) -> None:
-        """The timer that fits the parser's phase: header, body, or keep-alive idle."""
-        self._disarm()
+        """The timeout that fits the parser's phase: header, body, or keep-alive idle."""
+        self._deadline = None
         if self.closed or self._paused:
             return
         limits = self._limits
@@ -295,13 +310,26 @@ class HttpProtocol(asyncio.Protocol):
             delay, kind = limits.keepalive_timeout_s, "idle"
         else:
             return  # a request is being answered: the client waits for us
-        self._timer = self._loop.call_later(delay, self._timed_out, kind)
+        at = self._loop.time() + delay
+        self._deadline, self._kind = at, kind
+        if self._timer is None or self._timer_at > at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_at = self._loop.call_at(at, self._tick), at
+
+    def _tick(self) -> None:
+        self._timer = None
+        at = self._deadline
+        if at is None:
+            return
+        if at > self._loop.time() + 0.001:  # timers may fire a little early
+            self._timer, self._timer_at = self._loop.call_at(at, self._tick), at
+            return
+        self._timed_out(self._kind)
 
     def _timed_out(self, kind: str) -> None:
         if kind == "upload":
             self._upload_timer = None
-        else:
-            self._timer = None
         self._state.on_timeout(kind)
         if kind != "idle":
             log.info("closing a connection: %s timeout", kind)
@@ -344,8 +372,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._count_header(len(name) + len(value) + 4)
         name = name.lower()
-        earlier = req.headers.get(name)
-        req.headers[name] = value if earlier is None else earlier + b", " + value
+        headers = req.headers
+        if name in headers:
+            headers[name] += b", " + value
+        else:
+            headers[name] = value
 
     def _count_header(self, n: int) -> None:
         self._header_bytes += n
@@ -435,15 +466,35 @@ class HttpProtocol(asyncio.Protocol):
         self._kick()
 
     # ---- answering ---------------------------------------------------------------------------
+    # One task per connection answers its requests, made with the first and kept while
+    # the connection is open: a task costs several times what waking one does.
     def _kick(self) -> None:
-        if self._runner is None and self._queue and not self.closed:
-            self._runner = self._loop.create_task(self._run())
-            self._state.track(self._runner)
+        if self._runner is None:
+            if self._queue and not self.closed:
+                self._runner = self._loop.create_task(self._run())
+                self._state.track(self._runner)
+        else:
+            self._wake_runner()
+
+    def _wake_runner(self) -> None:
+        w = self._waiting
+        if w is not None:
+            self._waiting = None
+            if not w.done():
+                w.set_result(None)
 
     async def _run(self) -> None:
         try:
-            while self._queue and not self.closed:
+            while not self.closed:
+                if not self._queue:
+                    if self._draining:
+                        break
+                    self._rearm()
+                    self._waiting = self._loop.create_future()
+                    await self._waiting
+                    continue
                 req = self._queue[0]
+                self._answering = True
                 reply = await self._answer(req)
                 if reply is None or self.closed:
                     self.close()
@@ -462,9 +513,12 @@ class HttpProtocol(asyncio.Protocol):
                     break
                 if len(self._queue) < self._limits.max_pipeline // 2:
                     self.resume("pipeline")
-                await self._drain()
+                if self._write_paused:
+                    await self._drain()
+                self._answering = False
         finally:
-            self._runner = None
+            self._runner = self._waiting = None
+            self._answering = False
             if not self.closed:
                 if self._draining and not self._queue:
                     self.close()
@@ -497,7 +551,7 @@ class HttpProtocol(asyncio.Protocol):
               headers: list[tuple[bytes, bytes]], keep: bool) -> list[bytes]:
         parts = [STATUS_LINES[status], b"content-type: ", content_type, b"\r\n", self._state.date_header()]
         if length is not None:
-            parts += [b"content-length: ", str(length).encode(), b"\r\n"]
+            parts.append(b"content-length: %d\r\n" % length)
         elif req.http11:
             parts.append(b"transfer-encoding: chunked\r\n")
         for name, value in headers:
@@ -510,9 +564,14 @@ class HttpProtocol(asyncio.Protocol):
         return parts
 
     def _send(self, req: Request, reply: Reply, keep: bool) -> None:
-        parts = self._head(req, reply.status, reply.content_type, len(reply.body), reply.headers, keep)
-        parts.append(reply.body)
         assert self.transport is not None
+        body = reply.body
+        if keep and req.http11 and not reply.headers:  # most answers: nothing but the usual head
+            self.transport.write(b"%bcontent-type: %b\r\n%bcontent-length: %d\r\n\r\n%b" % (
+                STATUS_LINES[reply.status], reply.content_type, self._state.date_header(), len(body), body))
+            return
+        parts = self._head(req, reply.status, reply.content_type, len(body), reply.headers, keep)
+        parts.append(body)
         self.transport.write(b"".join(parts))
 
     async def _send_stream(self, req: Request, reply: StreamReply, keep: bool) -> bool:
