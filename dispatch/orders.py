@@ -28,6 +28,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from datetime import datetime
+from functools import lru_cache
 from typing import Literal
 
 from . import imports
@@ -48,6 +49,13 @@ from .vault import Vault
 __all__ = ["Orders"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+@lru_cache(maxsize=4096)
+def _digest(*request: object) -> str:
+    """What an external_ref's request asked for, to tell its replay from another request
+    (the same few requests come again and again: each is hashed once)."""
+    return hashlib.sha256(encode(request)).hexdigest()[:32]
 
 
 def plan_of(order_id: str, buckets: int, spread: int) -> str:
@@ -97,7 +105,7 @@ class Orders:
             raise ValidationError("reserve_ttl_s applies to mode reserve only")
         if max_unit_price is not None and (not isinstance(max_unit_price, int) or max_unit_price < 0):
             raise ValidationError("max_unit_price must be a non-negative integer")
-        digest = hashlib.sha256(encode((sku, qty, mode, ttl, max_unit_price, bool(allow_partial)))).hexdigest()[:32]
+        digest = _digest(sku, qty, mode, ttl, max_unit_price, bool(allow_partial))
 
         margins: tuple[int, ...] = ()
         if SUB in distributor:  # a sub-distributor: its price is its parent's marked up
