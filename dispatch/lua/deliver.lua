@@ -3,7 +3,7 @@
 --               nT, nT x terms (qty, allow_partial, unit_price, deadline),
 --               n x (order_id, external_ref, record, where), margins (_margins.lua: m, m x (k, c, c margins))])
 -- An order's shard, distributor and terms are numbers from 0, in one: where =
--- (terms x nS + shard) x nA + distributor. The arguments are a tenth of Redis's work per
+-- (terms x n + shard) x n + distributor. The arguments are a tenth of Redis's work per
 -- order: so each distinct terms go once a call, and the request's digest is read from
 -- its record, only where an external_ref comes again.
 -- On a Redis Cluster, whose EVAL refuses declared keys of several slots, the same keys
@@ -147,7 +147,7 @@ do
     local w = read[text]
     if not w then w = tonumber(text); read[text] = w end
     wheres[k] = w
-    local a = w % nA + 1
+    local a = w % n + 1
     asked[a] = asked[a] or {}
     asked[a][#asked[a] + 1] = ARGV[j + 1]
     j = j + 4
@@ -166,7 +166,7 @@ end
 -- FIRST + 4k - 4), its account and terms from its where: an array per field, grown order
 -- by order, was dear.
 local out, want, again = {}, sized(n), {}
-local NSA = nS * nA
+local NN = n * n
 local repacked = {}  -- k -> its record, packed again for fewer codes (allow_partial)
 local function record_of(k) return repacked[k] or ARGV[FIRST + 4 * k - 2] end
 local amounts = {}  -- amount -> its ledger text
@@ -175,10 +175,10 @@ local function digest_of(record) return cmsgpack.unpack(record).digest end
 local i = FIRST
 for k = 1, n do
   local id, ref, w = ARGV[i], ARGV[i + 1], wheres[k]
-  local a = w % nA
-  w = (w - a) / nA
-  local s = w % nS
-  local T = terms[(w - s) / nS + 1]
+  local a = w % n
+  w = (w - a) / n
+  local s = w % n
+  local T = terms[(w - s) / n + 1]
   s, a = s + 1, a + 1
   local qty, partial, price = T.qty, T.partial, T.price
   want[k] = 0
@@ -260,7 +260,7 @@ for s, S in pairs(skus) do
     local at = 1
     for _, k in ipairs(S.orders) do
       local w, j, where = want[k], FIRST + 4 * k - 4, wheres[k]
-      local id, T = ARGV[j], terms[(where - where % NSA) / NSA + 1]
+      local id, T = ARGV[j], terms[(where - where % NN) / NN + 1]
       local last = at + w - 1
       local seq, rec = seqs[at]
       local st = T.deadline and 'reserved' or 'sold'
@@ -306,7 +306,7 @@ for s, S in pairs(skus) do
       end
       got[k], from[k] = codes, at
       at = last + 1
-      local A = accts[where % nA + 1]
+      local A = accts[where % n + 1]
       local record = ARGV[j + 2]
       if w < T.qty then  -- allow_partial: fewer codes than asked for
         local r = cmsgpack.unpack(record)

@@ -259,16 +259,14 @@ class OrderStore:
         skus: dict[str, int] = {}
         dists: dict[str, int] = {}
         terms: dict[tuple[int, int, int, int], int] = {}
-        for item in items:
-            skus.setdefault(item.sku, len(skus))
-            dists.setdefault(item.distributor, len(dists))
-            terms.setdefault((item.qty, item.partial, item.unit_price, item.deadline), len(terms))
+        n = len(items)
+        rows: list[Sequence[Any]] = []
+        for item in items:  # where: an order's terms, shard and distributor in one number (deliver.lua)
+            s = skus.setdefault(item.sku, len(skus))
+            a = dists.setdefault(item.distributor, len(dists))
+            t = terms.setdefault((item.qty, item.partial, item.unit_price, item.deadline), len(terms))
+            rows.append((item.order_id, item.ref, item.record, (t * n + s) * n + a))
         nS, nA = len(skus), len(dists)
-        rows: list[Sequence[Any]] = [  # where: an order's terms, shard and distributor in one (deliver.lua)
-            (item.order_id, item.ref, item.record,
-             (terms[item.qty, item.partial, item.unit_price, item.deadline] * nS + skus[item.sku]) * nA
-             + dists[item.distributor])
-            for item in items]
         keys_: list[str] = []
         for sku in skus:
             keys_ += self._deliver_keys(sku, "sku")
