@@ -16,7 +16,9 @@ measured step calls only (`callgrind_control -i on/off`). Rows:
                      64 orders a call, one distributor
 
 Instructions are not time: a callgrind count leaves out what the kernel does for Redis
-(the socket, the AOF write and fsync), which `bench/compare.py`'s CPU columns include.
+(the socket, the AOF write and fsync), which `bench/compare.py`'s CPU columns include,
+and weighs a cache miss as one instruction. Each row also gives the bytes appended to
+the AOF per order (what the kernel writes and fsyncs).
 
     apt-get install valgrind
     .venv/bin/python bench/redis_instructions.py      # about a minute
@@ -82,7 +84,9 @@ class Counted:
         return total / orders, aof / orders
 
     def aof_size(self) -> int:
-        return int(redis.Redis.from_url(self.server.url).info("persistence")["aof_current_size"])
+        r = redis.Redis.from_url(self.server.url)
+        r.config_set("auto-aof-rewrite-percentage", 0)  # a rewrite would shrink the file mid-measure
+        return int(r.info("persistence")["aof_current_size"])
 
 
 def record(status: str, deadline: int = 0) -> bytes:

@@ -2,10 +2,11 @@
 --         args=[nS, nA, shard ids x nS, distributor ids x nA, n, gate (1: only verified distributors buy), 0,
 --               nT, nT x terms (qty, allow_partial, unit_price, deadline),
 --               n x (order_id, external_ref, record, where), margins (_margins.lua: m, m x (k, c, c margins))])
--- An order's shard, distributor and terms are numbers from 0, in one: where =
--- (terms x n + shard) x n + distributor. The arguments are a tenth of Redis's work per
--- order: so each distinct terms go once a call, and the request's digest is read from
--- its record, only where an external_ref comes again.
+-- An order's shard, distributor and terms are numbers from 0 (their places in the
+-- header), in one: where = (terms x n + shard) x n + distributor, n the call's orders.
+-- The arguments are a tenth of Redis's work per order: so each distinct terms go once
+-- a call, and the request's digest is read from its record, only where an external_ref
+-- comes again.
 -- On a Redis Cluster, whose EVAL refuses declared keys of several slots, the same keys
 -- come in the args instead: keys=[the first of them, to route the call], and the 0
 -- after gate is their count, followed by them (see "On a Redis Cluster" below).
@@ -19,8 +20,7 @@
 -- cluster (take.lua, commit.lua), and it ends with settle.lua, both sides at once.
 -- KEYS come in blocks of 8, the SKUs' then the accounts' (the keys of SkuKeys and
 -- AcctKeys this script uses, in the order of DELIVER_SKU_KEYS and DELIVER_ACCT_KEYS,
--- dispatch/store/orders.py); an order's terms name its SKU and distributor by their
--- place in the header.
+-- dispatch/store/orders.py), in the order of the header's ids.
 -- The record (delivered, version 1; or reserved, version 0) is packed by the engine for
 -- qty codes; one that gets fewer (allow_partial) is repacked here.
 -- The work is done once per SKU and per account, not per order: the pops, the
