@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -36,7 +37,9 @@ def ms_id_floor(ms: int) -> str:
     return ulid_at(ms, bytes(10))
 
 
+@lru_cache(maxsize=4096)
 def ms_to_dt(ms: int) -> datetime:
+    """The UTC datetime of epoch milliseconds *ms* (orders made together share theirs)."""
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
