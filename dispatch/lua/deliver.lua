@@ -156,7 +156,7 @@ do
   for a, list in pairs(asked) do
     local found = redis.call('HMGET', ak(a, REFS), unpack(list))
     local mine = {}
-    for x = 1, #list do mine[list[x]] = found[x] end
+    for x = 1, #list do if found[x] then mine[list[x]] = found[x] end end  -- (most are new)
     earlier_id[a] = mine
   end
 end
