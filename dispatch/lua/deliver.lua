@@ -378,10 +378,10 @@ for k = 1, n do
   elseif f then
     tell(reply, out[f])
   elseif got[k] then
-    local codes, w = got[k], want[k]
-    reply[#reply + 1] = 'ok'
-    reply[#reply + 1] = w
-    for c = from[k], from[k] + w - 1 do reply[#reply + 1] = codes[c] end
+    local codes, w, r = got[k], want[k], #reply
+    reply[r + 1], reply[r + 2] = 'ok', w
+    if w == 1 then reply[r + 3] = codes[from[k]]  -- the common case
+    else for c = 1, w do reply[r + 2 + c] = codes[from[k] + c - 1] end end
   else
     tell(reply, out[k])
   end
