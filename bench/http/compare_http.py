@@ -282,7 +282,7 @@ def main() -> None:
     results: dict[str, Figures] = {}
     with tempfile.TemporaryDirectory(prefix="dispatch-http-bench-") as tmp, \
             EmbeddedRedis(os.path.join(tmp, "r"), appendfsync="always") as server:
-        print(f"redis {server.version} embedded (appendfsync always, unix socket); {os.cpu_count()} cores shared "
+        print(f"redis {server.version} embedded (malloc {server.allocator}, appendfsync always, unix socket); {os.cpu_count()} cores shared "
               f"by wrk, the server and Redis; wrk -t{args.threads} -c{args.connections} -d{args.duration}s "
               f"(after a {args.warmup} s warm-up), one server worker\n", flush=True)
         for name in ("dispatch serve", "fastapi + uvicorn"):

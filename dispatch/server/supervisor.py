@@ -162,8 +162,11 @@ def _supervise(config: Config) -> int:
     config = msgspec.structs.replace(config, port=reservation.getsockname()[1])
     embedded = None
     if config.redis_url is None:
-        embedded = EmbeddedRedis(config.data_dir, binary=config.redis_server, appendfsync=config.appendfsync)
+        embedded = EmbeddedRedis(config.data_dir, binary=config.redis_server, appendfsync=config.appendfsync,
+                                  jemalloc=config.redis_jemalloc)
         embedded.start()
+        log.info("embedded redis-server %s (pid %d, malloc %s) on %s", embedded.version, embedded.pid,
+                 embedded.allocator, embedded.socket_path)
         config = msgspec.structs.replace(config, redis_url=embedded.url)
     ctx = multiprocessing.get_context("spawn")
     stopping = []

@@ -94,7 +94,8 @@ class Store:
         url = config.redis_url
         if url is None:
             embedded = EmbeddedRedis(config.data_dir, binary=config.redis_server,
-                                     appendfsync=config.appendfsync)
+                                     appendfsync=config.appendfsync,
+                                     jemalloc=config.redis_jemalloc)
             await asyncio.to_thread(embedded.start)
             url = embedded.url
         timeouts = dict(socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s)
