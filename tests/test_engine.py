@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from datetime import datetime, timedelta, timezone
 
 import msgspec
@@ -210,6 +212,68 @@ async def test_orders_are_private_and_paged(shop: Engine) -> None:
     assert (await shop.list_orders("acme", status="reserved")).orders == []
     with pytest.raises(errors.ValidationError):
         await shop.list_orders("acme", cursor="garbage")
+
+
+def _member_ids(member: bytes) -> list[str]:
+    return [member[x:x + 26].decode() for x in range(0, len(member), 26)]
+
+
+async def test_the_orders_of_a_call_are_one_index_member_and_still_page_in_id_order(shop: Engine) -> None:
+    await stock_up(shop, 60)
+    bought = await asyncio.gather(*(shop.purchase("acme", "g100", 1, f"c{i}") for i in range(40)))
+    members = await shop.store.client.zrange(keys.AcctKeys("acme").index, 0, -1)
+    assert len(members) < 40, "orders coalesced into one call share a member"
+    ids = [i for m in members for i in _member_ids(m)]
+    assert sorted(ids) == sorted(o.order_id for o in bought)
+    assert all(_member_ids(m)[0] == min(_member_ids(m)) for m in members), "a member starts with its least id"
+    seen, cursor = [], None
+    while True:
+        page = await shop.list_orders("acme", cursor=cursor, limit=7)
+        seen += [o.order_id for o in page.orders]
+        if (cursor := page.next_cursor) is None:
+            break
+    assert seen == sorted(ids)
+
+
+async def test_index_members_by_window_and_ranges_across_interleaved_members(shop: Engine) -> None:
+    """Orders deliver.lua is given directly, with ids of chosen milliseconds: a call's ids of
+    two 32-millisecond windows make two members; calls whose ids interleave still read back
+    in id order, a few at a time, past the point where a page of members is read."""
+    from dispatch.records import OrderRec, encode
+    from dispatch.store.orders import NODE, DeliverItem
+    from dispatch._core import ulid_at
+
+    await stock_up(shop, 260)
+    await shop.topup("acme", 10_000_000, "for 244 orders")
+    orders = shop.store.orders
+
+    def item(ms: int) -> DeliverItem:
+        oid = ulid_at(ms, os.urandom(10))
+        rec = OrderRec(id=oid, ref="r" + oid, digest="d", sku="g100", qty=1, unit_price=9025, currency="CNY",
+                       mode="deliver", ttl=0, partial=False, status="delivered", hold=0, total=9025, delivered=1,
+                       deadline=0, created=ms, updated=ms, dat=ms, v=1)
+        return DeliverItem(oid, "r" + oid, "d", "g100", "acme", 1, 0, 9025, encode(rec))
+
+    window = 32 * (time.time_ns() // 1_000_000 // 32)
+    edge = [item(window - 1), item(window), item(window - 2), item(window + 1)]  # the least of each not first
+    await orders.step("deliver", NODE, edge)
+    index = keys.AcctKeys("acme").index
+    members = sorted(_member_ids(m) for m in await shop.store.client.zrange(index, 0, -1))
+    assert members == [[edge[2].order_id, edge[0].order_id], [edge[1].order_id, edge[3].order_id]]
+
+    calls = [[item(window + 1 + (c + 27 * j) % 30) for j in range(3)] for c in range(80)]  # ids interleave
+    for call in calls:
+        await orders.step("deliver", NODE, call)
+    every = sorted([i.order_id for i in edge] + [i.order_id for call in calls for i in call])
+    assert await shop.store.client.zcard(index) == 2 + 80
+    seen, after = [], ""
+    while rows := await orders.order_records("acme", after, "~", 5):
+        assert len(rows) == 5 or len(seen) + len(rows) == len(every)
+        seen += [r.id for r, _ in rows]
+        after = seen[-1]
+    assert seen == every
+    assert [r.id for r, _ in await orders.order_records("acme", every[10], every[20], 100)] == every[11:20]
+    assert [r.id for r, _ in await orders.order_records("acme", "", every[3], 2)] == every[:2]
 
 
 # ---- reservations ------------------------------------------------------------------------

@@ -65,7 +65,7 @@ local function settle_money()
   end
 end
 
--- Order records written by one call go out in one HSET (and ids in one ZADD).
+-- Order records written by one call go out in one HSET.
 local saved = {}
 local function save(o)
   saved[#saved + 1] = o.id
@@ -117,15 +117,14 @@ end
 
 -- Orders opened by one call (begin, buy): their records, external_refs and index
 -- entries go out once, by flush_opened(). opened[ref] finds a ref used twice in a call.
-local opened, opened_refs, opened_index = {}, {}, {}
+local opened, opened_refs, opened_ids = {}, {}, {}
 local function open_record(id, ref, packed)
   saved[#saved + 1] = id
   saved[#saved + 1] = packed
   opened[ref] = packed
   opened_refs[#opened_refs + 1] = ref
   opened_refs[#opened_refs + 1] = id
-  opened_index[#opened_index + 1] = 0
-  opened_index[#opened_index + 1] = id
+  opened_ids[#opened_ids + 1] = id
 end
 
 local function open_order(o)
@@ -137,7 +136,7 @@ local function flush_opened()
   for s = 1, #opened_refs, 1000 do
     redis.call('HSET', KEYS[3], unpack(opened_refs, s, math.min(s + 999, #opened_refs)))
   end
-  zadd_all(KEYS[6], opened_index)
+  if #opened_ids > 0 then zadd_all(KEYS[6], index_entries(opened_ids, 1)) end
 end
 
 -- Why an order for (ref, digest, sku) cannot be opened, as its reply; nil if it can.

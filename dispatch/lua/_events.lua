@@ -50,6 +50,39 @@ local function sized(n)
   return {unpack(ARGV, 1, n)}
 end
 
+-- An account's order index (AcctKeys.index, dispatch/store/keys.py) keeps one member
+-- per call and 32-millisecond window of the ids it opened (ULIDs sharing their first 9
+-- characters): those ids concatenated, the least first, so that members sort by it.
+-- One member a call rather than one an order: a sorted set's insert was the dearest
+-- write of an order. An id not of 26 characters is a member of its own.
+-- returns ZADD's arguments for ids[1], ids[1 + step]...
+local function index_entries(ids, step)
+  local out, todo = {}, ids
+  while todo do  -- the first id's window, then the rest's (a call across a window's end: rare)
+    local lo = string.sub(todo[1], 1, 9)
+    local hi = lo .. '~'  -- above every id of the window ('~' is above base 32)
+    local here, least, rest = {}, nil, nil
+    for x = 1, #todo, step do
+      local id = todo[x]
+      if #id == 26 and id > lo and id < hi then
+        here[#here + 1] = id
+        if not least or id < here[least] then least = #here end
+      elseif x == 1 then
+        out[#out + 1], out[#out + 2] = '0', id
+      else
+        rest = rest or {}
+        rest[#rest + 1] = id
+      end
+    end
+    if least then
+      here[1], here[least] = here[least], here[1]
+      out[#out + 1], out[#out + 2] = '0', table.concat(here)
+    end
+    todo, step = rest, 1
+  end
+  return out
+end
+
 local NOW
 local function now_ms()
   if NOW == nil then

@@ -113,7 +113,7 @@ local function acct(a)
           limits = limits_of({unpack(h, 6, 5 + #LIMIT_FIELDS)}, now),
           limited = false, paid = 0,  -- paid: for purchases (count_spend, _limits.lua)
           held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, records = {}, codes = {}, refs = {},
-          index = {}, opened = {}, delivered = {}, leases = {}}
+          opened = {}, delivered = {}, leases = {}}
     adopt(ak(a, ACCT), st)
     st.tail = '\031' .. int(st.held) .. '\031' .. now_s  -- of its ledger entries: held, ms
     st.chain = chain_of(ak(a, ACCT))
@@ -319,7 +319,6 @@ for s, S in pairs(skus) do
       A.records[m + 1], A.records[m + 2] = id, record
       A.codes[m + 1], A.codes[m + 2] = id, kept
       A.refs[m + 1], A.refs[m + 2] = ARGV[j + 1], id
-      A.index[m + 1], A.index[m + 2] = '0', id
       if T.deadline then
         A.leases[#A.leases + 1] = T.deadline
         A.leases[#A.leases + 1] = id
@@ -362,7 +361,7 @@ for a, A in pairs(accts) do
     push('HSET', ak(a, ORDERS), A.records)
     push('HSET', ak(a, CODES), A.codes)
     push('HSET', ak(a, REFS), A.refs)
-    push('ZADD', ak(a, INDEX), A.index)
+    push('ZADD', ak(a, INDEX), index_entries(A.records, 2))
     if #A.leases > 0 then push('ZADD', ak(a, LEASES), A.leases) end
     if #A.delivered > 0 then emit_records(ak(a, EVENTS), 'order.delivered', A.delivered) end
   end

@@ -164,7 +164,8 @@ class AcctKeys:
         self.refs = t + "refs"          # HASH external_ref -> order id
         self.orders = t + "orders"      # HASH order id -> cmsgpack order
         self.codes = t + "codes"        # HASH order id -> msgpack list of code ciphertexts
-        self.index = t + "oidx"         # ZSET (score 0) of order ids: ULIDs sort by time
+        self.index = t + "oidx"         # ZSET (score 0) of the ids a call opened, concatenated, the least first
+        #                                 (ULIDs sort by time; one member per call and 32 ms window)
         self.leases = t + "leases"      # ZSET order id -> reservation deadline (ms)
         self.pending = t + "pending"    # ZSET order id -> ms of its last saga step
         self.topups = t + "topups"      # HASH top-up reference -> amount

@@ -168,6 +168,13 @@ def _per_item(flat: list[Any]) -> list[list[Any]]:
 MOVED = object()
 
 
+def _ids_of(member: str) -> list[str]:
+    """The order ids of an index member: 26-character ULIDs concatenated, or one other id."""
+    if len(member) % 26:
+        return [member]
+    return [member[x:x + 26] for x in range(0, len(member), 26)]
+
+
 def _deliver(reply: list[Any], item: DeliverItem, node: str) -> Any:
     """The codes (encrypted) | Existing (a replay, with its codes) | MOVED | an error."""
     status = reply[0]
@@ -351,7 +358,7 @@ class OrderStore:
         ("" and "~" are below and above every id)."""
         k = keys.AcctKeys(dist)
         with translated():
-            ids = await self._db.client.zrangebylex(k.index, "(" + after, "(" + before, 0, count)
+            ids = await self._index_range(k.index, after, before, count)
             if not ids:
                 return []
             async with self._db.client.pipeline(transaction=False) as p:
@@ -359,6 +366,29 @@ class OrderStore:
                 p.hmget(k.codes, ids)
                 recs, codes = await p.execute()
         return [(decode_order(r), decode_codes(c) if c else []) for r, c in zip(recs, codes) if r is not None]
+
+    async def _index_range(self, index: str, after: str, before: str, count: int) -> list[str]:
+        """The *count* least ids in (after, before) of an account's index, whose members are
+        the ids of one call and 32-millisecond window (their first 9 characters), the least
+        first (index_entries, lua/_events.lua). A member holding an id above *after* is of
+        its window or a later one; members come by their least id, so once *count* ids are
+        found below the least id of the next member, no later member has a lesser one."""
+        start = b"[" + after[:9].encode() if after else b"-"
+        found: list[str] = []
+        page = min(count, 64)  # members: one may hold a call's every order
+        while True:
+            members = await self._db.client.zrangebylex(index, start, "(" + before, 0, page)
+            for m in members:
+                found += [i for i in _ids_of(m.decode()) if after < i < before]
+            if len(members) < page:
+                break
+            start = b"(" + members[-1]
+            if len(found) >= count:
+                found.sort()
+                if found[count - 1] <= members[-1][:26].decode():
+                    break
+        found.sort()
+        return found[:count]
 
     # ---- what the sweep looks for ------------------------------------------------------
     async def due(self, dists: Sequence[str], now_ms: int,
