@@ -30,16 +30,21 @@ class Coalescer:
     Each shard has at most *depth* calls in flight. Shards that have room and calls
     waiting are flushed together, as one round, on the next turn of the event loop.
     A depth of 2 lets the next call of a shard reach Redis while the process is still
-    busy with the replies of the last one.
+    busy with the replies of the last one; but a call beside one in flight goes only
+    with at least cap / 8 items, fewer wait for the first to return: a script call has
+    a fixed cost (its reads and writes per account and SKU, the AOF's fsync) that a
+    few items do not carry. Callers that arrive one by one (HTTP requests) otherwise
+    split into many small calls.
     """
 
-    __slots__ = ("_send", "_cap", "_depth", "_queues", "_busy", "_flush_soon", "_tasks", "_loop", "rounds",
+    __slots__ = ("_send", "_cap", "_depth", "_fill", "_queues", "_busy", "_flush_soon", "_tasks", "_loop", "rounds",
                  "batches", "items")
 
     def __init__(self, send: SendRound, cap: int = 256, depth: int = 1) -> None:
         self._send = send
         self._cap = cap
         self._depth = depth
+        self._fill = max(1, cap // 8)
         self._queues: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
         self._busy: dict[str, int] = {}    # shard -> its calls in flight
         self._flush_soon = False
@@ -74,7 +79,7 @@ class Coalescer:
         batches: dict[str, list[tuple[Any, asyncio.Future[Any]]]] = {}
         for shard, queue in list(self._queues.items()):
             busy = self._busy.get(shard, 0)
-            if busy >= self._depth:
+            if busy >= self._depth or (busy and len(queue) < self._fill):
                 continue
             batches[shard] = queue[: self._cap]
             del queue[: self._cap]

@@ -57,3 +57,28 @@ async def test_a_failed_round_reaches_each_of_its_waiters() -> None:
     results = await asyncio.gather(*(c.submit("s", k) for k in range(50)), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
     await c.drain()
+
+
+async def test_a_second_call_in_flight_waits_for_an_eighth_of_a_cap() -> None:
+    """A shard's call beside one in flight goes out only with cap / 8 items; fewer wait
+    for the first to return (many small calls cost Redis more than a few large ones)."""
+    release = asyncio.Event()
+    sizes: list[int] = []
+
+    async def send(batches: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        sizes.append(len(batches["s"]))
+        await release.wait()
+        return {s: list(items) for s, items in batches.items()}
+
+    c = Coalescer(send, cap=64, depth=2)
+    first = [c.submit("s", k) for k in range(3)]
+    await asyncio.sleep(0.01)
+    few = [c.submit("s", k) for k in range(3, 10)]  # 7 < 64 / 8
+    await asyncio.sleep(0.01)
+    assert sizes == [3], "a second call of 7 items went out beside the first"
+    more = [c.submit("s", k) for k in range(10, 12)]  # 9 waiting: enough
+    await asyncio.sleep(0.01)
+    assert sizes == [3, 9]
+    release.set()
+    assert await asyncio.gather(*first, *few, *more) == list(range(12))
+    assert c.batches == 2
