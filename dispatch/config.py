@@ -84,7 +84,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     recovery_grace_s: Seconds = 10.0
     #: How long prices and tiers are cached in-process before being re-read.
     catalog_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
-    #: Most orders coalesced into one script call per shard.
+    #: Most orders coalesced into one script call per shard; a second call beside one in
+    #: flight waits for an eighth of it (dispatch/coalescer.py).
     coalesce_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     #: False sends one script call per order and step (the straightforward way; benchmarks compare).
     coalesce: bool = True
