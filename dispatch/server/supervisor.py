@@ -165,8 +165,6 @@ def _supervise(config: Config) -> int:
         embedded = EmbeddedRedis(config.data_dir, binary=config.redis_server, appendfsync=config.appendfsync,
                                   jemalloc=config.redis_jemalloc)
         embedded.start()
-        log.info("embedded redis-server %s (pid %d, malloc %s) on %s", embedded.version, embedded.pid,
-                 embedded.allocator, embedded.socket_path)
         config = msgspec.structs.replace(config, redis_url=embedded.url)
     ctx = multiprocessing.get_context("spawn")
     stopping = []

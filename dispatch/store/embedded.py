@@ -15,6 +15,7 @@ import atexit
 import ctypes
 import ctypes.util
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,8 @@ from redis.retry import Retry
 from ..errors import EmbeddedRedisError
 
 __all__ = ["EmbeddedRedis"]
+
+log = logging.getLogger("dispatch.store")
 
 # sun_path is 108 bytes on Linux but 104 on macOS/BSD; use the smaller so a data
 # dir that works here works everywhere. redis-server silently truncates a longer
@@ -175,6 +178,8 @@ class EmbeddedRedis:
             self._release_lock()
             raise
         _live.add(self)
+        log.info("embedded redis-server %s started (pid %d, malloc %s) on %s", self._version, self.pid,
+                 self.allocator, self._socket_path)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut the server down cleanly and release the data directory. Idempotent.
