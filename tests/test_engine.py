@@ -276,6 +276,23 @@ async def test_index_members_by_window_and_ranges_across_interleaved_members(sho
     assert [r.id for r, _ in await orders.order_records("acme", "", every[3], 2)] == every[:2]
 
 
+async def test_an_order_gone_from_a_shared_index_member_is_skipped_and_paging_goes_on(shop: Engine) -> None:
+    """commit.lua deletes a saga's order that failed; its id stays in an index member it
+    shares with the other orders of its call: readers skip it, and a page still holds
+    the orders after it."""
+    await stock_up(shop, 10)
+    bought = [await shop.purchase("acme", "g100", 1, f"g{i}") for i in range(4)]
+    k = keys.AcctKeys("acme")
+    await shop.store.client.hdel(k.orders, *[o.order_id for o in bought[:2]])  # as commit.lua, its id kept
+    seen, after = [], ""
+    while rows := await shop.store.orders.order_records("acme", after, "~", 1):
+        seen.append(rows[0][0].id)
+        after = seen[-1]
+    assert seen == [o.order_id for o in bought[2:]]
+    page = await shop.list_orders("acme", limit=2)
+    assert [o.order_id for o in page.orders] == seen
+
+
 # ---- reservations ------------------------------------------------------------------------
 
 async def test_reserve_confirm_cancel(shop: Engine) -> None:

@@ -38,7 +38,7 @@ for k = 1, tonumber(ARGV[1]) do
       spend(limits(), -o.hold, o.created)  -- its spend, counted at begin, given back
       redis.call('HDEL', KEYS[4], id)
       redis.call('HDEL', KEYS[3], o.ref)
-      redis.call('ZREM', KEYS[6], id)  -- alone in its index member; one of several stays, unread
+      redis.call('ZREM', KEYS[6], id)  -- its index member, if its own; in one with others it stays, skipped
       finished[#finished + 1] = id
       done[id] = 'gone'
       out[#out + 1] = {'failed', outcome}

@@ -355,17 +355,26 @@ class OrderStore:
     async def order_records(self, dist: str, after: str, before: str,
                             count: int) -> list[tuple[OrderRec, list[bytes]]]:
         """(record, codes) of *dist*'s orders with ids in (after, before), oldest first
-        ("" and "~" are below and above every id)."""
+        ("" and "~" are below and above every id), *count* of them unless there are fewer.
+        The index may name an order that is gone (a saga's order that failed, when its id
+        shares its member with others): it is skipped, and the next ones read instead."""
         k = keys.AcctKeys(dist)
+        out: list[tuple[OrderRec, list[bytes]]] = []
         with translated():
-            ids = await self._index_range(k.index, after, before, count)
-            if not ids:
-                return []
-            async with self._db.client.pipeline(transaction=False) as p:
-                p.hmget(k.orders, ids)
-                p.hmget(k.codes, ids)
-                recs, codes = await p.execute()
-        return [(decode_order(r), decode_codes(c) if c else []) for r, c in zip(recs, codes) if r is not None]
+            while len(out) < count:
+                want = count - len(out)
+                ids = await self._index_range(k.index, after, before, want)
+                if not ids:
+                    break
+                async with self._db.client.pipeline(transaction=False) as p:
+                    p.hmget(k.orders, ids)
+                    p.hmget(k.codes, ids)
+                    recs, codes = await p.execute()
+                out += [(decode_order(r), decode_codes(c) if c else []) for r, c in zip(recs, codes) if r is not None]
+                if len(ids) < want:
+                    break
+                after = ids[-1]
+        return out
 
     async def _index_range(self, index: str, after: str, before: str, count: int) -> list[str]:
         """The *count* least ids in (after, before) of an account's index, whose members are

@@ -30,9 +30,8 @@ NAMES = ("deliver", "begin", "commit", "settle", "unpend", "topup", "transfer", 
          "tier_apply", "tier_rules")
 
 
-# Ahead of every script: the globals it reads, as locals. A global is a hash lookup in
-# the globals table at each use, a local a register (and an upvalue in the functions
-# below it); the per-order loops use them hundreds of times an order.
+# Ahead of every script: the globals it reads, as locals. A global is a lookup in the
+# globals table at each use, a local a register (an upvalue in the functions below it).
 _LOCALS = ("local redis, cmsgpack, string, table, math = redis, cmsgpack, string, table, math\n"
            "local tonumber, unpack, pairs, ipairs, next, type = tonumber, unpack, pairs, ipairs, next, type\n"
            "local KEYS, ARGV = KEYS, ARGV\n")
