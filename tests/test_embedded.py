@@ -445,3 +445,21 @@ def test_jemalloc_required_and_not_found_is_refused(data_dir: Path, monkeypatch:
     assert not server.running
     with EmbeddedRedis(data_dir) as server:  # auto starts without it, and the directory was released
         assert server.allocator == "libc"
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="no libjemalloc.so.2 on this machine: apt-get install libjemalloc2")
+def test_a_server_that_dies_at_start_with_jemalloc_preloaded_says_how_to_run_it_without(tmp_path: Path) -> None:
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n"
+                    'if [ "$1" = --version ]; then echo "Redis server v=6.2.14 sha=0 malloc=libc"; exit; fi\n'
+                    'echo "preloaded: $LD_PRELOAD" >&2; exit 3\n')
+    fake.chmod(0o755)
+    server = EmbeddedRedis(tmp_path / "d", binary=fake)
+    with pytest.raises(EmbeddedRedisError) as info:
+        server.start()
+    message = str(info.value)
+    assert "exited with status 3" in message and f"preloaded: {JEMALLOC}" in message  # its log, in the message
+    assert "DISPATCH_REDIS_JEMALLOC=off" in message
+    with pytest.raises(EmbeddedRedisError) as info:
+        EmbeddedRedis(tmp_path / "d", binary=fake, jemalloc="off").start()
+    assert "DISPATCH_REDIS_JEMALLOC" not in str(info.value)

@@ -379,8 +379,10 @@ class EmbeddedRedis:
                     tail = self._log_tail()
                     if "Address already in use" in tail and self.port:
                         raise self._port_in_use("redis-server could not bind it")
+                    preloaded = (f" (it ran with {self._preload} preloaded: `redis_jemalloc = off`, "
+                                 "DISPATCH_REDIS_JEMALLOC=off, runs it without)") if self._preload else ""
                     raise EmbeddedRedisError(
-                        f"redis-server ({self.binary}) exited with status {code} during startup; "
+                        f"redis-server ({self.binary}) exited with status {code} during startup{preloaded}; "
                         f"last lines of {self._log_path}:\n{tail}"
                     )
                 try:
