@@ -60,6 +60,7 @@ class Figures:
     redis_cpu_s: float
     wrk_cpu_s: float
     other_cpu_s: float
+    script_calls: int  # EVAL and EVALSHA during the run: Redis's cost per order falls with orders per call
 
     @property
     def server_us(self) -> float:
@@ -210,6 +211,11 @@ def parse(out: str) -> tuple[float, dict[int, int], float, float, float, str]:
     return rps, statuses, p50, p99, seconds, errors[0] if errors else ""
 
 
+def script_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("eval", "evalsha"))
+
+
 def run_one(name: str, server: EmbeddedRedis, tmp: str, args: argparse.Namespace) -> Figures:
     r = redis.Redis.from_url(server.url)
     r.flushall()
@@ -239,9 +245,9 @@ def run_one(name: str, server: EmbeddedRedis, tmp: str, args: argparse.Namespace
         if args.warmup:
             wrk(args.wrk, port, api_key, args.warmup, args.connections, args.threads)
         cpu0, rcpu0 = group_cpu_seconds(proc.pid), cpu_seconds(server.pid, children=False)
-        wcpu0, busy0 = children_cpu_seconds(), machine_busy_seconds()
+        wcpu0, busy0, calls0 = children_cpu_seconds(), machine_busy_seconds(), script_calls(r)
         out, cmd_run = wrk(args.wrk, port, api_key, args.duration, args.connections, args.threads)
-        wcpu1, busy1 = children_cpu_seconds(), machine_busy_seconds()
+        wcpu1, busy1, calls1 = children_cpu_seconds(), machine_busy_seconds(), script_calls(r)
         cpu1, rcpu1 = group_cpu_seconds(proc.pid), cpu_seconds(server.pid, children=False)
         if proc.poll() is not None:
             raise RuntimeError(f"{name} died during the run:\n{open(log_path).read()[-3000:]}")
@@ -257,7 +263,7 @@ def run_one(name: str, server: EmbeddedRedis, tmp: str, args: argparse.Namespace
           f"{', ' + errors if errors else ''}", flush=True)
     return Figures(rps, delivered / seconds, delivered, statuses, p50, p99, seconds, errors,
                    cpu1 - cpu0, rcpu1 - rcpu0, wcpu1 - wcpu0,
-                   max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (rcpu1 - rcpu0) - (wcpu1 - wcpu0)))
+                   max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (rcpu1 - rcpu0) - (wcpu1 - wcpu0)), calls1 - calls0)
 
 
 def _has(module: str) -> bool:
@@ -292,12 +298,14 @@ def main() -> None:
 
     print()
     print(f"{'server':18} {'delivered/s':>11} {'requests/s':>10} {'p50 ms':>6} {'p99 ms':>6} "
-          f"{'server us':>9} {'redis us':>8}  {'server%':>7} {'redis%':>6} {'wrk%':>5} {'other%':>6}")
+          f"{'server us':>9} {'redis us':>8}  {'server%':>7} {'redis%':>6} {'wrk%':>5} {'other%':>6} "
+          f"{'orders/call':>11}")
     for name, f in results.items():
         print(f"{name:18} {f.delivered_s:>11,.0f} {f.requests_s:>10,.0f} {f.p50_ms:>6.2f} {f.p99_ms:>6.2f} "
               f"{f.server_us:>9,.1f} {f.redis_us:>8,.1f}  "
               f"{f.server_cpu_s / f.seconds:>7.0%} {f.redis_cpu_s / f.seconds:>6.0%} "
-              f"{f.wrk_cpu_s / f.seconds:>5.0%} {f.other_cpu_s / f.seconds:>6.0%}")
+              f"{f.wrk_cpu_s / f.seconds:>5.0%} {f.other_cpu_s / f.seconds:>6.0%} "
+              f"{f.delivered / max(f.script_calls, 1):>11.2f}")
     if len(results) == 2:
         a, b = results["dispatch serve"], results["fastapi + uvicorn"]
         ratio = [getattr(a, c) / max(getattr(b, c), 1e-9)
@@ -306,7 +314,8 @@ def main() -> None:
               f"{ratio[4]:>8.2f}x {ratio[5]:>7.2f}x")
     print("\nserver us, redis us: CPU (user + system, from /proc) per delivered order of the server's process\n"
           "group and of the Redis process; server% ... other%: their share of one core during the measured\n"
-          f"run, of {os.cpu_count()} cores in all (other: the rest of the machine, kernel included)")
+          f"run, of {os.cpu_count()} cores in all (other: the rest of the machine, kernel included);\n"
+          "orders/call: delivered orders per script call (EVAL, EVALSHA) Redis ran during the run")
     if any(f.other_cpu_s / f.seconds > 0.25 for f in results.values()):
         print("other% is above 25%: the host was busy during the run; read the CPU per order and the ratios")
 
