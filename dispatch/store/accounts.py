@@ -14,8 +14,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AccountStore", "AccountRow", "LedgerRow"]
 
-_PIN = keys.PIN.encode()
-
 #: A ledger entry as stored (see _account.lua): kind, ref, amount, held delta, balance, held, ms.
 LedgerRow = list[str]
 
@@ -88,7 +86,7 @@ class AccountStore:
             raw = await self._db.client.hgetall(keys.AcctKeys(dist).acct)
         if not raw:
             return None
-        return msgspec.convert({k.decode(): v.decode() for k, v in raw.items() if k != _PIN}, AccountRow,
+        return msgspec.convert({k.decode(): v.decode() for k, v in raw.items() if k != keys.PIN_FIELD}, AccountRow,
                                strict=False)
 
     async def rate_limit(self, dist: str) -> int | None:

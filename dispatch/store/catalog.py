@@ -29,13 +29,10 @@ COUNTERS = ("accepted", "available", "reserved", "sold", "voided", "invalidated"
 _SUMMED = (*COUNTERS, "expiring")
 
 
-_PIN = keys.PIN.encode()
-
-
 def _sku_state(meta: dict[bytes, bytes], stats: dict[bytes, bytes]) -> SkuState:
-    m = {a.decode(): b.decode() for a, b in meta.items() if a != _PIN}
+    m = {a.decode(): b.decode() for a, b in meta.items() if a != keys.PIN_FIELD}
     spread = int(m.pop("spread", 1))
-    return SkuState(m, {a.decode(): int(b) for a, b in stats.items() if a != _PIN}, spread)
+    return SkuState(m, {a.decode(): int(b) for a, b in stats.items() if a != keys.PIN_FIELD}, spread)
 
 
 class CatalogStore:
@@ -122,7 +119,7 @@ class CatalogStore:
         """The counters of one shard of a SKU (its own, or a bucket's), as kept there."""
         with translated():
             stats = await self._db.client.hgetall(keys.SkuKeys(shard).stats)
-        return {f.decode(): int(v) for f, v in stats.items() if f != _PIN}
+        return {f.decode(): int(v) for f, v in stats.items() if f != keys.PIN_FIELD}
 
     async def sku_ids(self) -> list[str]:
         return await self._db.members(keys.SKUS)

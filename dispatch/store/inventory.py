@@ -296,6 +296,6 @@ class InventoryStore:
                 p.hgetall(k.dlv)
                 p.hgetall(k.dlv_codes)
                 recs, codes = await p.execute()
-        recs.pop(keys.PIN.encode(), None)
+        recs.pop(keys.PIN_FIELD, None)
         return {oid.decode(): (msgpack_decode(raw), split_codes(codes[oid]) if oid in codes else None)
                 for oid, raw in recs.items()}

@@ -107,6 +107,7 @@ def events_key(kind: str, id_: str) -> str:
 #: account's limits are) and a new order's delivery record a scan of every record
 #: before it. Readers of these hashes skip it.
 PIN = "~"
+PIN_FIELD = PIN.encode()  # as redis-py returns it
 PIN_VALUE = "a hash table: this value is longer than hash-max-ziplist-value (64 bytes by default)"
 
 
