@@ -14,6 +14,7 @@ from .forecast import forecast
 from .models import CatalogItem, Forecast, Sku, SkuDetail, Stock, Tier
 from .paging import window
 from .records import check
+from .shared import SharedLoads
 from .store import Store
 from .store.replies import SkuState
 
@@ -68,7 +69,7 @@ class Catalog:
     def __init__(self, store: Store, config: Config) -> None:
         self._store = store
         self._config = config
-        self._cache: dict[tuple[str, str], tuple[float, asyncio.Future[Any]]] = {}
+        self._cache: SharedLoads[tuple[str, str], Any] = SharedLoads(config.catalog_ttl_s)
         self._prices: dict[tuple[str, str], tuple[float, tuple[int, str]]] = {}
         self._spreads: dict[str, tuple[float, tuple[int, int]]] = {}
 
@@ -113,8 +114,8 @@ class Catalog:
         s = check(merged, Sku, "SKU")
         if not await self._store.catalog.update_sku(sku, _meta_of({k: getattr(s, k) for k in changes})):
             raise UnknownSkuError(f"unknown SKU {sku}")
-        self._cache.pop(("sku", sku), None)
-        self._cache.pop(("buckets", sku), None)
+        self._cache.forget(("sku", sku))
+        self._cache.forget(("buckets", sku))
         self._prices.clear()
         self._spreads.pop(sku, None)
         return s
@@ -204,7 +205,7 @@ class Catalog:
 
     def forget_distributor(self, distributor: str) -> None:
         """Its tier changed (or its account did): its prices are looked up afresh."""
-        self._cache.pop(("dist", distributor), None)
+        self._cache.forget(("dist", distributor))
         self._prices.clear()
 
     async def _tier_of(self, distributor: str) -> str | None:
@@ -214,21 +215,7 @@ class Catalog:
         return a.tier or None
 
     async def _cached(self, kind: str, key: str, load: Any) -> Any:
-        # The cache holds the loading task: callers arriving while it loads share it
-        # (no stampede when an entry expires under load); a failed load is not kept.
-        k = (kind, key)
-        hit = self._cache.get(k)
-        now = time.monotonic()
-        if hit is None or hit[0] <= now:
-            task = asyncio.ensure_future(load(key))
-            hit = self._cache[k] = (now + self._config.catalog_ttl_s, task)
-
-            def forget_failure(t: asyncio.Future[Any], entry: Any = hit) -> None:
-                if (t.cancelled() or t.exception() is not None) and self._cache.get(k) is entry:
-                    del self._cache[k]
-
-            task.add_done_callback(forget_failure)
-        return await hit[1]
+        return await self._cache.get((kind, key), lambda: load(key))
 
     # ---- stock -----------------------------------------------------------------------
     async def stock(self, sku: str) -> Stock:

@@ -16,7 +16,6 @@ request cannot be replayed or altered, for example from a proxy's log.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -31,6 +30,7 @@ from ..config import Config
 from ..engine import Engine
 from ..errors import UnauthorizedError
 from ..models import Access
+from ..shared import SharedLoads
 
 if TYPE_CHECKING:
     from .request import Request
@@ -68,11 +68,9 @@ class Authenticator:
 
     def __init__(self, engine: Engine, config: Config) -> None:
         self._engine = engine
-        self._ttl = config.auth_cache_ttl_s
         self._signed = config.require_signatures
         self._admin = config.admin_token.encode() if config.admin_token else None
-        self._cache: dict[str, tuple[float, Access]] = {}
-        self._loading: dict[str, asyncio.Future[Access]] = {}
+        self._keys: SharedLoads[str, Access] = SharedLoads(config.auth_cache_ttl_s, _CACHE_MAX)
 
     async def admin(self, req: Request) -> Admin:
         """The admin behind the request's token: the configured token is the owner."""
@@ -90,31 +88,9 @@ class Authenticator:
         key = _bearer(req)
         if key is None:
             raise UnauthorizedError("send the API key as Authorization: Bearer <api key>")
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            access = hit[1]
-        else:
-            access = await self._lookup(key)
+        access = await self._keys.get(key, lambda: self._engine.access(key))  # a key that fails is not kept
         if self._signed:
             await self._check_signature(req, key, access.distributor)
-        return access
-
-    async def _lookup(self, key: str) -> Access:
-        # Requests with a key arriving while it is looked up wait for that lookup: no
-        # stampede on Redis when the entry of a busy key expires.
-        loading = self._loading.get(key)
-        if loading is None:
-            loading = self._loading[key] = asyncio.ensure_future(self._load(key))
-            loading.add_done_callback(lambda _: self._loading.pop(key, None))
-        return await asyncio.shield(loading)
-
-    async def _load(self, key: str) -> Access:
-        now = time.monotonic()
-        access = await self._engine.access(key)  # only keys that work are cached
-        if self._ttl > 0:
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[key] = (now + self._ttl, access)
         return access
 
     async def _check_signature(self, req: Request, api_key: str, distributor: str) -> None:
