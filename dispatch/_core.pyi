@@ -102,6 +102,17 @@ def seal(key: bytes, key_id: int, aad: bytes, secrets: bytes, ends: bytes, keep:
     or 32 bytes. The encryption runs without the GIL. ValueError for arguments that do
     not fit together."""
 
+class Opener:
+    """AES-GCM decryption with *key* (16, 24 or 32 bytes), its key schedule set up once:
+    what ``Vault.decrypt`` runs for each code it shows."""
+
+    def __init__(self, key: bytes) -> None: ...
+
+    def open(self, blob: bytes, at: int, aad: bytes) -> bytes:
+        """The plaintext of ``nonce (12 bytes) || ciphertext || tag (16 bytes)`` found in
+        *blob* from offset *at*, checked against *aad*; ValueError if it is too short or
+        fails authentication (wrong key, aad or data)."""
+
 # The per-code forms of Fingerprints.fresh and group_claims: a Python object per code,
 # plainer; the reference the packed forms are tested against (tests/test_core.py).
 

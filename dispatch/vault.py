@@ -23,10 +23,9 @@ import secrets
 from hashlib import blake2b
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._core import Fingerprints, seal
+from ._core import Fingerprints, Opener, seal
 from .config import Config
 from .errors import ConfigError, DispatchError
 
@@ -70,19 +69,20 @@ def load_master_keys(config: Config) -> list[bytes]:
 class Vault:
     """Encrypts, decrypts and fingerprints codes with the deployment's keys."""
 
-    __slots__ = ("_current_id", "_current", "_current_key", "_keys", "_fp_key")
+    __slots__ = ("_current_id", "_current", "_current_key", "_openers", "_fp_key")
 
     def __init__(self, master_keys: list[bytes], fingerprint_key: bytes | None = None) -> None:
         if not master_keys:
             raise ConfigError("at least one master key is needed")
-        self._keys: dict[int, AESGCM] = {}
+        # decrypting is most of the work (each code shown): the core's, key schedules set once
+        self._openers: dict[int, Opener] = {}
         for key in master_keys:
             kid = self.key_id(key)
-            if kid in self._keys:
+            if kid in self._openers:
                 raise ConfigError("two master keys share a key id; generate another key")
-            self._keys[kid] = AESGCM(key)
+            self._openers[kid] = Opener(key)
         self._current_id = self.key_id(master_keys[0])
-        self._current = self._keys[self._current_id]
+        self._current = AESGCM(master_keys[0])
         self._current_key = master_keys[0]
         self._fp_key = fingerprint_key
 
@@ -96,13 +96,13 @@ class Vault:
         return bytes((self._current_id,)) + nonce + self._current.encrypt(nonce, secret, aad)
 
     def decrypt(self, blob: bytes, aad: bytes) -> bytes:
-        aead = self._keys.get(blob[0]) if blob else None
-        if aead is None:
+        opener = self._openers.get(blob[0]) if blob else None
+        if opener is None:
             raise DispatchError("a stored code was encrypted with a key that is not configured "
                                 "(add it to old_master_keys)")
         try:
-            return aead.decrypt(blob[1:1 + _NONCE], blob[1 + _NONCE:], aad)
-        except InvalidTag:
+            return opener.open(blob, 1, aad)
+        except ValueError:
             raise DispatchError("a stored code failed authentication (wrong key or tampered data)") from None
 
     # ---- fingerprints --------------------------------------------------------

@@ -14,9 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import Encoder, PythonRespSerializer
 
-from dispatch._core import (Fingerprints, fingerprint_chunk, group_claims, group_fingerprints, new_ulid, pack_calls,
+from dispatch._core import (Fingerprints, Opener, fingerprint_chunk, group_claims, group_fingerprints, new_ulid, pack_calls,
                             seal, ulid_at)
 from dispatch.store import keys
+from dispatch.errors import DispatchError
 from dispatch.vault import Vault
 
 word = st.one_of(st.binary(max_size=300), st.text(max_size=50), st.integers(-2**62, 2**62),
@@ -198,3 +199,44 @@ def test_seal_is_read_by_the_vault_and_refuses_bad_arguments() -> None:
         args[at] = bad
         with pytest.raises(ValueError):
             seal(*args)
+
+
+@given(st.binary(max_size=70), st.sampled_from([16, 24, 32]), st.binary(max_size=20), st.binary(max_size=5))
+def test_opener_reads_aes_gcm_as_cryptography_writes_it(secret: bytes, key_size: int, aad: bytes,
+                                                        head: bytes) -> None:
+    key, nonce = os.urandom(key_size), os.urandom(12)
+    blob = head + nonce + AESGCM(key).encrypt(nonce, secret, aad)
+    opener = Opener(key)
+    assert opener.open(blob, len(head), aad) == secret
+    assert opener.open(blob, len(head), aad) == secret  # the key schedule is kept, not used up
+
+
+def test_opener_refuses_what_fails_authentication_and_goes_on_working() -> None:
+    key, nonce = os.urandom(32), os.urandom(12)
+    blob = b"\x07" + nonce + AESGCM(key).encrypt(nonce, b"CODE-1", b"sku")
+    opener = Opener(key)
+    flipped = bytearray(blob)
+    flipped[20] ^= 1
+    for bad, at, aad in [(blob, 1, b"other sku"), (bytes(flipped), 1, b"sku"), (blob, 0, b"sku"),
+                         (blob[:-1], 1, b"sku"), (blob[:28], 1, b"sku"), (blob, -1, b"sku"),
+                         (blob, len(blob), b"sku")]:
+        with pytest.raises(ValueError):
+            opener.open(bad, at, aad)
+    with pytest.raises(ValueError):
+        Opener(os.urandom(32)).open(blob, 1, b"sku")  # another key
+    assert opener.open(blob, 1, b"sku") == b"CODE-1"
+    with pytest.raises(ValueError):
+        Opener(b"k" * 31)
+
+
+def test_the_vault_names_a_missing_key_and_a_failed_code() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    assert Vault.key_id(old) != Vault.key_id(new)
+    blob = Vault([old]).encrypt(b"CODE-1", b"sku")
+    assert Vault([new, old]).decrypt(blob, b"sku") == b"CODE-1"
+    with pytest.raises(DispatchError, match="not configured"):
+        Vault([new]).decrypt(blob, b"sku")
+    with pytest.raises(DispatchError, match="failed authentication"):
+        Vault([old]).decrypt(blob, b"other sku")
+    with pytest.raises(DispatchError, match="not configured"):
+        Vault([old]).decrypt(b"", b"sku")

@@ -391,12 +391,28 @@ cdef extern from "openssl/evp.h":
     int EVP_EncryptUpdate(EVP_CIPHER_CTX* ctx, unsigned char* out, int* outl,
                           const unsigned char* inp, int inl) nogil
     int EVP_EncryptFinal_ex(EVP_CIPHER_CTX* ctx, unsigned char* out, int* outl) nogil
+    int EVP_DecryptInit_ex(EVP_CIPHER_CTX* ctx, const EVP_CIPHER* cipher, void* impl,
+                           const unsigned char* key, const unsigned char* iv) nogil
+    int EVP_DecryptUpdate(EVP_CIPHER_CTX* ctx, unsigned char* out, int* outl,
+                          const unsigned char* inp, int inl) nogil
+    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX* ctx, unsigned char* out, int* outl) nogil
     int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX* ctx, int type, int arg, void* ptr) nogil
     int EVP_CTRL_GCM_GET_TAG
+    int EVP_CTRL_GCM_SET_TAG
 
 cdef enum:
     _NONCE = 12
     _TAG = 16
+
+
+cdef const EVP_CIPHER* _gcm(bytes key) except NULL:
+    if len(key) == 16:
+        return EVP_aes_128_gcm()
+    if len(key) == 24:
+        return EVP_aes_192_gcm()
+    if len(key) == 32:
+        return EVP_aes_256_gcm()
+    raise ValueError(f"an AES key has 16, 24 or 32 bytes, got {len(key)}")
 
 
 cdef int _seal_all(EVP_CIPHER_CTX* ctx, const unsigned char* aad, int aadlen, const unsigned char* s,
@@ -446,14 +462,7 @@ def seal(bytes key not None, int key_id, bytes aad not None, bytes secrets not N
         raise ValueError("ends are 4 bytes each")
     if not 0 <= key_id <= 255:
         raise ValueError(f"a key id is one byte, got {key_id}")
-    if len(key) == 16:
-        cipher = EVP_aes_128_gcm()
-    elif len(key) == 24:
-        cipher = EVP_aes_192_gcm()
-    elif len(key) == 32:
-        cipher = EVP_aes_256_gcm()
-    else:
-        raise ValueError(f"an AES key has 16, 24 or 32 bytes, got {len(key)}")
+    cipher = _gcm(key)
     if PyBytes_GET_SIZE(aad) > 0x7FFFFFFF:
         raise ValueError("aad too long")
     if keep is not None:
@@ -496,6 +505,45 @@ def seal(bytes key not None, int key_id, bytes aad not None, bytes secrets not N
     finally:
         EVP_CIPHER_CTX_free(ctx)
         free(outs)
+
+
+cdef class Opener:
+    """AES-GCM decryption with one key, whose schedule is set up once; see _core.pyi."""
+
+    cdef EVP_CIPHER_CTX* _ctx
+
+    def __cinit__(self, bytes key not None):
+        cdef const EVP_CIPHER* cipher = _gcm(key)
+        self._ctx = EVP_CIPHER_CTX_new()
+        if self._ctx == NULL:
+            raise MemoryError()
+        if not EVP_DecryptInit_ex(self._ctx, cipher, NULL, <const unsigned char*>PyBytes_AS_STRING(key), NULL):
+            raise RuntimeError("OpenSSL refused the AES-GCM key")
+
+    def __dealloc__(self):
+        EVP_CIPHER_CTX_free(self._ctx)
+
+    def open(self, bytes blob not None, Py_ssize_t at, bytes aad not None):
+        """The plaintext of ``nonce || ciphertext || tag`` in *blob* from offset *at*."""
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(blob) - at - _NONCE - _TAG
+        cdef const unsigned char* p
+        cdef unsigned char* o
+        cdef bytes out
+        cdef int outl, finl, ok
+        if at < 0 or size < 0 or size > 0x7FFFFFFF or PyBytes_GET_SIZE(aad) > 0x7FFFFFFF:
+            raise ValueError("not a sealed secret: too short")
+        p = <const unsigned char*>PyBytes_AS_STRING(blob) + at
+        out = PyBytes_FromStringAndSize(NULL, size)
+        o = <unsigned char*>PyBytes_AS_STRING(out)
+        ok = (EVP_DecryptInit_ex(self._ctx, NULL, NULL, NULL, p)
+              and EVP_DecryptUpdate(self._ctx, NULL, &outl, <const unsigned char*>PyBytes_AS_STRING(aad),
+                                    <int>PyBytes_GET_SIZE(aad))
+              and EVP_DecryptUpdate(self._ctx, o, &outl, p + _NONCE, <int>size)
+              and EVP_CIPHER_CTX_ctrl(self._ctx, EVP_CTRL_GCM_SET_TAG, _TAG, <void*>(p + _NONCE + size))
+              and EVP_DecryptFinal_ex(self._ctx, o + outl, &finl))
+        if not ok:
+            raise ValueError("the sealed secret failed authentication")
+        return out
 
 
 # ---- the per-code forms (Python objects per code) ------------------------------------
