@@ -145,16 +145,17 @@ class Orders:
         clock, like its id; a lease ends by it too."""
         now = time.time_ns() // 1_000_000
         total = p.qty * p.unit_price
+        # OrderRec's fields in their order: (id, ref, digest, sku, qty, unit_price, currency),
+        # (mode, ttl, partial, status, hold, total, delivered, deadline), (created, updated,
+        # dat, refunded, v, plan, bk). Given by keyword, as many cost five times as much.
         if p.mode == "deliver":
-            rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
-                           currency=p.currency, mode="deliver", ttl=0, partial=bool(p.partial), status="delivered",
-                           hold=0, total=total, delivered=p.qty, deadline=0, created=now, updated=now, dat=now, v=1,
-                           plan=p.plan, bk=bucket)
+            rec = OrderRec(p.order_id, p.ref, p.digest, p.sku, p.qty, p.unit_price, p.currency,
+                           "deliver", 0, bool(p.partial), "delivered", 0, total, p.qty, 0,
+                           now, now, now, 0, 1, p.plan, bucket)
         else:
-            rec = OrderRec(id=p.order_id, ref=p.ref, digest=p.digest, sku=p.sku, qty=p.qty, unit_price=p.unit_price,
-                           currency=p.currency, mode="reserve", ttl=p.ttl, partial=bool(p.partial), status="reserved",
-                           hold=total, total=total, delivered=p.qty, deadline=now + p.ttl * 1000, created=now,
-                           updated=now, plan=p.plan, bk=bucket)
+            rec = OrderRec(p.order_id, p.ref, p.digest, p.sku, p.qty, p.unit_price, p.currency,
+                           "reserve", p.ttl, bool(p.partial), "reserved", total, total, p.qty, now + p.ttl * 1000,
+                           now, now, 0, 0, 0, p.plan, bucket)
         if p.margins:
             rec.mg, rec.bp = list(p.margins), p.unit_price - sum(p.margins)
         got = await self._sagas.deliver.submit(node, DeliverItem(p.order_id, p.ref, p.digest,
