@@ -1,0 +1,158 @@
+"""Instructions the engine's own process executes per order, counted by callgrind: what
+redis_instructions.py is for Redis, for the Python side. The same code counts the same
+within about a percent run after run (the daemon's row within a few: its calls carry
+what wrk happens to send), whatever else the host does, where its CPU time moves by a
+fifth: so it is what tells whether a change to the Python path made its work per order
+smaller.
+
+Each row runs in a child process under ``valgrind --tool=callgrind`` with
+instrumentation off; the child starts its embedded Redis (not under valgrind), seeds
+it, warms up with as many orders as it then measures, and switches instrumentation on
+around the measured orders only (``callgrind_control -i on/off`` on itself). Rows:
+
+  deliver, 1 SKU      Engine.purchase by 256 concurrent callers over 8 distributors,
+                      one single-code order each at a time (compare.py's hot SKU)
+  reserve + confirm   the same callers, each order a reservation and its confirm
+  HTTP (daemon)       ``dispatch serve`` (one worker) under callgrind, driven by wrk
+                      as bench/http/compare_http.py drives it: per 201 answered
+                      (skipped without wrk)
+
+Under valgrind the process runs some fifty times slower while Redis does not, so its
+script calls carry more orders than in a timed run, and the counts are lower than a
+timed run's CPU would suggest: compare them with each other. Instructions are not time:
+a count leaves out the kernel's work (the sockets), which compare.py's CPU columns
+include.
+
+    apt-get install valgrind
+    .venv/bin/python bench/engine_instructions.py      # about a minute
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "http"))
+
+ORDERS = 4_000
+CALLERS = 256
+DISTS = 8
+HTTP_SECONDS = 10
+
+
+def _instrument(on: bool, pid: int) -> None:
+    subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(pid)], check=True, capture_output=True)
+
+
+async def _in_process(mode: str) -> int:
+    """The child's work: seed, warm up, then ORDERS counted orders; returns them."""
+    import compare
+    import redis
+
+    from dispatch.engine import Engine, tune_gc
+    from dispatch.store.embedded import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory() as d, EmbeddedRedis(os.path.join(d, "redis")) as server:
+        redis.Redis.from_url(server.url).flushall()
+        async with Engine(compare.config(server.url, d, True), sweep=False) as engine:
+            await compare.seed(engine, 1, 2 * ORDERS + 100)
+            tune_gc()
+
+            async def orders(first: int) -> None:
+                todo = iter(range(first, first + ORDERS))
+
+                async def caller(c: int) -> None:
+                    for i in todo:
+                        order = await engine.purchase(f"d{c % DISTS}", "s0", 1, f"r{i}", mode=mode)
+                        if mode == "reserve":
+                            await engine.confirm(f"d{c % DISTS}", order.order_id)
+
+                await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+
+            await orders(0)  # warm: caches, the accounts' hashes past their small encoding
+            _instrument(True, os.getpid())
+            await orders(ORDERS)
+            _instrument(False, os.getpid())
+            assert not await engine.audit()
+    return ORDERS
+
+
+def _counted(out_dir: str) -> int:
+    subtotal = 0
+    for f in glob.glob(os.path.join(out_dir, "cg.*")):
+        with open(f) as fh:
+            subtotal += sum(int(line.split()[1]) for line in fh if line.startswith("totals:"))
+    return subtotal
+
+
+def _valgrind(out_dir: str) -> list[str]:
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/cg.%p"]
+
+
+def in_process_row(mode: str) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        got = subprocess.run([*_valgrind(out), sys.executable, __file__, "--child", mode], check=True,
+                             capture_output=True, text=True)
+        orders = json.loads(got.stdout.strip().splitlines()[-1])["orders"]
+        return _counted(out) / orders
+
+
+def http_row() -> float | None:
+    """Instructions of the daemon per order answered 201, or None without wrk."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    import compare_http as ch
+
+    from dispatch.store.embedded import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(os.path.join(tmp, "redis")) as server:
+        api_key = asyncio.run(ch.seed(server.url, tmp, 200_000))
+        port = ch.free_port()
+        env = dict(os.environ, DISPATCH_REDIS_URL=server.url, DISPATCH_DATA_DIR=tmp, DISPATCH_MASTER_KEY=ch.MASTER_KEY,
+                   DISPATCH_ADMIN_TOKEN=ch.ADMIN_TOKEN, DISPATCH_ACCESS_LOG="false", DISPATCH_WORKERS="1")
+        env.pop("DISPATCH_CONFIG", None)
+        out = os.path.join(tmp, "cg")
+        os.mkdir(out)
+        log = os.path.join(tmp, "serve.log")
+        proc = ch.start([*_valgrind(out), sys.executable, "-m", "dispatch", "serve", "--host", "127.0.0.1",
+                         "--port", str(port), "--workers", "1"], env, log)
+        try:
+            ch.wait_ready(proc, port, "/readyz", log, timeout=120)
+            ch.wrk(wrk, port, api_key, 3, 64, 2)
+            _instrument(True, proc.pid)
+            text, _ = ch.wrk(wrk, port, api_key, HTTP_SECONDS, 64, 2)
+            _instrument(False, proc.pid)
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        finally:
+            ch.stop(proc)
+        delivered = ch.parse(text)[1].get(201, 0)
+        if not delivered:
+            raise RuntimeError(f"no order was answered 201:\n{text}")
+        return _counted(out) / delivered
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps({"orders": asyncio.run(_in_process(sys.argv[2]))}))
+        return
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install valgrind")
+    rows = {"deliver, 1 SKU": in_process_row("deliver"), "reserve + confirm": in_process_row("reserve"),
+            "HTTP (daemon)": http_row()}
+    print("per order: instructions of the engine's process (callgrind; the kernel's work is not counted)")
+    for label, n in rows.items():
+        print(f"{label:18} {n:>10,.0f}" if n is not None else f"{label:18} {'(no wrk)':>10}")
+
+
+if __name__ == "__main__":
+    main()
