@@ -520,6 +520,43 @@ async def test_close_lets_orders_in_flight_finish(shop: Engine, flushed_redis_ur
     assert (await shop.stock("g100")).sold == 40
 
 
+async def test_reservations_ended_by_callers_that_went_away_are_ended_whole(shop: Engine,
+                                                                         flushed_redis_url: str) -> None:
+    """On one node a confirm or cancel is one script and no task of its own: a caller
+    that goes away once its ending is on its way leaves nothing half done."""
+    import redis.asyncio as aioredis
+
+    await stock_up(shop, 50)
+    held = [await shop.purchase("acme", "g100", 1, f"held-{i}", mode="reserve") for i in range(40)]
+    started, settle = 0, shop._sagas.settle
+
+    class Counted:
+        def submit(self, shard, item):  # type: ignore[no-untyped-def]
+            nonlocal started
+            started += 1
+            return settle.submit(shard, item)
+
+    shop._sagas.settle = Counted()  # type: ignore[assignment]
+    calls = [asyncio.create_task(shop.confirm("acme", o.order_id) if i % 2 else shop.cancel("acme", o.order_id))
+             for i, o in enumerate(held)]
+    for _ in range(100_000):
+        if started == 40:
+            break
+        await asyncio.sleep(0.001 if _ > 1000 else 0)
+    assert started == 40
+    for c in calls:
+        c.cancel()
+    await shop.close()
+    async with aioredis.from_url(flushed_redis_url) as r:
+        assert await r.zcard(keys.AcctKeys("acme").pending) == 0
+        assert await r.zcard(keys.AcctKeys("acme").leases) == 0
+    await shop.start()
+    assert [(await shop.get_order("acme", o.order_id)).status for o in held] == ["cancelled", "delivered"] * 20
+    stock = await shop.stock("g100")
+    assert (stock.sold, stock.reserved, stock.available) == (20, 0, 30)
+    assert await shop.audit() == []
+
+
 async def test_large_amounts_stay_exact(shop: Engine) -> None:
     """Money crosses Lua as doubles: amounts up to 10^15 must stay exact integers."""
     await shop.create_sku("gold-bar", "Gold", 10**12, "CNY", 10**12 - 1)
