@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import msgspec
@@ -489,26 +490,35 @@ async def test_no_key_for_a_distributor_that_does_not_exist(shop: Engine) -> Non
         await shop.rotate_api_key("ghost")
 
 
+def counted(shop: Engine, step: str) -> list[int]:
+    """A counter of the items submitted to *step*'s coalescer from now on."""
+    n, real = [0], getattr(shop._sagas, step)
+
+    class Counted:
+        def submit(self, shard, item):  # type: ignore[no-untyped-def]
+            n[0] += 1
+            return real.submit(shard, item)
+
+    setattr(shop._sagas, step, Counted())
+    return n
+
+
+async def until(done: Callable[[], bool]) -> None:
+    for i in range(100_000):
+        if done():
+            return
+        await asyncio.sleep(0.001 if i > 1000 else 0)
+    raise AssertionError("never came true")
+
+
 async def test_close_lets_orders_in_flight_finish(shop: Engine, flushed_redis_url: str) -> None:
     """Orders whose callers went away are finished by close(), not left pending."""
     import redis.asyncio as aioredis
 
     await stock_up(shop, 50)
-    started, deliver = 0, shop._sagas.deliver
-
-    class Counted:
-        def submit(self, shard, item):  # type: ignore[no-untyped-def]
-            nonlocal started
-            started += 1
-            return deliver.submit(shard, item)
-
-    shop._sagas.deliver = Counted()  # type: ignore[assignment]
+    submitted = counted(shop, "deliver")
     calls = [asyncio.create_task(shop.purchase("acme", "g100", 1, f"gone-{i}")) for i in range(40)]
-    for _ in range(100_000):      # every order is on its way to the store ...
-        if started == 40:
-            break
-        await asyncio.sleep(0.001 if _ > 1000 else 0)
-    assert started == 40
+    await until(lambda: submitted[0] == 40)  # every order is on its way to the store ...
     for c in calls:
         c.cancel()                # ... and every caller goes away
     await shop.close()
@@ -528,22 +538,10 @@ async def test_reservations_ended_by_callers_that_went_away_are_ended_whole(shop
 
     await stock_up(shop, 50)
     held = [await shop.purchase("acme", "g100", 1, f"held-{i}", mode="reserve") for i in range(40)]
-    started, settle = 0, shop._sagas.settle
-
-    class Counted:
-        def submit(self, shard, item):  # type: ignore[no-untyped-def]
-            nonlocal started
-            started += 1
-            return settle.submit(shard, item)
-
-    shop._sagas.settle = Counted()  # type: ignore[assignment]
+    submitted = counted(shop, "settle")
     calls = [asyncio.create_task(shop.confirm("acme", o.order_id) if i % 2 else shop.cancel("acme", o.order_id))
              for i, o in enumerate(held)]
-    for _ in range(100_000):
-        if started == 40:
-            break
-        await asyncio.sleep(0.001 if _ > 1000 else 0)
-    assert started == 40
+    await until(lambda: submitted[0] == 40)
     for c in calls:
         c.cancel()
     await shop.close()
