@@ -352,6 +352,7 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as e:
             if self._parsing:  # not a limit we stopped at ourselves
                 self._reject(BadRequestError(f"malformed HTTP request: {e}"))
+        self._rearm()  # once a read, for the phase the parser ended in: no time passed in between
 
     def on_message_begin(self) -> None:
         if not self._parsing:
@@ -360,17 +361,20 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._header_bytes = 0
         self._phase = "headers"
-        self._rearm()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_header(len(url))
+        self._header_bytes += len(url)
+        if self._header_bytes > self._max_header:
+            self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._req
         if req is None or not self._parsing:
             return
-        self._count_header(len(name) + len(value) + 4)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header:
+            self._head_too_large()
         name = name.lower()
         headers = req.headers
         if name in headers:
@@ -378,9 +382,8 @@ class HttpProtocol(asyncio.Protocol):
         else:
             headers[name] = value
 
-    def _count_header(self, n: int) -> None:
-        self._header_bytes += n
-        if self._header_bytes > self._max_header and self._parsing:
+    def _head_too_large(self) -> None:
+        if self._parsing:
             self._reject(PayloadTooLargeError(f"request line and headers are over {self._max_header} bytes"))
 
     def on_headers_complete(self) -> None:
@@ -419,7 +422,6 @@ class HttpProtocol(asyncio.Protocol):
             self._upload_timer = self._loop.call_later(self._limits.upload_timeout_s, self._timed_out, "upload")
         self._queue.append(req)
         self._phase = "body"
-        self._rearm()
         self._kick()
 
     def on_body(self, body: bytes) -> None:
@@ -431,8 +433,7 @@ class HttpProtocol(asyncio.Protocol):
             if req._size > self._max_import:
                 self._reject(PayloadTooLargeError(f"the upload is over {self._max_import} bytes"))
                 return
-            req.stream.feed(body)
-            self._rearm()  # an upload may take long; it may not stall
+            req.stream.feed(body)  # (data_received re-arms the body timeout: an upload may not stall)
         else:
             if req._size > self._max_body:
                 self._reject(PayloadTooLargeError(f"the body is over {self._max_body} bytes"))
@@ -451,7 +452,6 @@ class HttpProtocol(asyncio.Protocol):
             self._stop_reading("close")  # nothing after this request will be answered
         elif len(self._queue) >= self._limits.max_pipeline:
             self.pause("pipeline")
-        self._rearm()
 
     def _reject(self, error: DispatchError) -> None:
         """Parsing cannot go on: answer *error* in turn, then close."""
