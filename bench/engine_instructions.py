@@ -1,9 +1,9 @@
 """Instructions the engine's own process executes per order, counted by callgrind: what
 redis_instructions.py is for Redis, for the Python side. The same code counts the same
-within about a percent run after run (the daemon's row within a few: its calls carry
-what wrk happens to send), whatever else the host does, where its CPU time moves by a
-fifth: so it is what tells whether a change to the Python path made its work per order
-smaller.
+within a few percent run after run (how the orders fall into script calls varies a
+little; the lower of two runs is steadier still), whatever else the host does, where
+its CPU time moves by a fifth: so it is what tells whether a change to the Python path
+made its work per order smaller.
 
 Each row runs in a child process under ``valgrind --tool=callgrind`` with
 instrumentation off; the child starts its embedded Redis (not under valgrind), seeds
