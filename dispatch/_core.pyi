@@ -104,7 +104,8 @@ def seal(key: bytes, key_id: int, aad: bytes, secrets: bytes, ends: bytes, keep:
 
 class Opener:
     """AES-GCM decryption with *key* (16, 24 or 32 bytes), its key schedule set up once:
-    what ``Vault.decrypt`` runs for each code it shows."""
+    what ``Vault.decrypt`` runs for each code it shows. It holds the GIL throughout, so
+    threads may share one."""
 
     def __init__(self, key: bytes) -> None: ...
 
