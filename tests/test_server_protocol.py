@@ -100,21 +100,30 @@ async def test_limits_are_413(make_server: Any) -> None:
     assert r.status == 201 and r.json()["accepted"] == 1 and r.json()["duplicate"] == 99
 
 
+async def dribbled_until_closed(conn: Conn, byte: bytes = b"a", sends: int = 30) -> bool:
+    """Send *byte* every 0.1 s until the server closes (True), at most *sends* times."""
+    for _ in range(sends):
+        conn.send(byte)
+        try:
+            return await conn.closed_by_server(timeout=0.1)
+        except asyncio.TimeoutError:
+            pass
+    return False
+
+
 async def test_slow_clients_are_dropped(make_server: Any) -> None:
     s = await make_server(header_timeout_s=0.3, body_timeout_s=0.3, keepalive_timeout_s=0.3)
     await s.shop()
-    # headers dribbled: the first byte starts the clock
+    # headers dribbled: the first byte starts the clock, a byte every 0.1 s does not move it
     conn = await Conn.open(s.port)
-    conn.send(b"GET /healthz HTTP/1.1\r\nHo")
-    await asyncio.sleep(0.1)
-    conn.send(b"st: t\r\n")
-    assert await conn.closed_by_server(timeout=5)
+    conn.send(b"GET /healthz HTTP/1.1\r\nX-Pad: ")
+    assert await dribbled_until_closed(conn)
     assert await conn.responses(1) == []
-    # a body that never completes: nothing reaches the engine
+    # a body that never completes, dribbled too: nothing reaches the engine
     conn = await Conn.open(s.port)
     body = json.dumps({"sku": "g100", "qty": 1, "external_ref": "slow"}).encode()
-    conn.send(build("POST", "/v1/orders", body=body, token=s.keys["acme"])[:-10])
-    assert await conn.closed_by_server(timeout=5)
+    conn.send(build("POST", "/v1/orders", body=body + b" " * 100, token=s.keys["acme"])[:-100])
+    assert await dribbled_until_closed(conn, b" ")
     assert (await s.engine.list_orders("acme")).orders == []
     # an idle keep-alive connection
     conn = await Conn.open(s.port)

@@ -150,6 +150,13 @@ class ServerState:
 class HttpProtocol(asyncio.Protocol):
     """Parses requests, queues them in order, and writes the handler's replies."""
 
+    # Slots: an instance dict of this many keys is past what CPython shares and reads
+    # fast, which made every attribute access of a request dearer.
+    __slots__ = ("_limits", "_state", "_handler", "_match", "_max_header", "_max_body", "_max_import", "_loop",
+                 "_parser", "transport", "_queue", "_runner", "_waiting", "_answering", "_req", "_url", "_header_bytes",
+                 "_phase", "_parsing", "_paused", "_deadline", "_kind", "_timer", "_timer_at", "_upload_timer",
+                 "_write_paused", "_drain_waiter", "_draining", "_moved", "closed")
+
     def __init__(self, limits: Limits, state: ServerState, handler: Handler) -> None:
         self._limits = limits
         self._state = state
@@ -179,6 +186,7 @@ class HttpProtocol(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._draining = False
+        self._moved = False
         self.closed = False
 
     # ---- connection ------------------------------------------------------------------
@@ -339,6 +347,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._parsing:
             return
+        self._moved = False  # set by a callback that starts a phase (or feeds an upload)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -352,7 +361,8 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as e:
             if self._parsing:  # not a limit we stopped at ourselves
                 self._reject(BadRequestError(f"malformed HTTP request: {e}"))
-        self._rearm()  # once a read, for the phase the parser ended in: no time passed in between
+        if self._moved:  # once a read, for the phase the parser ended in: no time passed in between
+            self._rearm()
 
     def on_message_begin(self) -> None:
         if not self._parsing:
@@ -361,6 +371,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._header_bytes = 0
         self._phase = "headers"
+        self._moved = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -422,6 +433,7 @@ class HttpProtocol(asyncio.Protocol):
             self._upload_timer = self._loop.call_later(self._limits.upload_timeout_s, self._timed_out, "upload")
         self._queue.append(req)
         self._phase = "body"
+        self._moved = True
         self._kick()
 
     def on_body(self, body: bytes) -> None:
@@ -433,7 +445,8 @@ class HttpProtocol(asyncio.Protocol):
             if req._size > self._max_import:
                 self._reject(PayloadTooLargeError(f"the upload is over {self._max_import} bytes"))
                 return
-            req.stream.feed(body)  # (data_received re-arms the body timeout: an upload may not stall)
+            req.stream.feed(body)
+            self._moved = True  # an upload may take long; it may not stall
         else:
             if req._size > self._max_body:
                 self._reject(PayloadTooLargeError(f"the body is over {self._max_body} bytes"))
@@ -452,6 +465,7 @@ class HttpProtocol(asyncio.Protocol):
             self._stop_reading("close")  # nothing after this request will be answered
         elif len(self._queue) >= self._limits.max_pipeline:
             self.pause("pipeline")
+        self._moved = True
 
     def _reject(self, error: DispatchError) -> None:
         """Parsing cannot go on: answer *error* in turn, then close."""
