@@ -12,14 +12,16 @@ around the measured orders only (``callgrind_control -i on/off`` on itself). Row
 
   deliver, 1 SKU      Engine.purchase by 256 concurrent callers over 8 distributors,
                       one single-code order each at a time (compare.py's hot SKU)
-  reserve + confirm   the same callers, each order a reservation and its confirm
+  deliver, Zipf       the same over 100 SKUs drawn Zipf 1.1 (compare.py's)
+  reserve + confirm   the same callers on one SKU, each order a reservation and its confirm
   HTTP (daemon)       ``dispatch serve`` (one worker) under callgrind, driven by wrk
                       as bench/http/compare_http.py drives it: per 201 answered
                       (skipped without wrk)
 
 Under valgrind the process runs some fifty times slower while Redis does not, so its
 script calls carry more orders than in a timed run, and the counts are lower than a
-timed run's CPU would suggest: compare them with each other. Instructions are not time:
+timed run's CPU would suggest: compare them with each other. For the same reason the
+catalogue's and the API keys' caches are kept for the whole count (STEADY_TTL_S). Instructions are not time:
 a count leaves out the kernel's work (the sockets), which compare.py's CPU columns
 include.
 
@@ -47,15 +49,21 @@ ORDERS = 4_000
 CALLERS = 256
 DISTS = 8
 HTTP_SECONDS = 10
+ZIPF_SKUS = 100
+#: The catalogue's and the API keys' caches last the whole count: under valgrind a run
+#: takes minutes, and a reload every second or few would be counted many times over.
+STEADY_TTL_S = 3600.0
 
 
 def _instrument(on: bool, pid: int) -> None:
     subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(pid)], check=True, capture_output=True)
 
 
-async def _in_process(mode: str) -> int:
+async def _in_process(workload: str) -> int:
     """The child's work: seed, warm up, then ORDERS counted orders; returns them."""
     import compare
+    import msgspec
+    import numpy as np
     import redis
 
     from dispatch.engine import Engine, tune_gc
@@ -63,8 +71,13 @@ async def _in_process(mode: str) -> int:
 
     with tempfile.TemporaryDirectory() as d, EmbeddedRedis(os.path.join(d, "redis")) as server:
         redis.Redis.from_url(server.url).flushall()
-        async with Engine(compare.config(server.url, d, True), sweep=False) as engine:
-            await compare.seed(engine, 1, 2 * ORDERS + 100)
+        config = msgspec.structs.replace(compare.config(server.url, d, True), catalog_ttl_s=STEADY_TTL_S)
+        skus = ZIPF_SKUS if workload == "zipf" else 1
+        mode = "reserve" if workload == "reserve" else "deliver"
+        picks = (np.random.default_rng(7).choice(skus, size=2 * ORDERS, p=compare.zipf_weights(skus, 1.1))
+                 if skus > 1 else np.zeros(2 * ORDERS, int))
+        async with Engine(config, sweep=False) as engine:
+            await compare.seed(engine, skus, 2 * ORDERS + 100 if skus == 1 else int(2 * ORDERS * 0.3) + 50)
             tune_gc()
 
             async def orders(first: int) -> None:
@@ -72,7 +85,7 @@ async def _in_process(mode: str) -> int:
 
                 async def caller(c: int) -> None:
                     for i in todo:
-                        order = await engine.purchase(f"d{c % DISTS}", "s0", 1, f"r{i}", mode=mode)
+                        order = await engine.purchase(f"d{c % DISTS}", f"s{picks[i]}", 1, f"r{i}", mode=mode)
                         if mode == "reserve":
                             await engine.confirm(f"d{c % DISTS}", order.order_id)
 
@@ -99,9 +112,9 @@ def _valgrind(out_dir: str) -> list[str]:
     return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/cg.%p"]
 
 
-def in_process_row(mode: str) -> float:
+def in_process_row(workload: str) -> float:
     with tempfile.TemporaryDirectory() as out:
-        got = subprocess.run([*_valgrind(out), sys.executable, __file__, "--child", mode], check=True,
+        got = subprocess.run([*_valgrind(out), sys.executable, __file__, "--child", workload], check=True,
                              capture_output=True, text=True)
         orders = json.loads(got.stdout.strip().splitlines()[-1])["orders"]
         return _counted(out) / orders
@@ -120,7 +133,8 @@ def http_row() -> float | None:
         api_key = asyncio.run(ch.seed(server.url, tmp, 200_000))
         port = ch.free_port()
         env = dict(os.environ, DISPATCH_REDIS_URL=server.url, DISPATCH_DATA_DIR=tmp, DISPATCH_MASTER_KEY=ch.MASTER_KEY,
-                   DISPATCH_ADMIN_TOKEN=ch.ADMIN_TOKEN, DISPATCH_ACCESS_LOG="false", DISPATCH_WORKERS="1")
+                   DISPATCH_ADMIN_TOKEN=ch.ADMIN_TOKEN, DISPATCH_ACCESS_LOG="false", DISPATCH_WORKERS="1",
+                   DISPATCH_CATALOG_TTL_S=str(STEADY_TTL_S), DISPATCH_AUTH_CACHE_TTL_S="60")
         env.pop("DISPATCH_CONFIG", None)
         out = os.path.join(tmp, "cg")
         os.mkdir(out)
@@ -149,8 +163,8 @@ def main() -> None:
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install valgrind")
-    rows = {"deliver, 1 SKU": in_process_row("deliver"), "reserve + confirm": in_process_row("reserve"),
-            "HTTP (daemon)": http_row()}
+    rows = {"deliver, 1 SKU": in_process_row("deliver"), "deliver, Zipf": in_process_row("zipf"),
+            "reserve + confirm": in_process_row("reserve"), "HTTP (daemon)": http_row()}
     print("per order: instructions of the engine's process (callgrind; the kernel's work is not counted)")
     for label, n in rows.items():
         print(f"{label:18} {n:>10,.0f}" if n is not None else f"{label:18} {'(no wrk)':>10}")
