@@ -531,7 +531,8 @@ cdef class Opener:
         cdef bytes out
         cdef int outl, finl, ok
         if at < 0 or size < 0 or size > 0x7FFFFFFF or PyBytes_GET_SIZE(aad) > 0x7FFFFFFF:
-            raise ValueError("not a sealed secret: too short")
+            raise ValueError(f"no sealed secret at {at} of {PyBytes_GET_SIZE(blob)} bytes "
+                             f"(nonce {_NONCE} + tag {_TAG} at least)")
         p = <const unsigned char*>PyBytes_AS_STRING(blob) + at
         out = PyBytes_FromStringAndSize(NULL, size)
         o = <unsigned char*>PyBytes_AS_STRING(out)
