@@ -1,5 +1,6 @@
 """The compiled core against plain definitions: RESP packing (redis-py's packer), ULIDs,
-the fingerprints, claims and seals of imports (hashlib, cryptography's AESGCM)."""
+the fingerprints, claims and seals of imports and the opening of codes shown (hashlib,
+cryptography's AESGCM)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import Encoder, PythonRespSerializer
 
-from dispatch._core import (Fingerprints, Opener, fingerprint_chunk, group_claims, group_fingerprints, new_ulid, pack_calls,
-                            seal, ulid_at)
-from dispatch.store import keys
+from dispatch._core import (Fingerprints, Opener, fingerprint_chunk, group_claims, group_fingerprints, new_ulid,
+                            pack_calls, seal, ulid_at)
 from dispatch.errors import DispatchError
+from dispatch.store import keys
 from dispatch.vault import Vault
 
 word = st.one_of(st.binary(max_size=300), st.text(max_size=50), st.integers(-2**62, 2**62),
