@@ -14,6 +14,9 @@ around the measured orders only (``callgrind_control -i on/off`` on itself). Row
                       one single-code order each at a time (compare.py's hot SKU)
   deliver, Zipf       the same over 100 SKUs drawn Zipf 1.1 (compare.py's)
   reserve + confirm   the same callers on one SKU, each order a reservation and its confirm
+  HTTP layer          the daemon's protocol, router, auth and metrics alone, in memory: 64
+                      connections each sent wrk's order request in turn, a stub engine
+                      answering (per request; the steadiest of the rows)
   HTTP (daemon)       ``dispatch serve`` (one worker) under callgrind, driven by wrk
                       as bench/http/compare_http.py drives it: per 201 answered
                       (skipped without wrk)
@@ -26,7 +29,7 @@ a count leaves out the kernel's work (the sockets), which compare.py's CPU colum
 include.
 
     apt-get install valgrind
-    .venv/bin/python bench/engine_instructions.py      # about a minute
+    .venv/bin/python bench/engine_instructions.py      # about two minutes
 """
 
 from __future__ import annotations
@@ -100,6 +103,68 @@ async def _in_process(workload: str) -> int:
     return ORDERS
 
 
+async def _http_layer() -> int:
+    """The child's work for the HTTP layer alone: the daemon's App (protocol, router, auth,
+    metrics) on 64 in-memory connections, each sent wrk's order request in turn, answered
+    by a stub engine (one turn of the loop, as a coalesced call takes, then a fixed order):
+    no sockets, no Redis. Returns the requests counted."""
+    from datetime import datetime, timezone
+
+    from dispatch.config import Config
+    from dispatch.models import Access, Code, Order
+    from dispatch.server.app import App
+    from dispatch.server.protocol import HttpProtocol
+
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    class StubEngine:
+        async def access(self, api_key: str) -> Access:
+            return Access(distributor="d0")
+
+        async def purchase(self, distributor: str, sku: str, qty: int, ref: str, **terms: object) -> Order:
+            await asyncio.sleep(0)
+            return Order(order_id="01JABCDEFGHJKMNPQRSTVWXYZ0", external_ref=ref, sku=sku, qty=qty, unit_price=100,
+                         total=100, currency="CNY", status="delivered", codes=[Code("ABCD-EFGH-IJKL-MNOP")],
+                         created_at=at, updated_at=at)
+
+    class Sink:  # the transport: counts what the protocol writes
+        writes = 0
+
+        def write(self, data: bytes) -> None:
+            self.writes += 1
+
+        def pause_reading(self) -> None: ...
+        def resume_reading(self) -> None: ...
+        def close(self) -> None: ...
+
+    def request(i: int) -> bytes:  # as bench/http/orders.lua sends it
+        body = b'{"sku":"bench-1","qty":1,"external_ref":"wrk-6a1b2c3d-0-%d"}' % i
+        return (b"POST /v1/orders HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer dk_qvEM05RPlfP87sT-oCa4GFJH2NZLZeynacqBstSIULk\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    with tempfile.TemporaryDirectory() as d:
+        app = App(Config(admin_token="a" * 32, data_dir=d, access_log=False), StubEngine())  # type: ignore[arg-type]
+        sinks = [Sink() for _ in range(64)]
+        conns = [HttpProtocol(app.limits, app.state, app.router) for _ in sinks]
+        for conn, sink in zip(conns, sinks):
+            conn.connection_made(sink)  # type: ignore[arg-type]
+
+        async def rounds(first: int, n: int) -> None:
+            for r in range(first, first + n, len(conns)):
+                for k, conn in enumerate(conns):
+                    conn.data_received(request(r + k))
+                while any(s.writes < r // len(conns) + 1 for s in sinks):  # each answered
+                    await asyncio.sleep(0)
+
+        await rounds(0, 1_280)
+        gc.collect()
+        _instrument(True, os.getpid())
+        await rounds(1_280, ORDERS - ORDERS % 64)
+        _instrument(False, os.getpid())
+    return ORDERS - ORDERS % 64
+
+
 def _counted(out_dir: str) -> int:
     subtotal = 0
     for f in glob.glob(os.path.join(out_dir, "cg.*")):
@@ -158,13 +223,18 @@ def http_row() -> float | None:
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        print(json.dumps({"orders": asyncio.run(_in_process(sys.argv[2]))}))
+        if sys.argv[2] == "http-layer":
+            import uvloop
+            print(json.dumps({"orders": uvloop.run(_http_layer())}))
+        else:
+            print(json.dumps({"orders": asyncio.run(_in_process(sys.argv[2]))}))
         return
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install valgrind")
     rows = {"deliver, 1 SKU": in_process_row("deliver"), "deliver, Zipf": in_process_row("zipf"),
-            "reserve + confirm": in_process_row("reserve"), "HTTP (daemon)": http_row()}
+            "reserve + confirm": in_process_row("reserve"), "HTTP layer": in_process_row("http-layer"),
+            "HTTP (daemon)": http_row()}
     print("per order: instructions of the engine's process (callgrind; the kernel's work is not counted)")
     for label, n in rows.items():
         print(f"{label:18} {n:>10,.0f}" if n is not None else f"{label:18} {'(no wrk)':>10}")
