@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -127,11 +128,13 @@ async def _http_layer() -> int:
                          total=100, currency="CNY", status="delivered", codes=[Code("ABCD-EFGH-IJKL-MNOP")],
                          created_at=at, updated_at=at)
 
-    class Sink:  # the transport: counts what the protocol writes
-        writes = 0
+    answered: list[Any] = [0, None]  # answers a round still waits for, and the future told when none
 
+    class Sink:  # the transport: takes the answer and tells the round
         def write(self, data: bytes) -> None:
-            self.writes += 1
+            answered[0] -= 1
+            if not answered[0]:
+                answered[1].set_result(None)
 
         def pause_reading(self) -> None: ...
         def resume_reading(self) -> None: ...
@@ -150,19 +153,22 @@ async def _http_layer() -> int:
         for conn, sink in zip(conns, sinks):
             conn.connection_made(sink)  # type: ignore[arg-type]
 
-        async def rounds(first: int, n: int) -> None:
-            for r in range(first, first + n, len(conns)):
-                for k, conn in enumerate(conns):
-                    conn.data_received(request(r + k))
-                while any(s.writes < r // len(conns) + 1 for s in sinks):  # each answered
-                    await asyncio.sleep(0)
+        async def rounds(requests: list[bytes]) -> None:  # a request on each connection, all answered, again
+            loop = asyncio.get_running_loop()
+            for r in range(0, len(requests), len(conns)):
+                answered[:] = [len(conns), loop.create_future()]
+                for conn, req in zip(conns, requests[r:r + len(conns)]):
+                    conn.data_received(req)
+                await answered[1]
 
-        await rounds(0, 1_280)
+        n = ORDERS - ORDERS % len(conns)
+        await rounds([request(i) for i in range(1_280)])
+        measured = [request(i) for i in range(1_280, 1_280 + n)]
         gc.collect()
         _instrument(True, os.getpid())
-        await rounds(1_280, ORDERS - ORDERS % 64)
+        await rounds(measured)
         _instrument(False, os.getpid())
-    return ORDERS - ORDERS % 64
+    return n
 
 
 def _counted(out_dir: str) -> int:
@@ -197,15 +203,11 @@ def http_row() -> float | None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(os.path.join(tmp, "redis")) as server:
         api_key = asyncio.run(ch.seed(server.url, tmp, 200_000))
         port = ch.free_port()
-        env = dict(os.environ, DISPATCH_REDIS_URL=server.url, DISPATCH_DATA_DIR=tmp, DISPATCH_MASTER_KEY=ch.MASTER_KEY,
-                   DISPATCH_ADMIN_TOKEN=ch.ADMIN_TOKEN, DISPATCH_ACCESS_LOG="false", DISPATCH_WORKERS="1",
-                   DISPATCH_CATALOG_TTL_S=str(STEADY_TTL_S), DISPATCH_AUTH_CACHE_TTL_S="60")
-        env.pop("DISPATCH_CONFIG", None)
+        env = ch.server_env(server.url, tmp, port, catalog_ttl_s=str(STEADY_TTL_S), auth_cache_ttl_s="60")
         out = os.path.join(tmp, "cg")
         os.mkdir(out)
         log = os.path.join(tmp, "serve.log")
-        proc = ch.start([*_valgrind(out), sys.executable, "-m", "dispatch", "serve", "--host", "127.0.0.1",
-                         "--port", str(port), "--workers", "1"], env, log)
+        proc = ch.start([*_valgrind(out), *ch.serve_cmd(port)], env, log)
         try:
             ch.wait_ready(proc, port, "/readyz", log, timeout=120)
             ch.wrk(wrk, port, api_key, 3, 64, 2)

@@ -216,6 +216,21 @@ def script_calls(r: redis.Redis) -> int:
     return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("eval", "evalsha"))
 
 
+def server_env(redis_url: str, data_dir: str, port: int, **settings: str) -> dict[str, str]:
+    """The environment a server runs in: this one, with the seeded Redis, keys and port (and
+    DISPATCH_ *settings*), no config file."""
+    env = dict(os.environ, DISPATCH_REDIS_URL=redis_url, DISPATCH_DATA_DIR=data_dir, DISPATCH_MASTER_KEY=MASTER_KEY,
+               DISPATCH_ADMIN_TOKEN=ADMIN_TOKEN, DISPATCH_ACCESS_LOG="false", DISPATCH_HOST="127.0.0.1",
+               DISPATCH_PORT=str(port), DISPATCH_WORKERS="1", **{f"DISPATCH_{k.upper()}": v for k, v in settings.items()})
+    env.pop("DISPATCH_CONFIG", None)
+    return env
+
+
+def serve_cmd(port: int) -> list[str]:
+    """``dispatch serve``, one worker, on *port*."""
+    return [sys.executable, "-m", "dispatch", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+
 def run_one(name: str, server: EmbeddedRedis, tmp: str, args: argparse.Namespace) -> Figures:
     r = redis.Redis.from_url(server.url)
     r.flushall()
@@ -223,12 +238,9 @@ def run_one(name: str, server: EmbeddedRedis, tmp: str, args: argparse.Namespace
     api_key = asyncio.run(seed(server.url, tmp, args.codes))
     print(f"  [{name}] seeded {args.codes:,} codes in {time.perf_counter() - t:.1f} s", flush=True)
     port = free_port()
-    env = dict(os.environ, DISPATCH_REDIS_URL=server.url, DISPATCH_DATA_DIR=tmp, DISPATCH_MASTER_KEY=MASTER_KEY,
-               DISPATCH_ADMIN_TOKEN=ADMIN_TOKEN, DISPATCH_ACCESS_LOG="false", DISPATCH_HOST="127.0.0.1",
-               DISPATCH_PORT=str(port), DISPATCH_WORKERS="1")
-    env.pop("DISPATCH_CONFIG", None)
+    env = server_env(server.url, tmp, port)
     if name == "dispatch serve":
-        cmd = [sys.executable, "-m", "dispatch", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        cmd = serve_cmd(port)
         ready = "/readyz"
     else:
         loop = "uvloop" if _has("uvloop") else "asyncio"
