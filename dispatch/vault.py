@@ -74,7 +74,7 @@ class Vault:
     def __init__(self, master_keys: list[bytes], fingerprint_key: bytes | None = None) -> None:
         if not master_keys:
             raise ConfigError("at least one master key is needed")
-        # decrypting is most of the work (each code shown): the core's, key schedules set once
+        # each code shown is decrypted: by the core, its key schedule set up once a key
         self._openers: dict[int, Opener] = {}
         for key in master_keys:
             kid = self.key_id(key)
