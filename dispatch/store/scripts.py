@@ -6,6 +6,7 @@ SCRIPT FLUSH), so callers never see it.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 # Scripts that share heads of helpers (their KEYS layout and little functions).
@@ -38,7 +39,45 @@ _LOCALS = ("local redis, cmsgpack, string, table, math = redis, cmsgpack, string
 
 
 def source(name: str) -> str:
-    """The full text of script *name*, its shared heads included."""
+    """The full text of script *name*: its shared heads' definitions that it uses, then
+    its own text."""
     lua = resources.files("dispatch") / "lua"
-    heads = [(lua / f"{h}.lua").read_text() for h in _PRELUDE.get(name, ())]
-    return "\n".join([_LOCALS, *heads, (lua / f"{name}.lua").read_text()])
+    body = (lua / f"{name}.lua").read_text()
+    heads = "\n".join((lua / f"{h}.lua").read_text() for h in _PRELUDE.get(name, ()))
+    return "\n".join([_LOCALS, *_used(heads, body), body])
+
+
+# A script runs its whole text at every call, heads included: each `local function` is a
+# closure made anew, and making one walks the list of the locals captured before it, so a
+# head's every helper costs each call (about 100,000 instructions for settle's heads, more
+# than a confirm's own work at 16 a call). So a script gets only the definitions it uses.
+# A head is cut into top-level statements, each from a line that starts with `local` or
+# `if` to the next: one that defines names is kept if kept code names one of them (a name
+# read as an identifier, outside strings and comments), one that defines none always.
+_LEXEME = re.compile(r"""--\[(=*)\[.*?\]\1\]|--[^\n]*|\[(=*)\[.*?\]\2\]|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*"|([A-Za-z_]\w*)""",
+                     re.S)
+_STATEMENT = re.compile(r"^(?=local\s|if\s)", re.M)
+_DEFINES = re.compile(r"local\s+function\s+(\w+)|local\s+([\w\s,]+?)\s*(?:=|$|--)", re.M)
+
+
+def _names(code: str) -> set[str]:
+    return {m[3] for m in _LEXEME.finditer(code) if m[3]}
+
+
+def _used(heads: str, body: str) -> list[str]:
+    """The statements of *heads* that *body* needs, directly or through each other, in
+    their order."""
+    statements = [s for s in _STATEMENT.split(heads) if s.strip()]
+    defines = []
+    for s in statements:
+        m = _DEFINES.match(s)
+        defines.append(set() if m is None else {m[1]} if m[1] else {n.strip() for n in m[2].split(",")})
+    needed, kept = _names(body), [False] * len(statements)
+    grew = True
+    while grew:
+        grew = False
+        for k, s in enumerate(statements):
+            if not kept[k] and (not defines[k] or defines[k] & needed):
+                kept[k], grew = True, True
+                needed |= _names(s)
+    return [s for s, keep in zip(statements, kept) if keep]
