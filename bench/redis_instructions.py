@@ -44,7 +44,7 @@ import compare  # bench/compare.py: the engine's seed and config
 from dispatch._core import new_ulid
 from dispatch.records import OrderRec, encode
 from dispatch.store.embedded import EmbeddedRedis
-from dispatch.store.orders import NODE, DeliverItem, SettleItem
+from dispatch.store.orders import NODE, DeliverItem, EndItem
 
 DISTS = 8
 
@@ -135,7 +135,7 @@ async def engine_rows(counted: Counted, data_dir: str) -> dict[str, tuple[float,
 
         async def confirm(lo: int, hi: int) -> int:
             for k in range(lo, hi, batch):
-                await st.step("settle", "d0", [SettleItem(o, "confirm") for o in ids[k:k + batch]])
+                await st.step("settle", NODE, [EndItem(o, "confirm", "d0") for o in ids[k:k + batch]])
             return hi - lo
 
         await reserve(0, warm)

@@ -42,7 +42,7 @@ from .sagas import Sagas
 from .subs import Subs
 from .store import Store
 from .store.keys import SUB, bucket_shard
-from .store.orders import MOVED, BeginItem, CommitItem, DeliverItem, OrderRef, SettleItem, TakeItem
+from .store.orders import MOVED, NODE, BeginItem, CommitItem, DeliverItem, EndItem, OrderRef, SettleItem, TakeItem
 from .store.replies import Existing, Settled, refusal
 from .vault import Vault
 
@@ -253,7 +253,7 @@ class Orders:
         return self._sagas.run(steps) if self._store.cluster else steps
 
     async def _end_reservation(self, distributor: str, order_id: str, action: str) -> Order:
-        settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, action))
+        settled = await self._settle(distributor, order_id, action)
         if settled.result in ("ok", "expired") and self._saga_ends(settled.rec):
             await self.finish_sku_side(distributor, settled.rec)
         if settled.result == "expired":
@@ -261,6 +261,12 @@ class Orders:
         if settled.result == "invalid_state":
             raise refusal("settle", "invalid_state", order=order_id, state=settled.rec.status, action=action)
         return self._present(settled.rec, settled.codes)
+
+    def _settle(self, distributor: str, order_id: str, action: str) -> Awaitable[Settled]:
+        """The account's side of ending a reservation (on one node both sides): one call
+        per account and round on a cluster, one for every account of the round on one node."""
+        return self._sagas.settle.submit(distributor if self._store.cluster else NODE,
+                                         EndItem(order_id, action, distributor))
 
     def _saga_ends(self, rec: OrderRec) -> bool:
         """Whether ending *rec* takes a SKU step after ``settle``: on a cluster, and for an
@@ -277,7 +283,7 @@ class Orders:
     # ---- what the recovery sweep does ------------------------------------------------------
     async def expire(self, distributor: str, order_id: str) -> bool:
         """End a reservation whose lease is over; True if it expired now."""
-        settled: Settled = await self._sagas.settle.submit(distributor, SettleItem(order_id, "expire"))
+        settled = await self._settle(distributor, order_id, "expire")
         if settled.result not in ("ok", "expired"):
             return False
         if self._saga_ends(settled.rec):

@@ -30,8 +30,8 @@ class Sagas:
     def __init__(self, store: OrderStore, *, coalesce: bool = True, cap: int = 256, depth: int = 2) -> None:
         def batcher(step: str) -> Coalescer | Direct:
             if coalesce:  # the node's one shard gets *depth* calls in flight; SKUs and accounts one
-                return Coalescer(lambda batches: store.steps(step, batches), cap,
-                                 depth if STEPS[step][0] == "node" else 1)
+                node = STEPS[step][0] == "node" or (step == "settle" and not store.cluster)
+                return Coalescer(lambda batches: store.steps(step, batches), cap, depth if node else 1)
             return Direct(lambda shard, items: store.step(step, shard, items))
 
         self.steps = {name: batcher(name) for name in STEPS}

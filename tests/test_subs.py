@@ -129,6 +129,39 @@ async def test_reservations_pay_margins_when_confirmed_and_refunds_take_them_bac
     assert await shop.audit() == []
 
 
+async def test_reservations_of_a_tree_end_in_one_call_each_account_as_if_alone(shop: Engine) -> None:
+    """On one node a round's endings go in one settle call across accounts: a sub's
+    confirm credits ancestors whose own reservations end in the same call, before or
+    after theirs, and every ledger still runs through the account's balance."""
+    await tree(shop)
+    price = {"acme": P0, "acme~a": P1, "acme~a~b": P2}
+    start = {d: (await shop.balance(d)).balance for d in price}
+    held = {d: [await shop.purchase(d, "g100", 1, f"{d}-r{i}", mode="reserve") for i in range(6)] for d in price}
+    confirmed = {d: 0 for d in price}
+    for order in (["acme~a~b", "acme~a", "acme"], ["acme", "acme~a", "acme~a~b"]):  # a sub before its ancestors, then after
+        calls0, items0 = shop.coalescer_stats()["settle"]
+        ends, wanted = [], []
+        for d in order:
+            for k, o in enumerate((held[d].pop(), held[d].pop(), held[d].pop())):
+                confirm = k != 1
+                confirmed[d] += confirm
+                ends.append(shop.confirm(d, o.order_id) if confirm else shop.cancel(d, o.order_id))
+                wanted.append("delivered" if confirm else "cancelled")
+        assert [o.status for o in await asyncio.gather(*ends)] == wanted
+        calls, items = shop.coalescer_stats()["settle"]
+        assert (calls - calls0, items - items0) == (1, 9)  # three accounts' endings, one call
+    margins = {"acme": confirmed["acme~a"] * (P1 - P0) + confirmed["acme~a~b"] * (P1 - P0),
+               "acme~a": confirmed["acme~a~b"] * (P2 - P1), "acme~a~b": 0}
+    for d in price:
+        bal = await shop.balance(d)
+        assert (bal.balance, bal.held) == (start[d] - confirmed[d] * price[d] + margins[d], 0), d
+        last = (await shop.ledger(d))[-1]
+        assert (last.balance, last.held) == (bal.balance, 0), d
+    stock = await shop.stock("g100")
+    assert (stock.sold, stock.reserved) == (sum(confirmed.values()), 0)
+    assert await shop.audit() == []
+
+
 async def test_transfers_are_once_per_reference_and_only_of_what_the_parent_has(shop: Engine) -> None:
     await tree(shop)
     s = await shop.transfer("acme", "acme~a", 20_000, "t1")

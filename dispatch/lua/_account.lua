@@ -176,6 +176,15 @@ local function refusal(ref, digest, sku)
   return nil
 end
 
+-- A script that serves several accounts in one call (settle.lua) does each in turn, once
+-- the last one's writes are out (settle_money, flush_saved, flush_payees): keys become
+-- KEYS, and what was read or gathered of the last one is forgotten.
+local function next_account(keys)
+  KEYS = keys
+  balance, held, moved_balance, moved_held, entries, paid, account_limits = nil, nil, nil, nil, {}, 0, nil
+  saved, opened, opened_refs, opened_ids, distributor, earlier_of = {}, {}, {}, {}, nil, nil
+end
+
 -- What the distributor can still spend: balance - held + credit_limit.
 local function spendable()
   local bal, hld = money()

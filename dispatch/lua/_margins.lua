@@ -107,7 +107,8 @@ local function read_margins(j)
   return out
 end
 
--- Must end every script that credited a payee it does not write itself.
+-- Must end every script that credited a payee it does not write itself. What it wrote is
+-- forgotten: a payee met again is read again.
 local function flush_payees()
   for key, p in pairs(PAYEES) do
     if not p.own and #p.entries > 0 then
@@ -115,4 +116,5 @@ local function flush_payees()
       redis.call('RPUSH', string.sub(key, 1, -5) .. 'ledger', unpack(p.entries))
     end
   end
+  PAYEES = {}
 end

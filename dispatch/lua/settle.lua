@@ -1,11 +1,17 @@
--- settle(keys=account keys, args=[n, sku_keys, n x (order_id, action)])   action: confirm | cancel | expire
--- Ends reservations. On a cluster (sku_keys ""), the account side only; it runs before
--- the SKU side (sku_settle), so the account is the fence: once it says cancelled or
--- expired, no confirm can win; the order is left in `pending` until the SKU side is
--- done (dispatch clears it). Where one node holds every shard, sku_keys is the
+-- settle(keys=per account its keys (AcctKeys, 12 each), args=[n, sku_keys, n x (order_id, action, account)])
+-- action: confirm | cancel | expire; account: the place (from 1) of the order's account
+-- among the keys' blocks.
+-- Ends reservations. On a cluster (sku_keys ""), the account side only, of one account;
+-- it runs before the SKU side (sku_settle), so the account is the fence: once it says
+-- cancelled or expired, no confirm can win; the order is left in `pending` until the SKU
+-- side is done (dispatch clears it). Where one node holds every shard, sku_keys is the
 -- template of a SKU's keys (SkuKeys of the SKU "\1", space-separated, then its pool
 -- prefix) and the SKU side is done here too (settle_codes, _codes.lua), at once: this
--- form of the script names the keys of its orders' SKUs itself.
+-- form of the script names the keys of its orders' SKUs itself, and ends the orders of
+-- every account of a round in one call (a call's own cost, its start and its SKU's
+-- writes, is shared by all of them). Each account is done in turn, as if alone: its
+-- state read, its orders ended, everything of it written (its ancestors' margins too)
+-- before the next; the SKUs' side is written once, at the end.
 -- A reservation past its deadline expires here, whatever the action asked for, so a
 -- lease ends exactly once whether the sweep or a late confirm gets there first.
 -- A sub-distributor's confirmed order credits each ancestor its margin (_margins.lua).
@@ -40,84 +46,100 @@ do
                        .. (status == 'delivered' and '\163dat' .. at or '')
   end
 end
-local out = {}
+local n = tonumber(ARGV[1])
+local ALL = KEYS
+local places = {}  -- account -> the places of its orders in the call
+for k = 1, n do
+  local a = tonumber(ARGV[3 * k + 2])
+  places[a] = places[a] or {}
+  places[a][#places[a] + 1] = k
+end
+local answers = {}              -- k -> {result, record, codes}, or false: not found
 local done = {}                 -- id -> the record saved by this call (an order twice in one call)
-local ended, pending = {}, {}   -- ids off their lease; (ms, id) pairs left pending
-local news = {}                 -- event kind -> the records it tells
-local i = 3
-for _ = 1, tonumber(ARGV[1]) do
-  local id, action = ARGV[i], ARGV[i + 1]
-  i = i + 2
-  local raw = done[id] or redis.call('HGET', KEYS[4], id)
-  if not raw then
-    out[#out + 1] = 'not_found'
-    out[#out + 1] = 0
-  else
-    local o = cmsgpack.unpack(raw)
-    local result
-    if o.status == 'reserved' then
-      if now >= o.deadline then
-        ledger('expire', id, 0, -o.hold)
-        spend(limits(), -o.total, o.created)
-        o.status = 'expired'
-        result = (action == 'expire') and 'ok' or 'expired'
-      elseif action == 'expire' then
-        result = 'not_due'
-      elseif action == 'confirm' then
-        ledger('purchase', id, -o.total, -o.hold)
-        if o.mg then pay_margins(chain_of(KEYS[1]), o.mg, o.delivered, id, 'margin') end
-        o.status = 'delivered'
-        result = 'ok'
+for a = 1, #ALL / 12 do
+  if places[a] then
+    next_account({unpack(ALL, a * 12 - 11, a * 12)})
+    local ended, pending = {}, {}   -- ids off their lease; (ms, id) pairs left pending
+    local news = {}                 -- event kind -> the records it tells
+    for _, k in ipairs(places[a]) do
+      local id, action = ARGV[3 * k], ARGV[3 * k + 1]
+      local raw = done[id] or redis.call('HGET', KEYS[4], id)
+      if not raw then
+        answers[k] = false
       else
-        ledger('release', id, 0, -o.hold)
-        spend(limits(), -o.total, o.created)
-        o.status = 'cancelled'
-        result = 'ok'
-      end
-      -- the codes go back on sale: the account keeps no copy of them
-      if o.status ~= 'delivered' then redis.call('HDEL', KEYS[5], id) end
-      if result ~= 'not_due' then
-        o.hold = 0
-        o.updated = now
-        if o.status == 'delivered' then o.dat = now end
-        o.v = (o.v or 0) + 1
-        raw = save_patched(id, raw, ended_as[o.status] .. '\161v' .. cmsgpack.pack(o.v),
-                           o.status == 'delivered' and 5 or 4)
-        done[id] = raw
-        local kind = 'order.' .. o.status
-        news[kind] = news[kind] or {}
-        news[kind][#news[kind] + 1] = raw
-        ended[#ended + 1] = id
-        if template == '' or (o.plan or '') ~= '' then  -- sku_settle follows (a spread SKU: Orders._saga_ends)
-          pending[#pending + 1] = now
-          pending[#pending + 1] = id
+        local o = cmsgpack.unpack(raw)
+        local result
+        if o.status == 'reserved' then
+          if now >= o.deadline then
+            ledger('expire', id, 0, -o.hold)
+            spend(limits(), -o.total, o.created)
+            o.status = 'expired'
+            result = (action == 'expire') and 'ok' or 'expired'
+          elseif action == 'expire' then
+            result = 'not_due'
+          elseif action == 'confirm' then
+            ledger('purchase', id, -o.total, -o.hold)
+            if o.mg then pay_margins(chain_of(KEYS[1]), o.mg, o.delivered, id, 'margin') end
+            o.status = 'delivered'
+            result = 'ok'
+          else
+            ledger('release', id, 0, -o.hold)
+            spend(limits(), -o.total, o.created)
+            o.status = 'cancelled'
+            result = 'ok'
+          end
+          -- the codes go back on sale: the account keeps no copy of them
+          if o.status ~= 'delivered' then redis.call('HDEL', KEYS[5], id) end
+          if result ~= 'not_due' then
+            o.hold = 0
+            o.updated = now
+            if o.status == 'delivered' then o.dat = now end
+            o.v = (o.v or 0) + 1
+            raw = save_patched(id, raw, ended_as[o.status] .. '\161v' .. cmsgpack.pack(o.v),
+                               o.status == 'delivered' and 5 or 4)
+            done[id] = raw
+            local kind = 'order.' .. o.status
+            news[kind] = news[kind] or {}
+            news[kind][#news[kind] + 1] = raw
+            ended[#ended + 1] = id
+            if template == '' or (o.plan or '') ~= '' then  -- sku_settle follows (a spread SKU: Orders._saga_ends)
+              pending[#pending + 1] = now
+              pending[#pending + 1] = id
+            else
+              local sk = sku_side(o.sku)
+              settle_codes(sk, id, o.status == 'delivered' and 'sell' or 'return', sk.settled)
+            end
+          end
+        elseif o.mode == 'reserve' and o.status == target[action] then
+          result = 'again'
+        elseif o.status == 'expired' then
+          result = 'expired'
         else
-          local k = sku_side(o.sku)
-          settle_codes(k, id, o.status == 'delivered' and 'sell' or 'return', k.settled)
+          result = 'invalid_state'
         end
+        -- a delivered order's codes, so the caller can show them without reading them back
+        answers[k] = {result, raw, o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''}
       end
-    elseif o.mode == 'reserve' and o.status == target[action] then
-      result = 'again'
-    elseif o.status == 'expired' then
-      result = 'expired'
-    else
-      result = 'invalid_state'
     end
-    -- a delivered order's codes, so the caller can show them without reading them back
-    out[#out + 1] = result
-    out[#out + 1] = 2
-    out[#out + 1] = raw
-    out[#out + 1] = o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''
+    flush_saved()
+    push('ZREM', KEYS[7], ended)
+    zadd_all(KEYS[8], pending)
+    for kind, records in pairs(news) do emit_records(KEYS[10], kind, records) end
+    settle_money()
+    flush_payees()
   end
 end
-flush_saved()
-push('ZREM', KEYS[7], ended)
-zadd_all(KEYS[8], pending)
-for kind, records in pairs(news) do emit_records(KEYS[10], kind, records) end
-settle_money()
-flush_payees()
-for _, k in pairs(sku_sides) do
-  flush_settled(k, k.settled)
-  set_level(k.meta, k.stats, k.events, tonumber(redis.call('HGET', k.stats, 'available') or '0'))
+for _, sk in pairs(sku_sides) do
+  flush_settled(sk, sk.settled)
+  set_level(sk.meta, sk.stats, sk.events, tonumber(redis.call('HGET', sk.stats, 'available') or '0'))
+end
+local out = {}
+for k = 1, n do
+  local got = answers[k]
+  if got then
+    out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = got[1], 2, got[2], got[3]
+  else
+    out[#out + 1], out[#out + 2] = 'not_found', 0
+  end
 end
 return out

@@ -25,8 +25,8 @@ from .replies import Existing, Settled, Taken, refusal, translated
 if TYPE_CHECKING:
     from .store import Call, Store
 
-__all__ = ["OrderStore", "STEPS", "NODE", "MOVED", "DeliverItem", "BeginItem", "TakeItem", "CommitItem", "SettleItem",
-           "OrderRef"]
+__all__ = ["OrderStore", "STEPS", "NODE", "MOVED", "DeliverItem", "BeginItem", "TakeItem", "CommitItem", "EndItem",
+           "SettleItem", "OrderRef"]
 
 #: The shard of the steps that run on the node holding every shard.
 NODE = ""
@@ -102,8 +102,16 @@ class OrderRef(NamedTuple):
     order_id: str
 
 
+class EndItem(NamedTuple):
+    """settle.lua: end a reservation of *distributor*'s (confirm, cancel, expire)."""
+
+    order_id: str
+    action: str
+    distributor: str
+
+
 class SettleItem(NamedTuple):
-    """settle.lua (confirm, cancel, expire) and sku_settle.lua (sell, return)."""
+    """sku_settle.lua: the SKU side of an ended reservation (sell, return)."""
 
     order_id: str
     action: str
@@ -200,7 +208,7 @@ def _commit(reply: list[Any], item: CommitItem, dist: str) -> Any:
     return DispatchError(f"order {item.order_id} vanished after its codes were taken")
 
 
-def _settle(reply: list[Any], item: SettleItem, dist: str) -> Any:
+def _settle(reply: list[Any], item: EndItem, shard: str) -> Any:
     if reply[0] == b"not_found":
         return refusal("settle", reply[0], order=item.order_id)
     return Settled(reply[0].decode(), decode_order(reply[1]), decode_codes(reply[2]) if reply[2] else [])
@@ -223,7 +231,8 @@ STEPS: dict[str, tuple[str, Decode]] = {
     "begin": ("account", _begin),          # hold the money of a saga's order
     "take": ("sku", _take),                # pop its codes: sold, or reserved (a SKU's, or a bucket's)
     "commit": ("account", _commit),        # charge a delivery, or start a reservation's lease
-    "settle": ("account", _settle),        # ending a reservation: the account side (one node: both)
+    "settle": ("account", _settle),        # ending a reservation: the account side (one node: both, as a
+                                           # "node" step: every account of a round in one call)
     "sku_settle": ("sku", _as_str),        # the SKU side: sell or return its codes
     "unpend": ("account", _as_str),        # a saga done: off the account's pending set
 }
@@ -235,6 +244,10 @@ class OrderStore:
         self._sku_keys: dict[str, keys.SkuKeys] = {}
         self._acct_keys: dict[str, list[str]] = {}
         self._node_keys: dict[tuple[str, str], list[str]] = {}
+
+    @property
+    def cluster(self) -> bool:
+        return self._db.cluster
 
     def _sku(self, sku: str) -> keys.SkuKeys:
         k = self._sku_keys.get(sku)
@@ -255,8 +268,11 @@ class OrderStore:
     def _call(self, step: str, shard: str, items: Sequence[Any]) -> Call:
         kind = STEPS[step][0]
         if kind == "account":
-            if step == "settle":  # on one node, with the SKU side (see settle.lua)
-                return self._acct(shard), [len(items), "" if self._db.cluster else _SKU_TEMPLATE], items
+            if step == "settle":  # on one node, every account's with the SKU side (see settle.lua)
+                dists: dict[str, int] = {}
+                rows = [(i.order_id, i.action, dists.setdefault(i.distributor, len(dists) + 1)) for i in items]
+                return ([k for d in dists for k in self._acct(d)],
+                        [len(items), "" if self._db.cluster else _SKU_TEMPLATE], rows)
             if step == "begin":
                 return self._acct(shard), [len(items), int(self._db.require_verification)], _packed(items)
             return self._acct(shard), [len(items)], items
