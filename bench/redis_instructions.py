@@ -12,6 +12,8 @@ measured step calls only (`callgrind_control -i on/off`). Rows:
   deliver, Zipf      `deliver` calls of 125 orders, SKUs drawn Zipf 1.1 from 100
   reserve            `deliver` calls of 64 reservations (one distributor)
   settle (confirm)   `settle` calls confirming them, both sides in one script
+  settle, 8 accounts `settle` calls of 128 confirms over 8 distributors (16 each), as a
+                     round of bench/compare.py's reserve + confirm brings them
   floor              bench/ceiling.py's DELIVER script (the essential writes only),
                      64 orders a call, one distributor
 
@@ -122,7 +124,7 @@ async def engine_rows(counted: Counted, data_dir: str) -> dict[str, tuple[float,
     redis.Redis.from_url(url).flushall()
     async with compare.Engine(compare.config(url, data_dir, True), sweep=False) as engine:
         warm, n, batch = 6_400, 6_400, 64
-        await compare.seed(engine, 1, warm + n + 1_000)
+        await compare.seed(engine, 1, warm + 3 * n + 1_000)
         deadline = int(time.time() * 1000) + 3_600_000
         ids, rec = [new_ulid() for _ in range(warm + n)], record("reserved", deadline)
         st = engine.store.orders
@@ -142,6 +144,21 @@ async def engine_rows(counted: Counted, data_dir: str) -> dict[str, tuple[float,
         await confirm(0, warm)
         rows["reserve"] = await counted.measure(lambda: reserve(warm, warm + n))
         rows["settle (confirm)"] = await counted.measure(lambda: confirm(warm, warm + n))
+
+        # a round of compare.py's callers: 128 endings over 8 accounts in one call
+        more = [new_ulid() for _ in range(2 * n)]
+        for k in range(0, 2 * n, 128):
+            await st.step("deliver", NODE, [DeliverItem(o, "r" + o, "digest", "s0", f"d{j % DISTS}", 1, 0, 100, rec,
+                                                        deadline) for j, o in enumerate(more[k:k + 128], k)])
+
+        async def confirm_round(lo: int, hi: int) -> int:
+            for k in range(lo, hi, 128):
+                await st.step("settle", NODE, [EndItem(o, "confirm", f"d{j % DISTS}")
+                                               for j, o in enumerate(more[k:k + 128], k)])
+            return hi - lo
+
+        await confirm_round(0, n)
+        rows["settle, 8 accounts"] = await counted.measure(lambda: confirm_round(n, 2 * n))
     return rows
 
 

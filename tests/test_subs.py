@@ -141,13 +141,13 @@ async def test_reservations_of_a_tree_end_in_one_call_each_account_as_if_alone(s
     for order in (["acme~a~b", "acme~a", "acme"], ["acme", "acme~a", "acme~a~b"]):  # a sub before its ancestors, then after
         calls0, items0 = shop.coalescer_stats()["settle"]
         ends, wanted = [], []
-        for d in order:
-            for k, o in enumerate((held[d].pop(), held[d].pop(), held[d].pop())):
-                confirm = k != 1
+        for k in range(3):  # the accounts' endings interleaved: each answer must reach its own caller
+            for d in order:
+                o, confirm = held[d].pop(), (k + len(d)) % 3 != 0
                 confirmed[d] += confirm
                 ends.append(shop.confirm(d, o.order_id) if confirm else shop.cancel(d, o.order_id))
-                wanted.append("delivered" if confirm else "cancelled")
-        assert [o.status for o in await asyncio.gather(*ends)] == wanted
+                wanted.append((o.order_id, "delivered" if confirm else "cancelled"))
+        assert [(o.order_id, o.status) for o in await asyncio.gather(*ends)] == wanted
         calls, items = shop.coalescer_stats()["settle"]
         assert (calls - calls0, items - items0) == (1, 9)  # three accounts' endings, one call
     margins = {"acme": confirmed["acme~a"] * (P1 - P0) + confirmed["acme~a~b"] * (P1 - P0),

@@ -1,6 +1,7 @@
--- settle(keys=per account its keys (AcctKeys, 12 each), args=[n, sku_keys, n x (order_id, action, account)])
--- action: confirm | cancel | expire; account: the place (from 1) of the order's account
--- among the keys' blocks.
+-- settle(keys=per account its keys (AcctKeys, 12 each),
+--        args=[n, sku_keys, nA, nA x its count of orders, n x (order_id, action)])
+-- action: confirm | cancel | expire; the orders come account by account, in the order of
+-- the keys' blocks.
 -- Ends reservations. On a cluster (sku_keys ""), the account side only, of one account;
 -- it runs before the SKU side (sku_settle), so the account is the fence: once it says
 -- cancelled or expired, no confirm can win; the order is left in `pending` until the SKU
@@ -46,100 +47,88 @@ do
                        .. (status == 'delivered' and '\163dat' .. at or '')
   end
 end
-local n = tonumber(ARGV[1])
-local ALL = KEYS
-local places = {}  -- account -> the places of its orders in the call
-for k = 1, n do
-  local a = tonumber(ARGV[3 * k + 2])
-  places[a] = places[a] or {}
-  places[a][#places[a] + 1] = k
-end
-local answers = {}              -- k -> {result, record, codes}, or false: not found
-local done = {}                 -- id -> the record saved by this call (an order twice in one call)
-for a = 1, #ALL / 12 do
-  if places[a] then
-    next_account({unpack(ALL, a * 12 - 11, a * 12)})
-    local ended, pending = {}, {}   -- ids off their lease; (ms, id) pairs left pending
-    local news = {}                 -- event kind -> the records it tells
-    for _, k in ipairs(places[a]) do
-      local id, action = ARGV[3 * k], ARGV[3 * k + 1]
-      local raw = done[id] or redis.call('HGET', KEYS[4], id)
-      if not raw then
-        answers[k] = false
-      else
-        local o = cmsgpack.unpack(raw)
-        local result
-        if o.status == 'reserved' then
-          if now >= o.deadline then
-            ledger('expire', id, 0, -o.hold)
-            spend(limits(), -o.total, o.created)
-            o.status = 'expired'
-            result = (action == 'expire') and 'ok' or 'expired'
-          elseif action == 'expire' then
-            result = 'not_due'
-          elseif action == 'confirm' then
-            ledger('purchase', id, -o.total, -o.hold)
-            if o.mg then pay_margins(chain_of(KEYS[1]), o.mg, o.delivered, id, 'margin') end
-            o.status = 'delivered'
-            result = 'ok'
-          else
-            ledger('release', id, 0, -o.hold)
-            spend(limits(), -o.total, o.created)
-            o.status = 'cancelled'
-            result = 'ok'
-          end
-          -- the codes go back on sale: the account keeps no copy of them
-          if o.status ~= 'delivered' then redis.call('HDEL', KEYS[5], id) end
-          if result ~= 'not_due' then
-            o.hold = 0
-            o.updated = now
-            if o.status == 'delivered' then o.dat = now end
-            o.v = (o.v or 0) + 1
-            raw = save_patched(id, raw, ended_as[o.status] .. '\161v' .. cmsgpack.pack(o.v),
-                               o.status == 'delivered' and 5 or 4)
-            done[id] = raw
-            local kind = 'order.' .. o.status
-            news[kind] = news[kind] or {}
-            news[kind][#news[kind] + 1] = raw
-            ended[#ended + 1] = id
-            if template == '' or (o.plan or '') ~= '' then  -- sku_settle follows (a spread SKU: Orders._saga_ends)
-              pending[#pending + 1] = now
-              pending[#pending + 1] = id
-            else
-              local sk = sku_side(o.sku)
-              settle_codes(sk, id, o.status == 'delivered' and 'sell' or 'return', sk.settled)
-            end
-          end
-        elseif o.mode == 'reserve' and o.status == target[action] then
-          result = 'again'
-        elseif o.status == 'expired' then
-          result = 'expired'
+local ALL, out = KEYS, {}
+local done = {}  -- id -> the record saved by this call (an order twice in one call)
+local nA = tonumber(ARGV[3])
+local i = 4 + nA  -- the first order's id
+for a = 1, nA do
+  next_account({unpack(ALL, a * 12 - 11, a * 12)})
+  local ended, pending = {}, {}   -- ids off their lease; (ms, id) pairs left pending
+  local news = {}                 -- event kind -> the records it tells
+  for _ = 1, tonumber(ARGV[3 + a]) do
+    local id, action = ARGV[i], ARGV[i + 1]
+    i = i + 2
+    local raw = done[id] or redis.call('HGET', KEYS[4], id)
+    if not raw then
+      out[#out + 1] = 'not_found'
+      out[#out + 1] = 0
+    else
+      local o = cmsgpack.unpack(raw)
+      local result
+      if o.status == 'reserved' then
+        if now >= o.deadline then
+          ledger('expire', id, 0, -o.hold)
+          spend(limits(), -o.total, o.created)
+          o.status = 'expired'
+          result = (action == 'expire') and 'ok' or 'expired'
+        elseif action == 'expire' then
+          result = 'not_due'
+        elseif action == 'confirm' then
+          ledger('purchase', id, -o.total, -o.hold)
+          if o.mg then pay_margins(chain_of(KEYS[1]), o.mg, o.delivered, id, 'margin') end
+          o.status = 'delivered'
+          result = 'ok'
         else
-          result = 'invalid_state'
+          ledger('release', id, 0, -o.hold)
+          spend(limits(), -o.total, o.created)
+          o.status = 'cancelled'
+          result = 'ok'
         end
-        -- a delivered order's codes, so the caller can show them without reading them back
-        answers[k] = {result, raw, o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''}
+        -- the codes go back on sale: the account keeps no copy of them
+        if o.status ~= 'delivered' then redis.call('HDEL', KEYS[5], id) end
+        if result ~= 'not_due' then
+          o.hold = 0
+          o.updated = now
+          if o.status == 'delivered' then o.dat = now end
+          o.v = (o.v or 0) + 1
+          raw = save_patched(id, raw, ended_as[o.status] .. '\161v' .. cmsgpack.pack(o.v),
+                             o.status == 'delivered' and 5 or 4)
+          done[id] = raw
+          local kind = 'order.' .. o.status
+          news[kind] = news[kind] or {}
+          news[kind][#news[kind] + 1] = raw
+          ended[#ended + 1] = id
+          if template == '' or (o.plan or '') ~= '' then  -- sku_settle follows (a spread SKU: Orders._saga_ends)
+            pending[#pending + 1] = now
+            pending[#pending + 1] = id
+          else
+            local sk = sku_side(o.sku)
+            settle_codes(sk, id, o.status == 'delivered' and 'sell' or 'return', sk.settled)
+          end
+        end
+      elseif o.mode == 'reserve' and o.status == target[action] then
+        result = 'again'
+      elseif o.status == 'expired' then
+        result = 'expired'
+      else
+        result = 'invalid_state'
       end
+      -- a delivered order's codes, so the caller can show them without reading them back
+      out[#out + 1] = result
+      out[#out + 1] = 2
+      out[#out + 1] = raw
+      out[#out + 1] = o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''
     end
-    flush_saved()
-    push('ZREM', KEYS[7], ended)
-    zadd_all(KEYS[8], pending)
-    for kind, records in pairs(news) do emit_records(KEYS[10], kind, records) end
-    settle_money()
-    flush_payees()
   end
+  flush_saved()
+  push('ZREM', KEYS[7], ended)
+  zadd_all(KEYS[8], pending)
+  for kind, records in pairs(news) do emit_records(KEYS[10], kind, records) end
+  settle_money()
+  flush_payees()
 end
 for _, sk in pairs(sku_sides) do
   flush_settled(sk, sk.settled)
   set_level(sk.meta, sk.stats, sk.events, tonumber(redis.call('HGET', sk.stats, 'available') or '0'))
-end
-local out = {}
-for k = 1, n do
-  local got = answers[k]
-  if got then
-    out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = got[1], 2, got[2], got[3]
-  else
-    out[#out + 1], out[#out + 2] = 'not_found', 0
-  end
 end
 return out

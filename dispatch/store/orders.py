@@ -268,11 +268,6 @@ class OrderStore:
     def _call(self, step: str, shard: str, items: Sequence[Any]) -> Call:
         kind = STEPS[step][0]
         if kind == "account":
-            if step == "settle":  # on one node, every account's with the SKU side (see settle.lua)
-                dists: dict[str, int] = {}
-                rows = [(i.order_id, i.action, dists.setdefault(i.distributor, len(dists) + 1)) for i in items]
-                return ([k for d in dists for k in self._acct(d)],
-                        [len(items), "" if self._db.cluster else _SKU_TEMPLATE], rows)
             if step == "begin":
                 return self._acct(shard), [len(items), int(self._db.require_verification)], _packed(items)
             return self._acct(shard), [len(items)], items
@@ -325,6 +320,8 @@ class OrderStore:
     async def steps(self, step: str, batches: dict[str, Sequence[Sequence[Any]]]) -> dict[str, list[Any]]:
         """:meth:`step` for several shards in one pipelined round: {shard: results}."""
         decode = STEPS[step][1]
+        if step == "settle":  # settle.lua ends one account's orders after the other's
+            return await self._settle_grouped(batches)
         replies = await self._db.run_many(step, [self._call(step, s, items) for s, items in batches.items()])
         if STEPS[step][0] == "sku":
             await self._db.tell_levels(batches)
@@ -339,6 +336,30 @@ class OrderStore:
                 await self._db.tell_levels(low)
         return {shard: [decode(r, item, shard) for r, item in zip(got, items)]
                 for (shard, items), got in zip(batches.items(), replies)}
+
+    async def _settle_grouped(self, batches: dict[str, Sequence[EndItem]]) -> dict[str, list[Any]]:
+        """settle's :meth:`steps`. settle.lua ends one account's orders after another's, so a
+        call's items go grouped by account (in the order each account first comes, each
+        account's in their order), and their results come back in the items' order."""
+        calls, places = [], []
+        template = "" if self._db.cluster else _SKU_TEMPLATE  # on one node, with the SKU side
+        for items in batches.values():
+            of: dict[str, list[int]] = {}
+            for k, item in enumerate(items):
+                of.setdefault(item.distributor, []).append(k)
+            order = [k for ks in of.values() for k in ks]
+            calls.append(([key for d in of for key in self._acct(d)],
+                          [len(items), template, len(of), *map(len, of.values())],
+                          [(items[k].order_id, items[k].action) for k in order]))
+            places.append(order)
+        replies = await self._db.run_many("settle", calls)
+        out = {}
+        for (shard, items), order, flat in zip(batches.items(), places, replies):
+            results: list[Any] = [None] * len(items)
+            for k, reply in zip(order, _per_item(flat)):
+                results[k] = _settle(reply, items[k], shard)
+            out[shard] = results
+        return out
 
     def together(self, dist: str, sku: str, plan: str) -> tuple[str, list[int]] | None:
         """Where one node holds the distributor's account and shards of the SKU: (that
