@@ -49,8 +49,8 @@ def source(name: str) -> str:
 
 # A script runs its whole text at every call, heads included: each `local function` is a
 # closure made anew, and making one walks the list of the locals captured before it, so a
-# head's every helper costs each call (about 100,000 instructions for settle's heads, more
-# than a confirm's own work at 16 a call). So a script gets only the definitions it uses.
+# head's every helper costs each call, however few orders it carries (bench/README.md, "A
+# call's own cost"). So a script gets only the definitions it uses.
 # A head is cut into top-level statements, each from a line that starts with `local` or
 # `if` to the next: one that defines names is kept if kept code names one of them (a name
 # read as an identifier, outside strings and comments), one that defines none always.
