@@ -3,7 +3,8 @@ the engine (coalesced, Cython core) against the straightforward implementation o
 the same work (Config(coalesce=False): one script call per order and saga step,
 same store, same Lua), and against a stripped floor of the hot-SKU purchase
 (bench/ceiling.py's one_call driver: one Lua call per batch doing only the
-essential writes, driven by the same callers through dispatch.coalescer).
+essential writes, driven by the same callers through dispatch.coalescer), run in
+turn with each workload: what the host allowed in the same minutes.
 
 Each row gives the CPU per order (user + system, from /proc, over the measured run
 only) of this process (the engine, or the floor's callers) and of the Redis process:
@@ -212,17 +213,15 @@ def median(rows: list[Row]) -> Row:
 async def purchase_figures(url: str, data_dir: str, redis_pid: int, n_fast: int, n_slow: int,
                            rounds: int) -> tuple[dict[str, dict[str, Row]], tuple[float, float, float]]:
     """{workload: {"engine" | "floor" | "straightforward": Row}} and the open loop's (rate, p50, p99).
-    On the hot SKU, the engine and the floor alternate *rounds* times: the medians."""
+    For each workload the engine and the floor (which strips the hot SKU's purchase) alternate
+    *rounds* times: the medians. Beside the other workloads the floor is the host's yardstick
+    of the same minutes, not their stripped form."""
     out: dict[str, dict[str, Row]] = {}
     for label, skus, zipf_s, mode, share in WORKLOADS:
         row = out[label] = {}
-        if label == HOT:  # the floor strips this workload
-            runs = [(await engine_row(url, data_dir, redis_pid, True, n_fast, skus, zipf_s, mode),
-                     await floor(url, redis_pid, n_fast)) for _ in range(rounds)]
-            row["engine"], row["floor"] = median([e for e, _ in runs]), median([f for _, f in runs])
-        else:
-            row["engine"] = await engine_row(url, data_dir, redis_pid, True, int(n_fast * share), skus, zipf_s,
-                                             mode)
+        runs = [(await engine_row(url, data_dir, redis_pid, True, int(n_fast * share), skus, zipf_s, mode),
+                 await floor(url, redis_pid, n_fast)) for _ in range(rounds)]
+        row["engine"], row["floor"] = median([e for e, _ in runs]), median([f for _, f in runs])
         row["straightforward"] = await engine_row(url, data_dir, redis_pid, False, int(n_slow * share), skus,
                                                   zipf_s, mode)
     # latency at half the engine's best rate, open loop
@@ -304,8 +303,8 @@ def main() -> None:
     ap.add_argument("--orders", type=int, default=200_000, help="orders per run of the engine")
     ap.add_argument("--import-codes", type=int, default=1_000_000)
     ap.add_argument("--only", choices=["import", "purchase"], help="run one half")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of the engine and the floor on the "
-                    "hot SKU (their medians are printed)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of the engine and the floor for "
+                    "each workload (their medians are printed)")
     args = ap.parse_args()
     n_fast = 20_000 if args.quick else args.orders
     n_slow = max(2_000, n_fast // 10)
@@ -321,7 +320,8 @@ def main() -> None:
               f"{CALLERS} concurrent callers over {DISTS} distributors")
         print("python us, redis us: CPU (user + system) per order of this process and of Redis")
         if args.only != "import":
-            print(f"{HOT}: the engine and the floor alternate, medians of {args.rounds} runs")
+            print(f"each workload: the engine and the floor (the hot SKU's, stripped) alternate, medians of "
+                  f"{args.rounds} runs")
         print()
         if args.only != "purchase":
             imp = import_figures(server.url, d, server.pid, n_imp)
