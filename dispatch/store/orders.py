@@ -231,8 +231,8 @@ STEPS: dict[str, tuple[str, Decode]] = {
     "begin": ("account", _begin),          # hold the money of a saga's order
     "take": ("sku", _take),                # pop its codes: sold, or reserved (a SKU's, or a bucket's)
     "commit": ("account", _commit),        # charge a delivery, or start a reservation's lease
-    "settle": ("account", _settle),        # ending a reservation: the account side (one node: both, as a
-                                           # "node" step: every account of a round in one call)
+    "settle": ("account", _settle),        # ending a reservation: the account side; on one node both
+                                           # sides, every account of a round in one call (Orders._settle)
     "sku_settle": ("sku", _as_str),        # the SKU side: sell or return its codes
     "unpend": ("account", _as_str),        # a saga done: off the account's pending set
 }
@@ -319,9 +319,9 @@ class OrderStore:
 
     async def steps(self, step: str, batches: dict[str, Sequence[Sequence[Any]]]) -> dict[str, list[Any]]:
         """:meth:`step` for several shards in one pipelined round: {shard: results}."""
-        decode = STEPS[step][1]
         if step == "settle":  # settle.lua ends one account's orders after the other's
             return await self._settle_grouped(batches)
+        decode = STEPS[step][1]
         replies = await self._db.run_many(step, [self._call(step, s, items) for s, items in batches.items()])
         if STEPS[step][0] == "sku":
             await self._db.tell_levels(batches)
