@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from .records import PAID, OrderRec
+from .records import PAID, OrderRec, running
 from .store import Store
 from .store.catalog import COUNTERS
 from .store.keys import SUB
@@ -101,7 +101,7 @@ async def _check_spend(store: Store, dist: str, entries: list[list[str]], proble
     paid: dict[int, int] = {}
     for e in entries:
         if e[0] in ("purchase", "refund"):
-            day = int(e[6]) // 86_400_000
+            day = int(e[-1]) // 86_400_000
             paid[day] = paid.get(day, 0) - int(e[2])
     counted = await store.tiers.spend_days(dist)
     for day in sorted(set(paid) | set(counted)):
@@ -127,7 +127,7 @@ async def _check_limits(store: Store, dist: str, entries: list[list[str]], probl
     by_day: dict[int, int] = {}
     for e in entries:
         if e[0] in ("hold", "purchase"):
-            day = int(e[6]) // 86_400_000
+            day = int(e[-1]) // 86_400_000
             by_day[day] = by_day.get(day, 0) + (int(e[3]) if e[0] == "hold" else -int(e[2]))
     by_month: dict[int, int] = {}
     for day, amount in by_day.items():
@@ -166,8 +166,11 @@ async def audit(store: Store) -> list[str]:
         if a is None:
             continue
         entries = await store.accounts.ledger(dist)
-        bal = sum(int(e[2]) for e in entries)
-        held = sum(int(e[3]) for e in entries)
+        bal = held = 0
+        for n, (*_, bal, held, _, off) in enumerate(running(entries)):
+            if off and not any(p.startswith(f"{dist}: ledger entry ") for p in problems):  # the first is enough
+                problems.append(f"{dist}: ledger entry {n} says balance/held {entries[n][4]}/{entries[n][5]}, "
+                                f"the entries up to it sum to {bal}/{held}")
         if (bal, held) != (a.balance, a.held):
             problems.append(f"{dist}: balance/held {a.balance}/{a.held} != ledger sums {bal}/{held}")
         clawed = 0  # margins taken back may leave an ancestor owing: below its floor by as much

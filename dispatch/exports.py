@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from . import imports
 from .errors import NotFoundError, ValidationError
 from .models import EventPage, Statement, StatementLine
-from .records import PAID, ms_id_floor, ms_to_dt
+from .records import PAID, ms_id_floor, ms_to_dt, running
 from .store import Store
 from .vault import Vault
 
@@ -111,12 +111,12 @@ class Exports:
         parties += [("supplier", s, self._store.aftersales.supplier_ledger)
                     for s in await self._store.aftersales.supplier_ids()]
         for kind, party, read in parties:
-            start_at = 0
+            start_at = bal = held = 0
             while entries := await read(party, start_at, start_at + page - 1):
-                for n, (what, ref, b, h, bal, held, ms) in enumerate(entries, start_at):
-                    if lo <= int(ms) < hi:
+                for n, (what, ref, b, h, bal, held, ms, _) in enumerate(running(entries, bal, held), start_at):
+                    if lo <= ms < hi:
                         out.writer.writerow((kind, party, n, what, _csv_safe(ref), b, h, bal, held,
-                                             ms_to_dt(int(ms)).isoformat()))
+                                             ms_to_dt(ms).isoformat()))
                 yield out.take()
                 start_at += len(entries)
                 if len(entries) < page:
@@ -131,19 +131,20 @@ class Exports:
         balance = held = 0
         opening: tuple[int, int] | None = None
         lines: dict[str, list[int]] = {}
+        reconciled = True  # every entry that carries its running figures agrees with the sums
         at = 0
         while entries := await self._store.accounts.ledger(distributor, at, at + page - 1):
-            for kind, _, b, h, bal, hld, ms in entries:
-                if int(ms) >= end:
+            for kind, _, b, h, bal, hld, ms, off in running(entries, balance, held):
+                if ms >= end:
                     break
-                if int(ms) >= start:
+                if ms >= start:
                     if opening is None:
                         opening = (balance, held)
                     line = lines.setdefault(kind, [0, 0, 0])
                     line[0] += 1
-                    line[1] += int(b)
-                    line[2] += int(h)
-                balance, held = int(bal), int(hld)
+                    line[1] += b
+                    line[2] += h
+                balance, held, reconciled = bal, hld, reconciled and not off
             else:
                 at += len(entries)
                 if len(entries) == page:
@@ -151,9 +152,8 @@ class Exports:
             break
         opening = opening or (balance, held)
         out = [StatementLine(kind=k, count=n, amount=b, held_delta=h) for k, (n, b, h) in sorted(lines.items())]
-        summed = (opening[0] + sum(x.amount for x in out), opening[1] + sum(x.held_delta for x in out))
         return Statement(distributor=distributor, month=month, opening_balance=opening[0], opening_held=opening[1],
-                         lines=out, closing_balance=balance, closing_held=held, reconciled=summed == (balance, held))
+                         lines=out, closing_balance=balance, closing_held=held, reconciled=reconciled)
 
     @staticmethod
     def statement_csv(s: Statement) -> bytes:

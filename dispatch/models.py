@@ -441,8 +441,9 @@ class Statement(_Model, omit_defaults=False):
     lines: list[StatementLine]
     closing_balance: int
     closing_held: int
-    #: The opening plus every line gives the closing, for both columns; false would
-    #: mean a ledger off its own sums (``audit()`` says where).
+    #: Every entry up to the closing that carries its running balance and held amount
+    #: (the last of each script call's) agrees with the sums of the entries up to it;
+    #: false means a ledger off its own sums (``audit()`` says where).
     reconciled: bool
 
 

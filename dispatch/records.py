@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from functools import lru_cache
+from collections.abc import Iterator
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -152,11 +153,24 @@ decode_codes = msgspec.msgpack.Decoder(list[bytes]).decode
 encode = msgspec.msgpack.encode
 
 
+def running(rows: list[list[str]], balance: int = 0,
+            held: int = 0) -> Iterator[tuple[str, str, int, int, int, int, int, bool]]:
+    """Stored ledger entries (see _account.lua), from the one after which the balance and
+    held amount were *balance* and *held*, each as (kind, ref, amount, held delta,
+    balance, held, ms, off): its balance and held are the sums of the entries up to it;
+    off is True where the entry carries its own (the last of a script call's does) and
+    they are not those sums."""
+    for r in rows:
+        b, h = int(r[2]), int(r[3])
+        balance, held = balance + b, held + h
+        yield r[0], r[1], b, h, balance, held, int(r[-1]), len(r) == 7 and (int(r[4]), int(r[5])) != (balance, held)
+
+
 def ledger_entries(rows: list[list[str]]) -> list[LedgerEntry]:
-    """Ledger entries from their stored fields (see _account.lua), numbered from 0."""
-    return [LedgerEntry(entry_id=str(i), kind=kind, ref=ref, amount=int(b), held_delta=int(h),  # type: ignore[arg-type]
-                        balance=int(bal), held=int(held), at=ms_to_dt(int(ms)))
-            for i, (kind, ref, b, h, bal, held, ms) in enumerate(rows)]
+    """A whole ledger's entries from their stored fields, numbered from 0."""
+    return [LedgerEntry(entry_id=str(i), kind=kind, ref=ref, amount=b, held_delta=h,  # type: ignore[arg-type]
+                        balance=bal, held=hld, at=ms_to_dt(ms))
+            for i, (kind, ref, b, h, bal, hld, ms, _) in enumerate(running(rows))]
 
 
 def _order_event_data(data: dict[str, Any]) -> dict[str, Any]:

@@ -423,6 +423,29 @@ async def test_a_statement_sums_the_months_ledger_by_kind_and_reconciles(shop: E
     assert not (await shop.statement("acme", month_of(now))).reconciled
 
 
+async def test_a_calls_entries_carry_running_figures_only_on_its_last(shop: Engine, flushed_redis_url: str) -> None:
+    await stock_up(shop, 40)
+    await asyncio.gather(*(shop.purchase("acme", "g100", 1, f"o{i}") for i in range(16)),
+                         *(shop.purchase("acme", "g100", 1, f"r{i}", mode="reserve") for i in range(8)))
+    with redis.Redis.from_url(flushed_redis_url) as client:
+        stored = [e.decode().split("\x1f") for e in client.lrange(keys.AcctKeys("acme").ledger, 0, -1)]
+    assert {len(e) for e in stored} == {5, 7}  # the orders came in calls of several
+    assert stored[-1][0] in ("purchase", "hold") and len(stored[-1]) == 7
+    ledger = await shop.ledger("acme")
+    balance = held = 0
+    for e, row in zip(ledger, stored, strict=True):
+        balance, held = balance + e.amount, held + e.held_delta
+        assert (e.balance, e.held) == (balance, held)
+        if len(row) == 7:
+            assert (int(row[4]), int(row[5])) == (balance, held)
+    now = await shop.balance("acme")
+    assert (ledger[-1].balance, ledger[-1].held) == (now.balance, now.held)
+    exported = [r for r in await export(shop.export_ledger(page=5)) if r["party"] == "acme"]  # pages carry the sums
+    assert [(int(r["balance"]), int(r["held"])) for r in exported] == [(e.balance, e.held) for e in ledger]
+    s = await shop.statement("acme", month_of(datetime.now(timezone.utc)))
+    assert s.reconciled and (s.closing_balance, s.closing_held) == (now.balance, now.held)
+
+
 async def test_exports_reconcile_with_ledgers_and_balances(shop: Engine) -> None:
     await shop.deposit("sup", 1_000_000, "d1")
     await stock_up(shop, 60)

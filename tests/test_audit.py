@@ -212,7 +212,7 @@ async def test_a_code_lost_from_a_pool(shop: Engine, healthy: Shop, r: aioredis.
 
 # ---- money ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("where", ["balance", "ledger-amount", "ledger-held", "held"])
+@pytest.mark.parametrize("where", ["balance", "ledger-amount", "ledger-held", "held", "ledger-and-balance"])
 async def test_a_balance_or_held_off_its_ledger(shop: Engine, healthy: Shop, r: aioredis.Redis,
                                                 where: str) -> None:
     if where == "balance":
@@ -220,10 +220,16 @@ async def test_a_balance_or_held_off_its_ledger(shop: Engine, healthy: Shop, r: 
         expected = ["acme: balance/held 982050/0 != ledger sums 981950/0"]
     elif where == "ledger-amount":  # the top-up's entry says one less than was credited
         await edit_ledger_entry(r, ACME.ledger, 0, amount=999_999)
-        expected = ["acme: balance/held 981950/0 != ledger sums 981949/0"]
+        expected = ["acme: ledger entry 0 says balance/held 1000000/0, the entries up to it sum to 999999/0",
+                    "acme: balance/held 981950/0 != ledger sums 981949/0"]
     elif where == "ledger-held":  # the reservation's hold entry says one more than was held
         await edit_ledger_entry(r, BETA.ledger, 1, held=9501)
-        expected = ["beta: balance/held 1000000/9500 != ledger sums 1000000/9501"]
+        expected = ["beta: ledger entry 1 says balance/held 1000000/9500, the entries up to it sum to 1000000/9501",
+                    "beta: balance/held 1000000/9500 != ledger sums 1000000/9501"]
+    elif where == "ledger-and-balance":  # both changed alike: the sums hold, the entry's own figures do not
+        await edit_ledger_entry(r, ACME.ledger, 0, amount=999_999)
+        await r.hincrby(ACME.acct, "balance", -1)
+        expected = ["acme: ledger entry 0 says balance/held 1000000/0, the entries up to it sum to 999999/0"]
     else:  # the held field alone: off the ledger and off the open orders' holds
         await r.hincrby(BETA.acct, "held", 1)
         expected = ["beta: balance/held 1000000/9501 != ledger sums 1000000/9500",

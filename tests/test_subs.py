@@ -216,7 +216,14 @@ async def test_audit_finds_margins_and_transfers_off(shop: Engine, r) -> None:  
     o = await shop.purchase("acme~a~b", "g100", 2, "x")
     await shop.transfer("acme", "acme~a", 5_000, "t")
     assert await shop.audit() == []
-    root = keys.AcctKeys("acme")
+    root, child = keys.AcctKeys("acme"), keys.AcctKeys("acme~a")
+    # The entries below are moved and removed: none carries running figures (the last of a
+    # call's does), which would tell every such change before the margins' checks could.
+    for k in (root.ledger, child.ledger):
+        rows = [e.split(b"\x1f") for e in await r.lrange(k, 0, -1)]
+        await r.delete(k)
+        await r.rpush(k, *[b"\x1f".join(x[:4] + x[-1:]) for x in rows])
+    assert await shop.audit() == []
     # a margin entry gone (and the balance made to agree with the ledger): the root was not paid
     entry = next(e for e in await r.lrange(root.ledger, 0, -1) if e.startswith(b"margin\x1f"))
     await r.lrem(root.ledger, 1, entry)
@@ -237,7 +244,6 @@ async def test_audit_finds_margins_and_transfers_off(shop: Engine, r) -> None:  
                                   f"less its root's {rec['bp'] - 1}"]
     await r.hset(sub.orders, o.order_id, msgspec.msgpack.encode(rec))
     # one side of a transfer gone
-    child = keys.AcctKeys("acme~a")
     entry = next(e for e in await r.lrange(child.ledger, 0, -1) if e.startswith(b"transfer\x1f"))
     await r.lrem(child.ledger, 1, entry)
     await r.hincrby(child.acct, "balance", -5_000)

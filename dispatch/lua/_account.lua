@@ -5,11 +5,12 @@
 -- Supplier scripts share the money helpers: their KEYS start acct, ledger too.
 if moving(KEYS[1]) then return redis.error_reply(MOVING) end
 
--- Every balance movement is a ledger entry carrying the balance and held amount
--- after it, so that both are always the sums of their ledger columns. An entry is
--- one string, "kind ref balance_delta held_delta balance held ms" joined by \31
--- (refs are printable); the account's fields and the entries are written once per
--- call, by settle_money().
+-- Every balance movement is a ledger entry, so that the balance and held amount are
+-- always the sums of their ledger columns. An entry is one string,
+-- "kind ref balance_delta held_delta ms" joined by \31 (refs are printable); its
+-- running figures are those sums, made by its readers, and the last entry of a call
+-- carries them to check against (close_entries, _events.lua). The account's fields and
+-- the entries are written once per call, by settle_money().
 local balance, held, moved_balance, moved_held
 local entries = {}
 local paid = 0  -- for purchases, net of refunds (count_spend, _limits.lua)
@@ -36,8 +37,7 @@ local function ledger(kind, ref, balance_delta, held_delta)
   if not b then b = int(balance_delta); texts[balance_delta] = b end
   if not h then h = int(held_delta); texts[held_delta] = h end
   now_text = now_text or int(now_ms())
-  entries[#entries + 1] = kind .. '\31' .. ref .. '\31' .. b .. '\31' .. h .. '\31' .. int(balance) .. '\31' .. int(held)
-                          .. '\31' .. now_text
+  entries[#entries + 1] = kind .. '\31' .. ref .. '\31' .. b .. '\31' .. h .. '\31' .. now_text
   return balance, held
 end
 
@@ -60,9 +60,7 @@ local function settle_money()
   if balance == nil then return end
   if moved_balance ~= 0 then redis.call('HINCRBY', KEYS[1], 'balance', int(moved_balance)) end
   if moved_held ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', int(moved_held)) end
-  for s = 1, #entries, 1000 do
-    redis.call('RPUSH', KEYS[2], unpack(entries, s, math.min(s + 999, #entries)))
-  end
+  if #entries > 0 then push('RPUSH', KEYS[2], close_entries(entries, balance, held, now_text)) end
 end
 
 -- Order records written by one call go out in one HSET.

@@ -1,12 +1,5 @@
 -- Shared head of the scripts that move codes and stock (prepended by dispatch/store/scripts.py).
 
--- Lua's unpack() is bounded by the C stack: push long lists in slices.
-local function push(cmd, key, list)
-  for s = 1, #list, 1000 do
-    redis.call(cmd, key, unpack(list, s, math.min(s + 999, #list)))
-  end
-end
-
 -- Codes of a delivery record: binary strings, each behind a 2-byte big-endian length
 -- (not cmsgpack, whose str type Python would have to read as UTF-8).
 local function pack_codes(codes)

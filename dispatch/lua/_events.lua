@@ -18,6 +18,24 @@ local function int(x)
   return string.format('%d', x)
 end
 
+-- Lua's unpack() is bounded by the C stack: push long lists in slices.
+local function push(cmd, key, list)
+  for s = 1, #list, 1000 do
+    redis.call(cmd, key, unpack(list, s, math.min(s + 999, #list)))
+  end
+end
+
+-- Ledger entries (_account.lua) carry no running figures, but for the last of an
+-- account's entries in a call: it also carries the balance and held amount after it,
+-- "kind ref balance_delta held_delta balance held ms", which its readers check their
+-- sums against (dispatch/records.py, running). A call's entries list (each ending in
+-- ms, the call's time as text), closed so.
+local function close_entries(entries, balance, held, ms)
+  local e = entries[#entries]
+  entries[#entries] = string.sub(e, 1, -#ms - 1) .. int(balance) .. '\31' .. int(held) .. '\31' .. ms
+  return entries
+end
+
 -- On a Redis Cluster a slot changes masters key by key. A script also touches keys it
 -- does not declare (a batch's pool, the day's spend...), which in a slot half moved may
 -- already, or still, be on the other master, where Redis fails the script, and a

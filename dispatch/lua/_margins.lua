@@ -80,8 +80,7 @@ end
 -- amount moved on p's balance, as a ledger entry of kind and ref.
 local function credit(p, kind, ref, amount)
   p.balance, p.moved = p.balance + amount, p.moved + amount
-  p.entries[#p.entries + 1] = kind .. '\031' .. ref .. '\031' .. int(amount) .. '\0310\031' .. int(p.balance)
-                              .. '\031' .. int(p.held) .. '\031' .. int(now_ms())
+  p.entries[#p.entries + 1] = kind .. '\031' .. ref .. '\031' .. int(amount) .. '\0310\031' .. int(now_ms())
 end
 
 -- Each ancestor of chain credited units x its margin of mg (per code, root first), as
@@ -113,7 +112,7 @@ local function flush_payees()
   for key, p in pairs(PAYEES) do
     if not p.own and #p.entries > 0 then
       if p.moved ~= 0 then redis.call('HINCRBY', key, 'balance', int(p.moved)) end
-      redis.call('RPUSH', string.sub(key, 1, -5) .. 'ledger', unpack(p.entries))
+      push('RPUSH', string.sub(key, 1, -5) .. 'ledger', close_entries(p.entries, p.balance, p.held, int(now_ms())))
     end
   end
   PAYEES = {}

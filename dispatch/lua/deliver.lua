@@ -115,7 +115,6 @@ local function acct(a)
           held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, records = {}, codes = {}, refs = {},
           opened = {}, delivered = {}, leases = {}}
     adopt(ak(a, ACCT), st)
-    st.tail = '\031' .. int(st.held) .. '\031' .. now_s  -- of its ledger entries: held, ms
     st.chain = chain_of(ak(a, ACCT))
     if st.chain then ceiling(st.limits, st.chain) end
     st.limited = any_limit(st.limits)
@@ -226,13 +225,12 @@ for k = 1, n do
           S.orders[#S.orders + 1] = k
           if T.deadline then  -- a reservation: its money is held
             A.held, A.moved_held = A.held + cost, A.moved_held + cost
-            A.tail = '\031' .. int(A.held) .. '\031' .. now_s
-            A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. int(A.balance) .. A.tail
+            A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. now_s
           else
             A.balance, A.moved, A.paid = A.balance - cost, A.moved - cost, A.paid + cost
             local amount = amounts[cost]
             if not amount then amount = int(-cost); amounts[cost] = amount end
-            A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. int(A.balance) .. A.tail
+            A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. now_s
             if margins[k] then pay_margins(A.chain, margins[k], take, id, 'margin') end
           end
           A.opened[ref] = k
@@ -357,7 +355,7 @@ for a, A in pairs(accts) do
     local spent = spent_fields(A.limits)
     if spent then redis.call('HSET', ak(a, ACCT), unpack(spent)) end
     if A.paid > 0 then count_spend(ak(a, ACCT), A.limits, A.paid) end
-    push('RPUSH', ak(a, LEDGER), A.entries)
+    push('RPUSH', ak(a, LEDGER), close_entries(A.entries, A.balance, A.held, now_s))
     push('HSET', ak(a, ORDERS), A.records)
     push('HSET', ak(a, CODES), A.codes)
     push('HSET', ak(a, REFS), A.refs)

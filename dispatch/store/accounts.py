@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AccountStore", "AccountRow", "LedgerRow"]
 
-#: A ledger entry as stored (see _account.lua): kind, ref, amount, held delta, balance, held, ms.
+#: A ledger entry as stored (see _account.lua): kind, ref, amount, held delta, [balance, held,] ms.
 LedgerRow = list[str]
 
 

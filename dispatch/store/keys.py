@@ -161,7 +161,7 @@ class AcctKeys:
         t = acct_tag(dist)
         self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...; volume
         #                                 tiers: tpin, trv, tver, tday, tup, tlo, tdue (lua/tier_apply.lua)
-        self.ledger = t + "ledger"      # LIST of entries "kind ref b h balance held ms", \x1f-joined
+        self.ledger = t + "ledger"      # LIST of entries "kind ref b h ms", \x1f-joined
         self.refs = t + "refs"          # HASH external_ref -> order id
         self.orders = t + "orders"      # HASH order id -> cmsgpack order
         self.codes = t + "codes"        # HASH order id -> msgpack list of code ciphertexts

@@ -449,8 +449,9 @@ class Store:
             return sorted(m.decode() for m in await self.client.smembers(registry))
 
     async def ledger(self, key: str, start: int, stop: int) -> list[list[str]]:
-        """Entries *start*..*stop* (list indexes) of a ledger, each as its seven fields
-        (kind, ref, amount, held delta, balance, held, ms; see _account.lua)."""
+        """Entries *start*..*stop* (list indexes) of a ledger, each as its fields (kind,
+        ref, amount, held delta, ms; or kind, ref, amount, held delta, balance, held, ms:
+        see _account.lua), for records.running."""
         with translated():
             raw = await self.client.lrange(key, start, stop)
         return [e.decode().split("\x1f") for e in raw]
