@@ -196,27 +196,36 @@ async def test_pausing_a_spread_sku_stops_every_bucket(shop: Engine) -> None:
 
 
 async def test_the_hashes_a_purchase_reads_are_hash_tables_from_the_start(shop: Engine) -> None:
-    """A small hash is a flat list that every field read or added scans: an account, and a
-    SKU's metadata, counters and delivery records, are pinned hash tables from their
-    creation (keys.PIN), and readers skip the pin."""
+    """A small hash is a flat list that every field read or added scans: an account, its
+    codes and external_refs, and a SKU's metadata, counters, delivery records and their
+    codes, are pinned hash tables from their creation (keys.PIN), and readers skip the pin."""
     skus = [keys.SkuKeys(s) for s in ("g100", "g100~1")]
+    acme = keys.AcctKeys("acme")
 
     async def encodings() -> list[bytes]:
         return [await shop.store.client.object("encoding", key)
-                for key in [*(k for s in skus for k in (s.meta, s.stats, s.dlv)), keys.AcctKeys("acme").acct]]
+                for key in [*(k for s in skus for k in (s.meta, s.stats, s.dlv, s.dlv_codes, s.batch_stats, s.sales)),
+                            acme.acct, acme.codes, acme.refs]]
 
     await shop.update_sku("g100", buckets=2)
-    assert await encodings() == [b"hashtable"] * 7
+    assert await encodings() == [b"hashtable"] * 15
     for s in skus:  # as a SKU made before the pin
         await shop.store.client.hdel(s.meta, keys.PIN)
         await shop.store.client.hdel(s.stats, keys.PIN)
-        await shop.store.client.delete(s.dlv)
+        await shop.store.client.delete(s.dlv, s.dlv_codes, s.batch_stats, s.sales)
+    await shop.store.client.delete(acme.codes, acme.refs)  # and an account
     await shop.update_sku("g100", price=9100)
-    assert await encodings() == [b"hashtable"] * 7
+    await shop.update_distributor("acme", name="Acme")
+    assert await encodings() == [b"hashtable"] * 15
     await stock_up(shop, 4)
     order = await shop.purchase("acme", "g100", 1, "pinned")
+    held = await shop.purchase("acme", "g100", 1, "~", mode="reserve")  # an external_ref like keys.PIN
+    again = await shop.purchase("acme", "g100", 1, "~", mode="reserve")
+    assert again.order_id == held.order_id and again.replayed
+    await shop.cancel("acme", held.order_id)
     deliveries = {**await shop.store.inventory.deliveries("g100"), **await shop.store.inventory.deliveries("g100~1")}
-    assert list(deliveries) == [order.order_id]
+    assert sorted(deliveries) == sorted([order.order_id, held.order_id])
+    assert sum((await shop.store.catalog.hourly_sales("g100")).values()) == 1
     state = await shop.store.catalog.sku("g100")
     assert keys.PIN not in state.meta and keys.PIN not in state.stats
     assert keys.PIN not in await shop.store.catalog.counters("g100~1")

@@ -524,7 +524,7 @@ async def test_close_lets_orders_in_flight_finish(shop: Engine, flushed_redis_ur
     await shop.close()
     async with aioredis.from_url(flushed_redis_url) as r:  # what close() left behind
         assert await r.zcard(keys.AcctKeys("acme").pending) == 0
-        assert await r.hlen(keys.AcctKeys("acme").codes) == 40
+        assert await r.hlen(keys.AcctKeys("acme").codes) == 40 + 1  # and the pin (keys.PIN)
     await shop.start()
     assert await shop.audit() == []
     assert (await shop.stock("g100")).sold == 40

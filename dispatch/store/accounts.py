@@ -44,7 +44,19 @@ class AccountStore:
         """A new account with *fields*; False if it exists."""
         with translated():
             await self._db.client.sadd(keys.DISTS, dist)
-        return await self._db.put(keys.AcctKeys(dist).acct, "create", {**fields, keys.PIN: keys.PIN_VALUE}) == "ok"
+        made = await self._db.put(keys.AcctKeys(dist).acct, "create", {**fields, keys.PIN: keys.PIN_VALUE}) == "ok"
+        if made:
+            await self._pin(dist)
+        return made
+
+    async def _pin(self, dist: str) -> None:
+        """The account's codes and external_refs kept hash tables (keys.PIN), as its record is."""
+        k = keys.AcctKeys(dist)
+        with translated():
+            async with self._db.client.pipeline(transaction=False) as p:
+                p.hset(k.codes, keys.PIN, keys.PIN_VALUE)
+                p.hset(k.refs, keys.REFS_PIN, keys.PIN_VALUE)
+                await p.execute()
 
     async def add_child(self, parent: str, child: str) -> None:
         with translated():
@@ -67,7 +79,10 @@ class AccountStore:
 
     async def update(self, dist: str, fields: dict[str, Any]) -> bool:
         """False if there is no such account. (An account made before keys.PIN gets it here.)"""
-        return await self._db.put(keys.AcctKeys(dist).acct, "update", {**fields, keys.PIN: keys.PIN_VALUE}) == "ok"
+        found = await self._db.put(keys.AcctKeys(dist).acct, "update", {**fields, keys.PIN: keys.PIN_VALUE}) == "ok"
+        if found:
+            await self._pin(dist)
+        return found
 
     async def fields(self, dist: str, names: list[str]) -> list[bytes | None]:
         """Fields *names* of the account's hash, as stored (None where absent)."""

@@ -77,13 +77,13 @@ class CatalogStore:
                 await self._db.client.hset(keys.SkuKeys(keys.bucket_shard(sku, b)).meta, mapping=meta)
 
     async def _pin(self, sku: str, spread: int) -> None:
-        """The metadata, counters and delivery records of each shard of the SKU kept hash
-        tables (keys.PIN)."""
+        """The metadata, counters, delivery records and their codes, batch counters and sales
+        by hour of each shard of the SKU kept hash tables (keys.PIN)."""
         with translated():
             async with self._db.client.pipeline(transaction=False) as p:
                 for b in range(spread):
                     k = keys.SkuKeys(keys.bucket_shard(sku, b))
-                    for key in (k.meta, k.stats, k.dlv):
+                    for key in (k.meta, k.stats, k.dlv, k.dlv_codes, k.batch_stats, k.sales):
                         p.hset(key, keys.PIN, keys.PIN_VALUE)
                 await p.execute()
 
@@ -154,7 +154,8 @@ class CatalogStore:
         with translated():
             for shard in await self.shards(sku):
                 for h, n in (await self._db.client.hgetall(keys.SkuKeys(shard).sales)).items():
-                    out[int(h)] = out.get(int(h), 0) + int(n)
+                    if h != keys.PIN_FIELD:
+                        out[int(h)] = out.get(int(h), 0) + int(n)
         return out
 
     async def create_tier(self, tier: Tier) -> bool:

@@ -146,7 +146,7 @@ class InventoryStore:
         with translated():
             stats = await self._db.client.hgetall(k.batch_stats)
             parked = await self._db.client.smembers(k.parked)
-        return {f.decode(): int(v) for f, v in stats.items()}, {int(p) for p in parked}
+        return {f.decode(): int(v) for f, v in stats.items() if f != keys.PIN_FIELD}, {int(p) for p in parked}
 
     # ---- imports ---------------------------------------------------------------------
     async def claim_fingerprints(self, seq: int, fps: bytes) -> tuple[bytearray, dict[int, int]]:

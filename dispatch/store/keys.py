@@ -100,15 +100,18 @@ def events_key(kind: str, id_: str) -> str:
 
 
 #: A field, from their creation, of the hashes a purchase reads or writes field by field
-#: (an account; a SKU shard's metadata, counters and delivery records), whose value is
-#: longer than a small hash may hold (hash-max-ziplist-value, 64 bytes by default), so
-#: Redis keeps each a hash table: a small hash is a flat list, where reading a field is
-#: a scan of the fields before it (of all of them, for one that is absent, as most of an
-#: account's limits are) and a new order's delivery record a scan of every record
-#: before it. Readers of these hashes skip it.
+#: (an account, its codes and its external_refs; a SKU shard's metadata, counters,
+#: delivery records and their codes, batch counters and sales by hour), whose value is longer than a small hash may hold
+#: (hash-max-ziplist-value, 64 bytes by default), so Redis keeps each a hash table: a
+#: small hash (up to hash-max-ziplist-entries fields, 512 by default) is a flat list,
+#: where reading a field is a scan of the fields before it (of all of them, for one
+#: that is absent, as most of an account's limits and every new external_ref are) and
+#: writing one a scan of all of them. Readers of these hashes skip it.
 PIN = "~"
 PIN_FIELD = PIN.encode()  # as redis-py returns it
 PIN_VALUE = "a hash table: this value is longer than hash-max-ziplist-value (64 bytes by default)"
+#: The pin of an account's external_refs, a field no external_ref can be (records.REF_PATTERN).
+REFS_PIN = "\x00"
 
 
 class SkuKeys:
@@ -129,7 +132,7 @@ class SkuKeys:
         self.dlv = t + "dlv"            # HASH order id -> cmsgpack {st = state, b = {seq, count, ...}};
         #                                 and PIN (see there, as on meta, stats and an account's acct)
         self.dlv_codes = t + "dlvc"     # HASH order id -> its codes, each with a 2-byte length prefix (reservations
-        #                                 and replacements; a delivered order's codes are its account's)
+        #                                 and replacements; a delivered order's codes are its account's); and PIN
         self.chunks = t + "chunks"      # HASH "seq:chunk" -> digest (import idempotency)
         self.void = t + "void"          # SET of voided batch seqs
         self.pool_prefix = t + "p:"     # LIST per batch: pool_prefix .. seq
@@ -162,9 +165,9 @@ class AcctKeys:
         self.acct = t + "acct"          # HASH balance, held, credit_limit, status, tier, allowed, ...; volume
         #                                 tiers: tpin, trv, tver, tday, tup, tlo, tdue (lua/tier_apply.lua)
         self.ledger = t + "ledger"      # LIST of entries "kind ref b h ms", \x1f-joined
-        self.refs = t + "refs"          # HASH external_ref -> order id
+        self.refs = t + "refs"          # HASH external_ref -> order id; and REFS_PIN
         self.orders = t + "orders"      # HASH order id -> cmsgpack order
-        self.codes = t + "codes"        # HASH order id -> msgpack list of code ciphertexts
+        self.codes = t + "codes"        # HASH order id -> msgpack list of code ciphertexts; and PIN
         self.index = t + "oidx"         # ZSET (score 0) of the ids a call opened, concatenated, the least first
         #                                 (ULIDs sort by time; one member per call and 32 ms window)
         self.leases = t + "leases"      # ZSET order id -> reservation deadline (ms)
