@@ -12,7 +12,7 @@ if moving(KEYS[1]) then return redis.error_reply(MOVING) end
 -- carries them to check against (close_entries, _events.lua). The account's fields and
 -- the entries are written once per call, by settle_money().
 local balance, held, moved_balance, moved_held
-local entries = {}
+local entries, n_entries = {}, 0  -- (a table's length, #t, is a search: lists that grow an item at a time count theirs)
 local paid = 0  -- for purchases, net of refunds (count_spend, _limits.lua)
 
 local function money()
@@ -37,7 +37,8 @@ local function ledger(kind, ref, balance_delta, held_delta)
   if not b then b = int(balance_delta); texts[balance_delta] = b end
   if not h then h = int(held_delta); texts[held_delta] = h end
   now_text = now_text or int(now_ms())
-  entries[#entries + 1] = kind .. '\31' .. ref .. '\31' .. b .. '\31' .. h .. '\31' .. now_text
+  n_entries = n_entries + 1
+  entries[n_entries] = kind .. '\31' .. ref .. '\31' .. b .. '\31' .. h .. '\31' .. now_text
   return balance, held
 end
 
@@ -64,10 +65,10 @@ local function settle_money()
 end
 
 -- Order records written by one call go out in one HSET.
-local saved = {}
+local saved, n_saved = {}, 0
 local function save(o)
-  saved[#saved + 1] = o.id
-  saved[#saved + 1] = cmsgpack.pack(o)
+  saved[n_saved + 1], saved[n_saved + 2] = o.id, cmsgpack.pack(o)
+  n_saved = n_saved + 2
 end
 
 -- A record changed in a few fields is not unpacked and packed again: the fields (msgpack
@@ -86,8 +87,8 @@ local function save_patched(id, raw, fields, count)
   n = n + count
   local patched = (n < 16 and string.char(0x80 + n) or string.char(0xde, math.floor(n / 256), n % 256))
                   .. string.sub(raw, body) .. fields
-  saved[#saved + 1] = id
-  saved[#saved + 1] = patched
+  saved[n_saved + 1], saved[n_saved + 2] = id, patched
+  n_saved = n_saved + 2
   return patched
 end
 
@@ -117,8 +118,8 @@ end
 -- entries go out once, by flush_opened(). opened[ref] finds a ref used twice in a call.
 local opened, opened_refs, opened_ids = {}, {}, {}
 local function open_record(id, ref, packed)
-  saved[#saved + 1] = id
-  saved[#saved + 1] = packed
+  saved[n_saved + 1], saved[n_saved + 2] = id, packed
+  n_saved = n_saved + 2
   opened[ref] = packed
   opened_refs[#opened_refs + 1] = ref
   opened_refs[#opened_refs + 1] = id
@@ -179,8 +180,8 @@ end
 -- KEYS, and what was read or gathered of the last one is forgotten.
 local function next_account(keys)
   KEYS = keys
-  balance, held, moved_balance, moved_held, entries, paid, account_limits = nil, nil, nil, nil, {}, 0, nil
-  saved, opened, opened_refs, opened_ids, distributor, earlier_of = {}, {}, {}, {}, nil, nil
+  balance, held, moved_balance, moved_held, entries, n_entries, paid, account_limits = nil, nil, nil, nil, {}, 0, 0, nil
+  saved, n_saved, opened, opened_refs, opened_ids, distributor, earlier_of = {}, 0, {}, {}, {}, nil, nil
 end
 
 -- What the distributor can still spend: balance - held + credit_limit.

@@ -37,20 +37,20 @@ end
 -- ZSET of batch seqs by sale priority, pool the prefix of its batch LISTs.
 -- returns the codes and, for each, its batch seq
 local function pop_codes(queue, pool, stats, total)
-  local codes, seqs = {}, {}
-  while #codes < total do
+  local codes, seqs, n = {}, {}, 0
+  while n < total do
     local head = redis.call('ZRANGE', queue, 0, 0)[1]
     if not head then
       error({err = 'ERR stats.available of ' .. stats .. ' exceeds the pools'})
     end
-    local need = total - #codes
+    local need = total - n
     local got = redis.call('LPOP', pool .. head, int(need))
     if got then
       local seq = tonumber(head)
-      for _, c in ipairs(got) do
-        codes[#codes + 1] = c
-        seqs[#seqs + 1] = seq
+      for x, c in ipairs(got) do
+        codes[n + x], seqs[n + x] = c, seq
       end
+      n = n + #got
     end
     if not got or #got < need then redis.call('ZREM', queue, head) end
   end
@@ -154,7 +154,7 @@ end
 -- returns "ok" | "again" | "not_found" | "invalid_state"
 local SETTLED = {sell = 'sold', ['return'] = 'returned'}
 local function new_settled()
-  return {sold = 0, reserved = 0, per = {}, records = {}, done = {}, memo = {}}
+  return {sold = 0, reserved = 0, per = {}, records = {}, n = 0, done = {}, memo = {}}  -- n: of records
 end
 
 local function settle_codes(k, id, action, acc)
@@ -208,13 +208,13 @@ local function settle_codes(k, id, action, acc)
     acc.memo[key] = packed
   end
   acc.done[id] = packed
-  acc.records[#acc.records + 1] = id
-  acc.records[#acc.records + 1] = packed
+  acc.records[acc.n + 1], acc.records[acc.n + 2] = id, packed
+  acc.n = acc.n + 2
   return 'ok'
 end
 
 local function flush_settled(k, acc)
-  if #acc.records == 0 then return end
+  if acc.n == 0 then return end
   push('HSET', k.dlv, acc.records)
   redis.call('HINCRBY', k.stats, 'reserved', int(-acc.reserved))
   if acc.sold > 0 then

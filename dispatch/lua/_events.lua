@@ -128,14 +128,16 @@ end
 -- A script's replies, one table per item, as one flat array (per item: its status, the
 -- count of the fields that follow, and those fields): a nested array per item costs
 -- Redis more to send than the item's own writes (dispatch/store/orders.py, _per_item).
-local function tell(reply, o)
-  reply[#reply + 1] = o[1]
-  reply[#reply + 1] = #o - 1
-  for x = 2, #o do reply[#reply + 1] = o[x] end
+-- tell appends item o to a reply of n values; returns the reply's new length.
+local function tell(reply, o, n)
+  reply[n + 1], reply[n + 2] = o[1], #o - 1
+  n = n + 2
+  for x = 2, #o do reply[n + x - 1] = o[x] end
+  return n + #o - 1
 end
 
 local function flat(out)
-  local reply = {}
-  for _, o in ipairs(out) do tell(reply, o) end
+  local reply, n = {}, 0
+  for _, o in ipairs(out) do n = tell(reply, o, n) end
   return reply
 end

@@ -10,7 +10,7 @@
 -- refund takes each margin of the refunded code back ("clawback").
 
 -- Accounts other than the script's own that it reads or credits: acct key -> state
--- {balance, held, moved, entries, status, allowed, limits}, read once per call and
+-- {balance, held, moved, entries (ne of them), status, allowed, limits}, read once per call and
 -- written by flush_payees() (deliver.lua adopts its buyers' own states: own = true).
 local PAYEES = {}
 
@@ -36,7 +36,7 @@ local function payee(key)
   if not p then
     local h = redis.call('HMGET', key, 'balance', 'held', 'status', 'allowed', unpack(LIMIT_FIELDS))
     p = {balance = tonumber(h[1]) or 0, held = tonumber(h[2]) or 0, status = h[3], allowed = h[4],
-         limits = limits_of({unpack(h, 5, 4 + #LIMIT_FIELDS)}, now_ms()), moved = 0, entries = {}}
+         limits = limits_of({unpack(h, 5, 4 + #LIMIT_FIELDS)}, now_ms()), moved = 0, entries = {}, ne = 0}
     PAYEES[key] = p
   end
   return p
@@ -46,7 +46,7 @@ end
 -- payee state, taking over what was credited to it before it was read as a buyer.
 local function adopt(key, st)
   local p = PAYEES[key]
-  if p then st.balance, st.moved, st.entries = p.balance, p.moved, p.entries end
+  if p then st.balance, st.moved, st.entries, st.ne = p.balance, p.moved, p.entries, p.ne end
   st.own = true
   PAYEES[key] = st
 end
@@ -80,7 +80,8 @@ end
 -- amount moved on p's balance, as a ledger entry of kind and ref.
 local function credit(p, kind, ref, amount)
   p.balance, p.moved = p.balance + amount, p.moved + amount
-  p.entries[#p.entries + 1] = kind .. '\031' .. ref .. '\031' .. int(amount) .. '\0310\031' .. int(now_ms())
+  p.ne = p.ne + 1
+  p.entries[p.ne] = kind .. '\031' .. ref .. '\031' .. int(amount) .. '\0310\031' .. int(now_ms())
 end
 
 -- Each ancestor of chain credited units x its margin of mg (per code, root first), as

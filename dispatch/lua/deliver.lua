@@ -97,7 +97,7 @@ local function sku(s)
     if due(c[5], m[3], now) then retired = retire_due(sku_tag(sk(s, META)), now, m[3]) end
     st = {status = m[1], threshold = tonumber(m[2] or '0'), avail = tonumber(c[1] or '0') - retired,
           level = tonumber(c[2] or '0'), sold = tonumber(c[3] or '0'), reserved = tonumber(c[4] or '0'),
-          total = 0, orders = {}, changed = retired > 0,
+          total = 0, orders = {}, no = 0, changed = retired > 0,
           others = tonumber(c[6] or '0')}  -- what its buckets hold, if it is spread (sku_level.lua)
     skus[s] = st
   end
@@ -112,8 +112,8 @@ local function acct(a)
     st = {status = h[1], allowed = h[2], credit = tonumber(h[3]) or 0, balance = tonumber(h[4]) or 0,
           limits = limits_of({unpack(h, 6, 5 + #LIMIT_FIELDS)}, now),
           limited = false, paid = 0,  -- paid: for purchases (count_spend, _limits.lua)
-          held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, records = {}, codes = {}, refs = {},
-          opened = {}, delivered = {}, leases = {}}
+          held = tonumber(h[5]) or 0, moved = 0, moved_held = 0, entries = {}, ne = 0, records = {}, codes = {},
+          refs = {}, nr = 0, opened = {}, delivered = {}, nd = 0, leases = {}, nl = 0}  -- n*: their lengths
     adopt(ak(a, ACCT), st)
     st.chain = chain_of(ak(a, ACCT))
     if st.chain then ceiling(st.limits, st.chain) end
@@ -222,15 +222,18 @@ for k = 1, n do
           if A.limited then spend(A.limits, cost) end
           want[k] = take
           S.avail, S.total = S.avail - take, S.total + take
-          S.orders[#S.orders + 1] = k
+          S.no = S.no + 1
+          S.orders[S.no] = k
           if T.deadline then  -- a reservation: its money is held
             A.held, A.moved_held = A.held + cost, A.moved_held + cost
-            A.entries[#A.entries + 1] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. now_s
+            A.ne = A.ne + 1
+            A.entries[A.ne] = 'hold\031' .. id .. '\0310\031' .. int(cost) .. '\031' .. now_s
           else
             A.balance, A.moved, A.paid = A.balance - cost, A.moved - cost, A.paid + cost
             local amount = amounts[cost]
             if not amount then amount = int(-cost); amounts[cost] = amount end
-            A.entries[#A.entries + 1] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. now_s
+            A.ne = A.ne + 1
+            A.entries[A.ne] = 'purchase\031' .. id .. '\031' .. amount .. '\0310\031' .. now_s
             if margins[k] then pay_margins(A.chain, margins[k], take, id, 'margin') end
           end
           A.opened[ref] = k
@@ -253,7 +256,7 @@ for s, S in pairs(skus) do
     local meta, stats = sk(s, META), sk(s, STATS)
     local pool = string.sub(meta, 1, -5) .. 'p:'
     local codes, seqs = pop_codes(sk(s, QUEUE), pool, stats, S.total)
-    local dlv, dlv_codes, per_batch = {}, {}, {}
+    local dlv, dlv_codes, per_batch, nd, ndc = {}, {}, {}, 0, 0
     local held = 0  -- codes reserved
     local at = 1
     for _, k in ipairs(S.orders) do
@@ -288,12 +291,12 @@ for s, S in pairs(skus) do
           for x = at, last do mine[#mine + 1] = codes[x] end
           kept_here = pack_codes(mine)
         end
-        dlv_codes[#dlv_codes + 1] = id
-        dlv_codes[#dlv_codes + 1] = kept_here
+        dlv_codes[ndc + 1], dlv_codes[ndc + 2] = id, kept_here
+        ndc = ndc + 2
         held = held + w
       end
-      dlv[#dlv + 1] = id
-      dlv[#dlv + 1] = rec
+      dlv[nd + 1], dlv[nd + 2] = id, rec
+      nd = nd + 2
       local c, kept = codes[at]
       if w == 1 and #c < 256 then  -- the common case, in one concatenation
         local head = heads[#c]
@@ -313,15 +316,17 @@ for s, S in pairs(skus) do
         record = cmsgpack.pack(r)
         repacked[k] = record
       end
-      local m = #A.records
+      local m = A.nr
       A.records[m + 1], A.records[m + 2] = id, record
       A.codes[m + 1], A.codes[m + 2] = id, kept
       A.refs[m + 1], A.refs[m + 2] = ARGV[j + 1], id
+      A.nr = m + 2
       if T.deadline then
-        A.leases[#A.leases + 1] = T.deadline
-        A.leases[#A.leases + 1] = id
+        A.leases[A.nl + 1], A.leases[A.nl + 2] = T.deadline, id
+        A.nl = A.nl + 2
       else
-        A.delivered[#A.delivered + 1] = record
+        A.nd = A.nd + 1
+        A.delivered[A.nd] = record
       end
     end
     push('HSET', sk(s, DLV), dlv)
@@ -367,21 +372,22 @@ end
 flush_payees()
 
 -- 4. the reply
-local reply = {}
+local reply, r = {}, 0
 for k = 1, n do
   local f = again[k]
   if f and got[f] then
-    tell(reply, {'exists', ARGV[FIRST + 4 * f - 4], record_of(f), bin_list(got[f], from[f], from[f] + want[f] - 1)})
+    r = tell(reply, {'exists', ARGV[FIRST + 4 * f - 4], record_of(f), bin_list(got[f], from[f], from[f] + want[f] - 1)}, r)
   elseif f then
-    tell(reply, out[f])
+    r = tell(reply, out[f], r)
   elseif got[k] then
-    local codes, w, r = got[k], want[k], #reply
+    local codes, w = got[k], want[k]
     reply[r + 1], reply[r + 2] = 'ok', w
     if w == 1 then reply[r + 3] = codes[from[k]]  -- the common case
     else for c = 1, w do reply[r + 2 + c] = codes[from[k] + c - 1] end end
+    r = r + 2 + w
   else
-    tell(reply, out[k])
+    r = tell(reply, out[k], r)
   end
 end
-if #to_tell > 0 then tell(reply, {'tell', unpack(to_tell)}) end
+if #to_tell > 0 then tell(reply, {'tell', unpack(to_tell)}, r) end
 return reply

@@ -47,21 +47,21 @@ do
                        .. (status == 'delivered' and '\163dat' .. at or '')
   end
 end
-local ALL, out = KEYS, {}
+local ALL, out, n_out = KEYS, {}, 0
 local done = {}  -- id -> the record saved by this call (an order twice in one call)
 local nA = tonumber(ARGV[3])
 local i = 4 + nA  -- the first order's id
 for a = 1, nA do
   next_account({unpack(ALL, a * 12 - 11, a * 12)})
-  local ended, pending = {}, {}   -- ids off their lease; (ms, id) pairs left pending
-  local news = {}                 -- event kind -> the records it tells
+  local ended, n_ended, pending = {}, 0, {}  -- ids off their lease; (ms, id) pairs left pending
+  local news, n_news = {}, {}     -- status -> the records order.<status> tells, and their count
   for _ = 1, tonumber(ARGV[3 + a]) do
     local id, action = ARGV[i], ARGV[i + 1]
     i = i + 2
     local raw = done[id] or redis.call('HGET', KEYS[4], id)
     if not raw then
-      out[#out + 1] = 'not_found'
-      out[#out + 1] = 0
+      out[n_out + 1], out[n_out + 2] = 'not_found', 0
+      n_out = n_out + 2
     else
       local o = cmsgpack.unpack(raw)
       local result
@@ -94,10 +94,11 @@ for a = 1, nA do
           raw = save_patched(id, raw, ended_as[o.status] .. '\161v' .. cmsgpack.pack(o.v),
                              o.status == 'delivered' and 5 or 4)
           done[id] = raw
-          local kind = 'order.' .. o.status
-          news[kind] = news[kind] or {}
-          news[kind][#news[kind] + 1] = raw
-          ended[#ended + 1] = id
+          local told, c = news[o.status], (n_news[o.status] or 0) + 1
+          if not told then told = {}; news[o.status] = told end
+          told[c], n_news[o.status] = raw, c
+          n_ended = n_ended + 1
+          ended[n_ended] = id
           if template == '' or (o.plan or '') ~= '' then  -- sku_settle follows (a spread SKU: Orders._saga_ends)
             pending[#pending + 1] = now
             pending[#pending + 1] = id
@@ -114,16 +115,15 @@ for a = 1, nA do
         result = 'invalid_state'
       end
       -- a delivered order's codes, so the caller can show them without reading them back
-      out[#out + 1] = result
-      out[#out + 1] = 2
-      out[#out + 1] = raw
-      out[#out + 1] = o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''
+      out[n_out + 1], out[n_out + 2], out[n_out + 3] = result, 2, raw
+      out[n_out + 4] = o.status == 'delivered' and (redis.call('HGET', KEYS[5], id) or '') or ''
+      n_out = n_out + 4
     end
   end
   flush_saved()
   push('ZREM', KEYS[7], ended)
   zadd_all(KEYS[8], pending)
-  for kind, records in pairs(news) do emit_records(KEYS[10], kind, records) end
+  for status, records in pairs(news) do emit_records(KEYS[10], 'order.' .. status, records) end
   settle_money()
   flush_payees()
 end
