@@ -96,6 +96,10 @@ def run(root: str, workload: str, orders: int) -> dict[str, float]:
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
+def row(name: str, r: dict[str, float]) -> str:
+    return f"{name:10} {r['rate']:>9,.0f} {r['batch']:>6.0f} {r['engine_us']:>10.1f} {r['redis_us']:>9.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="the commit (or branch) to run against this checkout")
@@ -110,20 +114,19 @@ def main() -> None:
             base = checkout(args.base, where)
             sides = {base: where, here: ROOT}
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
-            print(f"{args.workload}, {args.orders:,} orders a run, {args.rounds} rounds; CPU us per order (user + system)")
+            print(f"{args.workload}, {args.orders:,} orders a run, {args.rounds} rounds; "
+                  "CPU us per order (user + system)")
             print(f"{'side':10} {'orders/s':>9} {'batch':>6} {'engine us':>10} {'redis us':>9}")
             for _ in range(args.rounds):
                 for name, root in sides.items():
                     r = run(root, args.workload, args.orders)
                     runs[name].append(r)
-                    print(f"{name:10} {r['rate']:>9,.0f} {r['batch']:>6.0f} {r['engine_us']:>10.1f} {r['redis_us']:>9.1f}",
-                          flush=True)
+                    print(row(name, r), flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", where], cwd=ROOT, capture_output=True)
     print("medians")
     for name, rows in runs.items():
-        med = {k: statistics.median(r[k] for r in rows) for k in ("rate", "batch", "engine_us", "redis_us")}
-        print(f"{name:10} {med['rate']:>9,.0f} {med['batch']:>6.0f} {med['engine_us']:>10.1f} {med['redis_us']:>9.1f}")
+        print(row(name, {k: statistics.median(r[k] for r in rows) for k in ("rate", "batch", "engine_us", "redis_us")}))
 
 
 if __name__ == "__main__":

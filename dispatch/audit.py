@@ -110,6 +110,20 @@ async def _check_spend(store: Store, dist: str, entries: list[list[str]], proble
                             f"paid in its ledger")
 
 
+def _ledger_sums(who: str, entries: list[list[str]], problems: list[str]) -> tuple[int, int]:
+    """A ledger's sums (balance, held). The first entry that carries running figures (the
+    last of a script call's does) which are not the sums of the entries up to it is a
+    problem of *who*."""
+    bal = held = 0
+    told = False
+    for n, (*_, bal, held, _, off) in enumerate(running(entries)):
+        if off and not told:
+            told = True
+            problems.append(f"{who}: ledger entry {n} says balance/held {entries[n][4]}/{entries[n][5]}, "
+                            f"the entries up to it sum to {bal}/{held}")
+    return bal, held
+
+
 def _month_of_day(day: int) -> int:
     """Months since 1970-01 of a day since 1970-01-01, as _limits.lua counts them."""
     d = date(1970, 1, 1) + timedelta(days=day)
@@ -166,11 +180,7 @@ async def audit(store: Store) -> list[str]:
         if a is None:
             continue
         entries = await store.accounts.ledger(dist)
-        bal = held = 0
-        for n, (*_, bal, held, _, off) in enumerate(running(entries)):
-            if off and not any(p.startswith(f"{dist}: ledger entry ") for p in problems):  # the first is enough
-                problems.append(f"{dist}: ledger entry {n} says balance/held {entries[n][4]}/{entries[n][5]}, "
-                                f"the entries up to it sum to {bal}/{held}")
+        bal, held = _ledger_sums(dist, entries, problems)
         if (bal, held) != (a.balance, a.held):
             problems.append(f"{dist}: balance/held {a.balance}/{a.held} != ledger sums {bal}/{held}")
         clawed = 0  # margins taken back may leave an ancestor owing: below its floor by as much
@@ -247,6 +257,7 @@ async def audit(store: Store) -> list[str]:
     for supplier in await store.aftersales.supplier_ids():
         s = await store.aftersales.supplier(supplier)
         deposit = s.balance if s is not None else 0
-        if deposit != sum(int(e[2]) for e in await store.aftersales.supplier_ledger(supplier)):
+        entries = await store.aftersales.supplier_ledger(supplier)
+        if deposit != _ledger_sums(f"supplier {supplier}", entries, problems)[0]:
             problems.append(f"supplier {supplier}: deposit {deposit} != ledger sum")
     return problems

@@ -257,15 +257,25 @@ async def test_held_off_the_holds_of_open_orders(shop: Engine, healthy: Shop, r:
 
 
 @pytest.mark.parametrize("supplier, where, deposit", [("sup", "deposit", 41_001), ("sup2", "deposit", 1),
-                                                      ("sup", "ledger", 41_000)])
+                                                      ("sup", "ledger", 41_000), ("sup", "ledger-and-deposit", 0)])
 async def test_a_supplier_deposit_off_its_ledger(shop: Engine, healthy: Shop, r: aioredis.Redis, supplier: str,
                                                  where: str, deposit: int) -> None:
     k = keys.SupplierKeys(supplier)
+    expected = [f"supplier {supplier}: deposit {deposit} != ledger sum"]
     if where == "deposit":
         await r.hincrby(k.acct, "balance", 1)
-    else:  # the opening deposit's entry is lost
+    elif where == "ledger":  # the opening deposit's entry is lost: the next entry's own figures tell it too
         await r.lpop(k.ledger)
-    assert await shop.audit() == [f"supplier {supplier}: deposit {deposit} != ledger sum"]
+        second = (await r.lindex(k.ledger, 0)).decode().split("\x1f")
+        expected.insert(0, f"supplier {supplier}: ledger entry 0 says balance/held {second[4]}/0, the entries up "
+                           f"to it sum to {int(second[2])}/0")
+    else:  # the opening deposit's entry and the deposit changed alike: only the entry's own figures tell
+        first = (await r.lindex(k.ledger, 0)).decode().split("\x1f")
+        await r.lset(k.ledger, 0, "\x1f".join([*first[:2], str(int(first[2]) + 1), *first[3:]]))
+        await r.hincrby(k.acct, "balance", 1)
+        expected = [f"supplier {supplier}: ledger entry 0 says balance/held {first[4]}/0, the entries up to it sum "
+                    f"to {int(first[2]) + 1}/0"]
+    assert await shop.audit() == expected
 
 
 # ---- orders --------------------------------------------------------------------------------------
