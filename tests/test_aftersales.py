@@ -445,6 +445,16 @@ async def test_a_calls_entries_carry_running_figures_only_on_its_last(shop: Engi
     s = await shop.statement("acme", month_of(datetime.now(timezone.utc)))
     assert s.reconciled and (s.closing_balance, s.closing_held) == (now.balance, now.held)
 
+    # a ledger written before, every entry with its running figures, reads the same
+    with redis.Redis.from_url(flushed_redis_url) as client:
+        k = keys.AcctKeys("acme").ledger
+        client.delete(k)
+        client.rpush(k, *["\x1f".join(map(str, (e.kind, e.ref, e.amount, e.held_delta, e.balance, e.held, row[-1])))
+                          for e, row in zip(ledger, stored)])
+    assert await shop.ledger("acme") == ledger
+    assert (await shop.statement("acme", month_of(datetime.now(timezone.utc)))).reconciled
+    assert await shop.audit() == []
+
 
 async def test_exports_reconcile_with_ledgers_and_balances(shop: Engine) -> None:
     await shop.deposit("sup", 1_000_000, "d1")
