@@ -33,16 +33,16 @@ ROOT = os.path.dirname(HERE)
 
 WORKLOADS = {"hot": (1, None, "deliver", 1.0), "zipf": (100, 1.1, "deliver", 1.0), "rc": (1, None, "reserve", 0.5)}
 
-# One measured run, in a child process of either checkout (argv: root, workload, orders).
+# One measured run, in a child process of either checkout (argv: root, the workload's
+# WORKLOADS entry as JSON, orders).
 CHILD = r"""
 import asyncio, gc, json, os, sys, tempfile
-root, workload, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+root, (skus, zipf_s, mode, share), n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 sys.path[:0] = [root, os.path.join(root, "bench")]
 import uvloop
 import compare
 from dispatch.engine import Engine, tune_gc
 from dispatch.store.embedded import EmbeddedRedis
-skus, zipf_s, mode, share = WORKLOADS[workload]
 n = int(n * share)
 
 def redis_cpu(pid):
@@ -66,7 +66,7 @@ async def main():
                       "redis_us": 1e6 * (rc2 - rc) / n}))
 
 uvloop.run(main())
-""".replace("WORKLOADS[workload]", f"{WORKLOADS}[workload]")
+"""
 
 
 def git(*args: str, cwd: str = ROOT) -> str:
@@ -89,8 +89,8 @@ def checkout(base: str, where: str) -> str:
 
 
 def run(root: str, workload: str, orders: int) -> dict[str, float]:
-    got = subprocess.run([sys.executable, "-c", CHILD, root, workload, str(orders)], capture_output=True, text=True,
-                         cwd=tempfile.gettempdir())
+    got = subprocess.run([sys.executable, "-c", CHILD, root, json.dumps(WORKLOADS[workload]), str(orders)],
+                         capture_output=True, text=True, cwd=tempfile.gettempdir())
     if got.returncode != 0:
         sys.exit(f"a run in {root} failed:\n{got.stderr[-3000:]}")
     return json.loads(got.stdout.strip().splitlines()[-1])

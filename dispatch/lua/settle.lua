@@ -54,7 +54,7 @@ local i = 4 + nA  -- the first order's id
 for a = 1, nA do
   next_account({unpack(ALL, a * 12 - 11, a * 12)})
   local ended, n_ended, pending = {}, 0, {}  -- ids off their lease; (ms, id) pairs left pending
-  local news, n_news = {}, {}     -- status -> the records order.<status> tells, and their count
+  local news = {}                 -- status -> the records order.<status> tells
   for _ = 1, tonumber(ARGV[3 + a]) do
     local id, action = ARGV[i], ARGV[i + 1]
     i = i + 2
@@ -94,9 +94,9 @@ for a = 1, nA do
           raw = save_patched(id, raw, ended_as[o.status] .. '\161v' .. cmsgpack.pack(o.v),
                              o.status == 'delivered' and 5 or 4)
           done[id] = raw
-          local told, c = news[o.status], (n_news[o.status] or 0) + 1
+          local told = news[o.status]
           if not told then told = {}; news[o.status] = told end
-          told[c], n_news[o.status] = raw, c
+          told[#told + 1] = raw
           n_ended = n_ended + 1
           ended[n_ended] = id
           if template == '' or (o.plan or '') ~= '' then  -- sku_settle follows (a spread SKU: Orders._saga_ends)
