@@ -6,9 +6,9 @@ Shared by the engine and its after-sales half (aftersales.py); not public API.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import lru_cache
-from collections.abc import Iterator
 from typing import Any, Literal, TypeVar
 
 import msgspec

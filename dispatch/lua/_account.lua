@@ -61,7 +61,7 @@ local function settle_money()
   if balance == nil then return end
   if moved_balance ~= 0 then redis.call('HINCRBY', KEYS[1], 'balance', int(moved_balance)) end
   if moved_held ~= 0 then redis.call('HINCRBY', KEYS[1], 'held', int(moved_held)) end
-  if #entries > 0 then push('RPUSH', KEYS[2], close_entries(entries, balance, held, now_text)) end
+  if n_entries > 0 then push('RPUSH', KEYS[2], close_entries(entries, balance, held, now_text)) end
 end
 
 -- Order records written by one call go out in one HSET.

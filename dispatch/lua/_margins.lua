@@ -111,7 +111,7 @@ end
 -- forgotten: a payee met again is read again.
 local function flush_payees()
   for key, p in pairs(PAYEES) do
-    if not p.own and #p.entries > 0 then
+    if not p.own and p.ne > 0 then
       if p.moved ~= 0 then redis.call('HINCRBY', key, 'balance', int(p.moved)) end
       push('RPUSH', string.sub(key, 1, -5) .. 'ledger', close_entries(p.entries, p.balance, p.held, int(now_ms())))
     end

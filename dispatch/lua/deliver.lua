@@ -354,7 +354,7 @@ end
 
 -- 3. per account: the money, the records, the events
 for a, A in pairs(accts) do
-  if #A.entries > 0 then
+  if A.ne > 0 then
     if A.moved ~= 0 then redis.call('HINCRBY', ak(a, ACCT), 'balance', int(A.moved)) end
     if A.moved_held ~= 0 then redis.call('HINCRBY', ak(a, ACCT), 'held', int(A.moved_held)) end
     local spent = spent_fields(A.limits)
@@ -365,8 +365,8 @@ for a, A in pairs(accts) do
     push('HSET', ak(a, CODES), A.codes)
     push('HSET', ak(a, REFS), A.refs)
     push('ZADD', ak(a, INDEX), index_entries(A.records, 2))
-    if #A.leases > 0 then push('ZADD', ak(a, LEASES), A.leases) end
-    if #A.delivered > 0 then emit_records(ak(a, EVENTS), 'order.delivered', A.delivered) end
+    if A.nl > 0 then push('ZADD', ak(a, LEASES), A.leases) end
+    if A.nd > 0 then emit_records(ak(a, EVENTS), 'order.delivered', A.delivered) end
   end
 end
 flush_payees()
@@ -376,7 +376,8 @@ local reply, r = {}, 0
 for k = 1, n do
   local f = again[k]
   if f and got[f] then
-    r = tell(reply, {'exists', ARGV[FIRST + 4 * f - 4], record_of(f), bin_list(got[f], from[f], from[f] + want[f] - 1)}, r)
+    local codes = bin_list(got[f], from[f], from[f] + want[f] - 1)
+    r = tell(reply, {'exists', ARGV[FIRST + 4 * f - 4], record_of(f), codes}, r)
   elseif f then
     r = tell(reply, out[f], r)
   elseif got[k] then

@@ -101,12 +101,13 @@ def events_key(kind: str, id_: str) -> str:
 
 #: A field, from their creation, of the hashes a purchase reads or writes field by field
 #: (an account, its codes and its external_refs; a SKU shard's metadata, counters,
-#: delivery records and their codes, batch counters and sales by hour), whose value is longer than a small hash may hold
-#: (hash-max-ziplist-value, 64 bytes by default), so Redis keeps each a hash table: a
-#: small hash (up to hash-max-ziplist-entries fields, 512 by default) is a flat list,
-#: where reading a field is a scan of the fields before it (of all of them, for one
-#: that is absent, as most of an account's limits and every new external_ref are) and
-#: writing one a scan of all of them. Readers of these hashes skip it.
+#: delivery records and their codes, batch counters and sales by hour), whose value is
+#: longer than a small hash may hold (hash-max-ziplist-value, 64 bytes by default), so
+#: Redis keeps each a hash table: a small hash (up to hash-max-ziplist-entries fields,
+#: 512 by default) is a flat list, where reading a field is a scan of the fields before
+#: it (of all of them, for one that is absent, as most of an account's limits and every
+#: new external_ref are) and writing one a scan of all of them. Readers of these hashes
+#: skip it.
 PIN = "~"
 PIN_FIELD = PIN.encode()  # as redis-py returns it
 PIN_VALUE = "a hash table: this value is longer than hash-max-ziplist-value (64 bytes by default)"
