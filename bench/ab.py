@@ -12,8 +12,8 @@ Workloads (compare.py's, 256 callers over 8 distributors, one code per order):
 hot (deliver, 1 SKU), zipf (deliver, 100 SKUs Zipf 1.1), rc (reserve + confirm,
 1 SKU, half as many orders). The base is checked out in a temporary git worktree,
 with this checkout's compiled core where ext/ and setup.py are the same in both
-(else it is built there); its bench/compare.py must have seed, config, rewrite_aof
-and closed_loop as this one's.
+(else it is built there); its bench/compare.py must have engine_row (which seeds,
+runs and audits a workload) and Row as this one's.
 """
 
 from __future__ import annotations
@@ -36,34 +36,17 @@ WORKLOADS = {"hot": (1, None, "deliver", 1.0), "zipf": (100, 1.1, "deliver", 1.0
 # One measured run, in a child process of either checkout (argv: root, the workload's
 # WORKLOADS entry as JSON, orders).
 CHILD = r"""
-import asyncio, gc, json, os, sys, tempfile
+import json, os, sys, tempfile
 root, (skus, zipf_s, mode, share), n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 sys.path[:0] = [root, os.path.join(root, "bench")]
 import uvloop
 import compare
-from dispatch.engine import Engine, tune_gc
 from dispatch.store.embedded import EmbeddedRedis
-n = int(n * share)
-
-def redis_cpu(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 async def main():
     with tempfile.TemporaryDirectory() as d, EmbeddedRedis(os.path.join(d, "r")) as server:
-        async with Engine(compare.config(server.url, d, True), sweep=False) as engine:
-            await compare.seed(engine, skus, (n + skus * 10) // skus + 10 if skus == 1 else int(n * 0.3) + 50)
-            compare.rewrite_aof(server.url)
-            gc.collect()
-            tune_gc()
-            own, rc = os.times(), redis_cpu(server.pid)
-            row = await compare.closed_loop(engine, n, skus, zipf_s, mode, server.url, server.pid)
-            own2, rc2 = os.times(), redis_cpu(server.pid)
-            problems = await engine.audit()
-            assert not problems, problems[:5]
-    print(json.dumps({"rate": row.rate, "batch": row.batch,
-                      "engine_us": 1e6 * (own2.user + own2.system - own.user - own.system) / n,
-                      "redis_us": 1e6 * (rc2 - rc) / n}))
+        row = await compare.engine_row(server.url, d, server.pid, True, int(n * share), skus, zipf_s, mode)
+    print(json.dumps({"rate": row.rate, "batch": row.batch, "engine_us": row.py_us, "redis_us": row.redis_us}))
 
 uvloop.run(main())
 """
